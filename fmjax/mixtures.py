@@ -1,0 +1,338 @@
+"""Gaussian mixtures and Gaussian-mixture couplings, as immutable pytrees.
+
+``GaussianMixture`` is a mixture on R^d; ``JointGaussianMixture`` is a mixture on R^{2d} whose
+blocks are ordered [x0; x1], i.e. a coupling of a source and a target with cross-covariances.
+Both validate their arguments eagerly when built from concrete arrays (never under a trace) and
+pass through ``jit``, ``vmap`` and ``grad``: their arrays are the pytree leaves, and rebuilding
+from leaves (inside JAX transformations) skips validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+__all__ = [
+    "GaussianMixture",
+    "JointGaussianMixture",
+    "independent_coupling",
+    "random_spd",
+    "random_gaussian_mixture",
+    "random_joint_mixture",
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _as_float(x, name: str) -> Array:
+    try:
+        arr = jnp.asarray(x)
+    except TypeError as e:
+        raise ValueError(f"`{name}` must be an array of numbers: {e}") from None
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.result_type(float))
+    return arr
+
+
+def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
+    """Shape checks always; value checks (finite, weights, SPD) only on concrete arrays."""
+    if weights.ndim != 1:
+        raise ValueError(f"{owner}: `weights` must have shape (K,), got {weights.shape}")
+    k = weights.shape[0]
+    if k < 1:
+        raise ValueError(f"{owner}: need at least one component, got `weights` of shape (0,)")
+    if means.ndim != 2 or means.shape[0] != k:
+        raise ValueError(f"{owner}: `means` must have shape (K={k}, {dim_name}), got {means.shape}")
+    n = means.shape[1]
+    if covs.shape != (k, n, n):
+        raise ValueError(
+            f"{owner}: `covs` must have shape (K={k}, {n}, {n}) to match `means`, got {covs.shape}"
+        )
+    if not _is_concrete(weights, means, covs):
+        return
+    w, m, c = (np.asarray(a, dtype=np.float64) for a in (weights, means, covs))
+    for name, a in (("weights", w), ("means", m), ("covs", c)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{owner}: `{name}` contains NaN or inf")
+    if np.any(w < 0):
+        raise ValueError(f"{owner}: `weights` must be >= 0, got min {w.min():.3g}")
+    # float32 sums of K weights carry ~K * 6e-8 error; 1e-5 admits that and rejects real mistakes.
+    if abs(w.sum() - 1.0) > 1e-5:
+        raise ValueError(f"{owner}: `weights` must sum to 1 (within 1e-5), got {w.sum():.8g}")
+    scale = np.maximum(np.abs(c).max(axis=(1, 2)), np.finfo(np.float64).tiny)
+    asym = np.abs(c - np.swapaxes(c, 1, 2)).max(axis=(1, 2)) / scale
+    tol_sym = 1e-5 if covs.dtype == jnp.float32 else 1e-10
+    if np.any(asym > tol_sym):
+        j = int(np.argmax(asym))
+        raise ValueError(
+            f"{owner}: `covs[{j}]` is not symmetric (relative asymmetry {asym[j]:.2g} > {tol_sym:g})"
+        )
+    eig_min = np.linalg.eigvalsh(0.5 * (c + np.swapaxes(c, 1, 2))).min(axis=1)
+    if np.any(eig_min <= 0):
+        j = int(np.argmin(eig_min))
+        raise ValueError(
+            f"{owner}: `covs[{j}]` is not positive definite (smallest eigenvalue {eig_min[j]:.3g})"
+        )
+
+
+class _MixtureBase:
+    """Shared pytree plumbing: leaves are (weights, means, covs); unflattening skips __init__."""
+
+    __slots__ = ("weights", "means", "covs")
+    weights: Float[Array, " K"]
+    means: Float[Array, "K n"]
+    covs: Float[Array, "K n n"]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        jax.tree_util.register_pytree_with_keys(
+            cls,
+            lambda m: (
+                tuple(
+                    (jax.tree_util.GetAttrKey(f), getattr(m, f))
+                    for f in ("weights", "means", "covs")
+                ),
+                None,
+            ),
+            lambda _, leaves: cls._from_leaves(*leaves),
+            flatten_func=lambda m: ((m.weights, m.means, m.covs), None),
+        )
+
+    @classmethod
+    def _from_leaves(cls, weights, means, covs):
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "weights", weights)
+        object.__setattr__(obj, "means", means)
+        object.__setattr__(obj, "covs", covs)
+        return obj
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    @property
+    def n_components(self) -> int:
+        """Number of components K."""
+        return self.weights.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_components={self.n_components}, "
+            f"dim={self.means.shape[-1]}, dtype={self.means.dtype})"
+        )
+
+    def _sample_full(self, key: PRNGKeyArray, n: int) -> Float[Array, "n D"]:
+        k_comp, k_noise = jax.random.split(key)
+        comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
+        chol = jnp.linalg.cholesky(self.covs)
+        eps = jax.random.normal(k_noise, (n, self.means.shape[-1]), dtype=self.means.dtype)
+        return self.means[comp] + jnp.einsum("nij,nj->ni", chol[comp], eps, precision=_HIGHEST)
+
+    def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
+        return _mixture_log_prob(self.weights, self.means, self.covs, x)
+
+
+def _mixture_log_prob(weights, means, covs, x):
+    """log sum_k w_k N(x; m_k, S_k) for x (..., D), by Cholesky solves and logsumexp."""
+    k, dim = means.shape
+    batch = x.shape[:-1]
+    xf = x.reshape(-1, 1, dim)
+    chol = jnp.linalg.cholesky(covs)  # (K, D, D)
+    diff = xf - means[None]  # (N, K, D)
+    z = jax.scipy.linalg.solve_triangular(
+        jnp.broadcast_to(chol[None], (xf.shape[0], k, dim, dim)), diff[..., None], lower=True
+    )[..., 0]
+    half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    log_w = jnp.log(weights) - half_logdet - 0.5 * dim * math.log(2 * math.pi)
+    logn = log_w[None] - 0.5 * jnp.sum(z**2, axis=-1)
+    return jax.nn.logsumexp(logn, axis=-1).reshape(batch)
+
+
+class GaussianMixture(_MixtureBase):
+    """Mixture of K Gaussians on R^d.
+
+    Args:
+        weights: (K,) mixture weights, >= 0, summing to 1.
+        means: (K, d) component means.
+        covs: (K, d, d) symmetric positive-definite component covariances.
+
+    Raises:
+        ValueError: naming the argument, for bad shapes, NaN/inf, negative weights, weights not
+            summing to 1 (within 1e-5), or a non-symmetric or non-positive-definite covariance.
+    """
+
+    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
+        w = _as_float(weights, "weights")
+        m = _as_float(means, "means")
+        c = _as_float(covs, "covs")
+        _validate("GaussianMixture", w, m, c)
+        dtype = jnp.result_type(w, m, c)
+        object.__setattr__(self, "weights", w.astype(dtype))
+        object.__setattr__(self, "means", m.astype(dtype))
+        object.__setattr__(self, "covs", c.astype(dtype))
+
+    @property
+    def dim(self) -> int:
+        """Dimension d."""
+        return self.means.shape[-1]
+
+    def sample(self, key: PRNGKeyArray, n: int) -> Float[Array, "n d"]:
+        """Draw ``n`` samples (n is static)."""
+        return self._sample_full(key, n)
+
+    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
+        """Log-density at ``x`` of shape (..., d)."""
+        return self._log_prob_full(jnp.asarray(x))
+
+    def mean(self) -> Float[Array, " d"]:
+        """Mean of the mixture."""
+        return self.weights @ self.means
+
+    def covariance(self) -> Float[Array, "d d"]:
+        """Covariance of the mixture (law of total covariance)."""
+        mu = self.mean()
+        dm = self.means - mu
+        return jnp.einsum("k,kij->ij", self.weights, self.covs) + jnp.einsum(
+            "k,ki,kj->ij", self.weights, dm, dm, precision=_HIGHEST
+        )
+
+
+class JointGaussianMixture(_MixtureBase):
+    """Mixture of K Gaussians on R^{2d} coupling X0 (first d coordinates) and X1 (last d).
+
+    Args:
+        weights: (K,) mixture weights, >= 0, summing to 1.
+        means: (K, 2d) component means, blocks [m0; m1].
+        covs: (K, 2d, 2d) SPD covariances, blocks [[S00, S01], [S10, S11]] with
+            S01 = Cov(X0, X1) = S10^T.
+
+    Raises:
+        ValueError: as for ``GaussianMixture``, and if the joint dimension is odd.
+    """
+
+    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
+        w = _as_float(weights, "weights")
+        m = _as_float(means, "means")
+        c = _as_float(covs, "covs")
+        _validate("JointGaussianMixture", w, m, c, dim_name="2d")
+        if m.shape[1] % 2:
+            raise ValueError(
+                f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}"
+            )
+        dtype = jnp.result_type(w, m, c)
+        object.__setattr__(self, "weights", w.astype(dtype))
+        object.__setattr__(self, "means", m.astype(dtype))
+        object.__setattr__(self, "covs", c.astype(dtype))
+
+    @property
+    def dim(self) -> int:
+        """Dimension d of each of X0 and X1."""
+        return self.means.shape[-1] // 2
+
+    def blocks(self):
+        """Split into ``(m0, m1, S00, S01, S10, S11)``: (K, d) means and (K, d, d) blocks."""
+        d = self.dim
+        m, c = self.means, self.covs
+        return m[:, :d], m[:, d:], c[:, :d, :d], c[:, :d, d:], c[:, d:, :d], c[:, d:, d:]
+
+    def sample(self, key: PRNGKeyArray, n: int) -> tuple[Float[Array, "n d"], Float[Array, "n d"]]:
+        """Draw ``n`` coupled pairs ``(x0, x1)`` (n is static)."""
+        z = self._sample_full(key, n)
+        return z[:, : self.dim], z[:, self.dim :]
+
+    def log_prob(self, x0: Float[ArrayLike, "... d"], x1: Float[ArrayLike, "... d"]):
+        """Joint log-density of pairs, shape (...)."""
+        x0, x1 = jnp.broadcast_arrays(jnp.asarray(x0), jnp.asarray(x1))
+        return self._log_prob_full(jnp.concatenate([x0, x1], axis=-1))
+
+    def source(self) -> GaussianMixture:
+        """Marginal law of X0 (K components, some possibly equal)."""
+        m0, _, s00, _, _, _ = self.blocks()
+        return GaussianMixture._from_leaves(self.weights, m0, s00)
+
+    def target(self) -> GaussianMixture:
+        """Marginal law of X1 (K components, some possibly equal)."""
+        _, m1, _, _, _, s11 = self.blocks()
+        return GaussianMixture._from_leaves(self.weights, m1, s11)
+
+
+def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGaussianMixture:
+    """Product coupling p0 x p1 as a joint mixture with K0 * K1 components.
+
+    Component k = i * K1 + j pairs source component i with target component j; its covariance is
+    block-diagonal (no cross-covariance).
+
+    Raises:
+        ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
+    """
+    for name, p in (("p0", p0), ("p1", p1)):
+        if not isinstance(p, GaussianMixture):
+            raise ValueError(f"independent_coupling: `{name}` must be a GaussianMixture, got {p!r}")
+    if p0.dim != p1.dim:
+        raise ValueError(
+            f"independent_coupling: `p0` has dim {p0.dim} but `p1` has dim {p1.dim}"
+        )
+    k0, k1, d = p0.n_components, p1.n_components, p0.dim
+    dtype = jnp.result_type(p0.means, p1.means)
+    w = (p0.weights[:, None] * p1.weights[None, :]).reshape(k0 * k1).astype(dtype)
+    m = jnp.concatenate(
+        [jnp.repeat(p0.means, k1, axis=0), jnp.tile(p1.means, (k0, 1))], axis=1
+    ).astype(dtype)
+    zeros = jnp.zeros((k0 * k1, d, d), dtype)
+    c00 = jnp.repeat(p0.covs, k1, axis=0).astype(dtype)
+    c11 = jnp.tile(p1.covs, (k0, 1, 1)).astype(dtype)
+    c = jnp.concatenate(
+        [jnp.concatenate([c00, zeros], axis=2), jnp.concatenate([zeros, c11], axis=2)], axis=1
+    )
+    # Products of valid weights and block-diagonal SPD matrices are valid: skip re-validation
+    # (it would also fail under a trace-free but expensive eigen-decomposition for large K).
+    return JointGaussianMixture._from_leaves(w, m, c)
+
+
+def random_spd(
+    key: PRNGKeyArray, n: int, dim: int, eps: float = 0.1, dtype=None
+) -> Float[Array, "n dim dim"]:
+    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim)."""
+    c = jax.random.normal(key, (n, dim, dim), dtype=dtype or jnp.result_type(float))
+    eye = jnp.eye(dim, dtype=c.dtype)[None]
+    return jnp.einsum("nij,nkj->nik", c, c, precision=_HIGHEST) / dim + eps * eye
+
+
+def _random_parts(key, n_components, dim, mean_scale, eps, dtype):
+    kw, km, kc = jax.random.split(key, 3)
+    dtype = dtype or jnp.result_type(float)
+    w = jax.nn.softmax(jax.random.normal(kw, (n_components,), dtype))
+    m = mean_scale * jax.random.normal(km, (n_components, dim), dtype)
+    c = random_spd(kc, n_components, dim, eps, dtype)
+    return w, m, c
+
+
+def random_gaussian_mixture(
+    key: PRNGKeyArray,
+    n_components: int,
+    dim: int,
+    mean_scale: float = 3.0,
+    eps: float = 0.1,
+    dtype=None,
+) -> GaussianMixture:
+    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs."""
+    return GaussianMixture(*_random_parts(key, n_components, dim, mean_scale, eps, dtype))
+
+
+def random_joint_mixture(
+    key: PRNGKeyArray,
+    n_components: int,
+    dim: int,
+    mean_scale: float = 3.0,
+    eps: float = 0.1,
+    dtype=None,
+) -> JointGaussianMixture:
+    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances."""
+    return JointGaussianMixture(*_random_parts(key, n_components, 2 * dim, mean_scale, eps, dtype))
