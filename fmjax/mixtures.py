@@ -198,7 +198,7 @@ class GaussianMixture(_MixtureBase):
     def covariance(self) -> Float[Array, "d d"]:
         """Covariance of the mixture (law of total covariance)."""
         mu = self.mean()
-        dm = self.means - mu
+        dm = self.means - mu[None]
         return jnp.einsum("k,kij->ij", self.weights, self.covs) + jnp.einsum(
             "k,ki,kj->ij", self.weights, dm, dm, precision=_HIGHEST
         )

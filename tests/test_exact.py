@@ -1,0 +1,279 @@
+"""The exact engine against an independent reference, identities, and Monte Carlo."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import exact, schedules
+from fmjax.mixtures import random_joint_mixture
+from tests.reference import reference
+
+SCHEDULES = {
+    "linear": schedules.linear(),
+    "cosine": schedules.cosine(),
+    "polynomial3": schedules.polynomial(3.0),
+    "vp": schedules.vp(),
+    "custom": schedules.custom(lambda t: t**2 * (3 - 2 * t), lambda t: 1 - t**2 * (3 - 2 * t)),
+}
+
+
+def _points(c, sched, t, key, n=40):
+    """Points where p_t has mass (so responsibilities are mixed) plus a few far away."""
+    near = exact.marginal(c, sched, t).sample(key, n)
+    far = 6.0 * jax.random.normal(jax.random.fold_in(key, 1), (4, c.dim), near.dtype)
+    return jnp.concatenate([near, far])
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
+
+
+@pytest.mark.parametrize("dim,k", [(1, 1), (2, 3), (3, 5)])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.5, 1.0])
+def test_matches_numpy_reference(x64, dim, k, name, t):
+    sched = SCHEDULES[name]
+    if name == "vp" and t == 1.0:
+        pytest.skip("vp has db_1 = -inf: velocity at t=1 is not finite (documented)")
+    c = random_joint_mixture(jax.random.key(dim * 10 + k), k, dim, mean_scale=2.0)
+    x = _points(c, sched, t, jax.random.key(7))
+    got = exact.evaluate(c, sched, t, x, ("velocity", "log_prob", "score"))
+    resp = exact.responsibilities(c, sched, t, x)
+    want_v, want_lp, want_s, want_r = reference(c.weights, c.means, c.covs, sched, t, x)
+    # float64 round-off through a d x d solve of a matrix with condition number < ~1e3: 1e-10.
+    assert _rel(got["velocity"], want_v) < 1e-10
+    assert _rel(got["score"], want_s) < 1e-10
+    np.testing.assert_allclose(got["log_prob"], want_lp, rtol=1e-10)
+    np.testing.assert_allclose(resp, want_r, rtol=1e-10, atol=1e-14)
+    chex.assert_shape(resp, (x.shape[0], k))
+    np.testing.assert_allclose(resp.sum(-1), 1.0, rtol=1e-12)
+
+
+def test_streaming_blocks_match_single_block(x64, monkeypatch):
+    """Force one component per scan step: the online log-sum-exp must give the same answer."""
+    c = random_joint_mixture(jax.random.key(3), 6, 2)
+    sched = schedules.linear()
+    x = _points(c, sched, 0.4, jax.random.key(1))
+    qs = ("velocity", "log_prob", "score", "divergence")
+    whole = exact.evaluate(c, sched, 0.4, x, qs)
+    monkeypatch.setattr(exact, "_BLOCK_BUDGET", 1)
+    assert exact._block_size(x.shape[0], 6, 2) == 1
+    streamed = exact.evaluate(c, sched, 0.4, x, qs)
+    for q in qs:
+        np.testing.assert_allclose(streamed[q], whole[q], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "vp"])
+def test_continuity_equation(x64, name):
+    """d/dt log p_t + div u_t + u_t . grad log p_t = 0, all terms by autodiff of the engine."""
+    sched = SCHEDULES[name]
+    c = random_joint_mixture(jax.random.key(11), 4, 3, mean_scale=2.0)
+    t = 0.37
+    x = _points(c, sched, t, jax.random.key(2), n=20)
+    dlogp_dt = jax.vmap(jax.grad(lambda t, x: exact.log_prob(c, sched, t, x)), (None, 0))(t, x)
+    u = exact.velocity(c, sched, t, x)
+    grad_logp = jax.vmap(jax.grad(lambda x: exact.log_prob(c, sched, t, x)))(x)
+    jac = jax.vmap(jax.jacfwd(lambda x: exact.velocity(c, sched, t, x)))(x)
+    div_ad = jnp.trace(jac, axis1=-2, axis2=-1)
+    residual = dlogp_dt + div_ad + jnp.sum(u * grad_logp, -1)
+    scale = jnp.abs(dlogp_dt) + jnp.abs(div_ad) + jnp.abs(jnp.sum(u * grad_logp, -1))
+    assert jnp.max(jnp.abs(residual) / scale) < 1e-9  # pure round-off in float64
+    # The closed-form divergence and score agree with autodiff.
+    np.testing.assert_allclose(exact.divergence(c, sched, t, x), div_ad, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(exact.score(c, sched, t, x), grad_logp, rtol=1e-9, atol=1e-9)
+
+
+def test_monte_carlo_conditional_expectation(x64):
+    """E[(dX_t - u_t(X_t)) h(X_t)] = 0 for test functions h: u_t is the conditional mean."""
+    sched = schedules.cosine()
+    c = random_joint_mixture(jax.random.key(5), 1, 2, mean_scale=1.0)  # a single Gaussian
+    n, t = 200_000, 0.6
+    x0, x1 = c.sample(jax.random.key(0), n)
+    a, b, da, db = sched(t)
+    xt, dxt = b * x0 + a * x1, db * x0 + da * x1
+    resid = dxt - exact.velocity(c, sched, t, xt)  # (n, d)
+    feats = jnp.concatenate([jnp.ones((n, 1)), xt, jnp.sin(xt)], axis=1)  # h(x): (n, 5)
+    prod = resid[:, :, None] * feats[:, None, :]  # (n, d, 5)
+    z = prod.mean(0) / (prod.std(0) / np.sqrt(n))
+    # 10 z-scores of a true zero: |z| < 5 fails with probability ~6e-6.
+    assert jnp.max(jnp.abs(z)) < 5.0
+    # A wrong velocity (the same field at another time) is detected by the same statistic.
+    wrong = dxt - exact.velocity(c, sched, 0.5, xt)
+    prod_w = wrong[:, :, None] * feats[:, None, :]
+    assert jnp.max(jnp.abs(prod_w.mean(0) / (prod_w.std(0) / np.sqrt(n)))) > 10.0
+
+
+def test_monte_carlo_mixture(x64):
+    """Same orthogonality for a 3 x 2 independent GMM coupling (responsibilities matter)."""
+    sched = schedules.linear()
+    key = jax.random.key(9)
+    p0 = fmjax.random_gaussian_mixture(key, 3, 2, mean_scale=2.0)
+    p1 = fmjax.random_gaussian_mixture(jax.random.fold_in(key, 1), 2, 2, mean_scale=2.0)
+    c = fmjax.independent_coupling(p0, p1)
+    n, t = 200_000, 0.5
+    x0, x1 = c.sample(jax.random.key(1), n)
+    xt, dxt = 0.5 * x0 + 0.5 * x1, x1 - x0
+    resid = dxt - exact.velocity(c, sched, t, xt)
+    feats = jnp.concatenate([jnp.ones((n, 1)), xt, jnp.tanh(xt)], axis=1)
+    prod = resid[:, :, None] * feats[:, None, :]
+    z = prod.mean(0) / (prod.std(0) / np.sqrt(n))
+    assert jnp.max(jnp.abs(z)) < 5.0
+
+
+def test_single_gaussian_closed_form(x64):
+    """N(0, I) -> N(m, s^2 I), linear path: u_t(x) = m + (t s^2 - (1-t)) / ((1-t)^2 + t^2 s^2) (x - t m)."""
+    d, s2 = 3, 0.3
+    m = jnp.array([1.0, -2.0, 0.5])
+    p0 = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, d)), jnp.eye(d)[None])
+    p1 = fmjax.GaussianMixture(jnp.ones(1), m[None], s2 * jnp.eye(d)[None])
+    c = fmjax.independent_coupling(p0, p1)
+    x = jax.random.normal(jax.random.key(0), (7, d))
+    for t in (0.0, 0.25, 0.8, 1.0):
+        coef = (t * s2 - (1 - t)) / ((1 - t) ** 2 + t**2 * s2)
+        want = m[None] + coef * (x - t * m[None])
+        np.testing.assert_allclose(exact.velocity(c, schedules.linear(), t, x), want, rtol=1e-12)
+
+
+def test_endpoint_marginals(x64):
+    """p_0 is the source and p_1 the target: log p_t matches their own log-densities."""
+    key = jax.random.key(4)
+    p0 = fmjax.random_gaussian_mixture(key, 2, 3)
+    p1 = fmjax.random_gaussian_mixture(jax.random.fold_in(key, 1), 4, 3)
+    c = fmjax.independent_coupling(p0, p1)
+    x = jax.random.normal(key, (10, 3)) * 3
+    for sched in (schedules.linear(), schedules.cosine()):
+        np.testing.assert_allclose(exact.log_prob(c, sched, 0.0, x), p0.log_prob(x), rtol=1e-12)
+        np.testing.assert_allclose(exact.log_prob(c, sched, 1.0, x), p1.log_prob(x), rtol=1e-12)
+        for t in (0.0, 1.0):
+            assert jnp.all(jnp.isfinite(exact.velocity(c, sched, t, x)))
+
+
+def test_independent_coupling_is_explicit_product(x64):
+    key = jax.random.key(2)
+    p0 = fmjax.random_gaussian_mixture(key, 2, 2)
+    p1 = fmjax.random_gaussian_mixture(jax.random.fold_in(key, 1), 3, 2)
+    c = fmjax.independent_coupling(p0, p1)
+    w, m, s = [], [], []
+    for i in range(2):
+        for j in range(3):
+            w.append(p0.weights[i] * p1.weights[j])
+            m.append(np.concatenate([p0.means[i], p1.means[j]]))
+            blk = np.zeros((4, 4))
+            blk[:2, :2], blk[2:, 2:] = p0.covs[i], p1.covs[j]
+            s.append(blk)
+    explicit = fmjax.JointGaussianMixture(np.array(w), np.array(m), np.array(s))
+    for got, want in zip(jax.tree.leaves(c), jax.tree.leaves(explicit), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-15)
+    x0, x1 = jax.random.normal(key, (2, 5, 2))
+    np.testing.assert_allclose(c.log_prob(x0, x1), p0.log_prob(x0) + p1.log_prob(x1), rtol=1e-12)
+
+
+def test_gradients_wrt_mixture_parameters(x64):
+    """jvp through the engine equals central finite differences along a random direction."""
+    c = random_joint_mixture(jax.random.key(8), 3, 2)
+    sched = schedules.cosine()
+    x = _points(c, sched, 0.3, jax.random.key(0), n=8)
+
+    def f(c):
+        q = exact.evaluate(c, sched, 0.3, x, ("velocity", "log_prob"))
+        return jnp.sum(q["log_prob"]) + jnp.sum(jnp.sin(q["velocity"]))
+
+    grads = jax.grad(f)(c)
+    assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+    kw, km, kc = jax.random.split(jax.random.key(1), 3)
+    dw = jax.random.normal(kw, c.weights.shape)
+    dw = dw - dw.mean()  # stay on the simplex
+    dc = jax.random.normal(kc, c.covs.shape)
+    dc = dc + jnp.swapaxes(dc, -1, -2)  # stay symmetric
+    tangent = type(c)._from_leaves(dw, jax.random.normal(km, c.means.shape), dc)
+    h = 1e-5
+    plus = jax.tree.map(lambda p, v: p + h * v, c, tangent)
+    minus = jax.tree.map(lambda p, v: p - h * v, c, tangent)
+    fd = (f(plus) - f(minus)) / (2 * h)
+    _, jvp = jax.jvp(f, (c,), (tangent,))
+    # Central differences: O(h^2) ~ 1e-10 truncation, round-off ~ eps/h ~ 1e-11, times |f| ~ 1e2.
+    np.testing.assert_allclose(jvp, fd, rtol=1e-7)
+    gdot = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent)))
+    np.testing.assert_allclose(gdot, jvp, rtol=1e-10)
+
+
+def test_float32_close_to_float64():
+    """float32 with highest matmul precision stays within 1e-4 relative of float64."""
+    c32 = random_joint_mixture(jax.random.key(6), 8, 4, mean_scale=2.0)
+    sched = schedules.linear()
+    x32 = _points(c32, sched, 0.5, jax.random.key(3), n=200)
+    v32 = exact.velocity(c32, sched, 0.5, x32)
+    lp32 = exact.log_prob(c32, sched, 0.5, x32)
+    assert v32.dtype == jnp.float32
+    want_v, want_lp, _, _ = reference(c32.weights, c32.means, c32.covs, sched, 0.5, x32)
+    # eps32 = 1.2e-7 times condition numbers up to ~1e2 and responsibility sensitivity: 1e-4.
+    assert _rel(v32, want_v) < 1e-4
+    np.testing.assert_allclose(lp32, want_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_float64_dtype_survives(x64):
+    c = random_joint_mixture(jax.random.key(6), 2, 2)
+    x = jnp.zeros((3, 2))
+    for q in exact.evaluate(c, schedules.linear(), 0.5, x, ("velocity", "log_prob")).values():
+        assert q.dtype == jnp.float64
+
+
+def test_time_broadcasting_and_per_point_times(x64):
+    c = random_joint_mixture(jax.random.key(1), 3, 2)
+    sched = schedules.cosine()
+    x = jax.random.normal(jax.random.key(2), (4, 5, 2))
+    ts = jnp.linspace(0.0, 1.0, 4)[:, None]  # (4, 1) against batch (4, 5)
+    got = exact.velocity(c, sched, ts, x)
+    chex.assert_shape(got, (4, 5, 2))
+    for i in range(4):
+        np.testing.assert_allclose(got[i], exact.velocity(c, sched, ts[i, 0], x[i]), rtol=1e-12)
+    chex.assert_shape(exact.log_prob(c, sched, 0.5, x[0, 0]), ())
+    chex.assert_shape(exact.responsibilities(c, sched, ts, x), (4, 5, 3))
+
+
+def test_jit_traced_time_no_recompile(x64):
+    c = random_joint_mixture(jax.random.key(1), 3, 2)
+    sched = schedules.linear()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def field(c, t, x):
+        return exact.velocity(c, sched, t, x)
+
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    for t in (0.1, 0.5, 0.9):
+        got = field(c, jnp.asarray(t), x)
+        np.testing.assert_allclose(got, exact.velocity(c, sched, t, x), rtol=1e-12)
+    # A rebuilt schedule with equal parameters is the same static value: still no retrace.
+    field2 = jax.jit(functools.partial(exact.velocity, c))
+    field2(schedules.polynomial(2), 0.3, x)
+    field2(schedules.polynomial(2), 0.3, x)
+    assert field2._cache_size() == 1
+
+
+@pytest.mark.parametrize(
+    "t,x,match",
+    [
+        (1.5, np.zeros((3, 2)), "`t` must lie in"),
+        (-0.1, np.zeros((3, 2)), "`t` must lie in"),
+        (np.nan, np.zeros((3, 2)), "`t` must lie in"),
+        (0.5, np.zeros((3, 3)), "`x` must have shape"),
+        (np.full((4,), 0.5), np.zeros((3, 2)), "does not broadcast"),
+    ],
+)
+def test_bad_arguments(t, x, match):
+    c = random_joint_mixture(jax.random.key(1), 2, 2)
+    with pytest.raises(ValueError, match=match):
+        exact.velocity(c, schedules.linear(), t, x)
+
+
+def test_bad_coupling_type():
+    p = fmjax.random_gaussian_mixture(jax.random.key(0), 2, 2)
+    with pytest.raises(ValueError, match="`coupling` must be a JointGaussianMixture"):
+        exact.velocity(p, schedules.linear(), 0.5, jnp.zeros((1, 2)))

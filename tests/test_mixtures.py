@@ -1,0 +1,132 @@
+"""Mixtures: validation, log-density against a reference, sampling moments, pytree behaviour."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax.mixtures import random_gaussian_mixture, random_joint_mixture
+
+
+def _np_log_prob(w, m, s, x):
+    out = []
+    for xi in np.asarray(x, np.float64):
+        terms = []
+        for wk, mk, sk in zip(w, m, s, strict=True):
+            diff = xi - mk
+            _, logdet = np.linalg.slogdet(sk)
+            q = diff @ np.linalg.solve(sk, diff)
+            terms.append(np.log(wk) - 0.5 * (q + logdet + len(mk) * np.log(2 * np.pi)))
+        out.append(np.logaddexp.reduce(terms))
+    return np.array(out)
+
+
+def test_log_prob_matches_reference(x64):
+    p = random_gaussian_mixture(jax.random.key(0), 4, 3)
+    x = 3 * jax.random.normal(jax.random.key(1), (2, 5, 3))
+    got = p.log_prob(x)
+    chex.assert_shape(got, (2, 5))
+    want = _np_log_prob(p.weights, p.means, p.covs, x.reshape(-1, 3)).reshape(2, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_sample_moments(x64):
+    """Sample mean/covariance within ~5 standard errors of the exact mixture moments."""
+    p = random_gaussian_mixture(jax.random.key(2), 3, 2, mean_scale=2.0)
+    n = 200_000
+    xs = p.sample(jax.random.key(3), n)
+    chex.assert_shape(xs, (n, 2))
+    sd = jnp.sqrt(jnp.diag(p.covariance()))
+    assert jnp.all(jnp.abs(xs.mean(0) - p.mean()) < 5 * sd / np.sqrt(n))
+    # Covariance entries: standard error <= ~2 sd_i sd_j / sqrt(n) for these light tails.
+    err = jnp.abs(jnp.cov(xs.T) - p.covariance())
+    assert jnp.all(err < 10 * jnp.outer(sd, sd) / np.sqrt(n))
+
+
+def test_joint_sample_cross_covariance(x64):
+    c = random_joint_mixture(jax.random.key(4), 1, 2, mean_scale=1.0)
+    x0, x1 = c.sample(jax.random.key(5), 200_000)
+    emp = jnp.cov(jnp.concatenate([x0, x1], 1).T)
+    sd = jnp.sqrt(jnp.diag(c.covs[0]))
+    assert jnp.all(jnp.abs(emp - c.covs[0]) < 10 * jnp.outer(sd, sd) / np.sqrt(200_000))
+    np.testing.assert_array_equal(c.source().means, c.means[:, :2])
+    np.testing.assert_array_equal(c.target().covs, c.covs[:, 2:, 2:])
+
+
+def test_sampling_is_deterministic_by_key():
+    p = random_gaussian_mixture(jax.random.key(0), 2, 2)
+    np.testing.assert_array_equal(p.sample(jax.random.key(1), 10), p.sample(jax.random.key(1), 10))
+    assert not np.array_equal(p.sample(jax.random.key(1), 10), p.sample(jax.random.key(2), 10))
+
+
+def test_pytree_through_jit_vmap_grad(x64):
+    p = random_gaussian_mixture(jax.random.key(0), 3, 2)
+    x = jnp.ones((4, 2))
+    np.testing.assert_allclose(jax.jit(lambda p, x: p.log_prob(x))(p, x), p.log_prob(x))
+    # vmap over a stack of mixtures (leading axis on every leaf).
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), p, p)
+    out = jax.vmap(lambda p: p.log_prob(x))(stacked)
+    chex.assert_shape(out, (2, 4))
+    g = jax.grad(lambda p: p.log_prob(x).sum())(p)
+    assert isinstance(g, fmjax.GaussianMixture)
+    assert all(jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(g))
+    # Gradient w.r.t. the means is the summed score-like term S^{-1}(x - m) weighted by responsibility.
+    with pytest.raises(AttributeError, match="immutable"):
+        p.weights = jnp.ones(3) / 3
+
+
+GOOD_W, GOOD_M, GOOD_S = np.array([0.5, 0.5]), np.zeros((2, 2)), np.stack([np.eye(2)] * 2)
+
+
+@pytest.mark.parametrize(
+    "w,m,s,match",
+    [
+        (np.array([0.6, 0.6]), GOOD_M, GOOD_S, "`weights` must sum to 1"),
+        (np.array([1.5, -0.5]), GOOD_M, GOOD_S, "`weights` must be >= 0"),
+        (np.ones((2, 1)) / 2, GOOD_M, GOOD_S, "`weights` must have shape"),
+        (GOOD_W, np.zeros((3, 2)), GOOD_S, "`means` must have shape"),
+        (GOOD_W, GOOD_M, np.stack([np.eye(3)] * 2), "`covs` must have shape"),
+        (GOOD_W, GOOD_M, np.stack([np.eye(2), [[1.0, 0.5], [0.0, 1.0]]]), r"`covs\[1\]` is not symm"),
+        (GOOD_W, GOOD_M, np.stack([np.eye(2), [[1.0, 2.0], [2.0, 1.0]]]), r"`covs\[1\]` is not pos"),
+        (GOOD_W, np.array([[0.0, np.nan], [0.0, 0.0]]), GOOD_S, "`means` contains NaN"),
+        (GOOD_W, GOOD_M, np.stack([np.eye(2), np.full((2, 2), np.inf)]), "`covs` contains NaN"),
+    ],
+)
+def test_validation(w, m, s, match):
+    with pytest.raises(ValueError, match=match):
+        fmjax.GaussianMixture(w, m, s)
+
+
+def test_joint_validation():
+    with pytest.raises(ValueError, match="even"):
+        fmjax.JointGaussianMixture(np.ones(1), np.zeros((1, 3)), np.eye(3)[None])
+    p2 = random_gaussian_mixture(jax.random.key(0), 2, 2)
+    p3 = random_gaussian_mixture(jax.random.key(0), 2, 3)
+    with pytest.raises(ValueError, match="`p0` has dim 2 but `p1` has dim 3"):
+        fmjax.independent_coupling(p2, p3)
+    with pytest.raises(ValueError, match="`p0` must be a GaussianMixture"):
+        fmjax.independent_coupling(np.zeros(2), p2)
+
+
+def test_construction_under_jit_skips_value_checks():
+    """Inside jit values are unknown: shape checks only, no error, no host sync."""
+
+    @jax.jit
+    def build(w):
+        return fmjax.GaussianMixture(w, jnp.zeros((2, 2)), jnp.stack([jnp.eye(2)] * 2)).weights
+
+    np.testing.assert_allclose(build(jnp.array([0.3, 0.7])), [0.3, 0.7])
+
+
+def test_zero_weight_component(x64):
+    """A component with weight 0 contributes nothing and produces no NaN."""
+    p = fmjax.GaussianMixture(np.array([1.0, 0.0]), np.array([[0.0, 0.0], [5.0, 5.0]]), GOOD_S)
+    q = fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2)), np.eye(2)[None])
+    x = jnp.array([[0.3, -0.2], [5.0, 5.0]])
+    np.testing.assert_allclose(p.log_prob(x), q.log_prob(x), rtol=1e-14)
+    c = fmjax.independent_coupling(p, q)
+    v = fmjax.exact.velocity(c, fmjax.schedules.linear(), 0.5, x)
+    vq = fmjax.exact.velocity(fmjax.independent_coupling(q, q), fmjax.schedules.linear(), 0.5, x)
+    np.testing.assert_allclose(v, vq, rtol=1e-12)

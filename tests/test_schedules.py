@@ -1,0 +1,90 @@
+"""Schedules: endpoints, derivatives against autodiff, validation, static hashing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fmjax import schedules
+
+BUILTIN = [
+    schedules.linear(),
+    schedules.cosine(),
+    schedules.polynomial(1.0),
+    schedules.polynomial(2.5),
+    schedules.vp(),
+    schedules.vp(0.5, 5.0),
+]
+
+
+@pytest.mark.parametrize("sched", BUILTIN, ids=lambda s: s.name)
+def test_derivatives_match_autodiff(x64, sched):
+    """The hand-written da, db equal forward-mode derivatives of a, b (t away from vp's t=1)."""
+    t = jnp.linspace(0.01, 0.99, 17)
+    a, b, da, db = sched(t)
+    da_ad = jax.vmap(jax.grad(lambda s: sched(s)[0]))(t)
+    db_ad = jax.vmap(jax.grad(lambda s: sched(s)[1]))(t)
+    np.testing.assert_allclose(da, da_ad, rtol=1e-12)
+    np.testing.assert_allclose(db, db_ad, rtol=1e-10)
+    assert a.shape == b.shape == t.shape
+
+
+@pytest.mark.parametrize("sched", BUILTIN[:4], ids=lambda s: s.name)
+def test_endpoints(x64, sched):
+    a, b, _, _ = sched(jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(a, [0.0, 1.0], atol=1e-15)
+    np.testing.assert_allclose(b, [1.0, 0.0], atol=1e-15)
+
+
+def test_vp_matches_lipman(x64):
+    """a_t = exp(-T(1-t)/2), b_t = sqrt(1 - a_t^2); a_0 is exp(-T(1)/2), not exactly 0."""
+    s = schedules.vp(0.1, 20.0)
+    t = jnp.array([0.0, 0.3, 1.0])
+    big_t = 0.1 * (1 - t) + 0.5 * 19.9 * (1 - t) ** 2
+    a, b, _, db = s(t)
+    np.testing.assert_allclose(a, jnp.exp(-0.5 * big_t), rtol=1e-14)
+    np.testing.assert_allclose(a**2 + b**2, 1.0, rtol=1e-14)
+    assert 0 < a[0] < 1e-2 and db[-1] == -jnp.inf
+
+
+def test_custom_schedule_derivatives(x64):
+    s = schedules.custom(lambda t: jnp.sin(0.5 * jnp.pi * t), lambda t: jnp.cos(0.5 * jnp.pi * t))
+    t = jnp.linspace(0, 1, 9)
+    for got, want in zip(s(t), schedules.cosine()(t), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-14)
+
+
+def test_custom_rejects_bad_endpoints():
+    with pytest.raises(ValueError, match="endpoint"):
+        schedules.custom(lambda t: t, lambda t: 1 - 0.5 * t)
+    schedules.custom(lambda t: t, lambda t: 1 - 0.5 * t, check_endpoints=False)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: schedules.polynomial(0.0), "`n`"),
+        (lambda: schedules.polynomial(float("nan")), "`n`"),
+        (lambda: schedules.vp(-1.0, 2.0), "beta_min"),
+        (lambda: schedules.vp(2.0, 1.0), "beta_max"),
+        (lambda: schedules.custom(1.0, lambda t: t), "callables"),
+    ],
+)
+def test_validation(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_equal_schedules_hash_equal():
+    assert schedules.polynomial(2) == schedules.polynomial(2.0)
+    assert hash(schedules.vp()) == hash(schedules.vp(0.1, 20.0))
+    assert schedules.linear() != schedules.cosine()
+    # Static pytree: no leaves, passes through jit as an argument.
+    assert jax.tree.leaves(schedules.cosine()) == []
+    f = jax.jit(lambda s, t: s(t)[0])
+    np.testing.assert_allclose(f(schedules.cosine(), 1.0), 1.0, rtol=1e-6)
+
+
+def test_integer_time_is_promoted():
+    a, *_ = schedules.linear()(1)
+    assert jnp.issubdtype(a.dtype, jnp.floating)
