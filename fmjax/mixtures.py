@@ -132,8 +132,15 @@ class _MixtureBase:
         k_comp, k_noise = jax.random.split(key)
         comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
         chol = jnp.linalg.cholesky(self.covs)
-        eps = jax.random.normal(k_noise, (n, self.means.shape[-1]), dtype=self.means.dtype)
-        return self.means[comp] + jnp.einsum("nij,nj->ni", chol[comp], eps, precision=_HIGHEST)
+        dim = self.means.shape[-1]
+        eps = jax.random.normal(k_noise, (n, dim), dtype=self.means.dtype)
+        # Gather one factor per sample in chunks: memory O(chunk d^2), not O(n d^2).
+        chunk = max(1, min(n, (1 << 22) // (dim * dim)))
+        noise = jax.lax.map(
+            lambda ce: jnp.matmul(chol[ce[0]], ce[1], precision=_HIGHEST), (comp, eps),
+            batch_size=chunk,
+        )
+        return self.means[comp] + noise
 
     def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
