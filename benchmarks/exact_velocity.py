@@ -92,7 +92,9 @@ def run(configs, scale: float, repeats: int, peer: bool, precision: str) -> dict
         v32 = np.asarray(field(c, jnp.float32(t), x[:m]), np.float64)
         with jax.enable_x64(True):
             c64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a), jnp.float64), c)
-            v64 = np.asarray(fmjax.exact.velocity(c64, sched, t, jnp.asarray(np.asarray(x[:m]), jnp.float64)))
+            v64 = np.asarray(
+                fmjax.exact.velocity(c64, sched, t, jnp.asarray(np.asarray(x[:m]), jnp.float64))
+            )
         rel = float(np.max(np.abs(v32 - v64)) / np.max(np.abs(v64)))
         row = {
             "d": d,
@@ -121,25 +123,43 @@ def run(configs, scale: float, repeats: int, peer: bool, precision: str) -> dict
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="*", help="d,K,N triples (default: the issue's three)")
-    p.add_argument("--scale", type=float, default=None,
-                   help="multiply N by this (default 1 on GPU, 0.05 on CPU)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="multiply N by this (default 1 on GPU, 0.05 on CPU)",
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", default="highest", choices=["highest", "high", "default"])
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--out", default=None, help="JSON path")
     args = p.parse_args(argv)
-    configs = [tuple(int(v) for v in s.split(",")) for s in args.configs] if args.configs else CONFIGS
-    scale = args.scale if args.scale is not None else (1.0 if jax.default_backend() != "cpu" else 0.05)
+    configs = (
+        [tuple(int(v) for v in s.split(",")) for s in args.configs] if args.configs else CONFIGS
+    )
+    scale = (
+        args.scale if args.scale is not None else (1.0 if jax.default_backend() != "cpu" else 0.05)
+    )
     result = run(configs, scale, args.repeats, not args.no_peer, args.precision)
     mach = result["machine"]
-    print(f"\nexact velocity, {mach['backend']} ({mach['device']}), precision={args.precision}, "
-          f"measured matmul rate {result['matmul_flops'] / 1e9:.1f} GFLOP/s")
+    print(
+        f"\nexact velocity, {mach['backend']} ({mach['device']}), precision={args.precision}, "
+        f"measured matmul rate {result['matmul_flops'] / 1e9:.1f} GFLOP/s"
+    )
     print_table(
         result["rows"],
-        [("d", "d", ""), ("K", "K", ""), ("N", "N", ""), ("compile_s", "compile s", ".2f"),
-         ("median_s", "median s", ".4g"), ("points_per_s", "points/s", ".3g"),
-         ("roofline_frac", "of matmul", ".1%"), ("rel_err_vs_f64", "rel err", ".1e"),
-         ("torch_points_per_s", "torch pts/s", ".3g"), ("speedup_vs_torch", "x torch", ".2f")],
+        [
+            ("d", "d", ""),
+            ("K", "K", ""),
+            ("N", "N", ""),
+            ("compile_s", "compile s", ".2f"),
+            ("median_s", "median s", ".4g"),
+            ("points_per_s", "points/s", ".3g"),
+            ("roofline_frac", "of matmul", ".1%"),
+            ("rel_err_vs_f64", "rel err", ".1e"),
+            ("torch_points_per_s", "torch pts/s", ".3g"),
+            ("speedup_vs_torch", "x torch", ".2f"),
+        ],
     )
     write_json(result, args.out, f"exact_velocity_{mach['backend']}.json")
     return result

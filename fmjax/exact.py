@@ -180,8 +180,10 @@ def _check_inputs(fn: str, c, sched, t, x):
     if not isinstance(t, jax.core.Tracer):
         tn = np.asarray(t)
         if not np.all((tn >= 0) & (tn <= 1)):
-            raise ValueError(f"exact.{fn}: `t` must lie in [0, 1], got values in "
-                             f"[{np.nanmin(tn):.3g}, {np.nanmax(tn):.3g}] (or NaN)")
+            raise ValueError(
+                f"exact.{fn}: `t` must lie in [0, 1], got values in "
+                f"[{np.nanmin(tn):.3g}, {np.nanmax(tn):.3g}] (or NaN)"
+            )
 
 
 def _run(fn, kernel, c, sched, t, x, precision):
@@ -211,7 +213,7 @@ def _run(fn, kernel, c, sched, t, x, precision):
 def evaluate(
     coupling: JointGaussianMixture,
     schedule: Schedule,
-    t: Float[ArrayLike, "..."],
+    t: Float[ArrayLike, ...],
     x: Float[ArrayLike, "... d"],
     quantities: tuple[str, ...] = ("velocity", "log_prob"),
     *,
@@ -233,8 +235,9 @@ def evaluate(
     """
     want = frozenset(quantities)
     if not want or not want <= set(_QUANTITIES):
-        raise ValueError(f"exact.evaluate: `quantities` must be a subset of {_QUANTITIES}, "
-                         f"got {quantities}")
+        raise ValueError(
+            f"exact.evaluate: `quantities` must be a subset of {_QUANTITIES}, got {quantities}"
+        )
     kernel = lambda f, xf: _accumulate(f, xf, want, precision)  # noqa: E731
     return _run("evaluate", kernel, coupling, schedule, t, x, precision)
 
@@ -266,9 +269,7 @@ def divergence(coupling, schedule, t, x, *, precision: Precision = "highest"):
 def responsibilities(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Posterior component probabilities P(K = k | X_t = x): x (..., d) -> (..., K)."""
     kernel = lambda f, xf: _responsibilities(f, xf, precision)  # noqa: E731
-    return _run("responsibilities", kernel, coupling, schedule, t, x, precision)[
-        "responsibilities"
-    ]
+    return _run("responsibilities", kernel, coupling, schedule, t, x, precision)["responsibilities"]
 
 
 def marginal(coupling: JointGaussianMixture, schedule: Schedule, t) -> GaussianMixture:

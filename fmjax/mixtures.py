@@ -73,7 +73,8 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
     if np.any(asym > tol_sym):
         j = int(np.argmax(asym))
         raise ValueError(
-            f"{owner}: `covs[{j}]` is not symmetric (relative asymmetry {asym[j]:.2g} > {tol_sym:g})"
+            f"{owner}: `covs[{j}]` is not symmetric "
+            f"(relative asymmetry {asym[j]:.2g} > {tol_sym:g})"
         )
     eig_min = np.linalg.eigvalsh(0.5 * (c + np.swapaxes(c, 1, 2))).min(axis=1)
     if np.any(eig_min <= 0):
@@ -137,12 +138,13 @@ class _MixtureBase:
         # Gather one factor per sample in chunks: memory O(chunk d^2), not O(n d^2).
         chunk = max(1, min(n, (1 << 22) // (dim * dim)))
         noise = jax.lax.map(
-            lambda ce: jnp.matmul(chol[ce[0]], ce[1], precision=_HIGHEST), (comp, eps),
+            lambda ce: jnp.matmul(chol[ce[0]], ce[1], precision=_HIGHEST),
+            (comp, eps),
             batch_size=chunk,
         )
         return self.means[comp] + noise
 
-    def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
+    def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, ...]:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
 
 
@@ -194,7 +196,7 @@ class GaussianMixture(_MixtureBase):
         """Draw ``n`` samples (n is static)."""
         return self._sample_full(key, n)
 
-    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
+    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, ...]:
         """Log-density at ``x`` of shape (..., d)."""
         return self._log_prob_full(jnp.asarray(x))
 
@@ -283,9 +285,7 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
         if not isinstance(p, GaussianMixture):
             raise ValueError(f"independent_coupling: `{name}` must be a GaussianMixture, got {p!r}")
     if p0.dim != p1.dim:
-        raise ValueError(
-            f"independent_coupling: `p0` has dim {p0.dim} but `p1` has dim {p1.dim}"
-        )
+        raise ValueError(f"independent_coupling: `p0` has dim {p0.dim} but `p1` has dim {p1.dim}")
     k0, k1, d = p0.n_components, p1.n_components, p0.dim
     dtype = jnp.result_type(p0.means, p1.means)
     w = (p0.weights[:, None] * p1.weights[None, :]).reshape(k0 * k1).astype(dtype)

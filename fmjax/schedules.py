@@ -39,7 +39,7 @@ class Schedule:
     coeffs: Callable[..., _Coeffs] = dataclasses.field(repr=False)
     params: tuple = ()
 
-    def __call__(self, t: Float[ArrayLike, "..."]) -> _Coeffs:
+    def __call__(self, t: Float[ArrayLike, ...]) -> _Coeffs:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""
         t = jnp.asarray(t)
         if not jnp.issubdtype(t.dtype, jnp.floating):

@@ -127,7 +127,10 @@ def test_monte_carlo_mixture(x64):
 
 
 def test_single_gaussian_closed_form(x64):
-    """N(0, I) -> N(m, s^2 I), linear path: u_t(x) = m + (t s^2 - (1-t)) / ((1-t)^2 + t^2 s^2) (x - t m)."""
+    """N(0, I) -> N(m, s^2 I), linear path.
+
+    u_t(x) = m + (t s^2 - (1 - t)) / ((1 - t)^2 + t^2 s^2) (x - t m).
+    """
     d, s2 = 3, 0.3
     m = jnp.array([1.0, -2.0, 0.5])
     p0 = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, d)), jnp.eye(d)[None])
@@ -199,7 +202,10 @@ def test_gradients_wrt_mixture_parameters(x64):
     _, jvp = jax.jvp(f, (c,), (tangent,))
     # Central differences: O(h^2) ~ 1e-10 truncation, round-off ~ eps/h ~ 1e-11, times |f| ~ 1e2.
     np.testing.assert_allclose(jvp, fd, rtol=1e-7)
-    gdot = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent)))
+    gdot = sum(
+        jnp.vdot(g, v)
+        for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(tangent), strict=True)
+    )
     np.testing.assert_allclose(gdot, jvp, rtol=1e-10)
 
 

@@ -72,7 +72,6 @@ def test_pytree_through_jit_vmap_grad(x64):
     g = jax.grad(lambda p: p.log_prob(x).sum())(p)
     assert isinstance(g, fmjax.GaussianMixture)
     assert all(jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(g))
-    # Gradient w.r.t. the means is the summed score-like term S^{-1}(x - m) weighted by responsibility.
     with pytest.raises(AttributeError, match="immutable"):
         p.weights = jnp.ones(3) / 3
 
@@ -88,8 +87,18 @@ GOOD_W, GOOD_M, GOOD_S = np.array([0.5, 0.5]), np.zeros((2, 2)), np.stack([np.ey
         (np.ones((2, 1)) / 2, GOOD_M, GOOD_S, "`weights` must have shape"),
         (GOOD_W, np.zeros((3, 2)), GOOD_S, "`means` must have shape"),
         (GOOD_W, GOOD_M, np.stack([np.eye(3)] * 2), "`covs` must have shape"),
-        (GOOD_W, GOOD_M, np.stack([np.eye(2), [[1.0, 0.5], [0.0, 1.0]]]), r"`covs\[1\]` is not symm"),
-        (GOOD_W, GOOD_M, np.stack([np.eye(2), [[1.0, 2.0], [2.0, 1.0]]]), r"`covs\[1\]` is not pos"),
+        (
+            GOOD_W,
+            GOOD_M,
+            np.stack([np.eye(2), [[1.0, 0.5], [0.0, 1.0]]]),
+            r"`covs\[1\]` is not symm",
+        ),
+        (
+            GOOD_W,
+            GOOD_M,
+            np.stack([np.eye(2), [[1.0, 2.0], [2.0, 1.0]]]),
+            r"`covs\[1\]` is not pos",
+        ),
         (GOOD_W, np.array([[0.0, np.nan], [0.0, 0.0]]), GOOD_S, "`means` contains NaN"),
         (GOOD_W, GOOD_M, np.stack([np.eye(2), np.full((2, 2), np.inf)]), "`covs` contains NaN"),
     ],
