@@ -80,7 +80,7 @@ def _coeffs(schedule: Schedule, t, x, y):
 
 
 def velocity_to_x1(
-    schedule: Schedule, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"],
+    schedule: Schedule, t: Float[ArrayLike, ...], x: Float[ArrayLike, "... d"],
     u: Float[ArrayLike, "... d"],
 ) -> Float[Array, "... d"]:
     """x1_hat = (b u - db x) / (b da - a db). Singular where b da = a db.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
@@ -49,7 +48,7 @@ class TimeEmbedding(nn.Module):
     learned_frequencies: bool = False
 
     @nn.compact
-    def __call__(self, t: Float[Array, "..."]) -> Float[Array, "... e"]:
+    def __call__(self, t: Float[Array, ...]) -> Float[Array, "... e"]:
         t = t[..., None]
         if self.kind == "raw":
             return t
@@ -108,7 +107,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(
-        self, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"]
+        self, t: Float[ArrayLike, ...], x: Float[ArrayLike, "... d"]
     ) -> Float[Array, "... d"]:
         self._check()
         x = jnp.asarray(x)

@@ -9,6 +9,7 @@ import pytest
 import fmjax
 from fmjax import data
 
+
 def _mixture_cov(gmm):
     """Law of total covariance, in numpy (GaussianMixture.covariance trips rank promotion)."""
     w, m, c = (np.asarray(a, np.float64) for a in (gmm.weights, gmm.means, gmm.covs))
