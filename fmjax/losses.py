@@ -240,11 +240,13 @@ def ot_pairs(
 
     ``epsilon > 0``: entropic OT by Sinkhorn (``ott.solvers.linear.solve``; epsilon absolute, in
     units of squared distance). Each source row i keeps its x0 and draws one partner j from the
-    row-normalised plan P_ij / P_i. (Gumbel-max via ``jax.random.categorical`` on the logits
-    (g_j - C_ij) / epsilon). So x0 is used exactly once, without duplicates, and the pair law is
-    the plan itself (rows of P have mass 1/n); the entropic plan is not a permutation, so an x1
-    may repeat or be left out, though each x1 is drawn once in expectation (columns have mass
-    1/n). As epsilon -> 0 this tends to the exact permutation.
+    row-normalised plan P_ij / P_i. (Gumbel-max, ``jax.random.categorical``, on the logits
+    (g_j - C_ij) / epsilon, which avoids underflow of P). So each x0 is used exactly once,
+    without duplicates, and the pair law is the plan itself (rows of P have mass 1/n); the
+    entropic plan is not a permutation, so an x1 may repeat or be left out, though each x1 is
+    drawn once in expectation (columns have mass 1/n). As epsilon -> 0 this tends to the exact
+    permutation, but Sinkhorn needs more iterations (ott's defaults: threshold 1e-3, at most
+    2000 iterations; an unconverged plan is used as it stands).
 
     Args:
         sample_pairs: ``(key, n) -> (x0, x1)``; called with the same key (independent pairs
