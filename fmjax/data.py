@@ -1,0 +1,202 @@
+"""On-device toy samplers ``sampler(key, n) -> (n, d)`` and pair samplers ``(key, n) -> (x0, x1)``.
+
+Point samplers (2-D, jitted, ``n`` static): ``checkerboard``, ``eight_gaussians``, ``two_moons``,
+``swiss_roll``, ``rings``; factories ``from_mixture(gmm)``, ``from_array(data)`` and
+``gaussian_source(dim)``. Extra shape parameters are keyword-only and static.
+
+Pair samplers, the ``sample_pairs`` argument of ``fmjax.losses``: ``independent_pairs(s0, s1)``
+and ``coupling_pairs(joint)`` (a JointGaussianMixture's own ``.sample``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from fmjax.mixtures import GaussianMixture, JointGaussianMixture
+
+__all__ = [
+    "checkerboard",
+    "eight_gaussians",
+    "eight_gaussians_mixture",
+    "two_moons",
+    "swiss_roll",
+    "rings",
+    "from_mixture",
+    "from_array",
+    "gaussian_source",
+    "independent_pairs",
+    "coupling_pairs",
+]
+
+Sampler = Callable[[PRNGKeyArray, int], Float[Array, "n d"]]
+PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
+
+
+def _dtype(dtype):
+    return jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "dtype"))
+def checkerboard(key: PRNGKeyArray, n: int, *, dtype=None) -> Float[Array, "n 2"]:
+    """Meta's ``flow_matching`` 2-D checkerboard: 8 squares of side 1/0.45 in [-2/.45, 2/.45)^2.
+
+    Exactly the example's recipe: x1 = U * 4 - 2, x2_ = U' - 2 B (B in {0, 1}),
+    x2 = x2_ + (floor(x1) mod 2), data = [x1, x2] / 0.45; the occupied unit squares of (x1, x2)
+    are those with floor(x1) + floor(x2) even.
+
+    Args:
+        key: PRNG key.
+        n: number of points (static).
+        dtype: float dtype (default: the default float type).
+
+    Returns:
+        (n, 2) points.
+    """
+    dtype = _dtype(dtype)
+    k1, k2, k3 = jax.random.split(key, 3)
+    x1 = jax.random.uniform(k1, (n,), dtype) * 4 - 2
+    x2_ = jax.random.uniform(k2, (n,), dtype) - jax.random.randint(k3, (n,), 0, 2).astype(dtype) * 2
+    x2 = x2_ + jnp.mod(jnp.floor(x1), 2)
+    return jnp.stack([x1, x2], axis=-1) / 0.45
+
+
+def eight_gaussians_mixture(
+    radius: float = 4 / 1.414, std: float = 0.5 / 1.414, dtype=None
+) -> GaussianMixture:
+    """Eight equal isotropic Gaussians on a circle, as a GaussianMixture (exact answers exist).
+
+    The defaults reproduce FFJORD's "8gaussians": centres 4 (cos, sin)(k pi / 4), std 0.5, all
+    divided by 1.414.
+    """
+    dtype = _dtype(dtype)
+    theta = np.arange(8) * np.pi / 4
+    means = radius * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
+    covs = np.broadcast_to(std**2 * np.eye(2), (8, 2, 2))
+    return GaussianMixture(jnp.full((8,), 1 / 8, dtype), jnp.asarray(means, dtype),
+                           jnp.asarray(covs, dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "radius", "std", "dtype"))
+def eight_gaussians(
+    key: PRNGKeyArray, n: int, *, radius: float = 4 / 1.414, std: float = 0.5 / 1.414, dtype=None
+) -> Float[Array, "n 2"]:
+    """Samples of ``eight_gaussians_mixture(radius, std)``: (n, 2)."""
+    dtype = _dtype(dtype)
+    k1, k2 = jax.random.split(key)
+    theta = jax.random.randint(k1, (n,), 0, 8).astype(dtype) * (math.pi / 4)
+    centres = radius * jnp.stack([jnp.cos(theta), jnp.sin(theta)], axis=-1)
+    return centres + std * jax.random.normal(k2, (n, 2), dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "noise", "scale", "dtype"))
+def two_moons(
+    key: PRNGKeyArray, n: int, *, noise: float = 0.05, scale: float = 2.0, dtype=None
+) -> Float[Array, "n 2"]:
+    """Two interleaved half circles (scikit-learn's ``make_moons`` shape, random angles).
+
+    Upper moon (cos a, sin a), lower moon (1 - cos a, 1/2 - sin a), a ~ U[0, pi], each with
+    probability 1/2, plus N(0, noise^2) noise; then centred by (1/2, 1/4) and scaled by ``scale``.
+    """
+    dtype = _dtype(dtype)
+    k1, k2, k3 = jax.random.split(key, 3)
+    a = jax.random.uniform(k1, (n,), dtype) * math.pi
+    lower = jax.random.bernoulli(k2, 0.5, (n,))
+    upper_pts = jnp.stack([jnp.cos(a), jnp.sin(a)], axis=-1)
+    lower_pts = jnp.stack([1.0 - jnp.cos(a), 0.5 - jnp.sin(a)], axis=-1)
+    pts = jnp.where(lower[:, None], lower_pts, upper_pts) + noise * jax.random.normal(
+        k3, (n, 2), dtype
+    )
+    return scale * (pts - jnp.asarray([0.5, 0.25], dtype)[None])
+
+
+@functools.partial(jax.jit, static_argnames=("n", "noise", "dtype"))
+def swiss_roll(
+    key: PRNGKeyArray, n: int, *, noise: float = 1.0, dtype=None
+) -> Float[Array, "n 2"]:
+    """FFJORD's 2-D swiss roll: s (cos s, sin s) / 5 + N(0, noise^2) / 5, s ~ 1.5 pi (1 + 2 U)."""
+    dtype = _dtype(dtype)
+    k1, k2 = jax.random.split(key)
+    s = 1.5 * math.pi * (1 + 2 * jax.random.uniform(k1, (n,), dtype))
+    pts = s[:, None] * jnp.stack([jnp.cos(s), jnp.sin(s)], axis=-1)
+    return (pts + noise * jax.random.normal(k2, (n, 2), dtype)) / 5.0
+
+
+@functools.partial(jax.jit, static_argnames=("n", "radii", "noise", "dtype"))
+def rings(
+    key: PRNGKeyArray,
+    n: int,
+    *,
+    radii: tuple[float, ...] = (0.75, 1.5, 2.25, 3.0),
+    noise: float = 0.08,
+    dtype=None,
+) -> Float[Array, "n 2"]:
+    """Concentric circles: a ring chosen uniformly, a uniform angle, radial N(0, noise^2) noise."""
+    dtype = _dtype(dtype)
+    k1, k2, k3 = jax.random.split(key, 3)
+    r = jnp.asarray(radii, dtype)[jax.random.randint(k1, (n,), 0, len(radii))]
+    r = r + noise * jax.random.normal(k3, (n,), dtype)
+    a = jax.random.uniform(k2, (n,), dtype) * (2 * math.pi)
+    return r[:, None] * jnp.stack([jnp.cos(a), jnp.sin(a)], axis=-1)
+
+
+def from_mixture(gmm: GaussianMixture) -> Sampler:
+    """A jitted sampler ``(key, n) -> (n, d)`` drawing from a GaussianMixture."""
+    if not isinstance(gmm, GaussianMixture):
+        raise ValueError(f"from_mixture: `gmm` must be a GaussianMixture, got {type(gmm)}")
+    return jax.jit(lambda key, n: gmm.sample(key, n), static_argnums=1)
+
+
+def from_array(data: Float[ArrayLike, "N d"]) -> Sampler:
+    """A jitted sampler ``(key, n) -> (n, d)`` drawing rows of ``data`` uniformly with replacement.
+
+    Raises:
+        ValueError: if ``data`` is not a non-empty finite 2-D float array.
+    """
+    arr = jnp.asarray(data)
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"from_array: `data` must have shape (N >= 1, d >= 1), got {arr.shape}")
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.result_type(float))
+    if not np.all(np.isfinite(np.asarray(arr))):
+        raise ValueError("from_array: `data` contains NaN or inf")
+
+    def sample(key, n):
+        return arr[jax.random.randint(key, (n,), 0, arr.shape[0])]
+
+    return jax.jit(sample, static_argnums=1)
+
+
+def gaussian_source(dim: int, *, std: float = 1.0, dtype=None) -> Sampler:
+    """A jitted sampler ``(key, n) -> (n, dim)`` of N(0, std^2 I)."""
+    if not (isinstance(dim, int | np.integer) and dim >= 1):
+        raise ValueError(f"gaussian_source: `dim` must be an integer >= 1, got {dim!r}")
+    dtype = _dtype(dtype)
+    return jax.jit(lambda key, n: std * jax.random.normal(key, (n, dim), dtype), static_argnums=1)
+
+
+def independent_pairs(sample0: Sampler, sample1: Sampler) -> PairSampler:
+    """Pairs (x0, x1) from independent draws: ``sample_pairs(key, n) -> ((n, d), (n, d))``."""
+    if not (callable(sample0) and callable(sample1)):
+        raise ValueError("independent_pairs: `sample0` and `sample1` must be callables (key, n)")
+
+    def sample_pairs(key, n):
+        k0, k1 = jax.random.split(key)
+        return sample0(k0, n), sample1(k1, n)
+
+    return sample_pairs
+
+
+def coupling_pairs(coupling: JointGaussianMixture) -> PairSampler:
+    """Pairs (x0, x1) from a JointGaussianMixture coupling (its ``.sample``)."""
+    if not isinstance(coupling, JointGaussianMixture):
+        raise ValueError(
+            f"coupling_pairs: `coupling` must be a JointGaussianMixture, got {type(coupling)}"
+        )
+    return jax.jit(lambda key, n: coupling.sample(key, n), static_argnums=1)

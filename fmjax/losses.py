@@ -1,0 +1,380 @@
+"""Flow-matching losses as factories returning ``loss_fn(params, key) -> scalar``.
+
+Every loss draws ``batch_size`` pairs (x0, x1) and times t, forms x_t = b_t x0 + a_t x1 and
+regresses ``apply_fn(params, t, x_t)`` onto a target:
+
+* ``cfm``: the conditional target da x1 + db x0 (or x1, or x0 for prediction targets);
+  with ``sigma_min`` the path of Lipman et al. (2023), x_t = (1 - (1 - sigma_min) t) x0 + t x1;
+  with ``ot_pairs(sample_pairs)`` as the pair sampler, OT-CFM (Tong et al., Pooladian et al.).
+* ``marginal_fm``: the exact marginal target u_t(x_t) (or E[X1 | x_t], E[X0 | x_t]) of a
+  Gaussian-mixture coupling, from ``fmjax.exact``: the same gradients in expectation, less noise.
+* ``loss_floor``: the irreducible part of the CFM loss, E|target - E[target | X_t]|^2, by Monte
+  Carlo with the exact conditional expectation; excess loss = loss - floor.
+
+Reduction convention (``reduction``): "sum" (default) is the squared error summed over the d
+coordinates and averaged over the batch, E|pred - target|^2; "mean" averages over all elements
+(Meta's ``flow_matching`` examples), i.e. "sum" / d.
+
+Keys: each loss splits ``key`` into (pairs key, time key) the same way, so ``cfm``,
+``marginal_fm`` and ``loss_floor`` called with one key see the same (t, x0, x1, x_t).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from fmjax import convert, exact
+from fmjax.mixtures import JointGaussianMixture
+from fmjax.schedules import Schedule, linear
+
+__all__ = [
+    "TimeSampler",
+    "uniform_time",
+    "uniform_eps_time",
+    "logit_normal_time",
+    "sigma_min_schedule",
+    "cfm",
+    "ot_pairs",
+    "marginal_fm",
+    "loss_floor",
+]
+
+TimeSampler = Callable[[PRNGKeyArray, int], Float[Array, " n"]]
+ApplyFn = Callable[..., Float[Array, "n d"]]
+PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
+LossFn = Callable[..., Float[Array, ""]]
+
+_TARGETS = ("velocity", "x1", "x0")
+_REDUCTIONS = ("sum", "mean")
+
+
+# ----------------------------------------------------------------------------- time samplers
+
+
+def uniform_time() -> TimeSampler:
+    """t ~ U[0, 1]."""
+    return lambda key, n: jax.random.uniform(key, (n,))
+
+
+def uniform_eps_time(eps: float = 1e-3) -> TimeSampler:
+    """t ~ U[eps, 1 - eps], keeping away from singular ends (e.g. VP at t = 1)."""
+    eps = float(eps)
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"uniform_eps_time: `eps` must be in [0, 0.5), got {eps}")
+    return lambda key, n: eps + (1.0 - 2.0 * eps) * jax.random.uniform(key, (n,))
+
+
+def logit_normal_time(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
+    """t = sigmoid(mean + std * N(0, 1)) (Esser et al., 2024): mass in the middle of [0, 1]."""
+    mean, std = float(mean), float(std)
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        raise ValueError(f"logit_normal_time: need finite `mean` and `std` > 0, got {mean}, {std}")
+    return lambda key, n: jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
+
+
+_NAMED_TIMES = {"uniform": uniform_time, "uniform_eps": uniform_eps_time,
+                "logit_normal": logit_normal_time}
+
+
+# One instance per name, so jitted code keyed on the sampler does not retrace per call.
+_DEFAULT_TIMES = {name: factory() for name, factory in _NAMED_TIMES.items()}
+
+
+def _time_sampler(fn: str, spec) -> TimeSampler:
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and spec in _DEFAULT_TIMES:
+        return _DEFAULT_TIMES[spec]
+    raise ValueError(f"losses.{fn}: `time_sampler` must be one of {tuple(_NAMED_TIMES)} or a "
+                     f"callable (key, n) -> (n,), got {spec!r}")
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _sigma_min_coeffs(t, sigma_min):
+    one = jnp.ones_like(t)
+    return t, 1.0 - (1.0 - sigma_min) * t, one, -(1.0 - sigma_min) * one
+
+
+def sigma_min_schedule(sigma_min: float) -> Schedule:
+    """Lipman et al.'s OT path with a floor: a_t = t, b_t = 1 - (1 - sigma_min) t (b_1 = sigma_min).
+
+    The conditional velocity is x1 - (1 - sigma_min) x0. With a Gaussian source this is the
+    path N(t x1, (1 - (1 - sigma_min) t)^2 I) of the paper; sigma_min = 0 is ``linear()``.
+    """
+    sigma_min = float(sigma_min)
+    if not 0.0 <= sigma_min < 1.0:
+        raise ValueError(f"sigma_min_schedule: `sigma_min` must be in [0, 1), got {sigma_min}")
+    return Schedule(f"sigma_min({sigma_min:g})", _sigma_min_coeffs, (sigma_min,))
+
+
+def _resolve_schedule(fn: str, schedule, sigma_min) -> Schedule:
+    if sigma_min is None:
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"losses.{fn}: `schedule` must be an fmjax Schedule, "
+                             f"got {type(schedule)}")
+        return schedule
+    if schedule is not None and schedule != linear():
+        raise ValueError(f"losses.{fn}: `sigma_min` defines its own schedule; pass "
+                         f"schedule=linear() or None, got {schedule!r}")
+    return sigma_min_schedule(sigma_min)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _check_common(fn, batch_size, target, reduction):
+    if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
+        raise ValueError(f"losses.{fn}: `batch_size` must be an integer >= 1, got {batch_size!r}")
+    if target not in _TARGETS:
+        raise ValueError(f"losses.{fn}: `target` must be one of {_TARGETS}, got {target!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"losses.{fn}: `reduction` must be one of {_REDUCTIONS}, "
+                         f"got {reduction!r}")
+
+
+def _draw(fn, sample_pairs, times, schedule, key, n):
+    """(t (n,), x0, x1, x_t (n, d)) with the key split shared by all losses."""
+    k_pairs, k_time = jax.random.split(key)
+    x0, x1 = sample_pairs(k_pairs, n)
+    if x0.ndim != 2 or x0.shape[0] != n or x1.shape != x0.shape:
+        raise ValueError(f"losses.{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "
+                         f"arrays, got {x0.shape} and {x1.shape}")
+    t = jnp.asarray(times(k_time, n)).astype(x0.dtype)
+    if t.shape != (n,):
+        raise ValueError(f"losses.{fn}: `time_sampler(key, {n})` must return shape ({n},), "
+                         f"got {t.shape}")
+    a, b, _, _ = schedule(t)
+    xt = b[:, None] * x0 + a[:, None] * x1
+    return t, x0, x1, xt
+
+
+def _conditional_target(schedule, target, t, x0, x1):
+    if target == "x1":
+        return x1
+    if target == "x0":
+        return x0
+    _, _, da, db = schedule(t)
+    return da[:, None] * x1 + db[:, None] * x0
+
+
+def _exact_target(coupling, schedule, target, t, xt):
+    u = exact.velocity(coupling, schedule, t, xt)
+    if target == "velocity":
+        return u
+    conv = convert.velocity_to_x1 if target == "x1" else convert.velocity_to_x0
+    return conv(schedule, t, xt, u)
+
+
+def _per_sample(err, reduction):
+    """Squared error (n, d) -> per-sample loss (n,) under the reduction convention."""
+    sq = jnp.sum(err * err, axis=-1)
+    return sq / err.shape[-1] if reduction == "mean" else sq
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cfm(
+    apply_fn: ApplyFn,
+    sample_pairs: PairSampler,
+    schedule: Schedule | None,
+    batch_size: int,
+    *,
+    time_sampler: str | TimeSampler = "uniform",
+    target: str = "velocity",
+    sigma_min: float | None = None,
+    reduction: str = "sum",
+) -> LossFn:
+    """Conditional flow matching loss ``loss_fn(params, key) -> scalar`` (jit- and grad-able).
+
+    loss = mean_i |apply_fn(params, t_i, x_t,i) - y_i|^2 with x_t = b x0 + a x1 and y = da x1 +
+    db x0 ("velocity"), x1 ("x1") or x0 ("x0").
+
+    Args:
+        apply_fn: model ``apply_fn(params, t (n,), x (n, d)) -> (n, d)``.
+        sample_pairs: ``(key, n) -> (x0 (n, d), x1 (n, d))``, e.g. ``data.independent_pairs``,
+            a JointGaussianMixture's ``.sample``, or ``ot_pairs(...)`` for OT-CFM.
+        schedule: affine schedule; must be ``linear()`` or None when ``sigma_min`` is given.
+        batch_size: pairs per loss evaluation (static).
+        time_sampler: "uniform", "uniform_eps" (1e-3), "logit_normal" (0, 1), or a callable
+            ``(key, n) -> (n,)`` such as ``logit_normal_time(mean, std)``.
+        target: "velocity", "x1" or "x0": what the model predicts.
+        sigma_min: use ``sigma_min_schedule(sigma_min)`` (Lipman et al.'s path).
+        reduction: "sum" (over d, mean over batch) or "mean" (over all elements).
+
+    Returns:
+        ``loss_fn(params, key) -> scalar``.
+    """
+    _check_common("cfm", batch_size, target, reduction)
+    schedule = _resolve_schedule("cfm", schedule, sigma_min)
+    times = _time_sampler("cfm", time_sampler)
+    if not (callable(apply_fn) and callable(sample_pairs)):
+        raise ValueError("losses.cfm: `apply_fn` and `sample_pairs` must be callables")
+
+    def loss_fn(params, key):
+        t, x0, x1, xt = _draw("cfm", sample_pairs, times, schedule, key, batch_size)
+        y = _conditional_target(schedule, target, t, x0, x1)
+        return jnp.mean(_per_sample(apply_fn(params, t, xt) - y, reduction))
+
+    return loss_fn
+
+
+def ot_pairs(
+    sample_pairs: PairSampler, *, epsilon: float | None = None, **sinkhorn_kwargs
+) -> PairSampler:
+    """Re-pair each minibatch by optimal transport for the squared Euclidean cost (OT-CFM).
+
+    ``epsilon=None``: exact OT between the two uniform empirical measures, solved by the
+    Hungarian algorithm (``ott.tools.unreg.hungarian``). With equal uniform weights the optimal
+    plan is a permutation (Birkhoff-von Neumann), so x1 is returned permuted: every drawn x1
+    appears exactly once, no duplicates and none dropped.
+
+    ``epsilon > 0``: entropic OT by Sinkhorn (``ott.solvers.linear.solve``; epsilon absolute, in
+    units of squared distance). Each source row i keeps its x0 and draws one partner j from the
+    row-normalised plan P_ij / P_i. (Gumbel-max, ``jax.random.categorical``, on the logits
+    (g_j - C_ij) / epsilon, which avoids underflow of P). So each x0 is used exactly once,
+    without duplicates, and the pair law is the plan itself (rows of P have mass 1/n); the
+    entropic plan is not a permutation, so an x1 may repeat or be left out, though each x1 is
+    drawn once in expectation (columns have mass 1/n). As epsilon -> 0 this tends to the exact
+    permutation, but Sinkhorn needs more iterations (ott's defaults: threshold 1e-3, at most
+    2000 iterations; an unconverged plan is used as it stands).
+
+    Args:
+        sample_pairs: ``(key, n) -> (x0, x1)``; called with the same key (independent pairs
+            in OT-CFM, but any pair sampler works).
+        epsilon: None for exact OT, else the entropic regularisation (> 0).
+        **sinkhorn_kwargs: passed to ott's Sinkhorn (e.g. ``threshold``, ``max_iterations``).
+
+    Returns:
+        a jitted pair sampler ``(key, n) -> (x0 (n, d), x1 (n, d))``; x0 is returned unchanged.
+    """
+    if not callable(sample_pairs):
+        raise ValueError("losses.ot_pairs: `sample_pairs` must be a callable (key, n)")
+    if epsilon is not None:
+        epsilon = float(epsilon)
+        if not (np.isfinite(epsilon) and epsilon > 0):
+            raise ValueError(f"losses.ot_pairs: `epsilon` must be None or > 0, got {epsilon}")
+    # ott (and jaxopt under it) is imported here: a heavy import only OT-CFM needs.
+    from ott.geometry import pointcloud
+    from ott.solvers import linear as ott_linear
+    from ott.tools import unreg
+
+    def sample(key, n):
+        x0, x1 = sample_pairs(key, n)
+        if epsilon is None:
+            _, out = unreg.hungarian(pointcloud.PointCloud(x0, x1))
+            i, j = out.paired_indices
+            return x0, x1[j[jnp.argsort(i)]]
+        geom = pointcloud.PointCloud(x0, x1, epsilon=epsilon)
+        # ott's Sinkhorn relies on implicit rank promotion; allow it for this call only.
+        with jax.numpy_rank_promotion("allow"):
+            out = ott_linear.solve(geom, **sinkhorn_kwargs)
+        logits = (out.g[None, :] - geom.cost_matrix) / epsilon  # log P_ij - f_i / epsilon
+        j = jax.random.categorical(jax.random.fold_in(key, 1), logits, axis=-1)
+        return x0, x1[j]
+
+    return jax.jit(sample, static_argnums=1)
+
+
+def marginal_fm(
+    apply_fn: ApplyFn,
+    coupling: JointGaussianMixture,
+    schedule: Schedule | None,
+    batch_size: int,
+    *,
+    time_sampler: str | TimeSampler = "uniform",
+    target: str = "velocity",
+    sigma_min: float | None = None,
+    reduction: str = "sum",
+) -> LossFn:
+    """Flow matching with the exact marginal target of a Gaussian-mixture coupling.
+
+    loss = mean_i |apply_fn(params, t_i, x_t,i) - y(t_i, x_t,i)|^2 with y = u_t (exact marginal
+    velocity, ``fmjax.exact.velocity`` with one t per point), or E[X1 | x_t], E[X0 | x_t] (by
+    ``fmjax.convert``). Its gradient has the same expectation as ``cfm``'s and its value is
+    lower by the loss floor. Arguments as ``cfm``, with the coupling in place of sample_pairs.
+    """
+    _check_common("marginal_fm", batch_size, target, reduction)
+    _check_coupling("marginal_fm", coupling)
+    schedule = _resolve_schedule("marginal_fm", schedule, sigma_min)
+    times = _time_sampler("marginal_fm", time_sampler)
+
+    def loss_fn(params, key):
+        t, _, _, xt = _draw("marginal_fm", coupling.sample, times, schedule, key, batch_size)
+        y = jax.lax.stop_gradient(_exact_target(coupling, schedule, target, t, xt))
+        return jnp.mean(_per_sample(apply_fn(params, t, xt) - y, reduction))
+
+    return loss_fn
+
+
+def _check_coupling(fn, coupling):
+    if not isinstance(coupling, JointGaussianMixture):
+        raise ValueError(f"losses.{fn}: `coupling` must be a JointGaussianMixture (use "
+                         f"fmjax.independent_coupling(p0, p1)), got {type(coupling)}")
+
+
+def loss_floor(
+    coupling: JointGaussianMixture,
+    schedule: Schedule | None,
+    key: PRNGKeyArray,
+    n: int,
+    *,
+    time_sampler: str | TimeSampler = "uniform",
+    target: str = "velocity",
+    sigma_min: float | None = None,
+    reduction: str = "sum",
+    chunk_size: int = 4096,
+    return_stderr: bool = False,
+) -> Float[Array, ""] | tuple[Float[Array, ""], Float[Array, ""]]:
+    """Irreducible CFM loss E|y_cond - E[y_cond | X_t]|^2 by Monte Carlo with the exact u_t.
+
+    ``cfm(...)(params, key)`` is, in expectation, ``marginal_fm(...)(params, key) + floor``;
+    no model can go below the floor. Same arguments and conventions as ``cfm``.
+
+    Args:
+        coupling: the joint mixture of (X0, X1).
+        schedule: affine schedule (or None with ``sigma_min``).
+        key: PRNG key.
+        n: number of Monte Carlo samples (static).
+        time_sampler, target, sigma_min, reduction: as in ``cfm``.
+        chunk_size: points per exact-velocity evaluation (memory bound; static).
+        return_stderr: also return the Monte Carlo standard error.
+
+    Returns:
+        the floor estimate (scalar), and its standard error if ``return_stderr``.
+    """
+    _check_common("loss_floor", n, target, reduction)
+    _check_coupling("loss_floor", coupling)
+    schedule = _resolve_schedule("loss_floor", schedule, sigma_min)
+    times = _time_sampler("loss_floor", time_sampler)
+    if not (isinstance(chunk_size, int | np.integer) and chunk_size >= 1):
+        raise ValueError(f"losses.loss_floor: `chunk_size` must be an integer >= 1, "
+                         f"got {chunk_size!r}")
+    terms = _floor_terms(coupling, schedule, key, n, times, target, reduction, int(chunk_size))
+    mean = jnp.mean(terms)
+    if not return_stderr:
+        return mean
+    return mean, jnp.std(terms, ddof=1) / math.sqrt(n)  # NaN for n = 1
+
+
+@functools.partial(jax.jit, static_argnames=("n", "times", "target", "reduction", "chunk_size"))
+def _floor_terms(coupling, schedule, key, n, times, target, reduction, chunk_size):
+    """Per-sample |y_cond - E[y_cond | x_t]|^2, shape (n,), exact targets in chunks."""
+    t, x0, x1, xt = _draw("loss_floor", coupling.sample, times, schedule, key, n)
+    y = _conditional_target(schedule, target, t, x0, x1)
+
+    def one(args):
+        ti, xi, yi = args
+        return _per_sample(yi - _exact_target(coupling, schedule, target, ti, xi), reduction)
+
+    return jax.lax.map(one, (t[:, None], xt[:, None], y[:, None]),
+                       batch_size=min(chunk_size, n))[:, 0]

@@ -1,0 +1,124 @@
+"""Conversions velocity <-> x1 / x0 prediction <-> score against the exact GMM engine."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import convert, exact, schedules
+
+SCHEDULES = [schedules.linear(), schedules.cosine(), schedules.polynomial(2.0), schedules.vp()]
+TIMES = [0.05, 0.3, 0.5, 0.8, 0.95]
+
+
+def _problem(d=2, k=3, seed=0):
+    """Independent coupling of N(0, I) with a random GMM target (float64)."""
+    p1 = fmjax.random_gaussian_mixture(jax.random.key(seed), k, d, mean_scale=2.0)
+    p0 = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, d)), jnp.eye(d)[None])
+    return fmjax.independent_coupling(p0, p1), p1
+
+
+def _points(seed, n=64, d=2):
+    return 2.0 * jax.random.normal(jax.random.key(seed), (n, d))
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s.name)
+def test_velocity_to_score_matches_exact_score(x64, sched):
+    c, _ = _problem()
+    x = _points(1, n=80)
+    t = jnp.asarray(TIMES)[jnp.arange(80) % len(TIMES)]  # each time on 16 points
+    u = exact.velocity(c, sched, t, x)
+    got = convert.velocity_to_score(sched, t, x, u)
+    want = exact.score(c, sched, t, x)
+    # float64 closed forms; the conversion divides by b D_t (>= ~0.05 here): 1e-10 is ~1e5 ulp.
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    # and the inverse map recovers the exact velocity from the exact score
+    np.testing.assert_allclose(convert.score_to_velocity(sched, t, x, want), u, rtol=1e-10,
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s.name)
+def test_x1_prediction_matches_tweedie(x64, sched):
+    """E[X1 | x] from the velocity equals Tweedie's (x + b^2 s) / a with the exact score."""
+    c, _ = _problem()
+    x = _points(2)
+    t = jnp.asarray(TIMES)[jnp.arange(64) % len(TIMES)]  # one time per point
+    a, b, _, _ = sched(t)
+    x1_tweedie = (x + (b * b)[:, None] * exact.score(c, sched, t, x)) / a[:, None]
+    x1 = convert.velocity_to_x1(sched, t, x, exact.velocity(c, sched, t, x))
+    np.testing.assert_allclose(x1, x1_tweedie, rtol=1e-9, atol=1e-9)  # /a (>= 0.0025): looser
+    x0 = convert.velocity_to_x0(sched, t, x, exact.velocity(c, sched, t, x))
+    np.testing.assert_allclose(x0, -b[:, None] * exact.score(c, sched, t, x), rtol=1e-10,
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s.name)
+def test_round_trips(x64, sched):
+    x = _points(3, n=40)
+    y = _points(4, n=40)
+    t = jnp.linspace(0.05, 0.95, 40)
+    pairs = [
+        (convert.velocity_to_x1, convert.x1_to_velocity),
+        (convert.velocity_to_x0, convert.x0_to_velocity),
+        (convert.velocity_to_score, convert.score_to_velocity),
+        (convert.x1_to_x0, convert.x0_to_x1),
+    ]
+    for fwd, back in pairs:
+        for f, g in ((fwd, back), (back, fwd)):
+            np.testing.assert_allclose(g(sched, t, x, f(sched, t, x, y)), y, rtol=1e-9,
+                                       atol=1e-9, err_msg=f"{f.__name__} then {g.__name__}")
+    # x1 and x0 predictions of the same velocity are consistent: x = a x1 + b x0
+    a, b, _, _ = sched(t)
+    x1 = convert.velocity_to_x1(sched, t, x, y)
+    x0 = convert.velocity_to_x0(sched, t, x, y)
+    np.testing.assert_allclose(a[:, None] * x1 + b[:, None] * x0, x, rtol=1e-10, atol=1e-10)
+
+
+def test_well_posed_ends(x64):
+    """At t = 0, x1 -> velocity is finite and exact; at t = 1, x0 -> velocity is (linear)."""
+    c, p1 = _problem()
+    x = _points(5)
+    for sched in (schedules.linear(), schedules.cosine()):
+        # E[X1 | X0 = x] = E[X1] for an independent coupling
+        u0 = convert.x1_to_velocity(sched, 0.0, x, jnp.broadcast_to(p1.mean(), x.shape))
+        np.testing.assert_allclose(u0, exact.velocity(c, sched, 0.0, x), rtol=1e-12, atol=1e-12)
+        # E[X0 | X1 = x] = E[X0] = 0
+        u1 = convert.x0_to_velocity(sched, 1.0, x, jnp.zeros_like(x))
+        np.testing.assert_allclose(u1, exact.velocity(c, sched, 1.0, x), rtol=1e-12, atol=1e-12)
+        u = exact.velocity(c, sched, 1.0, x)
+        np.testing.assert_allclose(convert.velocity_to_x1(sched, 1.0, x, u), x, atol=1e-12)
+        u = exact.velocity(c, sched, 0.0, x)
+        np.testing.assert_allclose(convert.velocity_to_x0(sched, 0.0, x, u), x, atol=1e-12)
+    # documented singularity: the score from a velocity at t = 1 (b = 0) is not finite
+    s = convert.velocity_to_score(schedules.linear(), 1.0, x, x)
+    assert not np.any(np.isfinite(s))
+
+
+def test_as_velocity_and_from_velocity(x64):
+    c, _ = _problem()
+    sched = schedules.cosine()
+    x = _points(6)
+    t = jnp.linspace(0.1, 0.9, 64)
+    vel = functools.partial(exact.velocity, c, sched)
+    want = vel(t, x)
+    for target in convert.TARGETS:
+        pred = convert.from_velocity(vel, sched, target)
+        back = jax.jit(convert.as_velocity(pred, sched, target))
+        np.testing.assert_allclose(back(t, x), want, rtol=1e-10, atol=1e-10, err_msg=target)
+    with pytest.raises(ValueError, match="target"):
+        convert.as_velocity(vel, sched, "eps")
+
+
+def test_broadcasting_scalar_and_batched_t():
+    sched = schedules.linear()
+    x = jnp.ones((3, 5, 2))
+    u = jnp.full((3, 5, 2), 2.0)
+    out_scalar = convert.velocity_to_x1(sched, 0.5, x, u)
+    out_batched = convert.velocity_to_x1(sched, jnp.full((3, 5), 0.5), x, u)
+    assert out_scalar.shape == (3, 5, 2)
+    np.testing.assert_array_equal(out_scalar, out_batched)
+    # x1 = (b u - db x) / D = 0.5 * 2 + 1 = 2 for the linear schedule at t = 1/2
+    np.testing.assert_allclose(out_scalar, 2.0)
