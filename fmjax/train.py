@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fmjax._checkpoint import Checkpointer
+
 __all__ = ["FitResult", "fit", "fit_many", "make_optimizer"]
 
 PyTree = Any
@@ -215,84 +217,193 @@ def _make_chunk(
     return chunk
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _short(e: Exception, limit: int = 400) -> str:
-    msg = str(e)
-    return msg if len(msg) <= limit else msg[:limit] + " ..."
-
-
-class _Checkpointer:
-    """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` with clear errors."""
-
-    def __init__(self, directory: str, max_to_keep: int | None):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.path = os.path.abspath(os.fspath(directory))
-        try:
-            self.manager = ocp.CheckpointManager(
-                self.path,
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-            )
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise RuntimeError(f"cannot open checkpoint directory {self.path}: {e}") from e
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def restore(self, step: int, state_target: _State, hist_target: dict) -> tuple[_State, dict]:
-        ocp = self._ocp
-        where = os.path.join(self.path, str(step))
-        try:
-            out = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(state_target),
-                    history=ocp.args.StandardRestore(hist_target),
-                ),
-            )
-            state, hist = out["state"], out["history"]
-            restored_step = int(np.asarray(state.step))
-        except Exception as e:  # noqa: BLE001 - any failure to read is reported with the path
-            raise RuntimeError(
-                f"checkpoint {where} is corrupt, incomplete or from a different model/optimizer "
-                f"and cannot be restored ({type(e).__name__}: {_short(e)}). Nothing was "
-                "overwritten; delete that step directory to fall back to an earlier "
-                "checkpoint, or pass `resume=False` with an empty `checkpoint_dir`."
-            ) from e
-        if restored_step != step:
-            raise RuntimeError(
-                f"checkpoint {where} holds step {restored_step}, expected {step}; it is corrupt"
-            )
-        return state, hist
-
-    def save(self, step: int, state: _State, hist: dict) -> None:
-        ocp = self._ocp
-        if self.manager.latest_step() == step:
-            return
-        # Host copies: the device buffers are donated to the next chunk while orbax writes.
-        state, hist = jax.device_get((state, hist))
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), history=ocp.args.StandardSave(hist)
-            ),
-        )
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
 # ----------------------------------------------------------------------------- the driver
 
 
-def _concrete_tree(tree, name: str) -> None:
-    for leaf in jax.tree.leaves(tree):
+def _check_options(
+    steps, steps_per_call, ema_decay, checkpoint_dir, checkpoint_every, floor, callback
+):
+    steps = _check_int(steps, "steps", 0)
+    steps_per_call = _check_int(steps_per_call, "steps_per_call", 1)
+    if ema_decay is not None:
+        ema_decay = float(ema_decay)
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}")
+    if checkpoint_every is not None:
+        checkpoint_every = _check_int(checkpoint_every, "checkpoint_every", 1)
+        if checkpoint_dir is None:
+            raise ValueError("`checkpoint_every` needs a `checkpoint_dir`")
+    if floor is not None:
+        floor = float(floor)
+    if callback is not None and not callable(callback):
+        raise ValueError("`callback` must be callable or None")
+    return steps, steps_per_call, ema_decay, checkpoint_every, floor
+
+
+def _is_key_array(keys) -> bool:
+    return jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+
+
+def _check_batch(params, keys, instances, batched: bool) -> int | None:
+    """Validate params / keys / instances; the number of models M (None when not batched)."""
+    for leaf in jax.tree.leaves(params):
         if isinstance(leaf, jax.core.Tracer):
-            raise ValueError(f"`{name}` must be concrete arrays (call fit outside jit/vmap)")
+            raise ValueError("`params` must be concrete arrays (call fit outside jit/vmap)")
+    if not jax.tree.leaves(params):
+        raise ValueError("`params` has no array leaves")
+    if not batched:
+        ok = keys.shape == () if _is_key_array(keys) else keys.shape == (2,)
+        if not ok or not (_is_key_array(keys) or keys.dtype == jnp.uint32):
+            raise ValueError(
+                f"`key` must be a single PRNG key (jax.random.key or PRNGKey), got {keys.shape}"
+            )
+        return None
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"`params_batch` leaves must share a leading model axis, got leading sizes {sizes}"
+        )
+    m = sizes.pop()
+    n_keys = keys.shape[0] if (_is_key_array(keys) and keys.ndim == 1) or keys.ndim == 2 else None
+    if n_keys != m:
+        raise ValueError(
+            f"`keys` must hold one key per model (leading axis {m}), got shape {keys.shape}"
+        )
+    for leaf in jax.tree.leaves(instances):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != m:
+            raise ValueError(
+                f"`instances` leaves must have a leading axis of size {m}, got {np.shape(leaf)}"
+            )
+    return m
+
+
+def _output_structs(loss_fn, params, keys, instances, has_aux: bool, m: int | None):
+    """Shapes of one step's (loss, aux), batched by M; checks the loss contract."""
+    with_instances = instances is not None
+
+    def one(p, k, inst):
+        return loss_fn(p, k, inst) if with_instances else loss_fn(p, k)
+
+    first = (lambda tree: jax.tree.map(lambda x: x[0], tree)) if m is not None else (lambda t: t)
+    try:
+        out = jax.eval_shape(one, first(params), first(keys), first(instances))
+    except Exception as e:
+        raise ValueError(f"`loss_fn(params, key)` failed on the given params: {e}") from e
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError("with `has_aux=True`, `loss_fn` must return (loss, aux)")
+        loss, aux = out
+    else:
+        loss, aux = out, None
+    if not (hasattr(loss, "shape") and loss.shape == ()):
+        hint = "" if has_aux else " (or set `has_aux=True` if it returns (loss, aux))"
+        raise ValueError(f"`loss_fn` must return a scalar loss{hint}, got {loss}")
+    if m is not None:
+        loss, aux = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((m, *s.shape), s.dtype), (loss, aux)
+        )
+    return loss, aux
+
+
+class _History:
+    """Loss (and aux) of every step on the host, gathered chunk by chunk; step axis first."""
+
+    def __init__(self, loss_struct, aux_struct, has_aux: bool):
+        self.loss_struct, self.aux_struct, self.has_aux = loss_struct, aux_struct, has_aux
+        self.losses: list[np.ndarray] = []
+        self.auxes: list[Any] = []
+
+    def append(self, losses, auxes) -> None:
+        self.losses.append(np.asarray(losses))
+        if self.has_aux:
+            self.auxes.append(jax.tree.map(np.asarray, auxes))
+
+    def target(self, n: int) -> dict:
+        """Zeros shaped like the history of ``n`` steps (a restore target)."""
+        zeros = lambda s: np.zeros((n, *s.shape), s.dtype)  # noqa: E731
+        out = {"loss": zeros(self.loss_struct)}
+        if self.has_aux:
+            out["aux"] = jax.tree.map(zeros, self.aux_struct)
+        return out
+
+    def as_dict(self) -> dict:
+        if not self.losses:
+            return self.target(0)
+        out = {"loss": np.concatenate(self.losses, axis=0)}
+        if self.has_aux:
+            out["aux"] = jax.tree.map(lambda *a: np.concatenate(a, axis=0), *self.auxes)
+        return out
+
+
+def _open_checkpoints(directory, max_checkpoints, resume, state, steps, history: _History):
+    """Open the checkpoint directory; restore the latest checkpoint if ``resume``.
+
+    Returns:
+        ``(checkpointer, state, start_step)``; restored history is appended to ``history``.
+    """
+    ckpt = Checkpointer(directory, max_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is None:
+        return ckpt, state, 0
+    try:
+        if not resume:
+            raise ValueError(
+                f"`checkpoint_dir` {ckpt.path} already holds checkpoints (latest step {latest}); "
+                "pass `resume=True` to continue from them or use an empty directory"
+            )
+        state, hist = ckpt.restore(latest, state, history.target(latest))
+    except Exception:
+        ckpt.close()
+        raise
+    history.append(hist["loss"], hist.get("aux"))
+    if latest > steps:
+        warnings.warn(
+            f"checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "
+            "returning it without training",
+            stacklevel=4,
+        )
+    return ckpt, jax.tree.map(jnp.asarray, state), latest
+
+
+def _chunk_bounds(start: int, stop: int, chunk_len: int, checkpoint_every: int | None):
+    """``(begin, end)`` of each chunk: at most ``chunk_len`` steps, cut at checkpoint steps."""
+    b = start
+    while b < stop:
+        e = min(b + chunk_len, stop)
+        if checkpoint_every is not None:
+            e = min(e, (b // checkpoint_every + 1) * checkpoint_every)
+        yield b, e
+        b = e
+
+
+class _Progress:
+    """tqdm bar (loss, excess over ``floor``, steps/s) and the user callback, between chunks."""
+
+    def __init__(self, enabled: bool, start: int, steps: int, floor, callback):
+        self.bar = None
+        if enabled and steps > start:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
+        self.start, self.floor, self.callback = start, floor, callback
+        self.t0 = time.perf_counter()
+
+    def __call__(self, end: int, losses: np.ndarray, aux) -> None:
+        if self.bar is not None:
+            mean = float(np.mean(losses))
+            post = {"loss": f"{mean:.4g}"}
+            if self.floor is not None:
+                post["excess"] = f"{mean - self.floor:.3g}"
+            rate = (end - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+            post["steps/s"] = f"{rate:.4g}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(len(losses))
+        if self.callback is not None:
+            self.callback(end, losses, aux)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _run(
@@ -318,26 +429,13 @@ def _run(
     floor: float | None,
     callback,
 ) -> FitResult:
+    """Shared driver of :func:`fit` (``batched=False``) and :func:`fit_many`."""
     t_start = time.perf_counter()
     if not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable, got {type(loss_fn)}")
-    steps = _check_int(steps, "steps", 0)
-    steps_per_call = _check_int(steps_per_call, "steps_per_call", 1)
-    if ema_decay is not None:
-        ema_decay = float(ema_decay)
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}")
-    if checkpoint_every is not None:
-        checkpoint_every = _check_int(checkpoint_every, "checkpoint_every", 1)
-        if checkpoint_dir is None:
-            raise ValueError("`checkpoint_every` needs a `checkpoint_dir`")
-    if floor is not None:
-        floor = float(floor)
-    if callback is not None and not callable(callback):
-        raise ValueError("`callback` must be callable or None")
-    _concrete_tree(params, "params")
-    if not jax.tree.leaves(params):
-        raise ValueError("`params` has no array leaves")
+    steps, steps_per_call, ema_decay, checkpoint_every, floor = _check_options(
+        steps, steps_per_call, ema_decay, checkpoint_dir, checkpoint_every, floor, callback
+    )
     tx = make_optimizer(
         optimizer,
         learning_rate=learning_rate,
@@ -345,206 +443,73 @@ def _run(
         clip_norm=clip_norm,
         steps=steps,
     )
-
-    keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
-    with_instances = instances is not None
-    if batched:
-        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params)}
-        if len(sizes) != 1 or None in sizes:
-            raise ValueError(
-                f"`params_batch` leaves must share a leading model axis, got leading sizes {sizes}"
-            )
-        m = sizes.pop()
-        n_keys = (
-            keys.shape[0]
-            if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-            else (keys.shape[0] if keys.ndim == 2 else None)
-        )
-        if n_keys != m:
-            raise ValueError(
-                f"`keys` must hold one key per model (leading axis {m}), got shape {keys.shape}"
-            )
-        if with_instances:
-            for leaf in jax.tree.leaves(instances):
-                if np.ndim(leaf) == 0 or np.shape(leaf)[0] != m:
-                    raise ValueError(
-                        f"`instances` leaves must have a leading axis of size {m}, "
-                        f"got shape {np.shape(leaf)}"
-                    )
-    else:
-        ok = (
-            keys.shape == ()
-            if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
-            else (keys.shape == (2,) and keys.dtype == jnp.uint32)
-        )
-        if not ok:
-            raise ValueError(
-                f"`key` must be a single PRNG key (jax.random.key or PRNGKey), got {keys.shape}"
-            )
+    keys = keys if isinstance(keys, jax.Array) else jnp.asarray(keys)
+    m = _check_batch(params, keys, instances, batched)
+    loss_struct, aux_struct = _output_structs(loss_fn, params, keys, instances, has_aux, m)
 
     # Fresh state; copies, so that donating never invalidates the caller's arrays.
     params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
-    init = jax.vmap(tx.init) if batched else tx.init
-    opt_state = init(params)
+    opt_state = (jax.vmap(tx.init) if batched else tx.init)(params)
     ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params) if ema_decay is not None else None
     state = _State(params, opt_state, ema, jnp.zeros((), jnp.int32))
 
-    # Shapes of one step's loss/aux (checks the loss contract before compiling).
-    def _one(p, k, inst):
-        return loss_fn(p, k, inst) if with_instances else loss_fn(p, k)
-
-    one_params = jax.tree.map(lambda p: p[0], params) if batched else params
-    one_key = keys[0] if batched else keys
-    one_inst = jax.tree.map(lambda x: x[0], instances) if with_instances else None
-    try:
-        out_struct = jax.eval_shape(_one, one_params, one_key, one_inst)
-    except Exception as e:
-        raise ValueError(f"`loss_fn(params, key)` failed on the given params: {e}") from e
-    if has_aux:
-        if not (isinstance(out_struct, tuple) and len(out_struct) == 2):
-            raise ValueError("with `has_aux=True`, `loss_fn` must return (loss, aux)")
-        loss_struct, aux_struct = out_struct
-    else:
-        loss_struct, aux_struct = out_struct, None
-    if not (hasattr(loss_struct, "shape") and loss_struct.shape == ()):
-        raise ValueError(
-            "`loss_fn` must return a scalar loss"
-            + (" (or set `has_aux=True` if it returns (loss, aux))" if not has_aux else "")
-            + f", got {loss_struct}"
-        )
-    if batched:
-        loss_struct = jax.ShapeDtypeStruct((m,), loss_struct.dtype)
-        aux_struct = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((m, *s.shape), s.dtype), aux_struct
-        )
-
-    # History on the host, step axis first.
-    hist_losses: list[np.ndarray] = []
-    hist_aux: list[Any] = []
-    start = 0
-
-    ckpt = None
+    history = _History(loss_struct, aux_struct, has_aux)
+    ckpt, start = None, 0
     if checkpoint_dir is not None:
-        ckpt = _Checkpointer(checkpoint_dir, max_checkpoints)
-        latest = ckpt.latest_step()
-        if latest is not None and not resume:
-            ckpt.close()
-            raise ValueError(
-                f"`checkpoint_dir` {ckpt.path} already holds checkpoints (latest step {latest}); "
-                "pass `resume=True` to continue from them or use an empty directory"
-            )
-        if latest is not None:
-            hist_target = {
-                "loss": np.zeros((latest, *loss_struct.shape), loss_struct.dtype),
-            }
-            if has_aux:
-                hist_target["aux"] = jax.tree.map(
-                    lambda s: np.zeros((latest, *s.shape), s.dtype), aux_struct
-                )
-            try:
-                state, hist = ckpt.restore(latest, state, hist_target)
-            except Exception:
-                ckpt.close()
-                raise
-            state = jax.tree.map(jnp.asarray, state)
-            start = latest
-            hist_losses.append(np.asarray(hist["loss"]))
-            if has_aux:
-                hist_aux.append(jax.tree.map(np.asarray, hist["aux"]))
-            if latest > steps:
-                warnings.warn(
-                    f"checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "
-                    "returning it without training",
-                    stacklevel=3,
-                )
+        ckpt, state, start = _open_checkpoints(
+            checkpoint_dir, max_checkpoints, resume, state, steps, history
+        )
 
-    chunk_len = max(1, min(steps_per_call, steps - start)) if steps > start else 1
-    chunk = _make_chunk(
-        loss_fn,
-        tx,
-        has_aux=has_aux,
-        ema_decay=ema_decay,
-        batched=batched,
-        with_instances=with_instances,
-        chunk_len=chunk_len,
-        loss_struct=loss_struct,
-        aux_struct=aux_struct,
-    )
-
-    compile_time = 0.0
-    run_steps = 0
+    compile_time, run_steps, run_time = 0.0, 0, 0.0
+    chunk_len = max(1, min(steps_per_call, steps - start))
     if steps > start:
+        chunk = _make_chunk(
+            loss_fn, tx, has_aux=has_aux, ema_decay=ema_decay, batched=batched,
+            with_instances=instances is not None, chunk_len=chunk_len,
+            loss_struct=loss_struct, aux_struct=aux_struct,
+        )  # fmt: skip
         t0 = time.perf_counter()
         n0 = jnp.asarray(0, jnp.int32)
         compiled = jax.jit(chunk, donate_argnums=0).lower(state, keys, n0, instances).compile()
         compile_time = time.perf_counter() - t0
 
-    def _bounds():
-        s = start
-        while s < steps:
-            e = min(s + chunk_len, steps)
-            if checkpoint_every is not None:
-                e = min(e, (s // checkpoint_every + 1) * checkpoint_every)
-            yield s, e
-            s = e
-
-    bar = None
-    if progress and steps > start:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
-
+    report = _Progress(progress, start, steps, floor, callback)
     t_run = time.perf_counter()
     pending = None  # (begin, end, losses, aux) of the chunk whose outputs are not read yet
 
-    def _drain(p):
-        b, e, losses, auxes = p
+    def drain():
+        b, e, losses, auxes = pending
         losses = np.asarray(losses)[: e - b]
-        hist_losses.append(losses)
-        if has_aux:
-            hist_aux.append(jax.tree.map(lambda a: np.asarray(a)[: e - b], auxes))
-        if bar is not None or callback is not None:
-            mean = float(np.mean(losses))
-            if bar is not None:
-                elapsed = time.perf_counter() - t_run
-                post = {"loss": f"{mean:.4g}"}
-                if floor is not None:
-                    post["excess"] = f"{mean - floor:.3g}"
-                post["steps/s"] = f"{(e - start) / max(elapsed, 1e-9):.4g}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(e - b)
-            if callback is not None:
-                callback(e, losses, hist_aux[-1] if has_aux else None)
+        auxes = jax.tree.map(lambda a: np.asarray(a)[: e - b], auxes)
+        history.append(losses, auxes)
+        report(e, losses, auxes if has_aux else None)
 
     try:
-        for b, e in _bounds():
+        for b, e in _chunk_bounds(start, steps, chunk_len, checkpoint_every):
             state, losses, auxes = compiled(state, keys, jnp.asarray(e - b, jnp.int32), instances)
             run_steps += e - b
-            if pending is not None:
-                _drain(pending)
+            if pending is not None:  # read chunk k while chunk k + 1 runs
+                drain()
             pending = (b, e, losses, auxes)
             if ckpt is not None and (
                 e == steps or (checkpoint_every and e % checkpoint_every == 0)
             ):
-                _drain(pending)
+                drain()
                 pending = None
-                ckpt.save(e, state, _history(hist_losses, hist_aux, has_aux))
+                ckpt.save(e, state, history.as_dict())
         if pending is not None:
-            _drain(pending)
+            drain()
         jax.block_until_ready(state)
         run_time = time.perf_counter() - t_run
     finally:
-        if bar is not None:
-            bar.close()
+        report.close()
         if ckpt is not None:
             ckpt.close()
 
-    hist = _history(hist_losses, hist_aux, has_aux, loss_struct)
-    losses = hist["loss"]
-    aux = hist.get("aux")
+    hist = history.as_dict()
+    losses, aux = hist["loss"], hist.get("aux")
     if batched:  # (steps, M, ...) -> (M, steps, ...)
-        losses = np.swapaxes(losses, 0, 1)
-        aux = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), aux) if has_aux else None
+        losses, aux = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), (losses, aux))
     return FitResult(
         params=state.params,
         ema_params=state.ema_params,
@@ -556,20 +521,6 @@ def _run(
         compile_time=compile_time,
         steps_per_second=run_steps / run_time if run_steps else float("nan"),
     )
-
-
-def _history(hist_losses, hist_aux, has_aux, loss_struct=None) -> dict:
-    """Concatenate the per-chunk histories along the step axis."""
-    if hist_losses:
-        loss = np.concatenate(hist_losses, axis=0)
-    else:
-        loss = np.zeros((0, *loss_struct.shape), loss_struct.dtype)
-    out = {"loss": loss}
-    if has_aux:
-        out["aux"] = (
-            jax.tree.map(lambda *a: np.concatenate(a, axis=0), *hist_aux) if hist_aux else None
-        )
-    return out
 
 
 # ----------------------------------------------------------------------------- public API
@@ -636,28 +587,9 @@ def fit(
         ValueError: invalid arguments, or a ``loss_fn`` that does not return a scalar.
         RuntimeError: a checkpoint that cannot be restored (the message names its path).
     """
-    return _run(
-        loss_fn,
-        params,
-        key,
-        batched=False,
-        instances=None,
-        steps=steps,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        lr_schedule=lr_schedule,
-        clip_norm=clip_norm,
-        ema_decay=ema_decay,
-        has_aux=has_aux,
-        steps_per_call=steps_per_call,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        max_checkpoints=max_checkpoints,
-        resume=resume,
-        progress=progress,
-        floor=floor,
-        callback=callback,
-    )
+    options = dict(locals())  # first statement: exactly the arguments above
+    return _run(options.pop("loss_fn"), options.pop("params"), options.pop("key"),
+                batched=False, instances=None, **options)  # fmt: skip
 
 
 def fit_many(
@@ -702,25 +634,6 @@ def fit_many(
         A :class:`FitResult` whose params, ema params and opt state have the leading axis
         ``M`` and whose ``losses`` have shape ``(M, steps)``.
     """
-    return _run(
-        loss_fn,
-        params_batch,
-        keys,
-        batched=True,
-        instances=instances,
-        steps=steps,
-        optimizer=optimizer,
-        learning_rate=learning_rate,
-        lr_schedule=lr_schedule,
-        clip_norm=clip_norm,
-        ema_decay=ema_decay,
-        has_aux=has_aux,
-        steps_per_call=steps_per_call,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        max_checkpoints=max_checkpoints,
-        resume=resume,
-        progress=progress,
-        floor=floor,
-        callback=callback,
-    )
+    options = dict(locals())  # first statement: exactly the arguments above
+    return _run(options.pop("loss_fn"), options.pop("params_batch"), options.pop("keys"),
+                batched=True, **options)  # fmt: skip
