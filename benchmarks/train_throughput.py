@@ -1,0 +1,306 @@
+"""Training throughput: fmjax.train.fit vs Meta's ``flow_matching`` (torch), 2-D checkerboard.
+
+Meta's 2-D example (examples/2d_flow_matching.ipynb): an MLP on [x, t] with 4 hidden layers of 512
+and swish, batch 4096, Adam 1e-3, linear (CondOT) path, source N(0, I), loss = mean over batch and
+coordinates of (v(x_t, t) - (x1 - x0))^2, checkerboard target sampled fresh every step. Both
+frameworks train one model for the same number of steps on the same device in the same process;
+steps/s is the median over timed segments (the first segment, with compilation / warm-up, is
+dropped), and the final loss is measured (i) as the mean training loss of the last segment and
+(ii) on one fixed evaluation set (the same numpy arrays for both).
+
+The peer is optional: without torch + flow_matching it prints "peer unavailable". To run both:
+
+    python3.11 -m venv /tmp/venv-peer
+    /tmp/venv-peer/bin/pip install torch flow_matching numpy jax flax optax jaxtyping tqdm
+    PYTHONPATH=$PWD /tmp/venv-peer/bin/python benchmarks/train_throughput.py
+
+Defaults are small for a CPU (batch 1024, 200 steps in 5 segments); ``--full`` runs Meta's
+configuration (batch 4096, 20000 steps in 20 segments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax import train
+
+# ----------------------------------------------------------------------------- fmjax side
+
+
+class _MLP(nn.Module):
+    """Meta's 2-D example MLP: [x, t] -> (width, swish) x depth -> dim.
+
+    lead: switch to fmjax.models.MLP / fmjax.losses.cfm
+    """
+
+    dim: int = 2
+    width: int = 512
+    depth: int = 4
+
+    @nn.compact
+    def __call__(self, t, x):
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1])
+        h = jnp.concatenate([x, t[..., None]], axis=-1)
+        for _ in range(self.depth):
+            h = nn.swish(nn.Dense(self.width)(h))
+        return nn.Dense(self.dim)(h)
+
+
+def checkerboard(key, n):
+    """Meta's checkerboard sampler, on device: (n, 2)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    x1 = jax.random.uniform(k1, (n,)) * 4 - 2
+    x2_ = jax.random.uniform(k2, (n,)) - jax.random.randint(k3, (n,), 0, 2).astype(x1.dtype) * 2
+    x2 = x2_ + jnp.floor(x1) % 2
+    return jnp.stack([x1, x2], axis=1) / 0.45
+
+
+def cfm_loss(apply_fn, batch_size):
+    """Minimal CFM loss on the linear path, Meta's normalisation (mean over batch and coordinates).
+
+    lead: switch to fmjax.models.MLP / fmjax.losses.cfm
+    """
+
+    def loss_fn(params, key):
+        k1, k0, kt = jax.random.split(key, 3)
+        x1 = checkerboard(k1, batch_size)
+        x0 = jax.random.normal(k0, x1.shape)
+        t = jax.random.uniform(kt, (batch_size,))
+        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
+        return jnp.mean((apply_fn(params, t, xt) - (x1 - x0)) ** 2)
+
+    return loss_fn
+
+
+def run_fmjax(args, precision, eval_set):
+    """Train with ``jax.default_matmul_precision(precision)`` (read when the step is traced)."""
+    with jax.default_matmul_precision(precision):
+        return _run_fmjax(args, eval_set)
+
+
+def _run_fmjax(args, eval_set):
+    model = _MLP(width=args.width, depth=args.depth)
+    params = model.init(jax.random.key(args.seed), jnp.zeros((1,)), jnp.zeros((1, 2)))
+    loss_fn = cfm_loss(model.apply, args.batch)
+    seg = args.steps // args.segments
+    stamps = []
+    res = train.fit(
+        loss_fn,
+        params,
+        jax.random.key(args.seed + 1),
+        steps=seg * args.segments,
+        learning_rate=args.lr,
+        steps_per_call=seg,
+        progress=False,
+        # Called once chunk k's losses are on the host, i.e. when chunk k has finished.
+        callback=lambda step, losses, aux: stamps.append(time.perf_counter()),
+    )
+    durations = np.diff(stamps)  # segments 2..S; the first includes dispatch after compile
+    t0, x0, x1 = (jnp.asarray(a) for a in eval_set)
+    xt = t0[:, None] * x1 + (1 - t0[:, None]) * x0
+    v = jax.jit(model.apply)(res.params, t0, xt)
+    eval_loss = float(jnp.mean((v - (x1 - x0)) ** 2))
+    return {
+        "steps": res.step,
+        "steps_per_s_median": seg / statistics.median(durations),
+        "steps_per_s_segments": [seg / d for d in durations],
+        "compile_s": res.compile_time,
+        "final_train_loss": float(np.mean(res.losses[-seg:])),
+        "final_eval_loss": eval_loss,
+    }
+
+
+# ----------------------------------------------------------------------------- Meta's side
+
+
+def run_peer(args, eval_set):
+    import torch
+    from flow_matching.path import AffineProbPath
+    from flow_matching.path.scheduler import CondOTScheduler
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+
+    class Swish(torch.nn.Module):
+        def forward(self, x):
+            return torch.sigmoid(x) * x
+
+    layers, d_in = [], 3
+    for _ in range(args.depth):
+        layers += [torch.nn.Linear(d_in, args.width), Swish()]
+        d_in = args.width
+    mlp = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2)).to(device)
+
+    def vf(x, t):
+        return mlp(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1)], dim=1))
+
+    def inf_train_gen(n):  # verbatim from Meta's example
+        x1 = torch.rand(n, device=device) * 4 - 2
+        x2_ = torch.rand(n, device=device) - torch.randint(high=2, size=(n,), device=device) * 2
+        x2 = x2_ + (torch.floor(x1) % 2)
+        return (1.0 * torch.cat([x1[:, None], x2[:, None]], dim=1) / 0.45).float()
+
+    path = AffineProbPath(scheduler=CondOTScheduler())
+    optim = torch.optim.Adam(mlp.parameters(), lr=args.lr)
+    seg = args.steps // args.segments
+    losses, durations = [], []
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for s in range(args.segments):
+        sync()
+        t0 = time.perf_counter()
+        seg_losses = []
+        for _ in range(seg):
+            optim.zero_grad()
+            x_1 = inf_train_gen(args.batch)
+            x_0 = torch.randn_like(x_1)
+            t = torch.rand(x_1.shape[0], device=device)
+            ps = path.sample(t=t, x_0=x_0, x_1=x_1)
+            loss = torch.pow(vf(ps.x_t, ps.t) - ps.dx_t, 2).mean()
+            loss.backward()
+            optim.step()
+            seg_losses.append(loss.detach())
+        losses.append(torch.stack(seg_losses).cpu().numpy())
+        sync()
+        if s > 0:  # the first segment warms up the allocator / kernels
+            durations.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        te, x0, x1 = (torch.as_tensor(a, device=device) for a in eval_set)
+        xt = te[:, None] * x1 + (1 - te[:, None]) * x0
+        eval_loss = float(torch.mean((vf(xt, te) - (x1 - x0)) ** 2))
+    return {
+        "steps": seg * args.segments,
+        "steps_per_s_median": seg / statistics.median(durations),
+        "steps_per_s_segments": [seg / d for d in durations],
+        "final_train_loss": float(np.mean(losses[-1])),
+        "final_eval_loss": eval_loss,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "device": device,
+    }
+
+
+def _peer_available() -> bool:
+    try:
+        import flow_matching  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--full", action="store_true", help="Meta's configuration: batch 4096, 20000 steps"
+    )
+    p.add_argument("--batch", type=int, default=None, help="batch size (CPU default 1024)")
+    p.add_argument("--steps", type=int, default=None, help="total steps (CPU default 200)")
+    p.add_argument("--segments", type=int, default=None, help="timed segments (first dropped)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-size", type=int, default=65536)
+    p.add_argument(
+        "--precision",
+        choices=["default", "highest", "both"],
+        default="both",
+        help="JAX matmul precision (GPU default is TF32 for float32; torch defaults to full fp32)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the peer (default: torch's choice; on a shared CPU, "
+        "OpenMP spin-waiting makes 1 thread faster than 2)",
+    )
+    p.add_argument("--no-peer", action="store_true", help="skip Meta's flow_matching")
+    p.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (4096 if args.full else 1024)
+    args.steps = args.steps or (20000 if args.full else 200)
+    args.segments = args.segments or (20 if args.full else 5)
+    if args.segments < 2 or args.steps < args.segments:
+        p.error("need --segments >= 2 and --steps >= --segments")
+
+    rng = np.random.default_rng(1234)  # one fixed evaluation set for both frameworks
+    n = args.eval_size
+    a = rng.random(n) * 4 - 2
+    b = rng.random(n) - rng.integers(0, 2, n) * 2 + np.floor(a) % 2
+    eval_set = (
+        rng.random(n).astype(np.float32),
+        rng.standard_normal((n, 2)).astype(np.float32),
+        (np.stack([a, b], axis=1) / 0.45).astype(np.float32),
+    )
+
+    rows, results = [], {}
+    precisions = ["default", "highest"] if args.precision == "both" else [args.precision]
+    for prec in precisions:
+        r = run_fmjax(args, None if prec == "default" else prec, eval_set)
+        r["matmul_precision"] = prec
+        results[f"fmjax[{prec}]"] = r
+        rows.append((f"fmjax (matmul precision {prec})", r))
+    if args.no_peer:
+        print("peer skipped (--no-peer)")
+    elif _peer_available():
+        r = run_peer(args, eval_set)
+        results["flow_matching"] = r
+        rows.append(
+            (
+                f"flow_matching (torch {r['torch']}, {r['torch_threads']} threads, "
+                f"tf32={r['torch_tf32']})",
+                r,
+            )
+        )
+    else:
+        print("peer unavailable (torch / flow_matching not importable)")
+
+    dev = jax.devices()[0]
+    print(
+        f"\n2-D checkerboard CFM, MLP {args.depth}x{args.width} swish, batch {args.batch}, "
+        f"{args.steps} steps ({args.segments} segments, first dropped), Adam {args.lr}\n"
+        f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    )
+    w = max(len(name) for name, _ in rows)
+    print(f"{'':{w}}  {'steps/s (median)':>16}  {'final train loss':>16}  {'eval loss':>10}")
+    for name, r in rows:
+        print(
+            f"{name:{w}}  {r['steps_per_s_median']:16.2f}  {r['final_train_loss']:16.4f}  "
+            f"{r['final_eval_loss']:10.4f}"
+        )
+    out = {
+        "config": vars(args),
+        "jax": jax.__version__,
+        "jax_device": f"{dev.platform}:{dev.device_kind}",
+        "cpu_count": os.cpu_count(),
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
