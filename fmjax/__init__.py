@@ -1,11 +1,20 @@
 """fmjax: flow matching and stochastic interpolants on Gaussian mixtures, with exact answers."""
 
+from fmjax import convert as convert
+from fmjax import data as data
 from fmjax import exact as exact
+from fmjax import losses as losses
+from fmjax import metrics as metrics
+from fmjax import models as models
 from fmjax import schedules as schedules
+from fmjax import train as train
 from fmjax.mixtures import GaussianMixture as GaussianMixture
 from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture
 from fmjax.mixtures import independent_coupling as independent_coupling
 from fmjax.mixtures import random_gaussian_mixture as random_gaussian_mixture
 from fmjax.mixtures import random_joint_mixture as random_joint_mixture
+from fmjax.train import FitResult as FitResult
+from fmjax.train import fit as fit
+from fmjax.train import fit_many as fit_many
 
 __version__ = "0.1.0"

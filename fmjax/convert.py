@@ -80,7 +80,9 @@ def _coeffs(schedule: Schedule, t, x, y):
 
 
 def velocity_to_x1(
-    schedule: Schedule, t: Float[ArrayLike, ...], x: Float[ArrayLike, "... d"],
+    schedule: Schedule,
+    t: Float[ArrayLike, ...],
+    x: Float[ArrayLike, "... d"],
     u: Float[ArrayLike, "... d"],
 ) -> Float[Array, "... d"]:
     """x1_hat = (b u - db x) / (b da - a db). Singular where b da = a db.
@@ -144,9 +146,7 @@ def x0_to_x1(schedule: Schedule, t, x, x0_hat) -> Float[Array, "... d"]:
     return (x - b * x0_hat) / a
 
 
-def velocity_to_score(
-    schedule: Schedule, t, x, u, *, sigma0: float = 1.0
-) -> Float[Array, "... d"]:
+def velocity_to_score(schedule: Schedule, t, x, u, *, sigma0: float = 1.0) -> Float[Array, "... d"]:
     """Score of p_t from the velocity, for a source N(0, sigma0^2 I) independent of X1.
 
     s = -x0_hat / (b sigma0^2) = (a u - da x) / (b sigma0^2 (b da - a db)). Singular where

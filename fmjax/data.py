@@ -79,8 +79,9 @@ def eight_gaussians_mixture(
     theta = np.arange(8) * np.pi / 4
     means = radius * np.stack([np.cos(theta), np.sin(theta)], axis=-1)
     covs = np.broadcast_to(std**2 * np.eye(2), (8, 2, 2))
-    return GaussianMixture(jnp.full((8,), 1 / 8, dtype), jnp.asarray(means, dtype),
-                           jnp.asarray(covs, dtype))
+    return GaussianMixture(
+        jnp.full((8,), 1 / 8, dtype), jnp.asarray(means, dtype), jnp.asarray(covs, dtype)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("n", "radius", "std", "dtype"))
@@ -117,9 +118,7 @@ def two_moons(
 
 
 @functools.partial(jax.jit, static_argnames=("n", "noise", "dtype"))
-def swiss_roll(
-    key: PRNGKeyArray, n: int, *, noise: float = 1.0, dtype=None
-) -> Float[Array, "n 2"]:
+def swiss_roll(key: PRNGKeyArray, n: int, *, noise: float = 1.0, dtype=None) -> Float[Array, "n 2"]:
     """FFJORD's 2-D swiss roll: s (cos s, sin s) / 5 + N(0, noise^2) / 5, s ~ 1.5 pi (1 + 2 U)."""
     dtype = _dtype(dtype)
     k1, k2 = jax.random.split(key)

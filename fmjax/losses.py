@@ -79,8 +79,11 @@ def logit_normal_time(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
     return lambda key, n: jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
 
 
-_NAMED_TIMES = {"uniform": uniform_time, "uniform_eps": uniform_eps_time,
-                "logit_normal": logit_normal_time}
+_NAMED_TIMES = {
+    "uniform": uniform_time,
+    "uniform_eps": uniform_eps_time,
+    "logit_normal": logit_normal_time,
+}
 
 
 # One instance per name, so jitted code keyed on the sampler does not retrace per call.
@@ -92,8 +95,10 @@ def _time_sampler(fn: str, spec) -> TimeSampler:
         return spec
     if isinstance(spec, str) and spec in _DEFAULT_TIMES:
         return _DEFAULT_TIMES[spec]
-    raise ValueError(f"losses.{fn}: `time_sampler` must be one of {tuple(_NAMED_TIMES)} or a "
-                     f"callable (key, n) -> (n,), got {spec!r}")
+    raise ValueError(
+        f"losses.{fn}: `time_sampler` must be one of {tuple(_NAMED_TIMES)} or a "
+        f"callable (key, n) -> (n,), got {spec!r}"
+    )
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -119,12 +124,15 @@ def sigma_min_schedule(sigma_min: float) -> Schedule:
 def _resolve_schedule(fn: str, schedule, sigma_min) -> Schedule:
     if sigma_min is None:
         if not isinstance(schedule, Schedule):
-            raise ValueError(f"losses.{fn}: `schedule` must be an fmjax Schedule, "
-                             f"got {type(schedule)}")
+            raise ValueError(
+                f"losses.{fn}: `schedule` must be an fmjax Schedule, got {type(schedule)}"
+            )
         return schedule
     if schedule is not None and schedule != linear():
-        raise ValueError(f"losses.{fn}: `sigma_min` defines its own schedule; pass "
-                         f"schedule=linear() or None, got {schedule!r}")
+        raise ValueError(
+            f"losses.{fn}: `sigma_min` defines its own schedule; pass "
+            f"schedule=linear() or None, got {schedule!r}"
+        )
     return sigma_min_schedule(sigma_min)
 
 
@@ -137,8 +145,9 @@ def _check_common(fn, batch_size, target, reduction):
     if target not in _TARGETS:
         raise ValueError(f"losses.{fn}: `target` must be one of {_TARGETS}, got {target!r}")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"losses.{fn}: `reduction` must be one of {_REDUCTIONS}, "
-                         f"got {reduction!r}")
+        raise ValueError(
+            f"losses.{fn}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
 
 
 def _draw(fn, sample_pairs, times, schedule, key, n):
@@ -146,12 +155,15 @@ def _draw(fn, sample_pairs, times, schedule, key, n):
     k_pairs, k_time = jax.random.split(key)
     x0, x1 = sample_pairs(k_pairs, n)
     if x0.ndim != 2 or x0.shape[0] != n or x1.shape != x0.shape:
-        raise ValueError(f"losses.{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "
-                         f"arrays, got {x0.shape} and {x1.shape}")
+        raise ValueError(
+            f"losses.{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "
+            f"arrays, got {x0.shape} and {x1.shape}"
+        )
     t = jnp.asarray(times(k_time, n)).astype(x0.dtype)
     if t.shape != (n,):
-        raise ValueError(f"losses.{fn}: `time_sampler(key, {n})` must return shape ({n},), "
-                         f"got {t.shape}")
+        raise ValueError(
+            f"losses.{fn}: `time_sampler(key, {n})` must return shape ({n},), got {t.shape}"
+        )
     a, b, _, _ = schedule(t)
     xt = b[:, None] * x0 + a[:, None] * x1
     return t, x0, x1, xt
@@ -318,8 +330,10 @@ def marginal_fm(
 
 def _check_coupling(fn, coupling):
     if not isinstance(coupling, JointGaussianMixture):
-        raise ValueError(f"losses.{fn}: `coupling` must be a JointGaussianMixture (use "
-                         f"fmjax.independent_coupling(p0, p1)), got {type(coupling)}")
+        raise ValueError(
+            f"losses.{fn}: `coupling` must be a JointGaussianMixture (use "
+            f"fmjax.independent_coupling(p0, p1)), got {type(coupling)}"
+        )
 
 
 def loss_floor(
@@ -357,8 +371,9 @@ def loss_floor(
     schedule = _resolve_schedule("loss_floor", schedule, sigma_min)
     times = _time_sampler("loss_floor", time_sampler)
     if not (isinstance(chunk_size, int | np.integer) and chunk_size >= 1):
-        raise ValueError(f"losses.loss_floor: `chunk_size` must be an integer >= 1, "
-                         f"got {chunk_size!r}")
+        raise ValueError(
+            f"losses.loss_floor: `chunk_size` must be an integer >= 1, got {chunk_size!r}"
+        )
     terms = _floor_terms(coupling, schedule, key, n, times, target, reduction, int(chunk_size))
     mean = jnp.mean(terms)
     if not return_stderr:
@@ -376,5 +391,6 @@ def _floor_terms(coupling, schedule, key, n, times, target, reduction, chunk_siz
         ti, xi, yi = args
         return _per_sample(yi - _exact_target(coupling, schedule, target, ti, xi), reduction)
 
-    return jax.lax.map(one, (t[:, None], xt[:, None], y[:, None]),
-                       batch_size=min(chunk_size, n))[:, 0]
+    return jax.lax.map(one, (t[:, None], xt[:, None], y[:, None]), batch_size=min(chunk_size, n))[
+        :, 0
+    ]

@@ -96,8 +96,10 @@ class MLP(nn.Module):
                 f"MLP: `activation` must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )
         if self.time_embedding not in TIME_EMBEDDINGS:
-            raise ValueError(f"MLP: `time_embedding` must be one of {TIME_EMBEDDINGS}, "
-                             f"got {self.time_embedding!r}")
+            raise ValueError(
+                f"MLP: `time_embedding` must be one of {TIME_EMBEDDINGS}, "
+                f"got {self.time_embedding!r}"
+            )
         for name in ("dim", "width", "depth", "n_frequencies"):
             v = getattr(self, name)
             if not (isinstance(v, int | np.integer) and v >= 1):
@@ -119,11 +121,18 @@ class MLP(nn.Module):
         try:
             batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
         except ValueError:
-            raise ValueError(f"MLP: `t` of shape {t.shape} does not broadcast against "
-                             f"x.shape[:-1] = {x.shape[:-1]}") from None
+            raise ValueError(
+                f"MLP: `t` of shape {t.shape} does not broadcast against "
+                f"x.shape[:-1] = {x.shape[:-1]}"
+            ) from None
         x = jnp.broadcast_to(x, batch + (self.dim,))
-        emb = TimeEmbedding(self.time_embedding, self.n_frequencies, self.max_frequency,
-                            self.learned_frequencies, name="time")(jnp.broadcast_to(t, batch))
+        emb = TimeEmbedding(
+            self.time_embedding,
+            self.n_frequencies,
+            self.max_frequency,
+            self.learned_frequencies,
+            name="time",
+        )(jnp.broadcast_to(t, batch))
         h = jnp.concatenate([x, emb.astype(x.dtype)], axis=-1)
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):

@@ -36,8 +36,9 @@ def test_velocity_to_score_matches_exact_score(x64, sched):
     # float64 closed forms; the conversion divides by b D_t (>= ~0.05 here): 1e-10 is ~1e5 ulp.
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
     # and the inverse map recovers the exact velocity from the exact score
-    np.testing.assert_allclose(convert.score_to_velocity(sched, t, x, want), u, rtol=1e-10,
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        convert.score_to_velocity(sched, t, x, want), u, rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s.name)
@@ -51,8 +52,9 @@ def test_x1_prediction_matches_tweedie(x64, sched):
     x1 = convert.velocity_to_x1(sched, t, x, exact.velocity(c, sched, t, x))
     np.testing.assert_allclose(x1, x1_tweedie, rtol=1e-9, atol=1e-9)  # /a (>= 0.0025): looser
     x0 = convert.velocity_to_x0(sched, t, x, exact.velocity(c, sched, t, x))
-    np.testing.assert_allclose(x0, -b[:, None] * exact.score(c, sched, t, x), rtol=1e-10,
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        x0, -b[:, None] * exact.score(c, sched, t, x), rtol=1e-10, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s.name)
@@ -68,8 +70,13 @@ def test_round_trips(x64, sched):
     ]
     for fwd, back in pairs:
         for f, g in ((fwd, back), (back, fwd)):
-            np.testing.assert_allclose(g(sched, t, x, f(sched, t, x, y)), y, rtol=1e-9,
-                                       atol=1e-9, err_msg=f"{f.__name__} then {g.__name__}")
+            np.testing.assert_allclose(
+                g(sched, t, x, f(sched, t, x, y)),
+                y,
+                rtol=1e-9,
+                atol=1e-9,
+                err_msg=f"{f.__name__} then {g.__name__}",
+            )
     # x1 and x0 predictions of the same velocity are consistent: x = a x1 + b x0
     a, b, _, _ = sched(t)
     x1 = convert.velocity_to_x1(sched, t, x, y)

@@ -37,9 +37,15 @@ def test_cfm_matches_numpy_reference(x64, target, reduction, sched_name):
     else:
         kwargs = {"schedule": None, "sigma_min": 0.1}
         a, b, da, db = t, 1 - 0.9 * t, np.ones(n), np.full(n, -0.9)
-    loss_fn = losses.cfm(_linear_apply, _fixed_pairs(jnp.asarray(x0), jnp.asarray(x1)),
-                         batch_size=n, time_sampler=lambda key, m: jnp.asarray(t[:m]),
-                         target=target, reduction=reduction, **kwargs)
+    loss_fn = losses.cfm(
+        _linear_apply,
+        _fixed_pairs(jnp.asarray(x0), jnp.asarray(x1)),
+        batch_size=n,
+        time_sampler=lambda key, m: jnp.asarray(t[:m]),
+        target=target,
+        reduction=reduction,
+        **kwargs,
+    )
     xt = b[:, None] * x0 + a[:, None] * x1
     pred = xt @ params["w"] + t[:, None] * params["c"] + params["b"]
     y = {"velocity": da[:, None] * x1 + db[:, None] * x0, "x1": x1, "x0": x0}[target]
@@ -53,16 +59,23 @@ def test_cfm_zero_model_closed_form(x64):
     """v = 0, linear path, x0 ~ N(0, I), x1 ~ N(m, s^2 I): E|x1 - x0|^2 = d(1 + s^2) + |m|^2."""
     d, s, n = 3, 0.5, 20_000
     m = jnp.array([1.0, -2.0, 0.5])
-    pairs = data.independent_pairs(data.gaussian_source(d),
-                                   lambda key, k: m[None] + s * jax.random.normal(key, (k, d)))
+    pairs = data.independent_pairs(
+        data.gaussian_source(d), lambda key, k: m[None] + s * jax.random.normal(key, (k, d))
+    )
     loss_fn = losses.cfm(lambda p, t, x: jnp.zeros_like(x), pairs, schedules.linear(), n)
     var = 1 + s**2  # x1 - x0 ~ N(m, var I): |.|^2 has variance 2 d var^2 + 4 var |m|^2
     want = d * var + float(m @ m)
     sd = np.sqrt((2 * d * var**2 + 4 * var * float(m @ m)) / n)
     assert abs(float(loss_fn(None, jax.random.key(1))) - want) < 5 * sd
     # x1 target: E|x1|^2 = d s^2 + |m|^2 (the model v = 0 predicts x1 = 0)
-    loss_x1 = losses.cfm(lambda p, t, x: jnp.zeros_like(x), pairs, schedules.linear(), n,
-                         target="x1", reduction="mean")
+    loss_x1 = losses.cfm(
+        lambda p, t, x: jnp.zeros_like(x),
+        pairs,
+        schedules.linear(),
+        n,
+        target="x1",
+        reduction="mean",
+    )
     want = (d * s**2 + float(m @ m)) / d
     sd = np.sqrt((2 * d * s**4 + 4 * s**2 * float(m @ m)) / n) / d
     assert abs(float(loss_x1(None, jax.random.key(2))) - want) < 5 * sd
@@ -118,8 +131,9 @@ def test_loss_decomposition_and_floor(x64):
     cfm_loss = losses.cfm(model.apply, coupling.sample, sched, n)
     mfm_loss = losses.marginal_fm(model.apply, coupling, sched, n)
     gap = jax.jit(jax.vmap(lambda k: cfm_loss(params, k) - mfm_loss(params, k)))(keys)
-    floor, floor_se = losses.loss_floor(coupling, sched, jax.random.key(4), 8192,
-                                        return_stderr=True)
+    floor, floor_se = losses.loss_floor(
+        coupling, sched, jax.random.key(4), 8192, return_stderr=True
+    )
     se = np.sqrt(float(jnp.var(gap, ddof=1)) / reps + float(floor_se) ** 2)
     assert abs(float(gap.mean()) - float(floor)) < 5 * se  # independent keys: 5 sd
     assert float(floor) > 20 * float(floor_se)  # the floor is clearly positive here
@@ -140,8 +154,9 @@ def test_loss_floor_chunking_and_targets(x64):
     chunked = losses.loss_floor(coupling, sched, key, 1000, target="x0", chunk_size=64)
     np.testing.assert_allclose(chunked, whole, rtol=1e-12)
     # same key: the x0 floor E|x0 - E[x0|x_t]|^2 equals the mean of its definition
-    t, x0, x1, xt = losses._draw("test", coupling.sample, losses._DEFAULT_TIMES["uniform"],
-                                 sched, key, 1000)
+    t, x0, x1, xt = losses._draw(
+        "test", coupling.sample, losses._DEFAULT_TIMES["uniform"], sched, key, 1000
+    )
     x0_hat = fmjax.convert.velocity_to_x0(sched, t, xt, exact.velocity(coupling, sched, t, xt))
     np.testing.assert_allclose(whole, jnp.mean(jnp.sum((x0 - x0_hat) ** 2, -1)), rtol=1e-10)
 
@@ -155,9 +170,12 @@ def _base_pairs():
 def ot_samplers():
     """Independent pairs and their exact / entropic OT re-pairings (compiled once per module)."""
     base = _base_pairs()
-    return {"base": base, "exact": losses.ot_pairs(base),
-            "eps0.5": losses.ot_pairs(base, epsilon=0.5),
-            "eps0.01": losses.ot_pairs(base, epsilon=0.01)}
+    return {
+        "base": base,
+        "exact": losses.ot_pairs(base),
+        "eps0.5": losses.ot_pairs(base, epsilon=0.5),
+        "eps0.01": losses.ot_pairs(base, epsilon=0.01),
+    }
 
 
 N_OT = 256
@@ -173,8 +191,7 @@ def test_exact_ot_pairs_is_optimal_permutation(ot_samplers):
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(x1)[match])
     assert len(np.unique(match)) == N_OT
     # optimal: equal to scipy's assignment cost (float32 sums of 256 costs: rtol 1e-5)
-    cost = np.sum((np.asarray(x0, np.float64)[:, None] - np.asarray(x1, np.float64)[None]) ** 2,
-                  -1)
+    cost = np.sum((np.asarray(x0, np.float64)[:, None] - np.asarray(x1, np.float64)[None]) ** 2, -1)
     r, c = scipy.optimize.linear_sum_assignment(cost)
     ot_cost = float(jnp.sum((y1 - y0) ** 2))
     np.testing.assert_allclose(ot_cost, cost[r, c].sum(), rtol=1e-5)
@@ -213,8 +230,13 @@ def test_ot_cfm_loss_jit_grad_no_retrace(key):
         traces.append(1)
         return model.apply(p, t, x)
 
-    loss_fn = losses.cfm(apply_fn, losses.ot_pairs(_base_pairs()), schedules.linear(), 32,
-                         time_sampler="logit_normal")
+    loss_fn = losses.cfm(
+        apply_fn,
+        losses.ot_pairs(_base_pairs()),
+        schedules.linear(),
+        32,
+        time_sampler="logit_normal",
+    )
     step = jax.jit(jax.value_and_grad(loss_fn))
     v1, g1 = step(params, jax.random.key(1))
     params2 = jax.tree.map(lambda a, g: a - 0.1 * g, params, g1)
@@ -259,8 +281,10 @@ def test_invalid_arguments():
         (lambda: losses.sigma_min_schedule(1.0), "sigma_min"),
         (lambda: losses.ot_pairs(pairs, epsilon=0.0), "epsilon"),
         (lambda: losses.marginal_fm(apply_fn, pairs, sched, 8), "coupling"),
-        (lambda: losses.loss_floor(coupling, sched, jax.random.key(0), 8, chunk_size=0),
-         "chunk_size"),
+        (
+            lambda: losses.loss_floor(coupling, sched, jax.random.key(0), 8, chunk_size=0),
+            "chunk_size",
+        ),
         (lambda: losses.uniform_eps_time(0.5), "eps"),
         (lambda: losses.logit_normal_time(std=0.0), "std"),
     ]

@@ -48,14 +48,14 @@ def test_meta_checkerboard_config(key):
     out = model.apply(params, t, x)
     chex.assert_shape(out, (7, 2))
     # float32 forward vs float64 numpy: errors ~1e-6 relative after 5 layers of width 512
-    np.testing.assert_allclose(out, _np_forward(params, t, np.asarray(x, np.float64), 4, "swish"),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        out, _np_forward(params, t, np.asarray(x, np.float64), 4, "swish"), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("act", ["silu", "relu", "elu"])
 def test_fourier_forward_matches_numpy(x64, key, act):
-    model = models.MLP(dim=3, width=16, depth=2, activation=act, n_frequencies=4,
-                       max_frequency=8.0)
+    model = models.MLP(dim=3, width=16, depth=2, activation=act, n_frequencies=4, max_frequency=8.0)
     params = models.init(model, key)
     x = np.asarray(jax.random.normal(jax.random.key(2), (5, 3)))
     t = np.linspace(0.0, 1.0, 5)
@@ -100,8 +100,7 @@ def test_learned_frequencies_are_trained(key):
     assert "time" not in fixed["params"]
     model = models.MLP(dim=2, width=8, depth=1, n_frequencies=3, learned_frequencies=True)
     params = models.init(model, key)
-    np.testing.assert_allclose(params["params"]["time"]["frequencies"], [1.0, 8.0, 64.0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(params["params"]["time"]["frequencies"], [1.0, 8.0, 64.0], rtol=1e-6)
     x = jax.random.normal(key, (5, 2))
     grads = jax.grad(lambda p: jnp.sum(model.apply(p, jnp.linspace(0, 1, 5), x) ** 2))(params)
     assert float(jnp.abs(grads["params"]["time"]["frequencies"]).max()) > 0.0
@@ -111,16 +110,21 @@ def test_time_embedding_values():
     emb = models.TimeEmbedding("fourier", n_frequencies=2, max_frequency=4.0)
     t = jnp.array([0.0, 0.125])
     out = emb.apply({}, t)
-    want = [[0.0, 0.0, 0.0, 1.0, 1.0],
-            [0.125, math.sin(math.pi / 4), math.sin(math.pi), math.cos(math.pi / 4),
-             math.cos(math.pi)]]
+    want = [
+        [0.0, 0.0, 0.0, 1.0, 1.0],
+        [0.125, math.sin(math.pi / 4), math.sin(math.pi), math.cos(math.pi / 4), math.cos(math.pi)],
+    ]
     np.testing.assert_allclose(out, want, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"activation": "tanhh"}, "activation"), ({"time_embedding": "sinusoid"}, "time_embedding"),
-     ({"depth": 0}, "depth"), ({"width": 2.5}, "width")],
+    [
+        ({"activation": "tanhh"}, "activation"),
+        ({"time_embedding": "sinusoid"}, "time_embedding"),
+        ({"depth": 0}, "depth"),
+        ({"width": 2.5}, "width"),
+    ],
 )
 def test_invalid_settings_raise(key, kwargs, match):
     with pytest.raises(ValueError, match=match):
