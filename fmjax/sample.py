@@ -487,7 +487,7 @@ def sde(
     time: str = "forward",
     save_trajectory: bool = False,
 ) -> SDESolution:
-    """Sample with dX = [u + g^2/2 score] dt + g dW, which keeps the marginals p_t of the flow.
+    """Sample with the Ito SDE dX = [u + g^2/2 score] dt + g dW, which keeps the marginals p_t.
 
     The score comes from the velocity (module docstring), valid for Gaussian x0 ~ N(0, I) and
     the affine ``schedule`` the velocity was built with. ``diffusion = 0`` gives the ODE.
@@ -570,7 +570,7 @@ def sde(
         saveat=saveat,
         stepsize_controller=diffrax.StepTo(ts=grid),
         max_steps=n_sde,
-        # UnsafeBrownianPath supports no reverse-mode adjoint; forward mode is exact for it.
+        # UnsafeBrownianPath cannot be replayed for a backward pass: forward-mode autodiff only.
         adjoint=diffrax.ForwardMode()
         if brownian == "unsafe"
         else diffrax.RecursiveCheckpointAdjoint(),
