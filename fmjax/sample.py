@@ -282,6 +282,25 @@ def _velocity_field(t, x, velocity):
     return velocity(t, x)
 
 
+def _as_pytree(velocity: Velocity) -> Velocity:
+    """A ``functools.partial`` becomes a ``jax.tree_util.Partial``: the arrays it binds (model
+    parameters, mixtures) are then traced rather than baked in as constants, so a new partial of
+    the same function with same-shaped arrays reuses the compiled solve instead of recompiling.
+    Left as is when the function or a non-array bound value is unhashable.
+    """
+    if type(velocity) is not functools.partial:
+        return velocity
+    pv = jax.tree_util.Partial(velocity.func, *velocity.args, **velocity.keywords)
+    try:
+        hash(pv.func)
+        for leaf in jax.tree.leaves(pv):
+            if not isinstance(leaf, jax.Array | np.ndarray):
+                hash(leaf)
+    except TypeError:
+        return velocity
+    return pv
+
+
 def ode(
     velocity: Velocity,
     x0: Float[ArrayLike, "... d"],
@@ -325,7 +344,7 @@ def ode(
         "ode",
         _velocity_field,
         x0,
-        velocity,
+        _as_pytree(velocity),
         solver=solver,
         steps=steps,
         t0=t0,
@@ -534,6 +553,7 @@ def sde(
         raise ValueError(f"{fn}: `eps` must lie in [0, 1), got {eps}")
     if eps > 0 and steps < 2:
         raise ValueError(f"{fn}: `steps` must be >= 2 with eps > 0 (one SDE step + denoising)")
+    velocity, g = _as_pytree(velocity), _as_pytree(g)
     if time == "reversed":
         velocity, schedule, g = _Flipped(velocity), _flip_schedule(schedule), _FlipG(g)
     _check_diffusion(fn, g, eps)
