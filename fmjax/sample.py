@@ -44,6 +44,7 @@ import numpy as np
 import optimistix
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from fmjax import convert
 from fmjax.mixtures import GaussianMixture
 from fmjax.schedules import Schedule
 
@@ -400,16 +401,6 @@ def draw_source(
 # ----------------------------------------------------------------------------- SDE
 
 
-def _score_from_velocity(u, x, a, b, da, db):
-    """Score of p_t from the velocity for x_t = b x0 + a x1 with x0 ~ N(0, I).
-
-    From u = da E[x1|x] + db E[x0|x], x = b E[x0|x] + a E[x1|x] and Tweedie's
-    E[x0|x] = -b score: score = (a u - da x) / (b (da b - a db)). Singular at b = 0 (t = 1).
-    """
-    # lead: dedupe with convert.velocity_to_score
-    return (a * u - da * x) / (b * (da * b - a * db))
-
-
 def _flipped_coeffs(t, schedule):
     a, b, da, db = schedule(1.0 - t)
     return b, a, -db, -da
@@ -482,8 +473,7 @@ def _sde_drift(t, x, args: _SDEArgs):
     u = args.velocity(t, x)
     g = args.diffusion(t)
     g2 = g * g
-    a, b, da, db = args.schedule(t)
-    s = _score_from_velocity(u, x, a, b, da, db)
+    s = convert.velocity_to_score(args.schedule, t, x, u)
     # Where g = 0 (e.g. g(1) = 0 with eps = 0) drop the score term: it may be inf there.
     return jnp.where(g2 > 0, u + 0.5 * g2 * s, u)
 
