@@ -179,10 +179,12 @@ def _check_inputs(fn: str, c, sched, t, x):
         ) from None
     if not isinstance(t, jax.core.Tracer):
         tn = np.asarray(t)
+        if np.any(np.isnan(tn)):
+            raise ValueError(f"exact.{fn}: `t` must lie in [0, 1], got NaN")
         if not np.all((tn >= 0) & (tn <= 1)):
             raise ValueError(
-                f"exact.{fn}: `t` must lie in [0, 1], got values in "
-                f"[{np.nanmin(tn):.3g}, {np.nanmax(tn):.3g}] (or NaN)"
+                f"exact.{fn}: `t` must lie in [0, 1], "
+                f"got values in [{tn.min():.3g}, {tn.max():.3g}]"
             )
 
 
