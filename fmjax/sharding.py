@@ -237,6 +237,12 @@ def evaluate(fn: Callable[..., PyTree], x: PyTree, mesh: Mesh, *args: Any) -> Py
     rows (a mean, an adaptive step size shared by the batch) also work; XLA inserts the
     collectives, and the result equals the one-device result up to the summation order.
 
+    ODE sampling (``fmjax.sample.ode``) from sharded x0 keeps the samples sharded through the
+    solve; an adaptive solver's shared step size comes from an all-reduced max norm. diffrax's
+    runtime error check (an ``equinox.error_if`` host callback on the final state) lives on one
+    device, so XLA warns "Involuntary full rematerialization" once per compile and gathers the
+    final state there once per solve (not per step); ``EQX_ON_ERROR=nan`` removes the callback.
+
     Args:
         fn: ``fn(x, *args) -> pytree`` whose every output leaf has the leading axis of ``x``.
         x: an array (n, ...) (or pytree) with ``n`` a multiple of ``mesh.size``; host arrays are

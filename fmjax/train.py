@@ -485,13 +485,13 @@ def _run(
     ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params) if ema_decay is not None else None
     state = _State(params, opt_state, ema, jnp.zeros((), jnp.int32))
 
+    state_sh, keys_sh, inst_sh, out_sh = _placement(mesh, state, keys, instances, m)
     history = _History(loss_struct, aux_struct, has_aux)
     ckpt, start = None, 0
     if checkpoint_dir is not None:
         ckpt, state, start = _open_checkpoints(
             checkpoint_dir, max_checkpoints, resume, state, steps, history
         )
-    state_sh, keys_sh, inst_sh, out_sh = _placement(mesh, state, keys, instances, m)
     if mesh is not None:
         state = jax.device_put(state, state_sh)
         keys = jax.device_put(keys, keys_sh)

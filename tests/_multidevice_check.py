@@ -7,10 +7,11 @@ subprocess)::
         python tests/_multidevice_check.py [check ...]
 
 It prints one JSON object of measurements on its last line; the assertions (with their
-tolerances) are in tests/test_sharding.py. Checks: "train" (data-parallel fit vs one device,
-float32 and float64), "many" (fit_many with models split across devices), "evaluate" (exact
-velocity of a GMM on sharded points), "sample" (ODE solve from sharded x0), "errors" (messages
-for batch sizes that do not divide the devices).
+tolerances) are in tests/test_sharding.py. Checks: "data_parallel" (the sharded draw and the
+compiled sharded gradient), "train" (data-parallel fit vs one device, float64), "many"
+(fit_many with models split across devices), "evaluate" (exact velocity of a GMM on sharded
+points), "sample" (ODE solve from sharded x0), "errors" (messages for batch sizes that do not
+divide the devices).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import numpy as np
 from fmjax import data, exact, losses, mixtures, models, schedules, sharding, train
 
 N_DEV = 8
+BATCH = 8 * N_DEV  # global batch: 8 rows per device
+WIDTH = 12  # MLP width, distinct from every other size so the HLO regex finds activations
 
 
 def _max_rel(a, b) -> float:
@@ -57,65 +60,70 @@ def _sharded_over(x, n: int) -> bool:
 
 def _problem(dtype):
     coupling = mixtures.random_joint_mixture(jax.random.key(0), 3, 2, dtype=dtype)
-    model = models.MLP(dim=2, width=16, depth=2, time_embedding="raw")
+    model = models.MLP(dim=2, width=WIDTH, depth=1, time_embedding="raw")
     params = jax.tree.map(lambda p: p.astype(dtype), models.init(model, jax.random.key(1)))
     return coupling, model, params
 
 
+def check_data_parallel(mesh) -> dict:
+    """float32: the sharded draw equals the one-device draw, and the compiled gradient of a
+    loss drawing through sharded_pairs is data parallel (per-device rows, an all-reduce)."""
+    coupling, model, params = _problem(jnp.float32)
+    pairs = data.coupling_pairs(coupling)
+    loss = losses.cfm(model.apply, sharding.sharded_pairs(pairs, mesh), schedules.linear(), BATCH)
+    hlo = jax.jit(jax.grad(loss)).lower(sharding.replicate(params, mesh), jax.random.key(3))
+    hlo = hlo.compile().as_text()
+    rows = {int(r) for r in re.findall(rf"f32\[(\d+),{WIDTH}\]", hlo)}  # activations (rows, width)
+    x0s, x1s = jax.jit(sharding.sharded_pairs(pairs, mesh), static_argnums=1)(
+        jax.random.key(4), BATCH
+    )
+    x0, x1 = jax.jit(pairs, static_argnums=1)(jax.random.key(4), BATCH)
+    return {
+        "hlo_all_reduce": "all-reduce" in hlo,
+        "hlo_local_batch": BATCH // N_DEV in rows,
+        "hlo_full_batch": BATCH in rows,
+        "pairs_bit_equal": bool(np.array_equal(x0, x0s) and np.array_equal(x1, x1s)),
+        "pairs_sharded": _sharded_over(x0s, N_DEV) and _sharded_over(x1s, N_DEV),
+    }
+
+
 def check_train(mesh) -> dict:
-    """fit with mesh (batch sharded by sharded_pairs) vs fit without, same key, 30 steps."""
-    out = {}
-    batch = 8 * N_DEV
-    for name, x64 in (("float32", False), ("float64", True)):
-        jax.config.update("jax_enable_x64", x64)
-        coupling, model, params = _problem(jnp.float64 if x64 else jnp.float32)
+    """float64: fit with mesh (batch sharded by sharded_pairs) vs fit without, same key."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        coupling, model, params = _problem(jnp.float64)
         pairs = data.coupling_pairs(coupling)
         sched = schedules.linear()
-        kw = dict(steps=30, learning_rate=1e-2, ema_decay=0.9, progress=False)
-        single = train.fit(losses.cfm(model.apply, pairs, sched, batch), params,
+        kw = dict(steps=20, learning_rate=1e-2, ema_decay=0.9, progress=False)
+        single = train.fit(losses.cfm(model.apply, pairs, sched, BATCH), params,
                            jax.random.key(2), **kw)  # fmt: skip
-        loss = losses.cfm(model.apply, sharding.sharded_pairs(pairs, mesh), sched, batch)
+        loss = losses.cfm(model.apply, sharding.sharded_pairs(pairs, mesh), sched, BATCH)
         multi = train.fit(loss, params, jax.random.key(2), mesh=mesh, **kw)
-        leaf = jax.tree.leaves(multi.params)[0]
-        out[name] = {
-            "params_rel_err": _max_rel(single.params, multi.params),
-            "ema_rel_err": _max_rel(single.ema_params, multi.ema_params),
-            "loss_rel_err": float(np.max(np.abs(single.losses - multi.losses) / single.losses)),
-            "params_replicated": bool(leaf.sharding.is_fully_replicated)
-            and len(leaf.addressable_shards) == N_DEV,
-            "params_moved": _max_abs(params, multi.params),
-        }
-        if not x64:
-            # The compiled gradient really is data parallel: each device draws and processes
-            # batch / 8 rows (f32[8,2] pairs, f32[8,16] activations) and the gradients are
-            # all-reduced; and the sharded draw equals the single-device draw bit for bit.
-            p_rep = sharding.replicate(params, mesh)
-            hlo = jax.jit(jax.grad(loss)).lower(p_rep, jax.random.key(3)).compile().as_text()
-            out[name]["hlo_all_reduce"] = "all-reduce" in hlo
-            rows = {int(r) for r in re.findall(r"f32\[(\d+),16\]", hlo)}  # (rows, width)
-            out[name]["hlo_local_batch"] = batch // N_DEV in rows
-            out[name]["hlo_full_batch"] = batch in rows
-            draw_sharded = sharding.sharded_pairs(pairs, mesh)
-            x0s, x1s = jax.jit(draw_sharded, static_argnums=1)(jax.random.key(4), batch)
-            x0, x1 = jax.jit(pairs, static_argnums=1)(jax.random.key(4), batch)
-            out[name]["pairs_bit_equal"] = bool(np.array_equal(x0, x0s) and np.array_equal(x1, x1s))
-            out[name]["pairs_sharded"] = _sharded_over(x0s, N_DEV) and _sharded_over(x1s, N_DEV)
-    jax.config.update("jax_enable_x64", False)
-    return out
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    leaf = jax.tree.leaves(multi.params)[0]
+    return {
+        "params_rel_err": _max_rel(single.params, multi.params),
+        "ema_rel_err": _max_rel(single.ema_params, multi.ema_params),
+        "loss_rel_err": float(np.max(np.abs(single.losses - multi.losses) / single.losses)),
+        "params_replicated": bool(leaf.sharding.is_fully_replicated)
+        and len(leaf.addressable_shards) == N_DEV,
+        "params_moved": _max_abs(params, multi.params),
+    }
 
 
 def check_many(mesh) -> dict:
     """fit_many over 8 problem instances, models split across the 8 devices vs one device."""
     instances = [mixtures.random_joint_mixture(jax.random.key(i), 2, 2) for i in range(N_DEV)]
     batch_inst = jax.tree.map(lambda *a: jnp.stack(a), *instances)
-    model = models.MLP(dim=2, width=16, depth=2, time_embedding="raw")
+    model = models.MLP(dim=2, width=WIDTH, depth=1, time_embedding="raw")
     keys = jax.random.split(jax.random.key(5), N_DEV)
     params = jax.vmap(lambda k: models.init(model, k))(keys)
 
     def loss(p, k, inst):
         return losses.cfm(model.apply, inst.sample, schedules.linear(), 32)(p, k)
 
-    kw = dict(steps=20, instances=batch_inst, learning_rate=1e-2, progress=False)
+    kw = dict(steps=10, instances=batch_inst, learning_rate=1e-2, progress=False)
     single = train.fit_many(loss, params, keys, **kw)
     multi = train.fit_many(loss, params, keys, mesh=mesh, **kw)
     leaf = jax.tree.leaves(multi.params)[0]
@@ -149,7 +157,7 @@ def check_sample(mesh) -> dict:
         mixtures.random_gaussian_mixture(jax.random.key(8), 3, 2),
     )
     velocity = functools.partial(exact.velocity, coupling, schedules.linear())
-    x0 = jax.random.normal(jax.random.key(9), (1024, 2))
+    x0 = jax.random.normal(jax.random.key(9), (256, 2))
     out = {}
     for name, kw in (("rk4", dict(solver="rk4", steps=16)), ("tsit5", dict(rtol=1e-4, atol=1e-4))):
 
@@ -199,6 +207,7 @@ def check_errors(mesh) -> dict:
 
 CHECKS = {
     "errors": check_errors,
+    "data_parallel": check_data_parallel,
     "train": check_train,
     "many": check_many,
     "evaluate": check_evaluate,
