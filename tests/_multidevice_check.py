@@ -82,6 +82,8 @@ def check_data_parallel(mesh) -> dict:
         "hlo_all_reduce": "all-reduce" in hlo,
         "hlo_local_batch": BATCH // N_DEV in rows,
         "hlo_full_batch": BATCH in rows,
+        "hlo_full_pairs": f"f32[{BATCH},2]" in hlo,  # the whole (64, 2) draw on any device
+        "hlo_local_pairs": f"f32[{BATCH // N_DEV},2]" in hlo,
         "pairs_bit_equal": bool(np.array_equal(x0, x0s) and np.array_equal(x1, x1s)),
         "pairs_sharded": _sharded_over(x0s, N_DEV) and _sharded_over(x1s, N_DEV),
     }

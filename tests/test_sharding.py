@@ -22,93 +22,6 @@ from fmjax import data, exact, losses, mixtures, models, schedules, sharding, tr
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# ----------------------------------------------------------------------------- 8 devices
-
-
-@pytest.fixture(scope="module")
-def multidevice():
-    """Measurements from tests/_multidevice_check.py on 8 fake CPU devices (~40 s on 2 cores)."""
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_multidevice_check.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_multidevice_training_equals_single_device(multidevice):
-    assert multidevice["threefry_partitionable"]
-    r = multidevice["train"]
-    # float64, 20 Adam steps, batch 64 = 8 per device. The only difference is the order in which
-    # the batch mean (so the gradient) is summed: per device, then all-reduced. That is round-off,
-    # measured 1.5e-16 relative (float32 runs measured 2e-7); the bound 1e-12 leaves room for
-    # growth over the steps and catches any change in the data (another batch moves the
-    # parameters by ~1e-2).
-    assert r["params_rel_err"] < 1e-12, r
-    assert r["ema_rel_err"] < 1e-12, r
-    assert r["loss_rel_err"] < 1e-12, r
-    assert r["params_moved"] > 1e-2, r  # training did something (lr 1e-2, 20 steps)
-    assert r["params_replicated"], r
-
-
-def test_multidevice_training_is_data_parallel(multidevice):
-    r = multidevice["data_parallel"]
-    # The compiled gradient has per-device (8, width) activations, none of the full (64, width),
-    # and an all-reduce; the sharded draw is the single-device draw, bit for bit.
-    assert r["hlo_all_reduce"] and r["hlo_local_batch"] and not r["hlo_full_batch"], r
-    assert r["pairs_bit_equal"] and r["pairs_sharded"], r
-
-
-def test_multidevice_fit_many_splits_models(multidevice):
-    r = multidevice["many"]
-    # float32, vmap over 1 model per device vs 8 on one device: the same arithmetic up to the
-    # shapes the CPU kernels see (round-off, measured 1.5e-7 after 10 Adam steps).
-    assert r["params_rel_err"] < 1e-5, r
-    assert r["models_sharded"], r
-
-
-def test_multidevice_exact_evaluation(multidevice):
-    r = multidevice["evaluate"]
-    assert r["shape"] == [4096, 2]
-    assert r["sharded"], r
-    # Row-wise computation: the same arithmetic per point; measured bit-identical, and at most
-    # float32 round-off of the ~10-sized velocity if the CPU kernels vectorise 512 rows apart.
-    assert r["abs_err"] <= 1e-5 * r["scale"], r
-
-
-def test_multidevice_sampling(multidevice):
-    rk4, tsit5 = multidevice["sample"]["rk4"], multidevice["sample"]["tsit5"]
-    assert rk4["sharded"] and tsit5["sharded"]
-    # Fixed steps: each sample follows the same arithmetic, so only velocity round-off (float32,
-    # 16 steps x 4 stages; measured 3.6e-6 of a scale of 10) separates the two.
-    assert rk4["abs_err"] <= 1e-5 * rk4["scale"], rk4
-    # Adaptive steps: the step size is shared by the batch (max norm, all-reduced when sharded).
-    # Round-off in the error estimate moves the step sizes slightly, so the two solutions differ
-    # by up to the local error the controller allows, rtol * |x| = 1e-4 * scale (measured 1e-6
-    # to 2.5e-5 relative, 256 to 1024 points); the number of steps is the same.
-    assert tsit5["same_num_steps"], tsit5
-    assert tsit5["abs_err"] <= 1e-4 * tsit5["scale"], tsit5
-
-
-def test_multidevice_errors_name_arguments(multidevice):
-    e = multidevice["errors"]
-    assert "`x`" in e["shard_batch"] and "12" in e["shard_batch"] and "8" in e["shard_batch"]
-    assert "`x['b']`" in e["shard_batch_tree"]
-    assert "n=12" in e["sharded_pairs"]
-    assert "`x`" in e["evaluate"]
-    assert "`fn(x)" in e["evaluate_output"]
-    assert "params_batch" in e["fit_many"] and "multiple of 8" in e["fit_many"]
-
-
 # ----------------------------------------------------------------------------- one device
 
 
@@ -196,6 +109,112 @@ def test_sharded_pairs_warns_without_partitionable_threefry():
             sharding.sharded_pairs(lambda k, n: (k, k), sharding.data_mesh())
     finally:
         jax.config.update("jax_threefry_partitionable", prev)
+
+
+# ----------------------------------------------------------------------------- 8 devices
+
+
+def _start_multidevice_check() -> subprocess.Popen:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "_multidevice_check.py")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _multidevice_process(request):
+    """Start the 8-device subprocess when the module starts (if a selected test needs it), so it
+    runs while the one-device tests run; killed at the end if still running."""
+    wanted = any("multidevice" in getattr(item, "fixturenames", ()) for item in
+                 request.session.items)  # fmt: skip
+    proc = _start_multidevice_check() if wanted else None
+    yield proc
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def multidevice(_multidevice_process):
+    """Measurements from tests/_multidevice_check.py on 8 fake CPU devices (~40 s on 2 cores)."""
+    out, err = _multidevice_process.communicate(timeout=600)
+    assert _multidevice_process.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_multidevice_training_equals_single_device(multidevice):
+    assert multidevice["threefry_partitionable"]
+    r = multidevice["train"]
+    # float64, 20 Adam steps, batch 64 = 8 per device. The only difference is the order in which
+    # the batch mean (so the gradient) is summed: per device, then all-reduced. That is round-off,
+    # measured 1.5e-16 relative (float32 runs measured 2e-7); the bound 1e-12 leaves room for
+    # growth over the steps and catches any change in the data (another batch moves the
+    # parameters by ~1e-2).
+    assert r["params_rel_err"] < 1e-12, r
+    assert r["ema_rel_err"] < 1e-12, r
+    assert r["loss_rel_err"] < 1e-12, r
+    assert r["params_moved"] > 1e-2, r  # training did something (lr 1e-2, 20 steps)
+    assert r["params_replicated"], r
+
+
+def test_multidevice_training_is_data_parallel(multidevice):
+    r = multidevice["data_parallel"]
+    # The compiled gradient draws (8, 2) pairs per device and never the whole (64, 2) batch,
+    # has per-device (8, width) activations, none of the full (64, width), and an all-reduce;
+    # the sharded draw is the single-device draw, bit for bit.
+    assert r["hlo_local_pairs"] and not r["hlo_full_pairs"], r
+    assert r["hlo_all_reduce"] and r["hlo_local_batch"] and not r["hlo_full_batch"], r
+    assert r["pairs_bit_equal"] and r["pairs_sharded"], r
+
+
+def test_multidevice_fit_many_splits_models(multidevice):
+    r = multidevice["many"]
+    # float32, vmap over 1 model per device vs 8 on one device: the same arithmetic up to the
+    # shapes the CPU kernels see (round-off, measured 1.5e-7 after 10 Adam steps).
+    assert r["params_rel_err"] < 1e-5, r
+    assert r["models_sharded"], r
+
+
+def test_multidevice_exact_evaluation(multidevice):
+    r = multidevice["evaluate"]
+    assert r["shape"] == [4096, 2]
+    assert r["sharded"], r
+    # Row-wise computation: the same arithmetic per point; measured bit-identical, and at most
+    # float32 round-off of the ~10-sized velocity if the CPU kernels vectorise 512 rows apart.
+    assert r["abs_err"] <= 1e-5 * r["scale"], r
+
+
+def test_multidevice_sampling(multidevice):
+    rk4, tsit5 = multidevice["sample"]["rk4"], multidevice["sample"]["tsit5"]
+    assert rk4["sharded"] and tsit5["sharded"]
+    # Fixed steps: each sample follows the same arithmetic, so only velocity round-off (float32,
+    # 16 steps x 4 stages; measured 3.6e-6 of a scale of 10) separates the two.
+    assert rk4["abs_err"] <= 1e-5 * rk4["scale"], rk4
+    # Adaptive steps: the step size is shared by the batch (max norm, all-reduced when sharded).
+    # Round-off in the error estimate moves the step sizes slightly, so the two solutions differ
+    # by up to the local error the controller allows, rtol * |x| = 1e-4 * scale (measured 1e-6
+    # to 2.5e-5 relative, 256 to 1024 points); the number of steps is the same.
+    assert tsit5["same_num_steps"], tsit5
+    assert tsit5["abs_err"] <= 1e-4 * tsit5["scale"], tsit5
+
+
+def test_multidevice_errors_name_arguments(multidevice):
+    e = multidevice["errors"]
+    assert "`x`" in e["shard_batch"] and "12" in e["shard_batch"] and "8" in e["shard_batch"]
+    assert "`x['b']`" in e["shard_batch_tree"]
+    assert "n=12" in e["sharded_pairs"]
+    assert "`x`" in e["evaluate"]
+    assert "`fn(x)" in e["evaluate_output"]
+    assert "params_batch" in e["fit_many"] and "multiple of 8" in e["fit_many"]
 
 
 # ----------------------------------------------------------------------------- multi-host
