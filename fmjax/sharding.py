@@ -212,8 +212,6 @@ def sharded_pairs(sample_pairs: Callable, mesh: Mesh) -> Callable:
         raise ValueError("sharded_pairs: `sample_pairs` must be a callable (key, n)")
     _check_mesh("sharded_pairs", mesh)
     _check_partitionable("sharded_pairs")
-    if not isinstance(mesh.size, int) or mesh.size < 1:  # pragma: no cover - jax guarantees
-        raise ValueError("sharded_pairs: empty `mesh`")
 
     def sample(key, n):
         if isinstance(n, int) and n % mesh.size:
