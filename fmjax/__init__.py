@@ -9,6 +9,7 @@ from fmjax import metrics as metrics
 from fmjax import models as models
 from fmjax import sample as sample
 from fmjax import schedules as schedules
+from fmjax import sharding as sharding
 from fmjax import train as train
 from fmjax.mixtures import GaussianMixture as GaussianMixture
 from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture
