@@ -439,18 +439,27 @@ def _velocity_errors(model, params, coupling, schedule, key, ts, n):
 
 
 def _loss_figure(loss_hist, floor: float, path: Path) -> Path:
+    """Training loss (raw and moving mean) with the loss floor as a dashed line."""
     loss_hist = np.asarray(loss_hist)
     window = max(1, len(loss_hist) // 50)
     smooth = np.convolve(loss_hist, np.ones(window) / window, mode="valid")
-    steps = np.arange(smooth.size) + window
-    fig = plot.error_curve(
-        steps,
-        {f"CFM loss (moving mean of {window})": smooth, "loss floor": np.full(smooth.size, floor)},
-        xlabel="step",
-        ylabel="loss",
-        title="Training loss",
-        logy=False,
-    )
+    fig, axes = _styled_figure(1, 1, size=3.6)
+    fig.set_size_inches(5.0, 3.4)
+    ax = axes[0, 0]
+    with mpl.rc_context(plot._RC):
+        ax.plot(np.arange(loss_hist.size), loss_hist, color="tab:blue", alpha=0.25, lw=0.6,
+                label="CFM loss per step")  # fmt: skip
+        ax.plot(np.arange(smooth.size) + window, smooth, color="tab:blue", lw=1.5,
+                label=f"moving mean ({window} steps)")  # fmt: skip
+        if np.isfinite(floor):
+            ax.axhline(floor, color="black", ls="--", lw=1.0, label="loss floor (exact)")
+        hi = np.percentile(loss_hist, 99)
+        lo = min(np.min(smooth), floor if np.isfinite(floor) else np.inf)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("Training loss")
+        ax.legend(loc="upper right")
     return _save(fig, path)
 
 
@@ -623,7 +632,9 @@ def gmm_to_gmm(
     for j, (sname, s) in enumerate(scheds.items()):
         t1 = _t_end(sname, cfg.vp_eps)
         ax = axes[0, j]
-        plot.density_over_time(c1, s, xs, np.linspace(0.0, 1.0, 160), ax=ax, title=f"{sname}")
+        plot.density_over_time(
+            c1, s, xs, np.linspace(0.0, 1.0, 160), ax=ax, title=f"{sname} schedule"
+        )
         x0 = exact.marginal(c1, s, 0.0).sample(k_1d, cfg.n_eval)
         ts = np.linspace(0.0, t1, 61)
         sol = sample.ode(_exact_field(c1, s), x0, t1=t1, save_ts=ts)
@@ -753,7 +764,7 @@ def ot_vs_vp(
         figures[f"samples_{dname}"] = out / f"samples_{dname}.png"
         plot.samples_grid(
             panels,
-            lim=(-4.5, 4.5),
+            lim=(-5.0, 5.0),
             ncols=len(_PANEL_TS),
             max_points=cfg.n_samples,
             title=f"{dname}: samples x_t of the learned flow (top: OT path, bottom: VP path)",
@@ -765,7 +776,7 @@ def ot_vs_vp(
                 plot.trajectories(
                     tr,
                     ax=ax,
-                    lim=(-4.5, 4.5),
+                    lim=(-5.0, 5.0),
                     title=f"{pname} path: NFE {nfe[dname][pname]} (Tsit5, tol {cfg.tol:g})",
                 )
         fig.suptitle(f"{dname}: {cfg.n_paths} trajectories")
@@ -1084,9 +1095,11 @@ def cfm_equals_fm(
             ax.plot(bs, m, "o-", color=color, label=label)
             ax.fill_between(bs, m - sd, np.minimum(m + sd, 1.0), color=color, alpha=0.2)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.minorticks_off()
         ax.set_xlabel("batch size B")
-        ax.set_ylabel("cosine similarity to the exact gradient")
-        ax.set_title(f"Gradient agreement (mean +- std over {cfg.repeats} batches)")
+        ax.set_ylabel(f"cosine to the FM gradient on {cfg.n_reference} points")
+        ax.set_title(f"CFM and FM gradients agree (mean ± std, {cfg.repeats} batches)")
         ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
         ax.legend(loc="lower right")
     figures = {"gradient_cosine": _save(fig, out / "gradient_cosine.png")}
