@@ -129,3 +129,14 @@ def test_bench_builtin(tmp_path, capsys):
     assert main(["bench", "builtin", "--n", "2000", "--repeats", "2", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["n"] == 2000 and res["points_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    # The `make demo` run (default settings): the learned model is close to the exact field.
+    assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 0
+    m = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    learned, ref = m["rows"]["learned"], m["reference"]
+    assert learned["velocity_error"] < 0.02 * ref["zero_field_velocity_error"]
+    assert learned["energy_ode"] < 0.02 and learned["energy_sde"] < 0.02
+    assert learned["nll"] - ref["target_entropy"] < 0.2  # KL(p1 || model) in nats

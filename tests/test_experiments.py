@@ -145,3 +145,21 @@ def test_format_table():
     lines = table.splitlines()
     assert lines[0].split() == ["model", "x", "y"]
     assert lines[2].split() == ["a", "1", "-"] and lines[3].split() == ["bb", "2.5", "3"]
+
+
+@pytest.mark.slow
+def test_full_configs(tmp_path):
+    # The full (notebook / CLI default) settings: tighter bounds than the quick ones.
+    gmm = E.gmm_to_gmm(out=tmp_path / "gmm", quick=False)["metrics"]
+    for name, err in gmm["velocity_error"].items():
+        assert err < 0.02 * gmm["zero_field_error"][name], (name, err)
+    # Linear and cosine schedules have the same endpoint map (a time change of x_t / (a + b)).
+    for by_sched in gmm["energy_exact_ode"].values():
+        assert by_sched["linear"] == pytest.approx(by_sched["cosine"], abs=1e-4)
+    ot = E.ot_vs_vp(out=tmp_path / "ot", quick=False)["metrics"]
+    for dataset, nfe in ot["nfe"].items():
+        assert nfe["OT"] < nfe["VP"], (dataset, nfe)
+    flows = E.flows_and_scores(out=tmp_path / "flows", quick=False)["metrics"]
+    assert abs(flows["settle_time"]["learned ODE"] - flows["settle_time"]["exact ODE"]) < 0.1
+    grads = E.cfm_equals_fm(out=tmp_path / "grads", quick=False)["metrics"]
+    assert grads["cosine_cfm"][-1] > 0.99 and grads["cosine_fm"][-1] > 0.99
