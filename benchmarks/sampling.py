@@ -32,13 +32,12 @@ import statistics
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import fmjax
-from fmjax import likelihood, sample, schedules
+from fmjax import likelihood, models, sample, schedules
 
 try:
     import torch
@@ -54,22 +53,9 @@ STEP = 0.05
 STEPS = round(1 / STEP)  # 20 midpoint steps = 40 NFE
 
 
-class CheckerboardMLP(nn.Module):
-    """Meta's 2-D example MLP: [x, t] -> Dense(512) -> swish x 4 -> Dense(2).
-
-    # lead: switch to fmjax.models.MLP
-    """
-
-    hidden: int = HIDDEN
-    layers: int = LAYERS
-
-    @nn.compact
-    def __call__(self, t, x):
-        tt = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1] + (1,))
-        h = jnp.concatenate([x, tt], axis=-1)
-        for _ in range(self.layers):
-            h = nn.swish(nn.Dense(self.hidden, precision="highest")(h))
-        return nn.Dense(x.shape[-1], precision="highest")(h)
+def checkerboard_mlp() -> models.MLP:
+    """Meta's 2-D example MLP: [x, t] -> 4 x (Dense(512), swish) -> Dense(2), full float32."""
+    return models.MLP(DIM, width=HIDDEN, depth=LAYERS, time_embedding="raw", precision="highest")
 
 
 def random_weights(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -86,10 +72,11 @@ def random_weights(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def flax_params(weights):
+    names = [f"hidden_{i}" for i in range(LAYERS)] + ["out"]
     return {
         "params": {
-            f"Dense_{i}": {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
-            for i, (w, b) in enumerate(weights)
+            name: {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}
+            for name, (w, b) in zip(names, weights, strict=True)
         }
     }
 
@@ -138,7 +125,7 @@ def jax_sync(out):
 
 
 def bench_mlp_sampling(n, weights, repeats, peer, seed):
-    model = CheckerboardMLP()
+    model = checkerboard_mlp()
     params = flax_params(weights)
     x0 = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
 
@@ -182,7 +169,7 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
 
 
 def bench_mlp_likelihood(grid, weights, repeats, peer):
-    model = CheckerboardMLP()
+    model = checkerboard_mlp()
     params = flax_params(weights)
     g = np.linspace(-4, 4, grid, dtype=np.float32)
     pts = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, DIM)

@@ -27,59 +27,21 @@ import platform
 import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import train
+from fmjax import data, losses, models, schedules, train
 
 # ----------------------------------------------------------------------------- fmjax side
 
 
-class _MLP(nn.Module):
-    """Meta's 2-D example MLP: [x, t] -> (width, swish) x depth -> dim.
-
-    lead: switch to fmjax.models.MLP / fmjax.losses.cfm
-    """
-
-    dim: int = 2
-    width: int = 512
-    depth: int = 4
-
-    @nn.compact
-    def __call__(self, t, x):
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1])
-        h = jnp.concatenate([x, t[..., None]], axis=-1)
-        for _ in range(self.depth):
-            h = nn.swish(nn.Dense(self.width)(h))
-        return nn.Dense(self.dim)(h)
-
-
-def checkerboard(key, n):
-    """Meta's checkerboard sampler, on device: (n, 2)."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    x1 = jax.random.uniform(k1, (n,)) * 4 - 2
-    x2_ = jax.random.uniform(k2, (n,)) - jax.random.randint(k3, (n,), 0, 2).astype(x1.dtype) * 2
-    x2 = x2_ + jnp.floor(x1) % 2
-    return jnp.stack([x1, x2], axis=1) / 0.45
-
-
-def cfm_loss(apply_fn, batch_size):
-    """Minimal CFM loss on the linear path, Meta's normalisation (mean over batch and coordinates).
-
-    lead: switch to fmjax.models.MLP / fmjax.losses.cfm
-    """
-
-    def loss_fn(params, key):
-        k1, k0, kt = jax.random.split(key, 3)
-        x1 = checkerboard(k1, batch_size)
-        x0 = jax.random.normal(k0, x1.shape)
-        t = jax.random.uniform(kt, (batch_size,))
-        xt = t[:, None] * x1 + (1 - t[:, None]) * x0
-        return jnp.mean((apply_fn(params, t, xt) - (x1 - x0)) ** 2)
-
-    return loss_fn
+def _model_and_loss(args):
+    """Meta's 2-D MLP ([x, t] -> 4 x 512 swish -> 2) and the CFM loss with its mean reduction."""
+    model = models.MLP(2, width=args.width, depth=args.depth, time_embedding="raw")
+    pairs = data.independent_pairs(data.gaussian_source(2), data.checkerboard)
+    loss_fn = losses.cfm(model.apply, pairs, schedules.linear(), args.batch, reduction="mean")
+    return model, loss_fn
 
 
 def run_fmjax(args, precision, eval_set):
@@ -89,9 +51,8 @@ def run_fmjax(args, precision, eval_set):
 
 
 def _run_fmjax(args, eval_set):
-    model = _MLP(width=args.width, depth=args.depth)
-    params = model.init(jax.random.key(args.seed), jnp.zeros((1,)), jnp.zeros((1, 2)))
-    loss_fn = cfm_loss(model.apply, args.batch)
+    model, loss_fn = _model_and_loss(args)
+    params = models.init(model, jax.random.key(args.seed))
     seg = args.steps // args.segments
     stamps = []
     res = train.fit(

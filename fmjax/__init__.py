@@ -3,10 +3,13 @@
 from fmjax import convert as convert
 from fmjax import data as data
 from fmjax import exact as exact
+from fmjax import likelihood as likelihood
 from fmjax import losses as losses
 from fmjax import metrics as metrics
 from fmjax import models as models
+from fmjax import sample as sample
 from fmjax import schedules as schedules
+from fmjax import sharding as sharding
 from fmjax import train as train
 from fmjax.mixtures import GaussianMixture as GaussianMixture
 from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture

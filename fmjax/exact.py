@@ -24,6 +24,7 @@ point they are computed per point (K d^3 work each).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -97,22 +98,27 @@ def _component_terms(f: _Factors, x, precision):
 
 
 def _block_size(n: int, k: int, d: int) -> int:
-    limit = max(1, _BLOCK_BUDGET // max(1, n * d))
+    """Components per scan step: (N, B, d) point terms and ~8 (B, 2d, 2d) factor-sized arrays."""
+    limit = max(1, _BLOCK_BUDGET // max(1, n * d + 32 * d * d))
     return max(b for b in range(1, k + 1) if k % b == 0 and b <= limit)
 
 
-def _accumulate(f: _Factors, x, want: frozenset, precision):
-    """Stream over component blocks with an online log-sum-exp; x is (N, d)."""
+def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset, precision):
+    """Stream over component blocks with an online log-sum-exp; x is (N, d), t a scalar.
+
+    Each block's Cholesky factors are made inside its scan step, so memory is O(N d + B d^2).
+    """
     n, d = x.shape
-    k = f.log_w.shape[0]
+    k = c.n_components
     bsz = _block_size(n, k, d)
-    blocks = jax.tree.map(lambda a: a.reshape((k // bsz, bsz) + a.shape[1:]), f)
+    blocks = jax.tree.map(lambda a: a.reshape((k // bsz, bsz) + a.shape[1:]), c)
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
     zero_vec = jnp.zeros((n, d), x.dtype)
 
-    def step(carry, fb):
+    def step(carry, cb):
         mx, tot, acc_v, acc_s, acc_div = carry
+        fb = _factors(cb, sched, t, precision)
         logp, z = _component_terms(fb, x, precision)
         new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
         # Zero weights give -inf everywhere: keep the shift finite so no inf - inf appears.
@@ -155,8 +161,8 @@ def _accumulate(f: _Factors, x, want: frozenset, precision):
     return out
 
 
-def _responsibilities(f: _Factors, x, precision):
-    logp, _ = _component_terms(f, x, precision)
+def _responsibilities(c: JointGaussianMixture, sched: Schedule, t, x, precision):
+    logp, _ = _component_terms(_factors(c, sched, t, precision), x, precision)
     return {"responsibilities": jax.nn.softmax(logp, axis=-1)}
 
 
@@ -179,14 +185,17 @@ def _check_inputs(fn: str, c, sched, t, x):
         ) from None
     if not isinstance(t, jax.core.Tracer):
         tn = np.asarray(t)
+        if np.any(np.isnan(tn)):
+            raise ValueError(f"exact.{fn}: `t` must lie in [0, 1], got NaN")
         if not np.all((tn >= 0) & (tn <= 1)):
             raise ValueError(
-                f"exact.{fn}: `t` must lie in [0, 1], got values in "
-                f"[{np.nanmin(tn):.3g}, {np.nanmax(tn):.3g}] (or NaN)"
+                f"exact.{fn}: `t` must lie in [0, 1], "
+                f"got values in [{tn.min():.3g}, {tn.max():.3g}]"
             )
 
 
-def _run(fn, kernel, c, sched, t, x, precision):
+def _run(fn, kernel, c, sched, t, x):
+    """Validate, flatten the batch, and apply ``kernel(c, sched, t, x (N, d)) -> dict``."""
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(c.means.dtype)
@@ -198,13 +207,12 @@ def _run(fn, kernel, c, sched, t, x, precision):
     batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
     xf = jnp.broadcast_to(x, batch + (d,)).reshape(-1, d)
     if t.size == 1:  # one time for all points: factor once
-        out = kernel(_factors(c, sched, t.reshape(()), precision), xf)
+        out = kernel(c, sched, t.reshape(()), xf)
     else:  # one time per point: factor per point, vmapped
         tf = jnp.broadcast_to(t, batch).reshape(-1)
 
         def one(ti, xi):
-            res = kernel(_factors(c, sched, ti, precision), xi[None])
-            return jax.tree.map(lambda a: a[0], res)
+            return jax.tree.map(lambda a: a[0], kernel(c, sched, ti, xi[None]))
 
         out = jax.vmap(one)(tf, xf)
     return {k: v.reshape(batch + v.shape[1:]) for k, v in out.items()}
@@ -238,38 +246,45 @@ def evaluate(
         raise ValueError(
             f"exact.evaluate: `quantities` must be a subset of {_QUANTITIES}, got {quantities}"
         )
-    kernel = lambda f, xf: _accumulate(f, xf, want, precision)  # noqa: E731
-    return _run("evaluate", kernel, coupling, schedule, t, x, precision)
+    return _run(
+        "evaluate",
+        functools.partial(_accumulate, want=want, precision=precision),
+        coupling,
+        schedule,
+        t,
+        x,
+    )
+
+
+def _one(name: str, coupling, schedule, t, x, precision) -> Array:
+    kernel = functools.partial(_accumulate, want=frozenset({name}), precision=precision)
+    return _run(name, kernel, coupling, schedule, t, x)[name]
 
 
 def velocity(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Marginal velocity u_t(x) = E[dX_t/dt | X_t = x]: x (..., d) -> (..., d). See ``evaluate``."""
-    kernel = lambda f, xf: _accumulate(f, xf, frozenset({"velocity"}), precision)  # noqa: E731
-    return _run("velocity", kernel, coupling, schedule, t, x, precision)["velocity"]
+    return _one("velocity", coupling, schedule, t, x, precision)
 
 
 def log_prob(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Log-density log p_t(x): x (..., d) -> (...). See ``evaluate``."""
-    kernel = lambda f, xf: _accumulate(f, xf, frozenset({"log_prob"}), precision)  # noqa: E731
-    return _run("log_prob", kernel, coupling, schedule, t, x, precision)["log_prob"]
+    return _one("log_prob", coupling, schedule, t, x, precision)
 
 
 def score(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Score grad_x log p_t(x): x (..., d) -> (..., d). See ``evaluate``."""
-    kernel = lambda f, xf: _accumulate(f, xf, frozenset({"score"}), precision)  # noqa: E731
-    return _run("score", kernel, coupling, schedule, t, x, precision)["score"]
+    return _one("score", coupling, schedule, t, x, precision)
 
 
 def divergence(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Divergence of the marginal velocity, div u_t(x): x (..., d) -> (...). See ``evaluate``."""
-    kernel = lambda f, xf: _accumulate(f, xf, frozenset({"divergence"}), precision)  # noqa: E731
-    return _run("divergence", kernel, coupling, schedule, t, x, precision)["divergence"]
+    return _one("divergence", coupling, schedule, t, x, precision)
 
 
 def responsibilities(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Posterior component probabilities P(K = k | X_t = x): x (..., d) -> (..., K)."""
-    kernel = lambda f, xf: _responsibilities(f, xf, precision)  # noqa: E731
-    return _run("responsibilities", kernel, coupling, schedule, t, x, precision)["responsibilities"]
+    kernel = functools.partial(_responsibilities, precision=precision)
+    return _run("responsibilities", kernel, coupling, schedule, t, x)["responsibilities"]
 
 
 def marginal(coupling: JointGaussianMixture, schedule: Schedule, t) -> GaussianMixture:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from fmjax.mixtures import GaussianMixture
-from fmjax.sample import Velocity, _check_time, _check_x, _integrate
+from fmjax.sample import Velocity, _as_pytree, _check_time, _check_x, _integrate
 
 __all__ = [
     "LikelihoodResult",
@@ -160,7 +160,7 @@ def _solve(fn, velocity, x, t_from, t_to, method, key, probe, n_probes, solve_kw
         fn,
         _augmented_field,
         y0,
-        _AugArgs(velocity, probes),
+        _AugArgs(_as_pytree(velocity), probes),
         t0=t_from,
         t1=t_to,
         save_ts=None,

@@ -75,6 +75,8 @@ class MLP(nn.Module):
         max_frequency: largest fixed (initial) Fourier frequency, cycles per unit time.
         learned_frequencies: train the Fourier frequencies.
         param_dtype: dtype of the parameters (computation promotes to the input dtype).
+        precision: matmul precision of the Dense layers (None: JAX's default, TF32 for float32
+            on NVIDIA GPUs; "highest": full float32).
 
     Call: ``model.apply(params, t, x)`` with x (..., d) and t a scalar or an array broadcastable
     against x.shape[:-1]; returns (..., d). Invalid settings raise ValueError at init/apply.
@@ -89,6 +91,7 @@ class MLP(nn.Module):
     max_frequency: float = 64.0
     learned_frequencies: bool = False
     param_dtype: jnp.dtype = jnp.float32
+    precision: str | None = None
 
     def _check(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -136,8 +139,11 @@ class MLP(nn.Module):
         h = jnp.concatenate([x, emb.astype(x.dtype)], axis=-1)
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
-            h = act(nn.Dense(self.width, param_dtype=self.param_dtype, name=f"hidden_{i}")(h))
-        return nn.Dense(self.dim, param_dtype=self.param_dtype, name="out")(h)
+            h = act(self._dense(self.width, f"hidden_{i}")(h))
+        return self._dense(self.dim, "out")(h)
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, param_dtype=self.param_dtype, precision=self.precision, name=name)
 
 
 def init(model: nn.Module, key: PRNGKeyArray, dim: int | None = None):

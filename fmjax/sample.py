@@ -44,6 +44,7 @@ import numpy as np
 import optimistix
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from fmjax import convert
 from fmjax.mixtures import GaussianMixture
 from fmjax.schedules import Schedule
 
@@ -282,6 +283,25 @@ def _velocity_field(t, x, velocity):
     return velocity(t, x)
 
 
+def _as_pytree(velocity: Velocity) -> Velocity:
+    """A ``functools.partial`` becomes a ``jax.tree_util.Partial``: the arrays it binds (model
+    parameters, mixtures) are then traced rather than baked in as constants, so a new partial of
+    the same function with same-shaped arrays reuses the compiled solve instead of recompiling.
+    Left as is when the function or a non-array bound value is unhashable.
+    """
+    if type(velocity) is not functools.partial:
+        return velocity
+    pv = jax.tree_util.Partial(velocity.func, *velocity.args, **velocity.keywords)
+    try:
+        hash(pv.func)
+        for leaf in jax.tree.leaves(pv):
+            if not isinstance(leaf, jax.Array | np.ndarray):
+                hash(leaf)
+    except TypeError:
+        return velocity
+    return pv
+
+
 def ode(
     velocity: Velocity,
     x0: Float[ArrayLike, "... d"],
@@ -325,7 +345,7 @@ def ode(
         "ode",
         _velocity_field,
         x0,
-        velocity,
+        _as_pytree(velocity),
         solver=solver,
         steps=steps,
         t0=t0,
@@ -379,16 +399,6 @@ def draw_source(
 
 
 # ----------------------------------------------------------------------------- SDE
-
-
-def _score_from_velocity(u, x, a, b, da, db):
-    """Score of p_t from the velocity for x_t = b x0 + a x1 with x0 ~ N(0, I).
-
-    From u = da E[x1|x] + db E[x0|x], x = b E[x0|x] + a E[x1|x] and Tweedie's
-    E[x0|x] = -b score: score = (a u - da x) / (b (da b - a db)). Singular at b = 0 (t = 1).
-    """
-    # lead: dedupe with convert.velocity_to_score
-    return (a * u - da * x) / (b * (da * b - a * db))
 
 
 def _flipped_coeffs(t, schedule):
@@ -463,8 +473,7 @@ def _sde_drift(t, x, args: _SDEArgs):
     u = args.velocity(t, x)
     g = args.diffusion(t)
     g2 = g * g
-    a, b, da, db = args.schedule(t)
-    s = _score_from_velocity(u, x, a, b, da, db)
+    s = convert.velocity_to_score(args.schedule, t, x, u)
     # Where g = 0 (e.g. g(1) = 0 with eps = 0) drop the score term: it may be inf there.
     return jnp.where(g2 > 0, u + 0.5 * g2 * s, u)
 
@@ -534,6 +543,7 @@ def sde(
         raise ValueError(f"{fn}: `eps` must lie in [0, 1), got {eps}")
     if eps > 0 and steps < 2:
         raise ValueError(f"{fn}: `steps` must be >= 2 with eps > 0 (one SDE step + denoising)")
+    velocity, g = _as_pytree(velocity), _as_pytree(g)
     if time == "reversed":
         velocity, schedule, g = _Flipped(velocity), _flip_schedule(schedule), _FlipG(g)
     _check_diffusion(fn, g, eps)

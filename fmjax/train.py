@@ -14,6 +14,11 @@ How a run is organised:
   shorter), and the train state is donated so its buffers are updated in place.
 * The key of step ``i`` is ``jax.random.fold_in(key, i)``: results depend on the key and the step
   index only, not on ``steps_per_call``, and resuming from a checkpoint continues bit-identically.
+* With ``mesh`` (a ``jax.sharding.Mesh``, e.g. ``fmjax.sharding.data_mesh()``), :func:`fit`
+  replicates params / optimizer state / EMA on every device and the loss shards its batch by
+  drawing it with ``fmjax.sharding.sharded_pairs`` (data parallelism; XLA inserts the gradient
+  all-reduce); :func:`fit_many` instead splits the model axis ``M`` across the devices. The
+  same program runs for one device or many.
 * The host only logs between chunks (progress bar, ``callback``) and saves checkpoints at
   multiples of ``checkpoint_every`` and at the end. The loss of chunk ``k`` is read while chunk
   ``k + 1`` runs.
@@ -35,6 +40,7 @@ import numpy as np
 import optax
 
 from fmjax._checkpoint import Checkpointer
+from fmjax.sharding import batch_sharding, replicated
 
 __all__ = ["FitResult", "fit", "fit_many", "make_optimizer"]
 
@@ -335,6 +341,31 @@ class _History:
         return out
 
 
+def _placement(mesh, state: _State, keys, instances, m: int | None):
+    """Shardings ``(state, keys, instances, outputs)`` on ``mesh`` (all None without a mesh).
+
+    One model: everything replicated (the loss shards its own batch). ``M`` models: the model
+    axis of state, keys and instances split across the mesh, the step counter replicated.
+    """
+    if mesh is None:
+        return None, None, None, None
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ValueError(
+            f"`mesh` must be a jax.sharding.Mesh (see fmjax.sharding.data_mesh), got {mesh!r}"
+        )
+    rep = replicated(mesh)
+    if m is None:
+        return jax.tree.map(lambda _: rep, state), rep, rep, rep
+    if m % mesh.size:
+        raise ValueError(
+            f"with `mesh`, fit_many splits the {m} models of `params_batch` across the "
+            f"{mesh.size} devices: the number of models must be a multiple of {mesh.size}"
+        )
+    split = batch_sharding(mesh)
+    state_sh = _State(*(jax.tree.map(lambda _: split, part) for part in state[:3]), rep)
+    return state_sh, split, jax.tree.map(lambda _: split, instances), rep
+
+
 def _open_checkpoints(directory, max_checkpoints, resume, state, steps, history: _History):
     """Open the checkpoint directory; restore the latest checkpoint if ``resume``.
 
@@ -428,6 +459,7 @@ def _run(
     progress: bool,
     floor: float | None,
     callback,
+    mesh,
 ) -> FitResult:
     """Shared driver of :func:`fit` (``batched=False``) and :func:`fit_many`."""
     t_start = time.perf_counter()
@@ -453,12 +485,17 @@ def _run(
     ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params) if ema_decay is not None else None
     state = _State(params, opt_state, ema, jnp.zeros((), jnp.int32))
 
+    state_sh, keys_sh, inst_sh, out_sh = _placement(mesh, state, keys, instances, m)
     history = _History(loss_struct, aux_struct, has_aux)
     ckpt, start = None, 0
     if checkpoint_dir is not None:
         ckpt, state, start = _open_checkpoints(
             checkpoint_dir, max_checkpoints, resume, state, steps, history
         )
+    if mesh is not None:
+        state = jax.device_put(state, state_sh)
+        keys = jax.device_put(keys, keys_sh)
+        instances = jax.device_put(instances, inst_sh)
 
     compile_time, run_steps, run_time = 0.0, 0, 0.0
     chunk_len = max(1, min(steps_per_call, steps - start))
@@ -470,7 +507,12 @@ def _run(
         )  # fmt: skip
         t0 = time.perf_counter()
         n0 = jnp.asarray(0, jnp.int32)
-        compiled = jax.jit(chunk, donate_argnums=0).lower(state, keys, n0, instances).compile()
+        jitted = (
+            jax.jit(chunk, donate_argnums=0)
+            if mesh is None  # the state keeps its placement from chunk to chunk:
+            else jax.jit(chunk, donate_argnums=0, out_shardings=(state_sh, out_sh, out_sh))
+        )
+        compiled = jitted.lower(state, keys, n0, instances).compile()
         compile_time = time.perf_counter() - t0
 
     report = _Progress(progress, start, steps, floor, callback)
@@ -546,6 +588,7 @@ def fit(
     progress: bool = True,
     floor: float | None = None,
     callback: Callable[[int, np.ndarray, Any], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Minimise ``loss_fn`` over ``params`` with optax, many steps per compiled call.
 
@@ -579,6 +622,13 @@ def fit(
             also shows the excess loss ``loss - floor``.
         callback: ``callback(step, losses, aux)`` called on the host after every chunk with the
             losses (and aux) of that chunk.
+        mesh: data parallelism over the devices of this mesh (``fmjax.sharding.data_mesh()``):
+            params, optimizer state and EMA are replicated on every device, and a loss whose
+            pairs come from ``fmjax.sharding.sharded_pairs(sample_pairs, mesh)`` draws and
+            processes its batch shard by shard (the batch size must divide by ``mesh.size``);
+            XLA all-reduces the gradients. Same result as ``mesh=None`` up to the summation
+            order of the batch mean (bit-identical on a 1-device mesh). A loss that does not
+            shard its batch still runs, every device computing the whole batch.
 
     Returns:
         A :class:`FitResult`; ``losses`` has shape ``(steps,)``.
@@ -613,6 +663,7 @@ def fit_many(
     progress: bool = True,
     floor: float | None = None,
     callback: Callable[[int, np.ndarray, Any], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Train ``M`` models at once (seeds and/or problem instances), ``vmap``-ed in one call.
 
@@ -628,6 +679,9 @@ def fit_many(
         steps: number of optimizer steps (the same for all models).
         instances: optional pytree with a leading axis ``M`` (e.g. a batch of mixtures) passed
             as third argument of ``loss_fn``.
+        mesh: split the ``M`` models across the devices of this mesh (``M`` must be a
+            multiple of ``mesh.size``): model parallelism over problem instances, no
+            communication between devices but the loss history.
         **others: as in :func:`fit`; the progress bar shows the mean loss over models.
 
     Returns:

@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,20 +103,6 @@ def test_hutchinson_log_likelihood_is_unbiased(x64):
     assert float(jnp.min(se)) > 1e-4  # the probes do vary the estimate
 
 
-class _TinyMLP(nn.Module):
-    """Velocity network (t, x) -> (..., d). # lead: switch to fmjax.models.MLP"""
-
-    hidden: int = 8
-
-    @nn.compact
-    def __call__(self, t, x):
-        tt = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1] + (1,))
-        h = jnp.concatenate([x, tt], axis=-1)
-        h = nn.tanh(nn.Dense(self.hidden, param_dtype=x.dtype)(h))
-        h = nn.tanh(nn.Dense(self.hidden, param_dtype=x.dtype)(h))
-        return nn.Dense(x.shape[-1], param_dtype=x.dtype)(h)
-
-
 @pytest.mark.parametrize("method", ["exact", "hutchinson"])
 def test_gradient_matches_finite_differences(x64, method):
     """d/dparams of the mean log-likelihood (RK4, 6 steps) vs central differences, float64.
@@ -125,7 +110,7 @@ def test_gradient_matches_finite_differences(x64, method):
     Fixed steps make the solve a smooth function of the parameters; central differences with
     h = 1e-5 have O(h^2) truncation and O(1e-16 / h) round-off, ~1e-10, so rtol 1e-6 is safe.
     """
-    model = _TinyMLP()
+    model = fmjax.models.MLP(2, width=8, depth=2, time_embedding="raw", param_dtype=jnp.float64)
     x = jax.random.normal(jax.random.key(12), (4, D), jnp.float64)
     params = model.init(jax.random.key(13), 0.0, x)
     kw = dict(solver="rk4", steps=6, method=method, key=jax.random.key(14))

@@ -14,7 +14,6 @@ from jax.experimental import io_callback
 
 import fmjax
 from fmjax import sample, schedules
-from fmjax.sample import _score_from_velocity
 
 D = 2
 
@@ -117,7 +116,33 @@ def test_second_call_does_not_retrace():
     sample.ode(velocity, x0, solver="midpoint", steps=5)
     n = len(traces)
     sample.ode(velocity, 2 * x0, solver="midpoint", steps=5)
-    assert len(traces) == n
+    assert n > 0 and len(traces) == n
+
+
+class _TraceCounter:
+    """Not a pytree: a bound counter stays one object (a list would be copied by flattening)."""
+
+    def __init__(self):
+        self.n = 0
+
+
+def _scaled_decay(scale, t, x, counter):
+    counter.n += 1  # runs while tracing only
+    return -scale * x
+
+
+def test_new_partial_with_new_arrays_does_not_retrace():
+    """functools.partial velocities are traced as pytrees: new bound arrays reuse the compile."""
+    counter = _TraceCounter()
+    x0 = jnp.ones((4, D))
+    kw = dict(solver="rk4", steps=8)
+    a = sample.ode(functools.partial(_scaled_decay, jnp.array(1.0), counter=counter), x0, **kw)
+    n = counter.n
+    b = sample.ode(functools.partial(_scaled_decay, jnp.array(2.0), counter=counter), x0, **kw)
+    assert n > 0 and counter.n == n
+    # RK4 with 8 steps of dx/dt = -c x: relative error ~(c h)^4 / 120 * c, below 2e-4.
+    np.testing.assert_allclose(a.x, np.exp(-1.0) * x0, rtol=2e-4)
+    np.testing.assert_allclose(b.x, np.exp(-2.0) * x0, rtol=2e-4)
 
 
 def test_ode_validation():
@@ -147,19 +172,6 @@ def test_draw_source_deterministic():
 
 
 # ----------------------------------------------------------------------------- score and SDE
-
-
-@pytest.mark.parametrize("schedule", [schedules.linear(), schedules.cosine(), schedules.vp()])
-def test_score_from_velocity_is_exact_score(x64, schedule):
-    """(a u - da x) / (b (da b - a db)) is the score of p_t for a Gaussian source (Tweedie)."""
-    c, _ = _problem(jax.random.key(4), k=3, mean_scale=2.0, eps=0.2)
-    x = jax.random.normal(jax.random.key(5), (3, 6, D), jnp.float64) * 2.0
-    t = jnp.array([0.1, 0.5, 0.9])[:, None]
-    u = fmjax.exact.velocity(c, schedule, t, x)
-    got = _score_from_velocity(u, x, *(v[..., None] for v in schedule(t)))
-    want = fmjax.exact.score(c, schedule, t, x)
-    # float64 round-off of both closed forms: relative 1e-10 of the largest score component.
-    np.testing.assert_allclose(got, want, atol=1e-10 * float(jnp.max(jnp.abs(want))), rtol=0)
 
 
 def test_sde_zero_diffusion_is_the_ode(x64):
