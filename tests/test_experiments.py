@@ -1,0 +1,165 @@
+"""The seed experiments in quick mode: their numbers against exact answers and identities.
+
+Each experiment runs once per session (module-scoped fixtures, quick configs). Energy distances
+are U-statistics: their noise level is what two independent exact samples of the same size give
+(reported by the experiments as ``energy_between_target_samples``, |.| ~ 0.01 here), so the
+bounds below are a few times that, far below the distance to a wrong law (e.g. the source).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmjax import experiments as E
+
+
+def _check_files(result, out):
+    assert Path(out, "results.json").is_file()
+    saved = json.loads(Path(out, "results.json").read_text())
+    assert saved["metrics"].keys() == result["metrics"].keys()
+    for path in result["figures"].values():
+        assert path.endswith(".png") and Path(path).stat().st_size > 5000, path
+
+
+@pytest.fixture(scope="module")
+def gmm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gmm")
+    result = E.gmm_to_gmm(quick=True, out=out)
+    _check_files(result, out)
+    return result["metrics"]
+
+
+@pytest.fixture(scope="module")
+def otvp(tmp_path_factory):
+    out = tmp_path_factory.mktemp("otvp")
+    result = E.ot_vs_vp(quick=True, out=out)
+    _check_files(result, out)
+    return result["metrics"]
+
+
+@pytest.fixture(scope="module")
+def flows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flows")
+    result = E.flows_and_scores(quick=True, out=out)
+    _check_files(result, out)
+    return result["metrics"]
+
+
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory):
+    out = tmp_path_factory.mktemp("grads")
+    result = E.cfm_equals_fm(quick=True, out=out)
+    _check_files(result, out)
+    return result["metrics"]
+
+
+def test_gmm_learned_velocity_beats_zero_field(gmm):
+    # 300 quick training steps: the learned field's error must be a small fraction of E|u|^2.
+    for name, err in gmm["velocity_error"].items():
+        assert err < 0.15 * gmm["zero_field_error"][name], (name, err)
+
+
+def test_gmm_exact_ode_reaches_target(gmm):
+    # Exact field + adaptive Tsit5: samples are exact up to solver error; 0.05 is ~4x the
+    # noise level of two exact 300-point samples, while p0 vs p1 is at distance ~ 8.
+    noise = abs(gmm["energy_between_target_samples"])
+    assert noise < 0.05
+    for coupling, by_sched in gmm["energy_exact_ode"].items():
+        for sched, e in by_sched.items():
+            assert abs(e) < 0.05, (coupling, sched, e)
+            assert gmm["nfe"][coupling][sched] > 0
+
+
+def test_gmm_1d_mass_split_matches_weights(gmm):
+    # Fraction of 300 exact ODE paths ending at each of the 3 target modes vs the weights:
+    # binomial std <= 0.029, so 0.1 is > 3 std.
+    for sched, frac in gmm["mode_fractions_1d"].items():
+        np.testing.assert_allclose(frac, gmm["mode_weights_1d"], atol=0.1, err_msg=sched)
+
+
+def test_ot_path_needs_fewer_nfe_than_vp(otvp):
+    # Exact 8-Gaussians velocities (ground truth, no training): OT is clearly cheaper.
+    exact = otvp["nfe_exact_8gaussians"]
+    assert exact["OT"] < 0.9 * exact["VP"], exact
+    for dataset, nfe in otvp["nfe"].items():
+        assert nfe["OT"] < nfe["VP"], (dataset, nfe)
+
+
+def test_ot_vs_vp_samples_match_data(otvp):
+    # Energy distance of 500 learned samples to 500 data points; the N(0, I) source is at
+    # distance > 0.3 from both data sets, two data samples at ~0.01.
+    for dataset, by_path in otvp["energy"].items():
+        for path, e in by_path.items():
+            assert e < 0.1, (dataset, path, e)
+
+
+def test_flows_ode_and_sde_reach_target(flows):
+    noise = abs(flows["energy_between_target_samples"])
+    for name, e in flows["energy"].items():
+        assert e < 0.05 + noise, (name, e)
+
+
+def test_flows_x1_settles_like_exact(flows):
+    # Exact field, exact samples: the 3-std box holds 0.9973^3 = 0.992 of each mode.
+    assert flows["final_settled_fraction"]["exact ODE"] > 0.97
+    settle = flows["settle_time"]
+    for name in ("learned ODE", "learned SDE", "exact ODE", "exact SDE"):
+        assert settle[name] is not None and 0.2 < settle[name] < 0.95, (name, settle)
+    # The learned x_hat_1 settles at about the time the exact one does (grid step 0.02).
+    assert abs(settle["learned ODE"] - settle["exact ODE"]) < 0.2
+
+
+def test_cfm_gradients_converge_to_fm(grads):
+    cfm, fm = np.asarray(grads["cosine_cfm"]), np.asarray(grads["cosine_fm"])
+    # Both unbiased for the same gradient: cosine to the reference rises with the batch size.
+    assert np.all(np.diff(cfm) > 0) and np.all(np.diff(fm) > 0), (cfm, fm)
+    assert cfm[-1] > 0.9 and fm[-1] > 0.9
+    assert grads["cosine_large_batch"] > 0.95
+
+
+def test_quick_from_env(monkeypatch):
+    monkeypatch.setenv("FMJAX_QUICK", "1")
+    assert E.quick_from_env()
+    monkeypatch.setenv("FMJAX_QUICK", "0")
+    assert not E.quick_from_env()
+    monkeypatch.delenv("FMJAX_QUICK")
+    assert E.quick_from_env(default=True)
+
+
+def test_configs_validate(tmp_path):
+    with pytest.raises(ValueError, match="steps"):
+        E.GMMConfig(steps=0)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        E.cfm_equals_fm(E.CFMConfig.quick(batch_sizes=(8, 12)), out=tmp_path)
+    with pytest.raises(ValueError, match="dataset"):
+        E.ot_vs_vp(E.OTvsVPConfig.quick(datasets=("nope",)), out=tmp_path)
+    with pytest.raises(ValueError, match="config"):
+        E.gmm_to_gmm(E.CFMConfig(), out=tmp_path)
+    assert E.DemoConfig.quick().steps < E.DemoConfig().steps
+
+
+def test_format_table():
+    table = E.format_table({"a": {"x": 1.0, "y": None}, "bb": {"x": 2.5, "y": 3.0}}, ("x", "y"))
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "x", "y"]
+    assert lines[2].split() == ["a", "1", "-"] and lines[3].split() == ["bb", "2.5", "3"]
+
+
+@pytest.mark.slow
+def test_full_configs(tmp_path):
+    # The full (notebook / CLI default) settings: tighter bounds than the quick ones.
+    gmm = E.gmm_to_gmm(out=tmp_path / "gmm", quick=False)["metrics"]
+    for name, err in gmm["velocity_error"].items():
+        assert err < 0.02 * gmm["zero_field_error"][name], (name, err)
+    # Linear and cosine schedules have the same endpoint map (a time change of x_t / (a + b)).
+    for by_sched in gmm["energy_exact_ode"].values():
+        assert by_sched["linear"] == pytest.approx(by_sched["cosine"], abs=1e-4)
+    ot = E.ot_vs_vp(out=tmp_path / "ot", quick=False)["metrics"]
+    for dataset, nfe in ot["nfe"].items():
+        assert nfe["OT"] < nfe["VP"], (dataset, nfe)
+    flows = E.flows_and_scores(out=tmp_path / "flows", quick=False)["metrics"]
+    assert abs(flows["settle_time"]["learned ODE"] - flows["settle_time"]["exact ODE"]) < 0.1
+    grads = E.cfm_equals_fm(out=tmp_path / "grads", quick=False)["metrics"]
+    assert grads["cosine_cfm"][-1] > 0.99 and grads["cosine_fm"][-1] > 0.99
