@@ -233,7 +233,7 @@ def _target_sampler(name: str):
     if name == "gmm":
         coupling, _ = experiments.demo_problem()
         return coupling.target().sample, coupling
-    return experiments._DATASETS["moons" if name == "moons" else name], None
+    return experiments.DATASETS[name], None
 
 
 def _check_positive(args, *names):
@@ -248,7 +248,8 @@ def _cmd_train(args) -> int:
     import jax
     import numpy as np
 
-    from fmjax import data, experiments, losses, metrics, models, schedules
+    from fmjax import data, losses, metrics, models, schedules
+    from fmjax.experiments._common import _loss_figure, _train
 
     _check_positive(args, "steps", "batch_size", "width", "depth", "lr")
     out = Path(args.out)
@@ -266,11 +267,11 @@ def _cmd_train(args) -> int:
     if coupling is not None:
         floor = float(losses.loss_floor(coupling, sched, key, 20_000, time_sampler=times))
     print(f"fmjax train: {args.data}, {args.schedule} schedule, {args.steps} steps")
-    fit = experiments._train(model, loss_fn, key, args.steps, args.lr, not args.no_progress, floor)
+    fit = _train(model, loss_fn, key, args.steps, args.lr, not args.no_progress, floor)
     (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(fit.params))
     spec = {"model": model_kw, "data": args.data, "schedule": args.schedule, "seed": seed}
     (out / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-    fig_path = experiments._loss_figure(fit.losses, np.nan if floor is None else floor,
+    fig_path = _loss_figure(fit.losses, np.nan if floor is None else floor,
                                         out / "training_loss.png")  # fmt: skip
     tail = max(1, args.steps // 10)
     res = {
