@@ -4,7 +4,7 @@
     fmjax experiment gmm_to_gmm [--quick] [--out DIR]  # one of the seed experiments
     fmjax train --data checkerboard --schedule linear --steps 5000 --out runs/cb
     fmjax sample --model runs/cb --method sde --n 5000 --out runs/cb/samples
-    fmjax bench [exact_velocity|train_throughput|sampling|builtin] [-- extra flags]
+    fmjax bench [all|exact_velocity|train_throughput|sampling|...|builtin] [flags for the script]
 
 Every subcommand takes ``--config FILE``: a JSON or TOML file whose keys are the subcommand's
 long options with underscores (``batch_size = 512``); flags given on the command line win over
@@ -25,7 +25,6 @@ from pathlib import Path
 
 _DATA = ("gmm", "checkerboard", "moons", "eight_gaussians", "rings", "swiss_roll")
 _SCHEDULES = ("linear", "cosine", "vp")
-_BENCHES = ("exact_velocity", "train_throughput", "sampling")
 
 
 # ----------------------------------------------------------------------------- config files
@@ -137,15 +136,17 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: dispatch to benchmarks/*.py in a checkout, or a built-in timing",
         description="`fmjax bench NAME [ARGS...]` runs `python -m benchmarks.NAME ARGS` from a "
-        "source checkout (the current folder must hold benchmarks/); `fmjax bench builtin` (the "
-        "fallback when benchmarks/ is absent) times the exact GMM velocity after warm-up.",
+        "source checkout (the current folder must hold benchmarks/); `fmjax bench all` runs "
+        "`python -m benchmarks` (as `make bench`); `fmjax bench builtin` (the default when "
+        "benchmarks/ is absent) times the exact GMM velocity after warm-up (median of --repeats, "
+        "compile time apart) and writes JSON.",
     )
     be.add_argument(
         "name",
         nargs="?",
         default=None,
-        choices=_BENCHES + ("builtin",),
-        help="benchmark (default exact_velocity in a checkout, else builtin)",
+        help="a script of benchmarks/ (e.g. exact_velocity, train_throughput, sampling), 'all' "
+        "(python -m benchmarks) or 'builtin'; default: 'all' in a checkout, else 'builtin'",
     )
     be.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark script")
     be.add_argument("--out", default=None, help="JSON path (builtin: outputs/bench/results.json)")
@@ -232,7 +233,7 @@ def _target_sampler(name: str):
     if name == "gmm":
         coupling, _ = experiments.demo_problem()
         return coupling.target().sample, coupling
-    return experiments._DATASETS["moons" if name == "moons" else name], None
+    return experiments.DATASETS[name], None
 
 
 def _check_positive(args, *names):
@@ -247,7 +248,8 @@ def _cmd_train(args) -> int:
     import jax
     import numpy as np
 
-    from fmjax import data, experiments, losses, metrics, models, schedules
+    from fmjax import data, losses, metrics, models, schedules
+    from fmjax.experiments._common import _loss_figure, _train
 
     _check_positive(args, "steps", "batch_size", "width", "depth", "lr")
     out = Path(args.out)
@@ -265,11 +267,11 @@ def _cmd_train(args) -> int:
     if coupling is not None:
         floor = float(losses.loss_floor(coupling, sched, key, 20_000, time_sampler=times))
     print(f"fmjax train: {args.data}, {args.schedule} schedule, {args.steps} steps")
-    fit = experiments._train(model, loss_fn, key, args.steps, args.lr, not args.no_progress, floor)
+    fit = _train(model, loss_fn, key, args.steps, args.lr, not args.no_progress, floor)
     (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(fit.params))
     spec = {"model": model_kw, "data": args.data, "schedule": args.schedule, "seed": seed}
     (out / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
-    fig_path = experiments._loss_figure(fit.losses, np.nan if floor is None else floor,
+    fig_path = _loss_figure(fit.losses, np.nan if floor is None else floor,
                                         out / "training_loss.png")  # fmt: skip
     tail = max(1, args.steps // 10)
     res = {
@@ -369,23 +371,30 @@ def _cmd_sample(args) -> int:
 
 def _cmd_bench(args) -> int:
     name = args.name
-    has_scripts = Path("benchmarks", "__init__.py").is_file()
+    folder = Path("benchmarks")
+    has_scripts = (folder / "__init__.py").is_file()
     if name is None:
-        name = "exact_velocity" if has_scripts else "builtin"
+        name = "all" if has_scripts else "builtin"
     if name != "builtin":
         if not has_scripts:
             raise SystemExit(
                 "fmjax: benchmarks/ not found in the current folder; run from a source checkout "
                 "or use `fmjax bench builtin`"
             )
+        scripts = sorted(p.stem for p in folder.glob("[a-z]*.py"))
+        if name != "all" and name not in scripts:
+            raise SystemExit(
+                f"fmjax: unknown benchmark {name!r}; choose from {scripts}, all, builtin"
+            )
         import runpy
 
         extra = list(args.args)
         if args.out:
             extra += ["--out", args.out]
-        sys.argv = [f"benchmarks/{name}.py"] + extra
+        module = "benchmarks" if name == "all" else f"benchmarks.{name}"
+        sys.argv = [str(folder / f"{'__main__' if name == 'all' else name}.py")] + extra
         sys.path.insert(0, os.getcwd())
-        runpy.run_module(f"benchmarks.{name}", run_name="__main__")
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0
     if args.args:  # options after the name land in args.args (REMAINDER): parse them now
         bench = argparse.ArgumentParser(prog="fmjax bench builtin")

@@ -124,6 +124,15 @@ def test_experiment_with_json_config(tmp_path, capsys):
     assert res["config"]["batch_sizes"] == [8, 32] and len(res["metrics"]["cosine_cfm"]) == 2
 
 
+def test_bench_dispatch_checks_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a checkout: benchmarks/ present
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        main(["bench", "nope"])
+    monkeypatch.chdir(tmp_path)  # no benchmarks/ here
+    with pytest.raises(SystemExit, match="not found"):
+        main(["bench", "exact_velocity"])
+
+
 def test_bench_builtin(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "builtin", "--n", "2000", "--repeats", "2", "--out", str(out)]) == 0

@@ -1,0 +1,69 @@
+"""The seed experiments, shared by the ``fmjax`` command and the notebooks.
+
+Each experiment is one function ``name(config=None, *, quick=None, out=..., progress=False)``
+that writes PNG figures and ``results.json`` into ``out`` and returns a JSON-able dict::
+
+    {"experiment": name, "config": {...}, "metrics": {...}, "figures": {name: path},
+     "wall_time_s": seconds}
+
+``config`` is the experiment's frozen config dataclass; when it is None, ``quick`` picks the
+small CI configuration (``Config.quick()``) or the full one (``Config()``), and ``quick=None``
+reads the environment variable ``FMJAX_QUICK`` (``1``/``true``/``yes`` mean quick).
+
+Experiments (``EXPERIMENTS`` maps names to functions):
+
+* ``demo``: the 2-D N(0, I) -> 5-component GMM problem behind ``fmjax demo``: exact density,
+  velocity and trajectories; a short CFM training; ODE and SDE sampling; a table comparing
+  the learned model with the exact velocity (loss, loss floor, velocity error, energy
+  distances, NLL).
+* ``gmm_to_gmm``: stochastic interpolants between Gaussian mixtures: an independent and a joint
+  (cross-covariance) coupling with the same marginals, under the linear, cosine and VP
+  schedules; exact velocities, responsibilities and trajectories; learned-vs-exact velocity
+  error over t; the 1-D problem 2 modes (+-3) -> 3 modes (-6, 0, 6).
+* ``ot_vs_vp``: conditional-OT (linear) path vs VP-diffusion path on the checkerboard and two
+  moons (Lipman et al., 2023): samples over t, trajectories, adaptive-solver NFE.
+* ``flows_and_scores``: a 2-mode GMM in R^3, Fourier-time MLP, RK4 ODE vs Euler-Maruyama SDE
+  (score from the velocity), histograms of the predicted target x_hat_1 along the path and the
+  time each settles on the modes.
+* ``cfm_equals_fm``: gradients of the conditional and the marginal (exact-target) losses agree:
+  cosine similarity to the exact gradient vs batch size.
+
+The VP schedule has db_t -> -inf as t -> 1, so VP velocities are integrated on [0, 1 - eps]
+(``vp_eps``, 1e-3) and VP models are trained on t ~ U[eps, 1 - eps].
+"""
+
+from fmjax.experiments._common import format_table as format_table
+from fmjax.experiments._common import quick_from_env as quick_from_env
+from fmjax.experiments.cfm_equals_fm import CFMConfig as CFMConfig
+from fmjax.experiments.cfm_equals_fm import cfm_equals_fm as cfm_equals_fm
+from fmjax.experiments.demo import DemoConfig as DemoConfig
+from fmjax.experiments.demo import demo as demo
+from fmjax.experiments.demo import demo_problem as demo_problem
+from fmjax.experiments.flows_and_scores import FlowsScoresConfig as FlowsScoresConfig
+from fmjax.experiments.flows_and_scores import flows_and_scores as flows_and_scores
+from fmjax.experiments.flows_and_scores import flows_scores_target as flows_scores_target
+from fmjax.experiments.gmm_to_gmm import GMMConfig as GMMConfig
+from fmjax.experiments.gmm_to_gmm import gmm_1d_problem as gmm_1d_problem
+from fmjax.experiments.gmm_to_gmm import gmm_problems as gmm_problems
+from fmjax.experiments.gmm_to_gmm import gmm_to_gmm as gmm_to_gmm
+from fmjax.experiments.ot_vs_vp import DATASETS as DATASETS
+from fmjax.experiments.ot_vs_vp import OTvsVPConfig as OTvsVPConfig
+from fmjax.experiments.ot_vs_vp import ot_vs_vp as ot_vs_vp
+
+#: Experiment name -> function, as used by ``fmjax experiment NAME``.
+EXPERIMENTS = {
+    "demo": demo,
+    "gmm_to_gmm": gmm_to_gmm,
+    "ot_vs_vp": ot_vs_vp,
+    "flows_and_scores": flows_and_scores,
+    "cfm_equals_fm": cfm_equals_fm,
+}
+
+#: Experiment name -> config class.
+CONFIGS = {
+    "demo": DemoConfig,
+    "gmm_to_gmm": GMMConfig,
+    "ot_vs_vp": OTvsVPConfig,
+    "flows_and_scores": FlowsScoresConfig,
+    "cfm_equals_fm": CFMConfig,
+}
