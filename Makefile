@@ -19,7 +19,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check fmjax tests benchmarks
+	$(BIN)/ruff check fmjax tests benchmarks notebooks
+	$(BIN)/ruff format --check fmjax tests benchmarks notebooks
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -23,12 +23,12 @@ SETUP = f"""\
 # Setup. In Colab this installs fmjax from GitHub (replace <org> in the URL with the owner);
 # elsewhere install it first: `pip install -e .` in a checkout.
 import importlib.util
-import os
 import subprocess
 import sys
 
 if "google.colab" in sys.modules and importlib.util.find_spec("fmjax") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "git+{REPO_URL}"], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "git+{REPO_URL}"], check=True)
 
 import jax
 from IPython.display import Image, display
@@ -39,8 +39,7 @@ print("JAX", jax.__version__, "| backend:", jax.default_backend(), "| devices:",
 if jax.default_backend() == "cpu":
     print("No GPU/TPU found: running on the CPU (in Colab: Runtime > Change runtime type).")
 QUICK = experiments.quick_from_env()  # FMJAX_QUICK=1: small CI settings
-print("QUICK =", QUICK)
-"""
+print("QUICK =", QUICK)"""
 
 
 class _Md(str):
@@ -184,7 +183,7 @@ NOTEBOOKS = {
         "print(f\"{result['wall_time_s']:.1f} s\")",
         _show("gradient_cosine"),
         'm = result["metrics"]\n'
-        'for b, c, f in zip(m["batch_sizes"], m["cosine_cfm"], m["cosine_fm"]):\n'
+        'for b, c, f in zip(m["batch_sizes"], m["cosine_cfm"], m["cosine_fm"], strict=True):\n'
         '    print(f"B = {b:6d}   CFM {c:.3f}   FM {f:.3f}")\n'
         'print("CFM vs FM on the reference batch size:", round(m["cosine_large_batch"], 4))',
     ],
