@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,25 +17,41 @@ import jax.numpy as jnp
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def time_compiled(fn: Callable, *args, repeats: int = 5, min_time: float = 0.0) -> dict:
-    """Compile time and median run time of ``fn(*args)`` (a jitted function), after warm-up.
+class Timing(NamedTuple):
+    first_s: float  # the first call: for jitted code, trace + compile + run
+    median_s: float
+    times_s: list[float]
+    out: Any  # output of the last call
 
-    Returns:
-        {"compile_s", "median_s", "times_s"}: the first call (trace + compile + run) is reported
-        as compile time; then one warm-up call, then ``repeats`` timed calls, each ended by
-        ``block_until_ready``. With ``min_time`` > 0, repeats continue until that much time passed.
+
+def time_calls(
+    fn: Callable[[], Any], repeats: int, sync: Callable = lambda out: out, warmup: int = 0
+) -> Timing:
+    """Time ``sync(fn())`` in any framework; ``sync`` waits for the device (block_until_ready).
+
+    The first call is reported apart, then ``warmup`` untimed calls, then ``repeats`` timed ones.
     """
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(fn(*args))
+    out = sync(fn())
+    first_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        out = sync(fn())
     times = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_time:
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        out = sync(fn())
         times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "median_s": statistics.median(times), "times_s": times}
+    return Timing(first_s, statistics.median(times), times, out)
+
+
+def time_compiled(fn: Callable, *args, repeats: int = 5) -> dict:
+    """Compile time and median run time of the jitted ``fn(*args)`` after one warm-up call.
+
+    Returns:
+        {"compile_s", "median_s", "times_s"}; each call is ended by ``block_until_ready``.
+    """
+    res = time_calls(lambda: fn(*args), repeats, jax.block_until_ready, warmup=1)
+    return {"compile_s": res.first_s, "median_s": res.median_s, "times_s": res.times_s}
 
 
 def matmul_rate(n: int = 4096, precision: str = "highest", dtype=jnp.float32) -> float:

@@ -19,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import fmjax
-from benchmarks._common import machine, matmul_rate, print_table, time_compiled, write_json
+from benchmarks._common import (
+    machine,
+    matmul_rate,
+    print_table,
+    time_calls,
+    time_compiled,
+    write_json,
+)
 
 CONFIGS = [(2, 8, 1_000_000), (16, 16, 100_000), (64, 64, 1_000_000)]
 
@@ -57,23 +64,18 @@ def _time_torch(c, x, t, repeats):
         import torch
     except ImportError:
         return None
-    import statistics
-    import time
-
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
     args = [torch.as_tensor(np.asarray(a), device=dev) for a in (c.weights, c.means, c.covs, x)]
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+    def sync(out):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return out
+
     with torch.no_grad():
-        out = _torch_velocity(torch, args[0], args[1], args[2], t, args[3])
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            _torch_velocity(torch, args[0], args[1], args[2], t, args[3])
-            sync()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), np.asarray(out.cpu())
+        res = time_calls(lambda: _torch_velocity(torch, *args[:3], t, args[3]), repeats, sync)
+    return res.median_s, np.asarray(res.out.cpu())
 
 
 def run(configs, scale: float, repeats: int, peer: bool, precision: str) -> dict:

@@ -16,27 +16,24 @@ included, is reported apart), with ``block_until_ready`` / synchronous torch.
 The peer is optional: run in a venv with torch and flow_matching (see README), with PYTHONPATH set
 to the repository; without them it prints "peer unavailable".
 
-    python benchmarks/sampling.py             # small CPU sizes (~2 min)
-    python benchmarks/sampling.py --full      # 1e6 samples, 200 x 200 grid, 1e6 GMM samples
+    python -m benchmarks.sampling             # small CPU sizes (~2 min)
+    python -m benchmarks.sampling --full      # 1e6 samples, 200 x 200 grid, 1e6 GMM samples
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import platform
-import statistics
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import fmjax
+from benchmarks._common import time_calls, write_json
 from fmjax import likelihood, models, sample, schedules
 
 try:
@@ -107,23 +104,6 @@ def torch_model(weights):
     return model.eval()
 
 
-def timed(fn, repeats: int, sync=lambda out: out):
-    """(first-call seconds, median seconds of ``repeats`` further calls, last output)."""
-    t = time.perf_counter()
-    out = sync(fn())
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = sync(fn())
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times), out
-
-
-def jax_sync(out):
-    return jax.block_until_ready(out)
-
-
 def bench_mlp_sampling(n, weights, repeats, peer, seed):
     model = checkerboard_mlp()
     params = flax_params(weights)
@@ -135,7 +115,7 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
         return sol.x, sol.nfe
 
     x0_j = jnp.asarray(x0)
-    first, med, (xs, nfe) = timed(lambda: run(params, x0_j), repeats, jax_sync)
+    first, med, _, (xs, nfe) = time_calls(lambda: run(params, x0_j), repeats, jax.block_until_ready)
     row = {
         "workload": "mlp_midpoint_sampling",
         "n": n,
@@ -155,7 +135,7 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
         solver = ODESolver(velocity_model=velocity)
         x0_t = torch.from_numpy(x0)
         with torch.no_grad():
-            tfirst, tmed, xt = timed(
+            tfirst, tmed, _, xt = time_calls(
                 lambda: solver.sample(x_init=x0_t, step_size=STEP, method="midpoint"), repeats
             )
         row.update(
@@ -182,7 +162,9 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         )
         return out.log_prob, out.nfe
 
-    first, med, (lp, nfe) = timed(lambda: run(params, jnp.asarray(pts)), repeats, jax_sync)
+    first, med, _, (lp, nfe) = time_calls(
+        lambda: run(params, jnp.asarray(pts)), repeats, jax.block_until_ready
+    )
     row = {
         "workload": "mlp_grid_log_likelihood_exact_div",
         "n": n,
@@ -200,7 +182,7 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
             return -0.5 * (x * x).sum(-1) - 0.5 * DIM * math.log(2 * math.pi)
 
         x1 = torch.from_numpy(pts)
-        tfirst, tmed, (_, tlp) = timed(
+        tfirst, tmed, _, (_, tlp) = time_calls(
             lambda: solver.compute_likelihood(
                 x_1=x1, log_p0=log_p0, step_size=STEP, method="midpoint", exact_divergence=True
             ),
@@ -228,7 +210,7 @@ def bench_gmm_sampling(n, d, k, repeats, seed):
         return sol.x, sol.nfe
 
     x0 = sample.draw_source(jax.random.key(seed + 1), n, d)
-    first, med, (_, nfe) = timed(lambda: run(x0), repeats, jax_sync)
+    first, med, _, (_, nfe) = time_calls(lambda: run(x0), repeats, jax.block_until_ready)
     return {
         "workload": f"exact_gmm_midpoint_sampling_d{d}_K{k}",
         "n": n,
@@ -292,10 +274,7 @@ def main(argv=None):
             f"{r['workload']:44s} {r['n']:8d} {r['nfe']:4d} {r['fmjax_per_s']:11.4g} {peer_s} "
             f"{speed} {r['fmjax_first_s']:10.2f} {diff}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "args": vars(args), "results": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json({"env": env, "args": vars(args), "results": rows}, args.out, "sampling.json")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ The peer is optional: without torch + flow_matching it prints "peer unavailable"
 
     python3.11 -m venv /tmp/venv-peer
     /tmp/venv-peer/bin/pip install torch flow_matching numpy jax flax optax jaxtyping tqdm
-    PYTHONPATH=$PWD /tmp/venv-peer/bin/python benchmarks/train_throughput.py
+    /tmp/venv-peer/bin/python -m benchmarks.train_throughput      # from the repository root
 
 Defaults are small for a CPU (batch 1024, 200 steps in 5 segments); ``--full`` runs Meta's
 configuration (batch 4096, 20000 steps in 20 segments).
@@ -21,7 +21,6 @@ configuration (batch 4096, 20000 steps in 20 segments).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks._common import write_json
 from fmjax import data, losses, models, schedules, train
 
 # ----------------------------------------------------------------------------- fmjax side
@@ -257,10 +257,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(out, args.out, "train_throughput.json")
 
 
 if __name__ == "__main__":
