@@ -8,11 +8,14 @@ Gaussian with
 so v_t^k(x) = dmu_t + C_t S_t^{-1} (x - mu_t) and u_t(x) = sum_k alpha_t^k(x) v_t^k(x), with
 alpha_t^k(x) proportional to pi_k N(x; mu_t, S_t) (the X_t block only).
 
-Per time and component there is one Cholesky factor L (S_t = L L^T); the per-point work is two
-d x d matrix products with W = L^{-1} (triangular inverse) and M = C_t L^{-T}:
+Per time and component there is one Cholesky factor L (S_t = L L^T), W = L^{-1} (triangular
+solve) and M = C_t L^{-T}; per point,
     z = W (x - mu_t),  v = dmu_t + M z,  score_k = -W^T z,  log N = -|z|^2 / 2 - log|L| - ...
 Components are streamed in blocks with an online log-sum-exp (as flash attention does for
-softmax), so memory stays O(N d + K d^2) and each block is one batched matrix product.
+softmax), so memory stays O(N d + B d^2) for a block of B components. For many points each of
+z, v, score_k is affine in x, so a block costs one (N, d) @ (d, B d) matrix product per
+quantity (with W, A = M W = C_t S_t^{-1}, S_t^{-1} stacked over the block); for few points (one
+time per point, vmapped) the per-point matrix-vector form is used instead.
 
 Public functions take ``(coupling, schedule, t, x)`` with ``x`` of shape (..., d) and ``t`` a
 scalar or an array broadcastable against ``x.shape[:-1]``. They are pure and jit-compatible
@@ -97,9 +100,42 @@ def _component_terms(f: _Factors, x, precision):
     return f.log_w[None] - 0.5 * jnp.sum(z * z, axis=-1), z
 
 
+def _point_terms_matvec(f: _Factors, x, need_v: bool, need_s: bool, precision):
+    """(log pi N, v_k, s_k) for few points: per-point matrix-vector products with W and M."""
+    logp, z = _component_terms(f, x, precision)
+    v = f.dmu[None] + jnp.einsum("bij,nbj->nbi", f.m, z, precision=precision) if need_v else None
+    s = -jnp.einsum("bji,nbj->nbi", f.w, z, precision=precision) if need_s else None
+    return logp, v, s
+
+
+def _point_terms_gemm(f: _Factors, x, need_v: bool, need_s: bool, precision):
+    """(log pi N, v_k, s_k) for many points as large products x (N, d) @ (d, B d).
+
+    Each per-component quantity is affine in x: z = W x - W mu, v = A x + (dmu - A mu) with
+    A = C S^{-1} = M W, s = -P x + P mu with P = S^{-1} = W^T W. Stacking the matrices of all B
+    components gives one large product per quantity instead of B small batched ones, at the cost
+    of B d^3 extra flops per block and quantity (negligible for N >> d).
+    """
+    n, d = x.shape
+    bsz = f.mu.shape[0]
+
+    def affine(g, off):  # x @ g_b^T + off_b for every b: (N, B, d)
+        y = jnp.matmul(x, g.reshape(bsz * d, d).T, precision=precision).reshape(n, bsz, d)
+        return y + (off - jnp.einsum("bij,bj->bi", g, f.mu, precision=precision))[None]
+
+    z = affine(f.w, 0.0)
+    logp = f.log_w[None] - 0.5 * jnp.sum(z * z, axis=-1)
+    v = s = None
+    if need_v:
+        v = affine(jnp.einsum("bij,bjk->bik", f.m, f.w, precision=precision), f.dmu)
+    if need_s:
+        s = affine(-jnp.einsum("bji,bjk->bik", f.w, f.w, precision=precision), 0.0)
+    return logp, v, s
+
+
 def _block_size(n: int, k: int, d: int) -> int:
-    """Components per scan step: (N, B, d) point terms and ~8 (B, 2d, 2d) factor-sized arrays."""
-    limit = max(1, _BLOCK_BUDGET // max(1, n * d + 32 * d * d))
+    """Components per scan step: (N, B, 3d) point terms and ~8 (B, 2d, 2d) factor-sized arrays."""
+    limit = max(1, _BLOCK_BUDGET // max(1, 3 * n * d + 32 * d * d))
     return max(b for b in range(1, k + 1) if k % b == 0 and b <= limit)
 
 
@@ -114,24 +150,25 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
     blocks = jax.tree.map(lambda a: a.reshape((k // bsz, bsz) + a.shape[1:]), c)
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
+    # Few points (one time per point, vmapped): matrix-vector products; many: one big product.
+    terms = _point_terms_gemm if n >= 4 * d else _point_terms_matvec
     zero_vec = jnp.zeros((n, d), x.dtype)
 
     def step(carry, cb):
         mx, tot, acc_v, acc_s, acc_div = carry
         fb = _factors(cb, sched, t, precision)
-        logp, z = _component_terms(fb, x, precision)
+        logp, v, sk = terms(fb, x, need_v, need_s, precision)
         new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
         # Zero weights give -inf everywhere: keep the shift finite so no inf - inf appears.
         shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
         scale = jnp.exp(mx - shift)
         p = jnp.exp(logp - shift[:, None])  # (N, B)
         tot = tot * scale + jnp.sum(p, axis=1)
+        # Weighted sums over the block as multiply-and-reduce (fused), not as tiny dots.
         if need_v:
-            v = fb.dmu[None] + jnp.einsum("bij,nbj->nbi", fb.m, z, precision=precision)
-            acc_v = acc_v * scale[:, None] + jnp.einsum("nb,nbi->ni", p, v, precision=precision)
+            acc_v = acc_v * scale[:, None] + jnp.sum(p[:, :, None] * v, axis=1)
         if need_s:
-            sk = -jnp.einsum("bji,nbj->nbi", fb.w, z, precision=precision)
-            acc_s = acc_s * scale[:, None] + jnp.einsum("nb,nbi->ni", p, sk, precision=precision)
+            acc_s = acc_s * scale[:, None] + jnp.sum(p[:, :, None] * sk, axis=1)
         if "divergence" in want:
             dk = fb.tr[None] + jnp.sum(sk * v, axis=-1)
             acc_div = acc_div * scale + jnp.sum(p * dk, axis=1)

@@ -69,6 +69,43 @@ def test_streaming_blocks_match_single_block(x64, monkeypatch):
         np.testing.assert_allclose(streamed[q], whole[q], rtol=1e-12, atol=1e-12)
 
 
+def test_many_point_and_per_point_kernels_agree(x64):
+    """Scalar t on many points takes the large-product kernel; one t per point the per-point one.
+
+    The two are different algebra (x @ [W; M W; W^T W] vs W (x - mu) then M z): float64 round-off
+    through d x d triangular factors of condition < ~1e3 keeps them within 1e-10.
+    """
+    c = random_joint_mixture(jax.random.key(5), 6, 4, mean_scale=2.0)
+    sched = schedules.cosine()
+    x = _points(c, sched, 0.3, jax.random.key(2))
+    qs = ("velocity", "log_prob", "score", "divergence")
+    many = exact.evaluate(c, sched, 0.3, x, qs)
+    per_point = exact.evaluate(c, sched, jnp.full(x.shape[:1], 0.3), x, qs)
+    for q in qs:
+        assert _rel(many[q], per_point[q]) < 1e-10, q
+
+
+@pytest.mark.parametrize(
+    "quantities", [("velocity",), ("velocity", "log_prob", "score", "divergence")]
+)
+def test_memory_does_not_grow_with_components(quantities):
+    """Streaming keeps compiled temporaries O(N d + B d^2): 8x more components, same temp bytes."""
+    sched = schedules.linear()
+    n, d = 20_000, 8
+    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    temp = {}
+    for k in (64, 512):
+        c = random_joint_mixture(jax.random.key(0), k, d)
+        f = jax.jit(lambda c, x: exact.evaluate(c, sched, 0.5, x, quantities))
+        analysis = f.lower(c, x).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        temp[k] = analysis.temp_size_in_bytes
+    naive = 4 * n * 512 * d  # one (N, K, d) float32 intermediate
+    assert temp[512] <= 1.1 * temp[64], temp
+    assert temp[512] < naive / 4, (temp, naive)
+
+
 @pytest.mark.parametrize("name", ["linear", "cosine", "vp"])
 def test_continuity_equation(x64, name):
     """d/dt log p_t + div u_t + u_t . grad log p_t = 0, all terms by autodiff of the engine."""
