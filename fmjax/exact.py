@@ -203,6 +203,12 @@ def _responsibilities(c: JointGaussianMixture, sched: Schedule, t, x, precision)
     return {"responsibilities": jax.nn.softmax(logp, axis=-1)}
 
 
+# Compiled once per shapes and static options, so eager callers do not recompile the component
+# scan on every call (an eager lax.scan is compiled anew per call); inlined under an outer jit.
+_accumulate_jit = jax.jit(_accumulate, static_argnames=("want", "precision"))
+_responsibilities_jit = jax.jit(_responsibilities, static_argnames=("precision",))
+
+
 def _check_inputs(fn: str, c, sched, t, x):
     if not isinstance(c, JointGaussianMixture):
         raise ValueError(
@@ -285,7 +291,7 @@ def evaluate(
         )
     return _run(
         "evaluate",
-        functools.partial(_accumulate, want=want, precision=precision),
+        functools.partial(_accumulate_jit, want=want, precision=precision),
         coupling,
         schedule,
         t,
@@ -294,7 +300,7 @@ def evaluate(
 
 
 def _one(name: str, coupling, schedule, t, x, precision) -> Array:
-    kernel = functools.partial(_accumulate, want=frozenset({name}), precision=precision)
+    kernel = functools.partial(_accumulate_jit, want=frozenset({name}), precision=precision)
     return _run(name, kernel, coupling, schedule, t, x)[name]
 
 
@@ -320,7 +326,7 @@ def divergence(coupling, schedule, t, x, *, precision: Precision = "highest"):
 
 def responsibilities(coupling, schedule, t, x, *, precision: Precision = "highest"):
     """Posterior component probabilities P(K = k | X_t = x): x (..., d) -> (..., K)."""
-    kernel = functools.partial(_responsibilities, precision=precision)
+    kernel = functools.partial(_responsibilities_jit, precision=precision)
     return _run("responsibilities", kernel, coupling, schedule, t, x)["responsibilities"]
 
 

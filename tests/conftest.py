@@ -21,3 +21,27 @@ def x64():
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+class _CompileCounter:
+    """Counts XLA backend compilations (every jit, eager op or scan) while active."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.n += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+@pytest.fixture
+def count_compiles():
+    """``with count_compiles() as c: ...`` then ``c.n`` is the number of XLA compilations."""
+    return _CompileCounter
