@@ -1,6 +1,7 @@
 """Tests of fmjax.train: convergence to a closed form, exact agreement with a hand-rolled optax
-loop and EMA, invariance to chunking, bit-identical resume, checkpoint errors, no recompilation,
-and vmapped training equal to separate runs."""
+loop and EMA, invariance to chunking, bit-identical resume, checkpoint errors, no recompilation
+across chunks or across calls with the same configuration and shapes (and recompilation when
+the program changes), and vmapped training equal to separate runs."""
 
 import hashlib
 import os
@@ -289,22 +290,166 @@ def test_checkpoint_of_other_model_raises(tmp_path):
         )
 
 
-def test_compiles_once_whatever_the_chunks():
-    """The loss is traced a fixed number of times per fit (shape inference + one compile),
-    whether the run is one chunk or many chunks of varying lengths (remainder, checkpoints)."""
-    x, y = _problem()
-    base = _minibatch_loss(x, y)
+def _counted(loss_fn):
+    """``loss_fn`` and a list that grows by one each time JAX traces it (Python runs the body
+    only when tracing: shape inference or compilation, never when a compiled call runs)."""
     traces = []
 
-    def loss(params, key):
+    def loss(*args):
         traces.append(1)
-        return base(params, key)
+        return loss_fn(*args)
 
-    train.fit(loss, _zeros(), jax.random.key(0), steps=10, steps_per_call=10, progress=False)
-    per_fit = len(traces)
-    traces.clear()
+    return loss, traces
+
+
+def _same_run(a, b):
+    return (
+        _tree_equal(a.params, b.params)
+        and _tree_equal(a.opt_state, b.opt_state)
+        and _tree_equal(a.ema_params, b.ema_params)
+        and np.array_equal(a.losses, b.losses)
+    )
+
+
+def test_compiles_once_whatever_the_chunks():
+    """The loss is traced a fixed number of times per compilation (shape inference + one
+    compile), whether the run is one chunk or many chunks of varying lengths (remainder,
+    checkpoints)."""
+    x, y = _problem()
+    loss, traces = _counted(_minibatch_loss(x, y))
     train.fit(loss, _zeros(), jax.random.key(0), steps=47, steps_per_call=10, progress=False)
-    assert len(traces) == per_fit <= 2  # 5 chunks (10, 10, 10, 10, 7), same compiled call
+    assert 1 <= len(traces) <= 2  # 5 chunks (10, 10, 10, 10, 7), one compiled call
+
+
+def test_second_fit_reuses_the_compiled_program():
+    """Same loss_fn object and shapes: no trace at all, compile_time 0.0, bit-identical results;
+    the caller's params survive the donation of the cached program's state."""
+    x, y = _problem()
+    loss, traces = _counted(_minibatch_loss(x, y))
+    kw = dict(steps=20, steps_per_call=10, ema_decay=0.9, progress=False)
+    p0 = _zeros()
+    first = train.fit(loss, p0, jax.random.key(3), **kw)
+    n = len(traces)
+    assert n >= 1 and first.compile_time > 0
+    again = train.fit(loss, p0, jax.random.key(3), **kw)
+    assert len(traces) == n and again.compile_time == 0.0
+    assert _same_run(first, again) and again.step == 20
+    # New arrays of the same shapes (numpy, another key), more steps in chunks of the same
+    # length: still no trace; with a constant learning rate, steps 0..19 are the same steps.
+    p_np = jax.tree.map(np.asarray, p0)
+    longer = train.fit(loss, p_np, jax.random.key(3), **dict(kw, steps=30))
+    other = train.fit(loss, p0, jax.random.key(4), **kw)
+    assert len(traces) == n and longer.compile_time == other.compile_time == 0.0
+    np.testing.assert_array_equal(longer.losses[:20], first.losses)
+    assert not np.array_equal(other.losses, first.losses)
+    np.testing.assert_array_equal(p0["w"], np.zeros(D))  # not donated, not modified
+    np.testing.assert_array_equal(p_np["w"], np.zeros(D))
+
+
+def _program_changes():
+    """(name, params, fit options, whether the numbers change) that each change the compiled
+    program of the baseline ``fit(loss, _zeros(), key, steps=20, steps_per_call=10)``."""
+    p = _zeros()
+    return [
+        ("param shape", {"w": p["w"], "b": jnp.zeros((1,))}, {}, False),
+        ("param dtype", {"w": p["w"], "b": jnp.zeros((), jnp.bfloat16)}, {}, True),
+        ("learning rate", p, dict(learning_rate=1e-2), True),
+        ("clip norm", p, dict(clip_norm=0.1), True),
+        ("optimizer", p, dict(optimizer=optax.sgd(1e-2)), True),
+        ("ema", p, dict(ema_decay=0.9), False),
+        ("chunk length", p, dict(steps_per_call=5), False),
+    ]
+
+
+def test_changed_program_recompiles_and_is_correct():
+    """Whatever changes the program compiles again (the loss is traced again), and the result
+    equals that of a fresh loss_fn object, which cannot hit the cache: bit for bit."""
+    x, y = _problem()
+    base = _minibatch_loss(x, y)
+    loss, traces = _counted(base)
+    kw = dict(steps=20, steps_per_call=10, progress=False)
+    ref = train.fit(loss, _zeros(), jax.random.key(0), **kw)
+    for name, params, opts, new_numbers in _program_changes():
+        n = len(traces)
+        got = train.fit(loss, params, jax.random.key(0), **{**kw, **opts})
+        assert len(traces) > n and got.compile_time > 0, name
+        fresh = train.fit(lambda p, k: base(p, k), params, jax.random.key(0), **{**kw, **opts})
+        assert _same_run(got, fresh), name
+        assert np.array_equal(got.losses, ref.losses) != new_numbers, name
+
+
+def test_cosine_horizon_and_trace_config_recompile(x64):
+    """With lr_schedule="cosine" the number of steps is in the program (the decay horizon)
+    even when the chunks have the same length; so are x64 and the default matmul precision."""
+    x, y = (a.astype(jnp.float32) for a in _problem())
+    base = _minibatch_loss(x, y)
+    loss, traces = _counted(base)
+    kw = dict(steps_per_call=10, lr_schedule="cosine", learning_rate=1e-1, progress=False)
+    key, p = jax.random.key(0), _zeros()
+    train.fit(loss, p, key, steps=20, **kw)  # float32 params, x64 on
+    n = len(traces)
+    got = train.fit(loss, p, key, steps=30, **kw)
+    assert len(traces) > n
+    assert _same_run(got, train.fit(lambda q, k: base(q, k), p, key, steps=30, **kw))
+    n = len(traces)
+    with jax.default_matmul_precision("highest"):
+        train.fit(loss, p, key, steps=30, **kw)
+    assert len(traces) > n
+    n = len(traces)
+    jax.config.update("jax_enable_x64", False)  # the fixture restores it
+    got = train.fit(loss, p, key, steps=30, **kw)
+    assert len(traces) > n
+    assert _same_run(got, train.fit(lambda q, k: base(q, k), p, key, steps=30, **kw))
+
+
+class _UnhashableLoss:
+    """A callable with value equality and hence no hash: it must bypass the cache."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, params, key):
+        return self.fn(params, key)
+
+    def __eq__(self, other):
+        return isinstance(other, _UnhashableLoss) and other.fn is self.fn
+
+
+def test_unhashable_loss_compiles_every_time():
+    x, y = _problem()
+    loss, traces = _counted(_minibatch_loss(x, y))
+    kw = dict(steps=10, progress=False)
+    a = train.fit(_UnhashableLoss(loss), _zeros(), jax.random.key(0), **kw)
+    n = len(traces)
+    b = train.fit(_UnhashableLoss(loss), _zeros(), jax.random.key(0), **kw)
+    assert len(traces) == 2 * n and a.compile_time > 0 and b.compile_time > 0
+    assert _same_run(a, b)
+
+
+def test_resume_reuses_the_compiled_program(tmp_path):
+    """A run resumed from its checkpoint with the same chunk length runs the cached program and
+    ends where an uninterrupted run ends."""
+    x, y = _problem()
+    loss, traces = _counted(_minibatch_loss(x, y))
+    kw = dict(steps_per_call=5, progress=False)
+    straight = train.fit(loss, _zeros(), jax.random.key(0), steps=20, **kw)
+    n = len(traces)
+    ck = dict(kw, checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
+    train.fit(loss, _zeros(), jax.random.key(0), steps=10, **ck)
+    resumed = train.fit(loss, _zeros(), jax.random.key(0), steps=20, **ck)
+    assert len(traces) == n and resumed.compile_time == 0.0 and resumed.step == 20
+    assert _same_run(resumed, straight)
+
+
+def test_cache_is_bounded_lru_and_bypasses_unhashable_keys():
+    lru = train._LRU(2)
+    get = lambda key, value: lru.get_or_make(lambda: key, lambda: value)  # noqa: E731
+    assert get(("a",), 1) == (1, False) and get(("a",), 2) == (1, True)
+    get(("b",), 3)
+    get(("a",), 4)  # a is now the most recently used
+    get(("c",), 5)  # evicts b
+    assert get(("a",), 6) == (1, True) and get(("b",), 7) == (7, False)
+    assert get(([1],), 8) == (8, False) and get(([1],), 9) == (9, False)  # unhashable
 
 
 def test_caller_params_survive_donation():
@@ -377,6 +522,49 @@ def test_fit_many_over_seeds_only():
         # matters beyond float32 round-off, measured ~1e-7.
         got = jax.tree.map(lambda a, m=m: a[m], many.params)
         chex.assert_trees_all_close(got, one.params, rtol=1e-5, atol=1e-6)
+
+
+def _regression_instances(m, n=N):
+    """M regression data sets stacked along axis 0, and a loss taking one as ``instance``."""
+    xs, ys = zip(*(_problem(seed=s, n=n) for s in range(1, m + 1)), strict=True)
+
+    def loss(params, key, inst):
+        return _minibatch_loss(*inst)(params, key)
+
+    return (jnp.stack(xs), jnp.stack(ys)), loss
+
+
+def test_fit_many_reuses_and_recompiles():
+    """fit_many: same shapes, no trace and bit-identical; another M or instance shape traces
+    again and equals a fresh loss_fn; a mix of cached and fresh programs stays correct."""
+    inst, base = _regression_instances(4)
+    loss, traces = _counted(base)
+    keys = jax.random.split(jax.random.key(2), 4)
+    stack = lambda m: jax.tree.map(lambda a: jnp.stack([a] * m), _zeros())  # noqa: E731
+    kw = dict(steps=12, steps_per_call=5, ema_decay=0.9, progress=False)
+    first = train.fit_many(loss, stack(4), keys, instances=inst, **kw)
+    n = len(traces)
+    assert n >= 1 and first.compile_time > 0
+    again = train.fit_many(loss, stack(4), keys, instances=inst, **kw)
+    assert len(traces) == n and again.compile_time == 0.0 and _same_run(first, again)
+    fresh = lambda p, k, i: base(p, k, i)  # noqa: E731  (another object: cannot hit the cache)
+    # Another number of models (first 2), then another instance shape (64 points per set).
+    variants = [
+        (stack(2), keys[:2], jax.tree.map(lambda a: a[:2], inst)),
+        (stack(4), keys, jax.tree.map(lambda a: a[:, :64], inst)),
+    ]
+    runs = []
+    for params, ks, ins in variants:
+        n = len(traces)
+        runs.append(train.fit_many(loss, params, ks, instances=ins, **kw))
+        assert len(traces) > n and runs[-1].compile_time > 0
+        assert _same_run(runs[-1], train.fit_many(fresh, params, ks, instances=ins, **kw))
+    # All three programs stay cached side by side.
+    n = len(traces)
+    for (params, ks, ins), run in zip(variants, runs, strict=True):
+        assert _same_run(run, train.fit_many(loss, params, ks, instances=ins, **kw))
+    assert _same_run(first, train.fit_many(loss, stack(4), keys, instances=inst, **kw))
+    assert len(traces) == n
 
 
 def test_aux_floor_callback_and_progress(capsys):
