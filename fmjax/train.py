@@ -39,10 +39,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import threading
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -51,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fmjax._cache import LRU, signature, trace_config
 from fmjax._checkpoint import Checkpointer
 from fmjax.sharding import batch_sharding, replicated
 
@@ -238,31 +237,6 @@ def _make_chunk(
 
 # ----------------------------------------------------------------------------- compile cache
 
-# Config read while tracing: a program traced under other values computes something else
-# (dtypes, matmul precision, random bits) or would not trace at all.
-_TRACE_FLAGS = (
-    "jax_enable_x64",
-    "jax_default_matmul_precision",
-    "jax_default_prng_impl",
-    "jax_threefry_partitionable",
-    "jax_numpy_dtype_promotion",
-    "jax_numpy_rank_promotion",
-)
-
-
-def _trace_config() -> tuple:
-    """Current values of :data:`_TRACE_FLAGS` (context managers included)."""
-    return tuple(getattr(jax.config, name) for name in _TRACE_FLAGS)
-
-
-def _signature(tree: PyTree, shardings: bool = True) -> tuple:
-    """Abstract signature of a pytree: its structure and each leaf's aval (shape, dtype, weak
-    type) and, with ``shardings``, its sharding. ``TypeError`` on a non-array leaf."""
-    leaves, treedef = jax.tree.flatten(tree)
-    if not shardings:
-        return treedef, tuple(jax.typeof(x) for x in leaves)
-    return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
-
 
 def _optimizer_key(optimizer, learning_rate, lr_schedule, clip_norm, steps) -> tuple:
     """What of :func:`make_optimizer`'s (validated) arguments its transformation bakes in."""
@@ -273,42 +247,9 @@ def _optimizer_key(optimizer, learning_rate, lr_schedule, clip_norm, steps) -> t
     return "adam", float(learning_rate), lr_schedule, clip, horizon
 
 
-class _LRU:
-    """A bounded least-recently-used memo; thread-safe, ``make`` runs outside the lock."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get_or_make(self, key_fn: Callable[[], tuple], make: Callable[[], Any]) -> tuple[Any, bool]:
-        """``(value, hit)``: the value stored under ``key_fn()``, else ``make()`` (then stored).
-
-        A key that cannot be built or hashed (``TypeError``: an unhashable ``loss_fn`` or
-        optimizer, a non-array leaf) bypasses the cache: ``make()`` every time.
-        """
-        try:
-            key = key_fn()
-            hash(key)
-        except TypeError:
-            key = None
-        if key is not None:
-            with self._lock:
-                if key in self._items:
-                    self._items.move_to_end(key)
-                    return self._items[key], True
-        value = make()
-        if key is not None:
-            with self._lock:
-                self._items[key] = value
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
-        return value, False
-
-
 # Output shapes of the loss (one trace of it) and compiled chunk functions, across calls.
-_STRUCTS = _LRU(16)
-_CHUNKS = _LRU(16)
+_STRUCTS = LRU(16)
+_CHUNKS = LRU(16)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -567,8 +508,8 @@ def _run(
     m = _check_batch(params, keys, instances, batched)
 
     def structs_key() -> tuple:  # output shapes do not depend on where the inputs live
-        inputs = _signature((params, keys, instances), shardings=False)
-        return loss_fn, has_aux, batched, inputs, _trace_config()
+        inputs = signature((params, keys, instances), shardings=False)
+        return loss_fn, has_aux, batched, inputs, trace_config()
 
     (loss_struct, aux_struct), _ = _STRUCTS.get_or_make(  # one trace of the loss per key
         structs_key, lambda: _output_structs(loss_fn, params, keys, instances, has_aux, m)
@@ -611,7 +552,7 @@ def _run(
             opt = _optimizer_key(optimizer, learning_rate, lr_schedule, clip_norm, steps)
             return (
                 loss_fn, opt, has_aux, ema_decay, batched, instances is not None, chunk_len, mesh,
-                _signature((loss_struct, aux_struct)), _signature(args), _trace_config(),
+                signature((loss_struct, aux_struct)), signature(args), trace_config(),
             )  # fmt: skip
 
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from fmjax import train
+from fmjax import _cache, train
 
 # After a failed restore (the corrupt-checkpoint tests) orbax/tensorstore leave an asyncio callback
 # that fires on a closed event loop when garbage-collected, during whichever test runs then;
@@ -442,7 +442,7 @@ def test_resume_reuses_the_compiled_program(tmp_path):
 
 
 def test_cache_is_bounded_lru_and_bypasses_unhashable_keys():
-    lru = train._LRU(2)
+    lru = _cache.LRU(2)
     get = lambda key, value: lru.get_or_make(lambda: key, lambda: value)  # noqa: E731
     assert get(("a",), 1) == (1, False) and get(("a",), 2) == (1, True)
     get(("b",), 3)
