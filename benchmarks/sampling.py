@@ -18,6 +18,14 @@ to the repository; without them it prints "peer unavailable".
 
     python -m benchmarks.sampling             # small CPU sizes (~2 min)
     python -m benchmarks.sampling --full      # 1e6 samples, 200 x 200 grid, 1e6 GMM samples
+
+Work per timed call (n points, NFE velocity evaluations; MLP layer sizes [3, 512 x 4, 2], see
+``_common.dense_flops_bytes``): MLP forward on n points = 2 n sum(fan_in fan_out) flops and
+4 (n sum(fan_in + fan_out) + P) bytes (each layer reads its input and writes its output once);
+sampling = NFE forwards; likelihood with the exact divergence = NFE (1 + d) forwards (one primal
+and d tangents of ``jax.jvp``); exact GMM sampling = NFE exact-velocity calls, 4 n K d^2 flops
+and 4 (2 n d + K (1 + 2d + 4 d^2)) bytes each (benchmarks/exact_velocity.py). The peer runs on
+the GPU when torch sees one (TF32 off), else on the CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import fmjax
-from benchmarks._common import time_calls, write_json
+from benchmarks._common import (
+    dense_flops_bytes,
+    mlp_layers,
+    print_table,
+    time_calls,
+    write_json,
+)
+from benchmarks.exact_velocity import work as velocity_work
 from fmjax import likelihood, models, sample, schedules
 
 try:
@@ -48,6 +63,17 @@ except Exception as e:  # noqa: BLE001 - any import failure means "no peer"
 HIDDEN, LAYERS, DIM = 512, 4, 2
 STEP = 0.05
 STEPS = round(1 / STEP)  # 20 midpoint steps = 40 NFE
+SIZES = [DIM + 1] + [HIDDEN] * LAYERS + [DIM]
+
+
+def _torch_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync(out):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out
 
 
 def checkerboard_mlp() -> models.MLP:
@@ -95,12 +121,12 @@ def torch_model(weights):
             t = t.reshape(-1, 1).float().expand(x.shape[0], 1)
             return self.main(torch.cat([x, t], dim=1))
 
-    model = MLP()
+    model = MLP().to(_torch_device())
     linears = [m for m in model.main if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         for lin, (w, b) in zip(linears, weights, strict=True):
-            lin.weight.copy_(torch.from_numpy(w.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
+            lin.weight.copy_(torch.from_numpy(w.T.copy()).to(lin.weight.device))
+            lin.bias.copy_(torch.from_numpy(b).to(lin.bias.device))
     return model.eval()
 
 
@@ -116,6 +142,7 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
 
     x0_j = jnp.asarray(x0)
     first, med, _, (xs, nfe) = time_calls(lambda: run(params, x0_j), repeats, jax.block_until_ready)
+    flops, nbytes = dense_flops_bytes(mlp_layers(SIZES), n)
     row = {
         "workload": "mlp_midpoint_sampling",
         "n": n,
@@ -123,6 +150,8 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
         "fmjax_first_s": first,
         "fmjax_s": med,
         "fmjax_per_s": n / med,
+        "flops": int(nfe) * flops,
+        "bytes": int(nfe) * nbytes,
     }
     if peer:
         vf = torch_model(weights)
@@ -133,17 +162,19 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
             return vf(x, t)
 
         solver = ODESolver(velocity_model=velocity)
-        x0_t = torch.from_numpy(x0)
+        x0_t = torch.from_numpy(x0).to(_torch_device())
         with torch.no_grad():
             tfirst, tmed, _, xt = time_calls(
-                lambda: solver.sample(x_init=x0_t, step_size=STEP, method="midpoint"), repeats
+                lambda: solver.sample(x_init=x0_t, step_size=STEP, method="midpoint"),
+                repeats,
+                _torch_sync,
             )
         row.update(
             peer_s=tmed,
             peer_first_s=tfirst,
             peer_per_s=n / tmed,
             peer_nfe=calls[0] // (repeats + 1),
-            max_abs_diff=float(np.max(np.abs(np.asarray(xs) - xt.numpy()))),
+            max_abs_diff=float(np.max(np.abs(np.asarray(xs) - xt.cpu().numpy()))),
         )
     return row
 
@@ -162,9 +193,11 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         )
         return out.log_prob, out.nfe
 
+    pts_j = jnp.asarray(pts)
     first, med, _, (lp, nfe) = time_calls(
-        lambda: run(params, jnp.asarray(pts)), repeats, jax.block_until_ready
+        lambda: run(params, pts_j), repeats, jax.block_until_ready
     )
+    flops, nbytes = dense_flops_bytes(mlp_layers(SIZES), n)
     row = {
         "workload": "mlp_grid_log_likelihood_exact_div",
         "n": n,
@@ -173,6 +206,8 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         "fmjax_first_s": first,
         "fmjax_s": med,
         "fmjax_per_s": n / med,
+        "flops": int(nfe) * (1 + DIM) * flops,
+        "bytes": int(nfe) * (1 + DIM) * nbytes,
     }
     if peer:
         vf = torch_model(weights)
@@ -181,18 +216,19 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         def log_p0(x):
             return -0.5 * (x * x).sum(-1) - 0.5 * DIM * math.log(2 * math.pi)
 
-        x1 = torch.from_numpy(pts)
+        x1 = torch.from_numpy(pts).to(_torch_device())
         tfirst, tmed, _, (_, tlp) = time_calls(
             lambda: solver.compute_likelihood(
                 x_1=x1, log_p0=log_p0, step_size=STEP, method="midpoint", exact_divergence=True
             ),
             repeats,
+            _torch_sync,
         )
         row.update(
             peer_s=tmed,
             peer_first_s=tfirst,
             peer_per_s=n / tmed,
-            max_abs_diff=float(np.max(np.abs(np.asarray(lp) - tlp.detach().numpy()))),
+            max_abs_diff=float(np.max(np.abs(np.asarray(lp) - tlp.detach().cpu().numpy()))),
         )
     return row
 
@@ -211,6 +247,7 @@ def bench_gmm_sampling(n, d, k, repeats, seed):
 
     x0 = sample.draw_source(jax.random.key(seed + 1), n, d)
     first, med, _, (_, nfe) = time_calls(lambda: run(x0), repeats, jax.block_until_ready)
+    flops, nbytes = velocity_work(d, k, n)
     return {
         "workload": f"exact_gmm_midpoint_sampling_d{d}_K{k}",
         "n": n,
@@ -218,6 +255,8 @@ def bench_gmm_sampling(n, d, k, repeats, seed):
         "fmjax_first_s": first,
         "fmjax_s": med,
         "fmjax_per_s": n / med,
+        "flops": int(nfe) * flops,
+        "bytes": int(nfe) * nbytes,
     }
 
 
@@ -253,6 +292,7 @@ def main(argv=None):
         "matmul_precision": "float32, jax precision=HIGHEST; torch float32, TF32 off",
         "torch": torch.__version__ if peer else None,
         "torch_threads": torch.get_num_threads() if peer else None,
+        "torch_device": _torch_device() if peer else None,
     }
     weights = random_weights(args.seed)
     rows = [
@@ -263,18 +303,61 @@ def main(argv=None):
         ),
     ]
 
-    print(f"backend {env['backend']}, {env['cpu_count']} CPUs, {env['matmul_precision']}")
-    head = f"{'workload':44s} {'n':>8s} {'nfe':>4s} {'fmjax/s':>11s} {'peer/s':>11s} "
-    print(head + f"{'speedup':>8s} {'1st call s':>10s} {'max|diff|':>10s}")
     for r in rows:
-        peer_s = f"{r['peer_per_s']:11.4g}" if "peer_per_s" in r else f"{'-':>11s}"
-        speed = f"{r['fmjax_per_s'] / r['peer_per_s']:8.2f}" if "peer_per_s" in r else f"{'-':>8s}"
-        diff = f"{r['max_abs_diff']:10.2e}" if "max_abs_diff" in r else f"{'-':>10s}"
-        print(
-            f"{r['workload']:44s} {r['n']:8d} {r['nfe']:4d} {r['fmjax_per_s']:11.4g} {peer_s} "
-            f"{speed} {r['fmjax_first_s']:10.2f} {diff}"
-        )
-    write_json({"env": env, "args": vars(args), "results": rows}, args.out, "sampling.json")
+        if "peer_per_s" in r:
+            r["speedup"] = r["fmjax_per_s"] / r["peer_per_s"]
+    print(f"backend {env['backend']}, {env['cpu_count']} CPUs, {env['matmul_precision']}")
+    print_table(
+        rows,
+        [
+            ("workload", "workload", ""),
+            ("n", "n", "d"),
+            ("nfe", "nfe", "d"),
+            ("fmjax_per_s", "fmjax/s", ".4g"),
+            ("peer_per_s", "peer/s", ".4g"),
+            ("speedup", "speedup", ".2f"),
+            ("fmjax_first_s", "1st call s", ".2f"),
+            ("max_abs_diff", "max|diff|", ".2e"),
+        ],
+    )
+    result = {"env": env, "args": vars(args), "results": rows}
+    write_json(result, args.out, "sampling.json")
+    return result
+
+
+_SHORT = {
+    "mlp_midpoint_sampling": "MLP 4x512 ODE sampling",
+    "mlp_grid_log_likelihood_exact_div": "MLP 4x512 log-likelihood, exact div",
+}
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One row per workload (precision highest); see benchmarks/__main__.py."""
+    env, out = result["env"], []
+    for r in result["results"]:
+        name = _SHORT.get(r["workload"], r["workload"].replace("_", " "))
+        row = {
+            "benchmark": "sampling",
+            "workload": f"{name} n={r['n']} nfe={r['nfe']}",
+            "precision": "highest",
+            "median_s": r["fmjax_s"],
+            "compile_s": max(0.0, r["fmjax_first_s"] - r["fmjax_s"]),
+            "throughput": r["fmjax_per_s"],
+            "unit": "samples/s" if "sampling" in r["workload"] else "points/s",
+            "flops": r["flops"],
+            "bytes": r["bytes"],
+        }
+        if "peer_s" in r:
+            row.update(
+                peer="flow_matching",
+                peer_detail=f"flow_matching (torch {env['torch']}, {env['torch_device']}, "
+                f"{env['torch_threads']} threads, tf32 off)",
+                peer_median_s=r["peer_s"],
+                peer_throughput=r["peer_per_s"],
+                ratio=r["peer_s"] / r["fmjax_s"],
+            )
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ and swish, batch 4096, Adam 1e-3, linear (CondOT) path, source N(0, I), loss = m
 coordinates of (v(x_t, t) - (x1 - x0))^2, checkerboard target sampled fresh every step. Both
 frameworks train one model for the same number of steps on the same device in the same process;
 steps/s is the median over timed segments (the first segment, with compilation / warm-up, is
-dropped), and the final loss is measured (i) as the mean training loss of the last segment and
+dropped; on the fmjax side one more interval, see ``_run_fmjax``), and the final loss is
+measured (i) as the mean training loss of the last segment and
 (ii) on one fixed evaluation set (the same numpy arrays for both).
 
 The peer is optional: without torch + flow_matching it prints "peer unavailable". To run both:
@@ -14,8 +15,14 @@ The peer is optional: without torch + flow_matching it prints "peer unavailable"
     /tmp/venv-peer/bin/pip install torch flow_matching numpy jax flax optax jaxtyping tqdm
     /tmp/venv-peer/bin/python -m benchmarks.train_throughput      # from the repository root
 
-Defaults are small for a CPU (batch 1024, 200 steps in 5 segments); ``--full`` runs Meta's
-configuration (batch 4096, 20000 steps in 20 segments).
+Defaults are small for a CPU (batch 1024, 200 steps in 5 segments, at least 3); ``--full`` runs
+Meta's configuration (batch 4096, 20000 steps in 20 segments).
+
+Work per timed call (one training step, batch B, layer sizes [3, w, ..., w, 2]; see
+``_common.training_flops_bytes``): flops = 3 x 2 B sum(fan_in fan_out) (forward, and backward
+for inputs and weights); bytes = 4 (3 B sum(fan_in + fan_out) + 10 P) with P the parameter count
+(activations written and read forward, read again backward; parameters read forward and
+backward, gradient written, Adam's reads and writes of parameters and moments).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import write_json
+from benchmarks._common import mlp_layers, print_table, training_flops_bytes, write_json
 from fmjax import data, losses, models, schedules, train
 
 # ----------------------------------------------------------------------------- fmjax side
@@ -66,7 +73,12 @@ def _run_fmjax(args, eval_set):
         # Called once chunk k's losses are on the host, i.e. when chunk k has finished.
         callback=lambda step, losses, aux: stamps.append(time.perf_counter()),
     )
-    durations = np.diff(stamps)  # segments 2..S; the first includes dispatch after compile
+    # fit dispatches chunk k + 1 before reading chunk k's losses. With asynchronous dispatch
+    # (GPU) stamp k is the end of chunk k; where a call runs synchronously (small programs on a
+    # CPU) it is the end of chunk k + 1 and the last two stamps come together. Dropping the first
+    # and the last interval leaves whole chunks (2..S-1 or 3..S) either way; the first chunk
+    # includes warm-up after compilation.
+    durations = np.diff(stamps)[:-1]
     t0, x0, x1 = (jnp.asarray(a) for a in eval_set)
     xt = t0[:, None] * x1 + (1 - t0[:, None]) * x0
     v = jax.jit(model.apply)(res.params, t0, xt)
@@ -201,8 +213,8 @@ def main(argv=None):
     args.batch = args.batch or (4096 if args.full else 1024)
     args.steps = args.steps or (20000 if args.full else 200)
     args.segments = args.segments or (20 if args.full else 5)
-    if args.segments < 2 or args.steps < args.segments:
-        p.error("need --segments >= 2 and --steps >= --segments")
+    if args.segments < 3 or args.steps < args.segments:
+        p.error("need --segments >= 3 and --steps >= --segments")
 
     rng = np.random.default_rng(1234)  # one fixed evaluation set for both frameworks
     n = args.eval_size
@@ -243,13 +255,16 @@ def main(argv=None):
         f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
         f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     )
-    w = max(len(name) for name, _ in rows)
-    print(f"{'':{w}}  {'steps/s (median)':>16}  {'final train loss':>16}  {'eval loss':>10}")
-    for name, r in rows:
-        print(
-            f"{name:{w}}  {r['steps_per_s_median']:16.2f}  {r['final_train_loss']:16.4f}  "
-            f"{r['final_eval_loss']:10.4f}"
-        )
+    print_table(
+        [{"name": name, **r} for name, r in rows],
+        [
+            ("name", "", ""),
+            ("steps_per_s_median", "steps/s (median)", ".2f"),
+            ("final_train_loss", "final train loss", ".4f"),
+            ("final_eval_loss", "eval loss", ".4f"),
+            ("compile_s", "compile s", ".2f"),
+        ],
+    )
     out = {
         "config": vars(args),
         "jax": jax.__version__,
@@ -258,6 +273,46 @@ def main(argv=None):
         "results": results,
     }
     write_json(out, args.out, "train_throughput.json")
+    return out
+
+
+def layer_sizes(config: dict) -> list[int]:
+    """[x, t] -> depth x width -> 2."""
+    return [3] + [config["width"]] * config["depth"] + [2]
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One row per fmjax precision, with the peer (if it ran) on each; see __main__.py."""
+    cfg = result["config"]
+    flops, nbytes = training_flops_bytes(mlp_layers(layer_sizes(cfg)), cfg["batch"])
+    peer = result["results"].get("flow_matching")
+    rows = []
+    for name, r in result["results"].items():
+        if not name.startswith("fmjax"):
+            continue
+        prec = r["matmul_precision"]
+        row = {
+            "benchmark": "train_throughput",
+            "workload": f"MLP {cfg['depth']}x{cfg['width']} batch {cfg['batch']} {prec}",
+            "precision": prec,
+            "median_s": 1.0 / r["steps_per_s_median"],
+            "compile_s": r["compile_s"],
+            "throughput": r["steps_per_s_median"],
+            "unit": "steps/s",
+            "flops": flops,
+            "bytes": nbytes,
+        }
+        if peer is not None:
+            row.update(
+                peer="flow_matching",
+                peer_detail=f"flow_matching (torch {peer['torch']}, {peer['device']}, "
+                f"{peer['torch_threads']} threads, tf32={peer['torch_tf32']})",
+                peer_median_s=1.0 / peer["steps_per_s_median"],
+                peer_throughput=peer["steps_per_s_median"],
+                ratio=r["steps_per_s_median"] / peer["steps_per_s_median"],
+            )
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
