@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
+from fmjax._ode import _integrate
+from fmjax._sample_common import Velocity, _as_pytree, _check_time, _check_x
 from fmjax.mixtures import GaussianMixture
-from fmjax.sample import Velocity, _as_pytree, _check_time, _check_x, _integrate
 
 __all__ = [
     "LikelihoodResult",

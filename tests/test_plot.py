@@ -2,7 +2,7 @@
 
 import matplotlib
 
-matplotlib.use("Agg")  # before anything imports pyplot; plot.py itself never does
+matplotlib.use("Agg")  # before anything imports pyplot; fmjax.plot itself never does
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
