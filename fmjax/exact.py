@@ -12,10 +12,10 @@ Per time and component there is one Cholesky factor L (S_t = L L^T), W = L^{-1} 
 solve) and M = C_t L^{-T}; per point,
     z = W (x - mu_t),  v = dmu_t + M z,  score_k = -W^T z,  log N = -|z|^2 / 2 - log|L| - ...
 Components are streamed in blocks with an online log-sum-exp (as flash attention does for
-softmax), so memory stays O(N d + B d^2) for a block of B components. For many points each of
-z, v, score_k is affine in x, so a block costs one (N, d) @ (d, B d) matrix product per
-quantity (with W, A = M W = C_t S_t^{-1}, S_t^{-1} stacked over the block); for few points (one
-time per point, vmapped) the per-point matrix-vector form is used instead.
+softmax), so memory stays O(N d + B d^2) for a block of B components. For many points z and v
+are affine in x, so a block costs one (N, d) @ (d, B d) matrix product each (W, resp.
+A = M W = C_t S_t^{-1}, stacked over the block); for few points (one time per point, vmapped)
+the per-point matrix-vector form is used instead.
 
 Public functions take ``(coupling, schedule, t, x)`` with ``x`` of shape (..., d) and ``t`` a
 scalar or an array broadcastable against ``x.shape[:-1]``. They are pure and jit-compatible
@@ -111,10 +111,10 @@ def _point_terms_matvec(f: _Factors, x, need_v: bool, need_s: bool, precision):
 def _point_terms_gemm(f: _Factors, x, need_v: bool, need_s: bool, precision):
     """(log pi N, v_k, s_k) for many points as large products x (N, d) @ (d, B d).
 
-    Each per-component quantity is affine in x: z = W x - W mu, v = A x + (dmu - A mu) with
-    A = C S^{-1} = M W, s = -P x + P mu with P = S^{-1} = W^T W. Stacking the matrices of all B
-    components gives one large product per quantity instead of B small batched ones, at the cost
-    of B d^3 extra flops per block and quantity (negligible for N >> d).
+    z and v are affine in x: z = W x - W mu and v = A x + (dmu - A mu) with A = C S^{-1} = M W.
+    Stacking W (and A) of all B components gives one large product per quantity instead of B
+    small batched ones, at the cost of B d^3 extra flops per block (negligible for N >> d). The
+    score s = -W^T z is taken from z (forming S^{-1} = W^T W would square its condition number).
     """
     n, d = x.shape
     bsz = f.mu.shape[0]
@@ -129,7 +129,7 @@ def _point_terms_gemm(f: _Factors, x, need_v: bool, need_s: bool, precision):
     if need_v:
         v = affine(jnp.einsum("bij,bjk->bik", f.m, f.w, precision=precision), f.dmu)
     if need_s:
-        s = affine(-jnp.einsum("bji,bjk->bik", f.w, f.w, precision=precision), 0.0)
+        s = -jnp.einsum("bji,nbj->nbi", f.w, z, precision=precision)
     return logp, v, s
 
 
