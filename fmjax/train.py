@@ -32,6 +32,10 @@ How a run is organised:
 * The host only logs between chunks (progress bar, ``callback``) and saves checkpoints at
   multiples of ``checkpoint_every`` and at the end. The loss of chunk ``k`` is read while chunk
   ``k + 1`` runs.
+
+The compiled chunk and the train state live in ``fmjax._fit_step``, the host-side bookkeeping
+(history, progress, chunk bounds, checkpoint opening) in ``fmjax._fit_host``, the compile cache
+in ``fmjax._cache``; this module holds the options, the driver and the public API.
 """
 
 from __future__ import annotations
@@ -40,9 +44,8 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,22 +53,14 @@ import numpy as np
 import optax
 
 from fmjax._cache import LRU, signature, trace_config
-from fmjax._checkpoint import Checkpointer
+from fmjax._fit_host import History, Progress, chunk_bounds, open_checkpoints
+from fmjax._fit_step import State, make_chunk, output_structs
 from fmjax.sharding import batch_sharding, replicated
 
 __all__ = ["FitResult", "fit", "fit_many", "make_optimizer"]
 
 PyTree = Any
 LossFn = Callable[..., Any]
-
-
-class _State(NamedTuple):
-    """The donated train state: everything that changes from step to step."""
-
-    params: PyTree
-    opt_state: PyTree
-    ema_params: PyTree  # None without EMA
-    step: jax.Array  # int32 scalar: number of steps done
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,63 +173,6 @@ def make_optimizer(
     return optimizer
 
 
-# ----------------------------------------------------------------------------- the compiled chunk
-
-
-def _make_chunk(
-    loss_fn: LossFn,
-    optimizer: optax.GradientTransformation,
-    *,
-    has_aux: bool,
-    ema_decay: float | None,
-    batched: bool,
-    with_instances: bool,
-    chunk_len: int,
-    loss_struct: Any,
-    aux_struct: Any,
-) -> Callable:
-    """Build ``chunk(state, keys, n, instances) -> (state, losses (chunk_len, ...), aux)``.
-
-    Runs ``n <= chunk_len`` steps; entries of the loss/aux buffers past ``n`` are zeros.
-    """
-
-    def _loss(params, key, inst):
-        out = loss_fn(params, key, inst) if with_instances else loss_fn(params, key)
-        return out if has_aux else (out, None)
-
-    grad_fn = jax.value_and_grad(_loss, has_aux=True)
-
-    def _update(params, opt_state, ema, key, step, inst):
-        (loss, aux), grads = grad_fn(params, jax.random.fold_in(key, step), inst)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if ema_decay is not None:
-            d = ema_decay
-            ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
-        return params, opt_state, ema, loss, aux
-
-    if batched:
-        _update = jax.vmap(_update, in_axes=(0, 0, 0, 0, None, 0 if with_instances else None))
-
-    def _buffer(struct):
-        return jax.tree.map(lambda s: jnp.zeros((chunk_len, *s.shape), s.dtype), struct)
-
-    def chunk(state: _State, keys, n, instances):
-        def body(i, carry):
-            st, losses, auxes = carry
-            params, opt_state, ema, loss, aux = _update(
-                st.params, st.opt_state, st.ema_params, keys, st.step, instances
-            )
-            losses = losses.at[i].set(loss)
-            auxes = jax.tree.map(lambda b, a: b.at[i].set(a), auxes, aux)
-            return _State(params, opt_state, ema, st.step + 1), losses, auxes
-
-        init = (state, _buffer(loss_struct), _buffer(aux_struct))
-        return jax.lax.fori_loop(0, n, body, init)
-
-    return chunk
-
-
 # ----------------------------------------------------------------------------- compile cache
 
 
@@ -312,65 +250,7 @@ def _check_batch(params, keys, instances, batched: bool) -> int | None:
     return m
 
 
-def _output_structs(loss_fn, params, keys, instances, has_aux: bool, m: int | None):
-    """Shapes of one step's (loss, aux), batched by M; checks the loss contract."""
-    with_instances = instances is not None
-
-    def one(p, k, inst):
-        return loss_fn(p, k, inst) if with_instances else loss_fn(p, k)
-
-    first = (lambda tree: jax.tree.map(lambda x: x[0], tree)) if m is not None else (lambda t: t)
-    try:
-        out = jax.eval_shape(one, first(params), first(keys), first(instances))
-    except Exception as e:
-        raise ValueError(f"`loss_fn(params, key)` failed on the given params: {e}") from e
-    if has_aux:
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError("with `has_aux=True`, `loss_fn` must return (loss, aux)")
-        loss, aux = out
-    else:
-        loss, aux = out, None
-    if not (hasattr(loss, "shape") and loss.shape == ()):
-        hint = "" if has_aux else " (or set `has_aux=True` if it returns (loss, aux))"
-        raise ValueError(f"`loss_fn` must return a scalar loss{hint}, got {loss}")
-    if m is not None:
-        loss, aux = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct((m, *s.shape), s.dtype), (loss, aux)
-        )
-    return loss, aux
-
-
-class _History:
-    """Loss (and aux) of every step on the host, gathered chunk by chunk; step axis first."""
-
-    def __init__(self, loss_struct, aux_struct, has_aux: bool):
-        self.loss_struct, self.aux_struct, self.has_aux = loss_struct, aux_struct, has_aux
-        self.losses: list[np.ndarray] = []
-        self.auxes: list[Any] = []
-
-    def append(self, losses, auxes) -> None:
-        self.losses.append(np.asarray(losses))
-        if self.has_aux:
-            self.auxes.append(jax.tree.map(np.asarray, auxes))
-
-    def target(self, n: int) -> dict:
-        """Zeros shaped like the history of ``n`` steps (a restore target)."""
-        zeros = lambda s: np.zeros((n, *s.shape), s.dtype)  # noqa: E731
-        out = {"loss": zeros(self.loss_struct)}
-        if self.has_aux:
-            out["aux"] = jax.tree.map(zeros, self.aux_struct)
-        return out
-
-    def as_dict(self) -> dict:
-        if not self.losses:
-            return self.target(0)
-        out = {"loss": np.concatenate(self.losses, axis=0)}
-        if self.has_aux:
-            out["aux"] = jax.tree.map(lambda *a: np.concatenate(a, axis=0), *self.auxes)
-        return out
-
-
-def _placement(mesh, state: _State, keys, instances, m: int | None):
+def _placement(mesh, state: State, keys, instances, m: int | None):
     """Shardings ``(state, keys, instances, outputs)`` on ``mesh`` (all None without a mesh).
 
     One model: everything replicated (the loss shards its own batch). ``M`` models: the model
@@ -391,79 +271,8 @@ def _placement(mesh, state: _State, keys, instances, m: int | None):
             f"{mesh.size} devices: the number of models must be a multiple of {mesh.size}"
         )
     split = batch_sharding(mesh)
-    state_sh = _State(*(jax.tree.map(lambda _: split, part) for part in state[:3]), rep)
+    state_sh = State(*(jax.tree.map(lambda _: split, part) for part in state[:3]), rep)
     return state_sh, split, jax.tree.map(lambda _: split, instances), rep
-
-
-def _open_checkpoints(directory, max_checkpoints, resume, state, steps, history: _History):
-    """Open the checkpoint directory; restore the latest checkpoint if ``resume``.
-
-    Returns:
-        ``(checkpointer, state, start_step)``; restored history is appended to ``history``.
-    """
-    ckpt = Checkpointer(directory, max_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is None:
-        return ckpt, state, 0
-    try:
-        if not resume:
-            raise ValueError(
-                f"`checkpoint_dir` {ckpt.path} already holds checkpoints (latest step {latest}); "
-                "pass `resume=True` to continue from them or use an empty directory"
-            )
-        state, hist = ckpt.restore(latest, state, history.target(latest))
-    except Exception:
-        ckpt.close()
-        raise
-    history.append(hist["loss"], hist.get("aux"))
-    if latest > steps:
-        warnings.warn(
-            f"checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "
-            "returning it without training",
-            stacklevel=4,
-        )
-    return ckpt, jax.tree.map(jnp.asarray, state), latest
-
-
-def _chunk_bounds(start: int, stop: int, chunk_len: int, checkpoint_every: int | None):
-    """``(begin, end)`` of each chunk: at most ``chunk_len`` steps, cut at checkpoint steps."""
-    b = start
-    while b < stop:
-        e = min(b + chunk_len, stop)
-        if checkpoint_every is not None:
-            e = min(e, (b // checkpoint_every + 1) * checkpoint_every)
-        yield b, e
-        b = e
-
-
-class _Progress:
-    """tqdm bar (loss, excess over ``floor``, steps/s) and the user callback, between chunks."""
-
-    def __init__(self, enabled: bool, start: int, steps: int, floor, callback):
-        self.bar = None
-        if enabled and steps > start:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
-        self.start, self.floor, self.callback = start, floor, callback
-        self.t0 = time.perf_counter()
-
-    def __call__(self, end: int, losses: np.ndarray, aux) -> None:
-        if self.bar is not None:
-            mean = float(np.mean(losses))
-            post = {"loss": f"{mean:.4g}"}
-            if self.floor is not None:
-                post["excess"] = f"{mean - self.floor:.3g}"
-            rate = (end - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-            post["steps/s"] = f"{rate:.4g}"
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(len(losses))
-        if self.callback is not None:
-            self.callback(end, losses, aux)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _run(
@@ -512,20 +321,20 @@ def _run(
         return loss_fn, has_aux, batched, inputs, trace_config()
 
     (loss_struct, aux_struct), _ = _STRUCTS.get_or_make(  # one trace of the loss per key
-        structs_key, lambda: _output_structs(loss_fn, params, keys, instances, has_aux, m)
+        structs_key, lambda: output_structs(loss_fn, params, keys, instances, has_aux, m)
     )
 
     # Fresh state; copies, so that donating never invalidates the caller's arrays.
     params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
     opt_state = (jax.vmap(tx.init) if batched else tx.init)(params)
     ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params) if ema_decay is not None else None
-    state = _State(params, opt_state, ema, jnp.zeros((), jnp.int32))
+    state = State(params, opt_state, ema, jnp.zeros((), jnp.int32))
 
     state_sh, keys_sh, inst_sh, out_sh = _placement(mesh, state, keys, instances, m)
-    history = _History(loss_struct, aux_struct, has_aux)
+    history = History(loss_struct, aux_struct, has_aux)
     ckpt, start = None, 0
     if checkpoint_dir is not None:
-        ckpt, state, start = _open_checkpoints(
+        ckpt, state, start = open_checkpoints(
             checkpoint_dir, max_checkpoints, resume, state, steps, history
         )
     if mesh is not None:
@@ -539,7 +348,7 @@ def _run(
         args = (state, keys, jnp.asarray(0, jnp.int32), instances)
 
         def compile_chunk():
-            chunk = _make_chunk(
+            chunk = make_chunk(
                 loss_fn, tx, has_aux=has_aux, ema_decay=ema_decay, batched=batched,
                 with_instances=instances is not None, chunk_len=chunk_len,
                 loss_struct=loss_struct, aux_struct=aux_struct,
@@ -560,7 +369,7 @@ def _run(
         compile_time = 0.0 if hit else time.perf_counter() - t0
         del args  # the first chunk donates these buffers: keep no reference to them
 
-    report = _Progress(progress, start, steps, floor, callback)
+    report = Progress(progress, start, steps, floor, callback)
     t_run = time.perf_counter()
     pending = None  # (begin, end, losses, aux) of the chunk whose outputs are not read yet
 
@@ -572,7 +381,7 @@ def _run(
         report(e, losses, auxes if has_aux else None)
 
     try:
-        for b, e in _chunk_bounds(start, steps, chunk_len, checkpoint_every):
+        for b, e in chunk_bounds(start, steps, chunk_len, checkpoint_every):
             state, losses, auxes = compiled(state, keys, jnp.asarray(e - b, jnp.int32), instances)
             run_steps += e - b
             if pending is not None:  # read chunk k while chunk k + 1 runs

@@ -1,0 +1,115 @@
+"""Host-side bookkeeping of a fit between its compiled chunks: the loss history, the progress
+bar and user callback, where chunks end, and opening (or resuming from) checkpoints."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fmjax._checkpoint import Checkpointer
+
+
+class History:
+    """Loss (and aux) of every step on the host, gathered chunk by chunk; step axis first."""
+
+    def __init__(self, loss_struct, aux_struct, has_aux: bool):
+        self.loss_struct, self.aux_struct, self.has_aux = loss_struct, aux_struct, has_aux
+        self.losses: list[np.ndarray] = []
+        self.auxes: list[Any] = []
+
+    def append(self, losses, auxes) -> None:
+        self.losses.append(np.asarray(losses))
+        if self.has_aux:
+            self.auxes.append(jax.tree.map(np.asarray, auxes))
+
+    def target(self, n: int) -> dict:
+        """Zeros shaped like the history of ``n`` steps (a restore target)."""
+        zeros = lambda s: np.zeros((n, *s.shape), s.dtype)  # noqa: E731
+        out = {"loss": zeros(self.loss_struct)}
+        if self.has_aux:
+            out["aux"] = jax.tree.map(zeros, self.aux_struct)
+        return out
+
+    def as_dict(self) -> dict:
+        if not self.losses:
+            return self.target(0)
+        out = {"loss": np.concatenate(self.losses, axis=0)}
+        if self.has_aux:
+            out["aux"] = jax.tree.map(lambda *a: np.concatenate(a, axis=0), *self.auxes)
+        return out
+
+
+def open_checkpoints(directory, max_checkpoints, resume, state, steps, history: History):
+    """Open the checkpoint directory; restore the latest checkpoint if ``resume``.
+
+    Returns:
+        ``(checkpointer, state, start_step)``; restored history is appended to ``history``.
+    """
+    ckpt = Checkpointer(directory, max_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is None:
+        return ckpt, state, 0
+    try:
+        if not resume:
+            raise ValueError(
+                f"`checkpoint_dir` {ckpt.path} already holds checkpoints (latest step {latest}); "
+                "pass `resume=True` to continue from them or use an empty directory"
+            )
+        state, hist = ckpt.restore(latest, state, history.target(latest))
+    except Exception:
+        ckpt.close()
+        raise
+    history.append(hist["loss"], hist.get("aux"))
+    if latest > steps:
+        warnings.warn(
+            f"checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "
+            "returning it without training",
+            stacklevel=4,
+        )
+    return ckpt, jax.tree.map(jnp.asarray, state), latest
+
+
+def chunk_bounds(start: int, stop: int, chunk_len: int, checkpoint_every: int | None):
+    """``(begin, end)`` of each chunk: at most ``chunk_len`` steps, cut at checkpoint steps."""
+    b = start
+    while b < stop:
+        e = min(b + chunk_len, stop)
+        if checkpoint_every is not None:
+            e = min(e, (b // checkpoint_every + 1) * checkpoint_every)
+        yield b, e
+        b = e
+
+
+class Progress:
+    """tqdm bar (loss, excess over ``floor``, steps/s) and the user callback, between chunks."""
+
+    def __init__(self, enabled: bool, start: int, steps: int, floor, callback):
+        self.bar = None
+        if enabled and steps > start:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
+        self.start, self.floor, self.callback = start, floor, callback
+        self.t0 = time.perf_counter()
+
+    def __call__(self, end: int, losses: np.ndarray, aux) -> None:
+        if self.bar is not None:
+            mean = float(np.mean(losses))
+            post = {"loss": f"{mean:.4g}"}
+            if self.floor is not None:
+                post["excess"] = f"{mean - self.floor:.3g}"
+            rate = (end - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+            post["steps/s"] = f"{rate:.4g}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(len(losses))
+        if self.callback is not None:
+            self.callback(end, losses, aux)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
