@@ -94,40 +94,35 @@ def _factors(c: JointGaussianMixture, sched: Schedule, t, precision) -> _Factors
     return _Factors(log_w, mu, dmu, w, m, tr)
 
 
-def _component_terms(f: _Factors, x, precision):
-    """For points x (N, d) and a block of B components: log pi N (N, B), z (N, B, d)."""
-    z = jnp.einsum("bij,nbj->nbi", f.w, x[:, None, :] - f.mu[None], precision=precision)
-    return f.log_w[None] - 0.5 * jnp.sum(z * z, axis=-1), z
+def _point_terms(f: _Factors, x, need_v: bool, need_s: bool, precision):
+    """For points x (N, d) and a block of B components: log pi N (N, B), v_k and s_k (N, B, d).
 
-
-def _point_terms_matvec(f: _Factors, x, need_v: bool, need_s: bool, precision):
-    """(log pi N, v_k, s_k) for few points: per-point matrix-vector products with W and M."""
-    logp, z = _component_terms(f, x, precision)
-    v = f.dmu[None] + jnp.einsum("bij,nbj->nbi", f.m, z, precision=precision) if need_v else None
-    s = -jnp.einsum("bji,nbj->nbi", f.w, z, precision=precision) if need_s else None
-    return logp, v, s
-
-
-def _point_terms_gemm(f: _Factors, x, need_v: bool, need_s: bool, precision):
-    """(log pi N, v_k, s_k) for many points as large products x (N, d) @ (d, B d).
-
-    z and v are affine in x: z = W x - W mu and v = A x + (dmu - A mu) with A = C S^{-1} = M W.
-    Stacking W (and A) of all B components gives one large product per quantity instead of B
-    small batched ones, at the cost of B d^3 extra flops per block (negligible for N >> d). The
-    score s = -W^T z is taken from z (forming S^{-1} = W^T W would square its condition number).
+    z = W (x - mu) and v = dmu + M z are affine in x: z = W x - W mu, v = A x + (dmu - A mu) with
+    A = C S^{-1} = M W. For many points, stacking W (and A) of all B components gives one large
+    (N, d) @ (d, B d) product per quantity instead of B small batched ones, at the cost of B d^3
+    extra flops per block (negligible for N >> d). For few points (one time per point, vmapped)
+    the per-point matrix-vector form is cheaper. The score s_k = -W^T z is taken from z (forming
+    S^{-1} = W^T W would square its condition number).
     """
     n, d = x.shape
     bsz = f.mu.shape[0]
+    many = n >= 4 * d
 
-    def affine(g, off):  # x @ g_b^T + off_b for every b: (N, B, d)
+    def affine(g, off):  # x @ g_b^T + off_b - g_b mu_b for every b: (N, B, d)
         y = jnp.matmul(x, g.reshape(bsz * d, d).T, precision=precision).reshape(n, bsz, d)
         return y + (off - jnp.einsum("bij,bj->bi", g, f.mu, precision=precision))[None]
 
-    z = affine(f.w, 0.0)
+    if many:
+        z = affine(f.w, 0.0)
+    else:
+        z = jnp.einsum("bij,nbj->nbi", f.w, x[:, None, :] - f.mu[None], precision=precision)
     logp = f.log_w[None] - 0.5 * jnp.sum(z * z, axis=-1)
     v = s = None
     if need_v:
-        v = affine(jnp.einsum("bij,bjk->bik", f.m, f.w, precision=precision), f.dmu)
+        if many:
+            v = affine(jnp.einsum("bij,bjk->bik", f.m, f.w, precision=precision), f.dmu)
+        else:
+            v = f.dmu[None] + jnp.einsum("bij,nbj->nbi", f.m, z, precision=precision)
     if need_s:
         s = -jnp.einsum("bji,nbj->nbi", f.w, z, precision=precision)
     return logp, v, s
@@ -150,14 +145,12 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
     blocks = jax.tree.map(lambda a: a.reshape((k // bsz, bsz) + a.shape[1:]), c)
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
-    # Few points (one time per point, vmapped): matrix-vector products; many: one big product.
-    terms = _point_terms_gemm if n >= 4 * d else _point_terms_matvec
     zero_vec = jnp.zeros((n, d), x.dtype)
 
     def step(carry, cb):
         mx, tot, acc_v, acc_s, acc_div = carry
         fb = _factors(cb, sched, t, precision)
-        logp, v, sk = terms(fb, x, need_v, need_s, precision)
+        logp, v, sk = _point_terms(fb, x, need_v, need_s, precision)
         new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
         # Zero weights give -inf everywhere: keep the shift finite so no inf - inf appears.
         shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
@@ -199,7 +192,7 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
 
 
 def _responsibilities(c: JointGaussianMixture, sched: Schedule, t, x, precision):
-    logp, _ = _component_terms(_factors(c, sched, t, precision), x, precision)
+    logp, _, _ = _point_terms(_factors(c, sched, t, precision), x, False, False, precision)
     return {"responsibilities": jax.nn.softmax(logp, axis=-1)}
 
 

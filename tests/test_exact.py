@@ -72,7 +72,7 @@ def test_streaming_blocks_match_single_block(x64, monkeypatch):
 def test_many_point_and_per_point_kernels_agree(x64):
     """Scalar t on many points takes the large-product kernel; one t per point the per-point one.
 
-    The two are different algebra (x @ [W; M W; W^T W] vs W (x - mu) then M z): float64 round-off
+    The two are different algebra (x @ [W; M W] vs W (x - mu) then M z): float64 round-off
     through d x d triangular factors of condition < ~1e3 keeps them within 1e-10.
     """
     c = random_joint_mixture(jax.random.key(5), 6, 4, mean_scale=2.0)
