@@ -36,6 +36,7 @@ from benchmarks._common import (
     machine,
     machine_rates,
     print_table,
+    rates_line,
     roofline_fraction,
     write_json,
 )
@@ -97,17 +98,13 @@ def _with_roofline(row: dict, rates: dict) -> dict:
     return row
 
 
-def _rates_line(rates: dict) -> str:
-    return (
-        f"matmul float32 {rates['matmul_highest'] / 1e9:.1f} GFLOP/s (highest), "
-        f"{rates['matmul_default'] / 1e9:.1f} GFLOP/s (default), "
-        f"copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)"
-    )
+# The measured rates in a rates dict (the other keys are the measurement sizes).
+MEASURED = (*RATE_KEYS.values(), BANDWIDTH_KEY)
 
 
 def _best_rates(a: dict, b: dict) -> dict:
     best = {**b, **a}
-    for key in [*RATE_KEYS.values(), BANDWIDTH_KEY]:
+    for key in MEASURED:
         values = [r[key] for r in (a, b) if r.get(key)]
         if values:
             best[key] = max(values)
@@ -150,7 +147,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rate_args = (args.matmul_n or tiny.get("matmul_n"), args.copy_bytes or tiny.get("copy_bytes"))
     rates = machine_rates(*rate_args)
-    print(f"measured in {time.perf_counter() - start:.1f} s: {_rates_line(rates)}", flush=True)
+    print(f"measured in {time.perf_counter() - start:.1f} s: {rates_line(rates)}", flush=True)
 
     raw, failed, elapsed, memory = [], [], {}, []
     for name in args.only or BENCHMARKS:
@@ -183,10 +180,8 @@ def main(argv=None) -> int:
     # load can change during the run: a low first reading would overstate the fractions).
     rates_end = machine_rates(*rate_args)
     best = _best_rates(rates, rates_end)
-    print(f"\nmeasured again: {_rates_line(rates_end)}")
-    changed = [k for k in RATE_KEYS.values() if _differ(rates.get(k), rates_end.get(k))]
-    if _differ(rates[BANDWIDTH_KEY], rates_end[BANDWIDTH_KEY]):
-        changed.append(BANDWIDTH_KEY)
+    print(f"\nmeasured again: {rates_line(rates_end)}")
+    changed = [k for k in MEASURED if _differ(rates.get(k), rates_end.get(k))]
     if changed:
         print(
             f"note: {', '.join(changed)} changed by more than 20% during the run (shared machine?)"
@@ -217,10 +212,8 @@ def main(argv=None) -> int:
         "elapsed_s": elapsed,
         "failed": failed,
     }
-    out = args.out or (Path(args.results_dir) if args.results_dir else RESULTS_DIR)
-    if not args.out:
-        out = Path(out) / f"summary_{mach['backend']}.json"
-    write_json(summary, out, f"summary_{mach['backend']}.json")
+    name = f"summary_{mach['backend']}.json"
+    write_json(summary, args.out or Path(args.results_dir or RESULTS_DIR) / name, name)
     return 1 if failed else 0
 
 

@@ -73,6 +73,16 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def default_matmul_n() -> int:
+    """Side of the square matmul that measures the rate: 4096 on a CPU, 8192 on an accelerator."""
+    return 4096 if on_cpu() else 8192
+
+
+def default_copy_bytes() -> int:
+    """Array size of the bandwidth measurement: 2^26 bytes on a CPU, 2^30 on an accelerator."""
+    return 1 << 26 if on_cpu() else 1 << 30
+
+
 def _best_time(fn: Callable, *args, repeats: int, min_time: float) -> float:
     """Shortest of at least ``repeats`` calls (and at least ``min_time`` s) after a warm-up."""
     jax.block_until_ready(fn(*args))
@@ -103,7 +113,7 @@ def matmul_rate(
     float32 on a CPU) or a ``jax.lax.DotAlgorithmPreset`` such as ``BF16_BF16_F32``. ``n``
     defaults to 4096 on a CPU and 8192 on an accelerator.
     """
-    n = n or (4096 if on_cpu() else 8192)
+    n = n or default_matmul_n()
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
@@ -118,7 +128,7 @@ def copy_bandwidth(nbytes: int | None = None, repeats: int = 5, min_time: float 
     input is not donated, so XLA cannot fold, elide or do the operation in place: every call
     reads ``nbytes`` and writes ``nbytes``. Best time as for ``matmul_rate``.
     """
-    nbytes = nbytes or (1 << 26 if on_cpu() else 1 << 30)
+    nbytes = nbytes or default_copy_bytes()
     x = jnp.ones((nbytes // 4,), jnp.float32)
     f = jax.jit(lambda x, s: x * s)
     best = _best_time(f, x, jnp.float32(1.0001), repeats=repeats, min_time=min_time)
@@ -138,12 +148,21 @@ def machine_rates(
         RATE_KEYS["highest"]: matmul_rate(matmul_n, "highest"),
         RATE_KEYS["default"]: matmul_rate(matmul_n, "default"),
         BANDWIDTH_KEY: copy_bandwidth(copy_bytes),
-        "matmul_n": matmul_n or (4096 if on_cpu() else 8192),
-        "copy_bytes": copy_bytes or (1 << 26 if on_cpu() else 1 << 30),
+        "matmul_n": matmul_n or default_matmul_n(),
+        "copy_bytes": copy_bytes or default_copy_bytes(),
     }
     if bf16:
         add_bf16_rate(rates)
     return rates
+
+
+def rates_line(rates: dict) -> str:
+    """The measured rates in one line of text."""
+    return (
+        f"matmul float32 {rates[RATE_KEYS['highest']] / 1e9:.1f} GFLOP/s (highest), "
+        f"{rates[RATE_KEYS['default']] / 1e9:.1f} GFLOP/s (default), "
+        f"copy {rates[BANDWIDTH_KEY] / 1e9:.1f} GB/s (read + write)"
+    )
 
 
 def add_bf16_rate(rates: dict) -> dict:

@@ -48,7 +48,9 @@ from benchmarks._common import (
     add_bf16_rate,
     machine,
     machine_rates,
+    on_cpu,
     print_table,
+    rates_line,
     roofline_fraction,
     time_calls,
     write_json,
@@ -232,7 +234,7 @@ def run(configs, scale, repeats, peer, modes=("highest",), memory_configs=(), ra
         rows += _run_config(d, k, max(1, int(n_full * scale)), modes, repeats, peer, rates)
     for d, k, n in memory_configs:
         memory.append(memory_only(d, k, n))
-        if jax.default_backend() != "cpu":
+        if not on_cpu():
             rows += _run_config(d, k, n, modes, repeats, False, rates)
     return {"machine": machine(), "rates": rates, "modes": list(modes), "rows": rows,
             "memory": memory}  # fmt: skip
@@ -274,12 +276,10 @@ def _mib(v):
 
 
 def print_tables(result: dict) -> None:
-    mach, rates = result["machine"], result["rates"]
+    mach = result["machine"]
     print(
-        f"\nexact velocity, {mach['backend']} ({mach['device']}); measured matmul "
-        f"{rates['matmul_highest'] / 1e9:.1f} GFLOP/s (highest), "
-        f"{rates['matmul_default'] / 1e9:.1f} GFLOP/s (default), "
-        f"copy {rates['copy_bytes_per_s'] / 1e9:.1f} GB/s"
+        f"\nexact velocity, {mach['backend']} ({mach['device']}); measured "
+        f"{rates_line(result['rates'])}"
     )
     rows = [
         {**r, "temp_mib": _mib(r.get("temp_bytes")), "naive_mib": _mib(r["naive_bytes"])}
@@ -382,7 +382,7 @@ def main(argv=None, rates: dict | None = None) -> dict:
     configs = _triples(args.configs) if args.configs else CONFIGS
     scale = args.scale
     if scale is None:
-        scale = 1.0 if args.full or backend != "cpu" else 0.05
+        scale = 1.0 if args.full or not on_cpu() else 0.05
     modes = args.modes or (list(MODES) if args.full else ["highest"])
     result = run(
         configs,
