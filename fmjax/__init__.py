@@ -16,6 +16,7 @@ from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture
 from fmjax.mixtures import independent_coupling as independent_coupling
 from fmjax.mixtures import random_gaussian_mixture as random_gaussian_mixture
 from fmjax.mixtures import random_joint_mixture as random_joint_mixture
+from fmjax.mixtures import standard_normal as standard_normal
 from fmjax.train import FitResult as FitResult
 from fmjax.train import fit as fit
 from fmjax.train import fit_many as fit_many

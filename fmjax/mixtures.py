@@ -16,10 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from fmjax import _checks
+
 __all__ = [
     "GaussianMixture",
     "JointGaussianMixture",
     "independent_coupling",
+    "standard_normal",
     "random_spd",
     "random_gaussian_mixture",
     "random_joint_mixture",
@@ -315,6 +318,20 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     # Products of valid weights and block-diagonal SPD matrices are valid: skip re-validation
     # (it would also fail under a trace-free but expensive eigen-decomposition for large K).
     return JointGaussianMixture._from_leaves(w, m, c)
+
+
+def standard_normal(dim: int, dtype=None) -> GaussianMixture:
+    """N(0, I) on R^dim as a one-component ``GaussianMixture``, the usual source p0.
+
+    Args:
+        dim: dimension d >= 1.
+        dtype: float dtype (default: JAX's default float, float64 under ``jax_enable_x64``).
+    """
+    dim = _checks.check_int("mixtures.standard_normal", "dim", dim, 1)
+    dtype = dtype or jnp.result_type(float)
+    return GaussianMixture._from_leaves(
+        jnp.ones((1,), dtype), jnp.zeros((1, dim), dtype), jnp.eye(dim, dtype=dtype)[None]
+    )
 
 
 def random_spd(

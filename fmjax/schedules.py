@@ -4,8 +4,14 @@ t = 0 is the source (a_0 = 0, b_0 = 1) and t = 1 the target (a_1 = 1, b_1 = 0), 
 Lipman et al. and Meta's ``flow_matching``. A schedule is called on ``t`` of any shape and
 returns ``(a, b, da, db)`` of that shape, all elementwise.
 
+Every schedule carries its valid interval ``[t_min, t_max]``: the closed set of times on which its
+coefficients, and so the exact velocity and score, are finite. Most are valid on [0, 1]; ``vp`` is
+singular at t = 1 (db_t -> -inf) and stops at 1 - eps. Sampling, likelihood, the time samplers of
+the losses, metrics and the CLI take their default times from it, and the exact engine refuses
+concrete times outside it instead of returning NaNs.
+
 Schedules are immutable pytrees without array leaves: everything they hold is static, so
-they pass through ``jax.jit`` as ordinary arguments and a new schedule retraces.
+they pass through ``jax.jit`` as ordinary arguments; equal schedules hash equal (no retrace).
 """
 
 from __future__ import annotations
@@ -18,9 +24,25 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-__all__ = ["Schedule", "linear", "cosine", "vp", "polynomial", "custom"]
+from fmjax import _checks
+
+__all__ = ["Schedule", "linear", "cosine", "vp", "polynomial", "custom", "sigma_min_schedule"]
 
 _Coeffs = tuple[Float[Array, "..."], Float[Array, "..."], Float[Array, "..."], Float[Array, "..."]]
+
+# Slack when comparing a time with an interval end: float32(0.999) > 0.999 in float64.
+_SLACK = 4 * float(np.finfo(np.float32).eps)
+
+
+def _check_interval(fn: str, interval) -> tuple[float, float]:
+    try:
+        lo, hi = interval
+    except (TypeError, ValueError):
+        _checks.fail(fn, "interval", "a pair (t_min, t_max)", interval, TypeError)
+    lo, hi = _checks.as_float(fn, "interval", lo), _checks.as_float(fn, "interval", hi)
+    if not (0.0 <= lo < hi <= 1.0):
+        _checks.fail(fn, "interval", "a pair 0 <= t_min < t_max <= 1", (lo, hi))
+    return lo, hi
 
 
 @jax.tree_util.register_static
@@ -33,13 +55,49 @@ class Schedule:
         coeffs: module-level function ``(t, *params) -> (a, b, da, db)``, elementwise over ``t``.
         params: static parameters passed to ``coeffs``; equal schedules compare (and hash) equal,
             so jitted functions do not retrace for a schedule rebuilt with the same parameters.
+        interval: ``(t_min, t_max)``, the closed interval of times where the coefficients and
+            their derivatives are finite; defaults of sampling, likelihood, losses and metrics.
     """
 
     name: str
     coeffs: Callable[..., _Coeffs] = dataclasses.field(repr=False)
     params: tuple = ()
+    interval: tuple[float, float] = (0.0, 1.0)
 
-    def __call__(self, t: Float[ArrayLike, ...]) -> _Coeffs:
+    def __post_init__(self):
+        object.__setattr__(self, "interval", _check_interval("Schedule", self.interval))
+
+    @property
+    def t_min(self) -> float:
+        """Start of the valid interval."""
+        return self.interval[0]
+
+    @property
+    def t_max(self) -> float:
+        """End of the valid interval."""
+        return self.interval[1]
+
+    def contains(self, t: ArrayLike) -> bool:
+        """True when every (concrete) time in ``t`` lies in the valid interval (float32 slack)."""
+        t = np.asarray(t, np.float64)
+        return bool(np.all((t >= self.t_min - _SLACK) & (t <= self.t_max + _SLACK)))
+
+    def check_times(self, fn: str, name: str, t: ArrayLike) -> None:
+        """Raise ``ValueError`` naming ``fn`` and ``name`` if concrete ``t`` leaves the interval.
+
+        Traced times are not checked (validation never runs under a trace).
+        """
+        if not _checks.is_concrete(t):
+            return
+        if not self.contains(t):
+            arr = np.asarray(t, np.float64)
+            got = float(arr.min() if arr.min() < self.t_min else arr.max())
+            _checks.fail(
+                fn, name, f"in [{self.t_min:g}, {self.t_max:g}], the valid interval of {self.name}",
+                got,
+            )
+
+    def __call__(self, t: Float[ArrayLike, "..."]) -> _Coeffs:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""
         t = jnp.asarray(t)
         if not jnp.issubdtype(t.dtype, jnp.floating):
@@ -73,16 +131,20 @@ def _polynomial(t, n):
     return a, 1.0 - a, da, -da
 
 
-def polynomial(n: float) -> Schedule:
+def polynomial(n: float, *, eps: float = 1e-3) -> Schedule:
     """Polynomial convex path (Meta's ``PolynomialConvexScheduler``): a_t = t^n, b_t = 1 - t^n.
 
     Args:
-        n: exponent, > 0. For n < 1 the derivative is infinite at t = 0.
+        n: exponent, > 0. For n < 1 the derivative is infinite at t = 0, so the valid interval
+            starts at ``eps``.
+        eps: start of the valid interval when n < 1 (ignored for n >= 1), in (0, 1).
     """
-    n = float(n)
-    if not (np.isfinite(n) and n > 0):
-        raise ValueError(f"polynomial: exponent `n` must be a finite number > 0, got {n}")
-    return Schedule(f"polynomial({n:g})", _polynomial, (n,))
+    n = _checks.check_positive("polynomial", "n", n)
+    eps = _checks.check_positive("polynomial", "eps", eps)
+    if eps >= 1:
+        _checks.fail("polynomial", "eps", "in (0, 1)", eps)
+    interval = (0.0, 1.0) if n >= 1 else (eps, 1.0)
+    return Schedule(f"polynomial({n:g})", _polynomial, (n,), interval)
 
 
 def _vp(t, beta_min, beta_max):
@@ -96,7 +158,7 @@ def _vp(t, beta_min, beta_max):
     return a, b, da, db
 
 
-def vp(beta_min: float = 0.1, beta_max: float = 20.0) -> Schedule:
+def vp(beta_min: float = 0.1, beta_max: float = 20.0, *, eps: float = 1e-3) -> Schedule:
     """Variance-preserving diffusion path of Lipman et al. (2023), in the t=0-source convention.
 
     a_t = alpha(1 - t), b_t = sqrt(1 - a_t^2), with alpha(s) = exp(-T(s)/2) and
@@ -104,19 +166,22 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0) -> Schedule:
 
     As in the paper, the path does not reach the source exactly: a_0 = exp(-T(1)/2) (about 6.6e-3
     for the defaults), and db_t -> -inf as t -> 1 (b_t ~ sqrt(beta_min (1 - t))), so velocities at
-    t = 1 are infinite unless the source terms vanish; evaluate on [0, 1 - eps].
+    t = 1 are infinite unless the source terms vanish: the valid interval is [0, 1 - eps].
 
     Args:
         beta_min: noise rate at the data end, > 0.
         beta_max: noise rate at the source end, >= beta_min.
+        eps: distance of the interval's end from the singular t = 1, in (0, 1).
     """
-    beta_min, beta_max = float(beta_min), float(beta_max)
-    if not (beta_min > 0 and beta_max >= beta_min and np.isfinite(beta_max)):
-        raise ValueError(
-            f"vp: need 0 < beta_min <= beta_max < inf, got beta_min={beta_min}, beta_max={beta_max}"
-        )
-
-    return Schedule(f"vp({beta_min:g},{beta_max:g})", _vp, (beta_min, beta_max))
+    beta_min = _checks.check_positive("vp", "beta_min", beta_min)
+    beta_max = _checks.check_positive("vp", "beta_max", beta_max)
+    if beta_max < beta_min:
+        _checks.fail("vp", "beta_max", f">= beta_min={beta_min:g}", beta_max)
+    eps = _checks.check_positive("vp", "eps", eps)
+    if eps >= 1:
+        _checks.fail("vp", "eps", "in (0, 1)", eps)
+    name = f"vp({beta_min:g},{beta_max:g})" if eps == 1e-3 else f"vp({beta_min:g},{beta_max:g},{eps:g})"
+    return Schedule(name, _vp, (beta_min, beta_max), (0.0, 1.0 - eps))
 
 
 def _custom(t, a, b):
@@ -131,6 +196,7 @@ def custom(
     b: Callable[[Array], Array],
     name: str = "custom",
     *,
+    interval: tuple[float, float] = (0.0, 1.0),
     check_endpoints: bool = True,
 ) -> Schedule:
     """A schedule from two elementwise functions a(t), b(t); derivatives by forward-mode autodiff.
@@ -139,19 +205,28 @@ def custom(
         a: ``t -> a_t``, elementwise and differentiable (jnp operations).
         b: ``t -> b_t``, elementwise and differentiable.
         name: label used in reprs and tables.
+        interval: ``(t_min, t_max)`` where a, b and their derivatives are finite (a schedule
+            singular at an end stops short of it); checked on a grid now.
         check_endpoints: verify a_0 = b_1 = 0 and a_1 = b_0 = 1 (to 1e-6) now.
 
     Raises:
-        ValueError: if an endpoint condition fails or a(t), b(t) are not elementwise.
+        TypeError: if ``a`` or ``b`` is not callable.
+        ValueError: if an endpoint condition fails, a(t), b(t) are not elementwise, or the
+            coefficients are not finite on ``interval``.
     """
-    if not (callable(a) and callable(b)):
-        raise ValueError("custom: `a` and `b` must be callables t -> array")
-
-    sched = Schedule(name, _custom, (a, b))
+    _checks.check_callable("custom", "a", a, "a callable t -> a_t")
+    _checks.check_callable("custom", "b", b, "a callable t -> b_t")
+    interval = _check_interval("custom", interval)
+    sched = Schedule(name, _custom, (a, b), interval)
     probe = np.asarray([0.0, 1.0])
     vals = [np.asarray(v) for v in sched(probe)]
     if any(v.shape != probe.shape for v in vals):
-        raise ValueError("custom: `a` and `b` must be elementwise (output shaped like t)")
+        _checks.fail("custom", "a", "elementwise (output shaped like t)", vals[0].shape)
+    grid = np.linspace(*interval, 65)
+    if not all(np.all(np.isfinite(np.asarray(v))) for v in sched(grid)):
+        _checks.fail(
+            "custom", "interval", "a range where a, b and their derivatives are finite", interval
+        )
     if check_endpoints:
         got = {"a(0)": vals[0][0], "a(1)": vals[0][1], "b(0)": vals[1][0], "b(1)": vals[1][1]}
         want = {"a(0)": 0.0, "a(1)": 1.0, "b(0)": 1.0, "b(1)": 0.0}
@@ -162,3 +237,20 @@ def custom(
                 "(pass check_endpoints=False to allow)"
             )
     return sched
+
+
+def _sigma_min_coeffs(t, sigma_min):
+    one = jnp.ones_like(t)
+    return t, 1.0 - (1.0 - sigma_min) * t, one, -(1.0 - sigma_min) * one
+
+
+def sigma_min_schedule(sigma_min: float) -> Schedule:
+    """Lipman et al.'s OT path with a floor: a_t = t, b_t = 1 - (1 - sigma_min) t (b_1 = sigma_min).
+
+    The conditional velocity is x1 - (1 - sigma_min) x0. With a Gaussian source this is the
+    path N(t x1, (1 - (1 - sigma_min) t)^2 I) of the paper; sigma_min = 0 is ``linear()``.
+    """
+    sigma_min = _checks.as_float("sigma_min_schedule", "sigma_min", sigma_min)
+    if not 0.0 <= sigma_min < 1.0:
+        _checks.fail("sigma_min_schedule", "sigma_min", "in [0, 1)", sigma_min)
+    return Schedule(f"sigma_min({sigma_min:g})", _sigma_min_coeffs, (sigma_min,))

@@ -1,0 +1,122 @@
+"""Eager argument checks with one error format: ``module.function: `arg` must be ..., got ...``.
+
+``TypeError`` for a value of the wrong type, ``ValueError`` for a value of the right type that is
+out of range. Every check runs on concrete Python / NumPy / JAX values outside any trace; a
+traced value is a ``TypeError`` naming the argument (it must be concrete).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    "as_float",
+    "check_callable",
+    "check_choice",
+    "check_instance",
+    "check_int",
+    "check_interval_time",
+    "check_key",
+    "check_positive",
+    "fail",
+    "is_concrete",
+]
+
+
+def _fmt(fn: str, name: str, what: str, got: Any) -> str:
+    return f"{fn}: `{name}` must be {what}, got {got!r}"
+
+
+def fail(fn: str, name: str, what: str, got: Any, error: type[Exception] = ValueError):
+    """Raise ``error`` in the common format (returns the exception for ``raise ... from``)."""
+    raise error(_fmt(fn, name, what, got))
+
+
+def is_concrete(*xs: Any) -> bool:
+    """True when no leaf of ``xs`` is a tracer (eager checks may then read values)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(xs))
+
+
+def as_float(fn: str, name: str, value: Any) -> float:
+    """A real number (Python, NumPy or 0-d JAX scalar, integers included) as a Python float."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        fail(fn, name, "a real number", value, TypeError)
+    if isinstance(value, jax.core.Tracer):
+        fail(fn, name, "a concrete number (not traced)", value, TypeError)
+    if np.ndim(value) != 0:
+        fail(fn, name, "a scalar", f"shape {np.shape(value)}", TypeError)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        fail(fn, name, "a real number", value, TypeError)
+    return v
+
+
+def check_positive(fn: str, name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A finite number > 0 (``>= 0`` with ``allow_zero``) as a float."""
+    v = as_float(fn, name, value)
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        fail(fn, name, "a finite number >= 0" if allow_zero else "a finite number > 0", value)
+    return v
+
+
+def check_int(fn: str, name: str, value: Any, minimum: int | None = 1) -> int:
+    """An integer (Python or NumPy, not bool) ``>= minimum`` as an int."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        fail(fn, name, "an int", value, TypeError)
+    if minimum is not None and value < minimum:
+        fail(fn, name, f"an int >= {minimum}", value)
+    return int(value)
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Iterable[str]) -> str:
+    """One of the string ``choices``."""
+    choices = tuple(choices)
+    if not isinstance(value, str):
+        fail(fn, name, f"one of {choices}", value, TypeError)
+    if value not in choices:
+        fail(fn, name, f"one of {choices}", value)
+    return value
+
+
+def check_instance(fn: str, name: str, value: Any, types: type | tuple[type, ...], what: str):
+    """``value`` if it is an instance of ``types``, else ``TypeError`` describing ``what``."""
+    if not isinstance(value, types):
+        fail(fn, name, what, type(value).__name__, TypeError)
+    return value
+
+
+def check_callable(fn: str, name: str, value: Any, what: str = "a callable") -> Callable:
+    """``value`` if callable, else ``TypeError``."""
+    if not callable(value):
+        fail(fn, name, what, value, TypeError)
+    return value
+
+
+def check_key(fn: str, name: str, key: Any) -> jax.Array:
+    """A single PRNG key: a new-style ``jax.random.key`` or a legacy uint32 ``PRNGKey``."""
+    if key is None or not hasattr(key, "dtype") or not hasattr(key, "shape"):
+        fail(fn, name, "a PRNG key (jax.random.key(seed))", key, TypeError)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            fail(fn, name, "a single PRNG key", f"shape {key.shape}")
+        return key
+    if key.dtype == np.uint32 and key.shape == (2,):
+        return key
+    fail(fn, name, "a PRNG key (jax.random.key(seed))", f"{key.dtype} {key.shape}", TypeError)
+
+
+def check_interval_time(
+    fn: str, name: str, value: Any, interval: tuple[float, float], owner: str = "the schedule"
+) -> float:
+    """A concrete time inside the closed ``interval`` (e.g. a schedule's valid interval)."""
+    t = as_float(fn, name, value)
+    lo, hi = interval
+    if not (lo <= t <= hi):
+        fail(fn, name, f"in [{lo:g}, {hi:g}], the valid interval of {owner}", t)
+    return t

@@ -1,0 +1,40 @@
+"""Type aliases shared across fmjax: one name for each kind of callable or tree the API passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+__all__ = [
+    "ApplyFn",
+    "LossFn",
+    "PairSampler",
+    "Precision",
+    "PyTree",
+    "TimeSampler",
+    "Velocity",
+]
+
+PyTree = Any
+"""Any pytree of arrays (parameters, optimizer states, mixtures)."""
+
+Velocity = Callable[[Float[Array, "..."], Float[Array, "... d"]], Float[Array, "... d"]]
+"""A velocity field ``velocity(t, x) -> (..., d)``: t scalar or broadcastable to x.shape[:-1]."""
+
+ApplyFn = Callable[..., Float[Array, "n d"]]
+"""A model's ``apply(params, t (n,), x (n, d)) -> (n, d)``."""
+
+LossFn = Callable[..., Any]
+"""``loss_fn(params, key) -> scalar`` (or ``-> (scalar, aux)``), optionally ``(params, key, inst)``."""
+
+PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
+"""``(key, n) -> (x0 (n, d), x1 (n, d))``: draws coupled pairs."""
+
+TimeSampler = Callable[[PRNGKeyArray, int], Float[Array, " n"]]
+"""``(key, n) -> t (n,)``: draws training times."""
+
+Precision = jax.lax.Precision | jax.lax.DotAlgorithmPreset | str | None
+"""A matmul precision as ``jax.lax.dot`` takes it ("highest", "default", a preset, ...)."""
