@@ -25,7 +25,34 @@ __all__ = [
     "check_positive",
     "fail",
     "is_concrete",
+    "require",
 ]
+
+# Optional dependencies: import name -> (pip name, fmjax extra that installs it).
+_EXTRAS = {
+    "matplotlib": ("matplotlib", "plot"),
+    "ott": ("ott-jax", "ot"),
+    "orbax.checkpoint": ("orbax-checkpoint", "checkpoint"),
+}
+
+
+def require(module: str, fn: str):
+    """Import an optional dependency, or raise ``ImportError`` naming the extra that installs it.
+
+    Args:
+        module: import name, one of ``matplotlib``, ``ott``, ``orbax.checkpoint``.
+        fn: the public function that needs it (``module.function``), for the message.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        pip_name, extra = _EXTRAS[module]
+        raise ImportError(
+            f"{fn} needs {pip_name}, which is not installed: pip install 'fmjax[{extra}]' "
+            f"(or 'fmjax[all]')"
+        ) from e
 
 
 def _fmt(fn: str, name: str, what: str, got: Any) -> str:
