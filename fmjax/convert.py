@@ -42,6 +42,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from fmjax import _checks
 from fmjax.schedules import Schedule
 
 __all__ = [
@@ -81,7 +82,7 @@ def _coeffs(schedule: Schedule, t, x, y):
 
 def velocity_to_x1(
     schedule: Schedule,
-    t: Float[ArrayLike, ...],
+    t: Float[ArrayLike, "..."],
     x: Float[ArrayLike, "... d"],
     u: Float[ArrayLike, "... d"],
 ) -> Float[Array, "... d"]:
@@ -186,7 +187,7 @@ _FROM_VELOCITY = {"x1": velocity_to_x1, "x0": velocity_to_x0, "score": velocity_
 
 def _check_target(fn: str, target: str) -> None:
     if target not in TARGETS:
-        raise ValueError(f"convert.{fn}: `target` must be one of {TARGETS}, got {target!r}")
+        _checks.check_choice(f"convert.{fn}", "target", target, TARGETS)
 
 
 def as_velocity(fn: _Field, schedule: Schedule, target: str = "x1", **kwargs) -> _Field:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from fmjax import _checks
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 
 __all__ = [
@@ -147,8 +148,7 @@ def rings(
 
 def from_mixture(gmm: GaussianMixture) -> Sampler:
     """A jitted sampler ``(key, n) -> (n, d)`` drawing from a GaussianMixture."""
-    if not isinstance(gmm, GaussianMixture):
-        raise ValueError(f"from_mixture: `gmm` must be a GaussianMixture, got {type(gmm)}")
+    _checks.check_instance("data.from_mixture", "gmm", gmm, GaussianMixture, "a GaussianMixture")
     return jax.jit(lambda key, n: gmm.sample(key, n), static_argnums=1)
 
 
@@ -160,11 +160,11 @@ def from_array(data: Float[ArrayLike, "N d"]) -> Sampler:
     """
     arr = jnp.asarray(data)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"from_array: `data` must have shape (N >= 1, d >= 1), got {arr.shape}")
+        _checks.fail("data.from_array", "data", "of shape (N >= 1, d >= 1)", f"shape {arr.shape}")
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
     if not np.all(np.isfinite(np.asarray(arr))):
-        raise ValueError("from_array: `data` contains NaN or inf")
+        _checks.fail("data.from_array", "data", "finite", "NaN or inf")
 
     def sample(key, n):
         return arr[jax.random.randint(key, (n,), 0, arr.shape[0])]
@@ -174,16 +174,16 @@ def from_array(data: Float[ArrayLike, "N d"]) -> Sampler:
 
 def gaussian_source(dim: int, *, std: float = 1.0, dtype=None) -> Sampler:
     """A jitted sampler ``(key, n) -> (n, dim)`` of N(0, std^2 I)."""
-    if not (isinstance(dim, int | np.integer) and dim >= 1):
-        raise ValueError(f"gaussian_source: `dim` must be an integer >= 1, got {dim!r}")
+    dim = _checks.check_int("data.gaussian_source", "dim", dim, 1)
+    std = _checks.check_positive("data.gaussian_source", "std", std)
     dtype = _dtype(dtype)
     return jax.jit(lambda key, n: std * jax.random.normal(key, (n, dim), dtype), static_argnums=1)
 
 
 def independent_pairs(sample0: Sampler, sample1: Sampler) -> PairSampler:
     """Pairs (x0, x1) from independent draws: ``sample_pairs(key, n) -> ((n, d), (n, d))``."""
-    if not (callable(sample0) and callable(sample1)):
-        raise ValueError("independent_pairs: `sample0` and `sample1` must be callables (key, n)")
+    _checks.check_callable("data.independent_pairs", "sample0", sample0, "a callable (key, n)")
+    _checks.check_callable("data.independent_pairs", "sample1", sample1, "a callable (key, n)")
 
     def sample_pairs(key, n):
         k0, k1 = jax.random.split(key)
@@ -194,8 +194,7 @@ def independent_pairs(sample0: Sampler, sample1: Sampler) -> PairSampler:
 
 def coupling_pairs(coupling: JointGaussianMixture) -> PairSampler:
     """Pairs (x0, x1) from a JointGaussianMixture coupling (its ``.sample``)."""
-    if not isinstance(coupling, JointGaussianMixture):
-        raise ValueError(
-            f"coupling_pairs: `coupling` must be a JointGaussianMixture, got {type(coupling)}"
-        )
+    _checks.check_instance(
+        "data.coupling_pairs", "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture"
+    )
     return jax.jit(lambda key, n: coupling.sample(key, n), static_argnums=1)

@@ -35,11 +35,11 @@ def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _as_float(x, name: str) -> Array:
+def _as_float(owner: str, x, name: str) -> Array:
     try:
         arr = jnp.asarray(x)
     except TypeError as e:
-        raise ValueError(f"`{name}` must be an array of numbers: {e}") from None
+        _checks.fail(owner, name, "an array of numbers", f"{type(x).__name__} ({e})", TypeError)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         arr = arr.astype(jnp.result_type(float))
     return arr
@@ -161,7 +161,7 @@ class _MixtureBase:
         )
         return self.means[comp] + noise
 
-    def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, ...]:
+    def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
 
 
@@ -195,10 +195,10 @@ class GaussianMixture(_MixtureBase):
     """
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
-        w = _as_float(weights, "weights")
-        m = _as_float(means, "means")
-        c = _as_float(covs, "covs")
-        _validate("GaussianMixture", w, m, c)
+        w = _as_float("mixtures.GaussianMixture", weights, "weights")
+        m = _as_float("mixtures.GaussianMixture", means, "means")
+        c = _as_float("mixtures.GaussianMixture", covs, "covs")
+        _validate("mixtures.GaussianMixture", w, m, c)
         dtype = jnp.result_type(w, m, c)
         object.__setattr__(self, "weights", w.astype(dtype))
         object.__setattr__(self, "means", m.astype(dtype))
@@ -213,7 +213,7 @@ class GaussianMixture(_MixtureBase):
         """Draw ``n`` samples (n is static)."""
         return self._sample_full(key, n)
 
-    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, ...]:
+    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
         """Log-density at ``x`` of shape (..., d)."""
         return self._log_prob_full(jnp.asarray(x))
 
@@ -244,10 +244,10 @@ class JointGaussianMixture(_MixtureBase):
     """
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
-        w = _as_float(weights, "weights")
-        m = _as_float(means, "means")
-        c = _as_float(covs, "covs")
-        _validate("JointGaussianMixture", w, m, c, dim_name="2d")
+        w = _as_float("mixtures.JointGaussianMixture", weights, "weights")
+        m = _as_float("mixtures.JointGaussianMixture", means, "means")
+        c = _as_float("mixtures.JointGaussianMixture", covs, "covs")
+        _validate("mixtures.JointGaussianMixture", w, m, c, dim_name="2d")
         if m.shape[1] % 2:
             raise ValueError(
                 f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}"
@@ -298,11 +298,11 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     Raises:
         ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
     """
+    fn = "mixtures.independent_coupling"
     for name, p in (("p0", p0), ("p1", p1)):
-        if not isinstance(p, GaussianMixture):
-            raise ValueError(f"independent_coupling: `{name}` must be a GaussianMixture, got {p!r}")
+        _checks.check_instance(fn, name, p, GaussianMixture, "a GaussianMixture")
     if p0.dim != p1.dim:
-        raise ValueError(f"independent_coupling: `p0` has dim {p0.dim} but `p1` has dim {p1.dim}")
+        _checks.fail(fn, "p1", f"of the dimension of `p0` ({p0.dim})", f"dim {p1.dim}")
     k0, k1, d = p0.n_components, p1.n_components, p0.dim
     dtype = jnp.result_type(p0.means, p1.means)
     w = (p0.weights[:, None] * p1.weights[None, :]).reshape(k0 * k1).astype(dtype)

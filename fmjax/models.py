@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from fmjax import _checks
+
 __all__ = ["ACTIVATIONS", "TIME_EMBEDDINGS", "TimeEmbedding", "MLP", "init"]
 
 #: Activation names accepted by ``MLP`` ("swish" and "silu" are the same function).
@@ -48,7 +50,7 @@ class TimeEmbedding(nn.Module):
     learned_frequencies: bool = False
 
     @nn.compact
-    def __call__(self, t: Float[Array, ...]) -> Float[Array, "... e"]:
+    def __call__(self, t: Float[Array, "..."]) -> Float[Array, "... e"]:
         t = t[..., None]
         if self.kind == "raw":
             return t
@@ -94,40 +96,31 @@ class MLP(nn.Module):
     precision: str | None = None
 
     def _check(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"MLP: `activation` must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
-            )
-        if self.time_embedding not in TIME_EMBEDDINGS:
-            raise ValueError(
-                f"MLP: `time_embedding` must be one of {TIME_EMBEDDINGS}, "
-                f"got {self.time_embedding!r}"
-            )
+        _checks.check_choice("models.MLP", "activation", self.activation, sorted(ACTIVATIONS))
+        _checks.check_choice("models.MLP", "time_embedding", self.time_embedding, TIME_EMBEDDINGS)
         for name in ("dim", "width", "depth", "n_frequencies"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | np.integer) and v >= 1):
-                raise ValueError(f"MLP: `{name}` must be an integer >= 1, got {v!r}")
-        if not self.max_frequency >= 1.0:
-            raise ValueError(f"MLP: `max_frequency` must be >= 1, got {self.max_frequency}")
+            _checks.check_int("models.MLP", name, getattr(self, name), 1)
+        if not _checks.as_float("models.MLP", "max_frequency", self.max_frequency) >= 1.0:
+            _checks.fail("models.MLP", "max_frequency", ">= 1", self.max_frequency)
 
     @nn.compact
     def __call__(
-        self, t: Float[ArrayLike, ...], x: Float[ArrayLike, "... d"]
+        self, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"]
     ) -> Float[Array, "... d"]:
         self._check()
         x = jnp.asarray(x)
         if x.ndim < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"MLP: `x` must have shape (..., {self.dim}), got {x.shape}")
+            _checks.fail("models.MLP", "x", f"of shape (..., {self.dim})", f"shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(jnp.result_type(float))
         t = jnp.asarray(t, x.dtype)
         try:
             batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
         except ValueError:
-            raise ValueError(
-                f"MLP: `t` of shape {t.shape} does not broadcast against "
-                f"x.shape[:-1] = {x.shape[:-1]}"
-            ) from None
+            _checks.fail(
+                "models.MLP", "t", f"broadcastable against x.shape[:-1] = {x.shape[:-1]}",
+                f"shape {t.shape}",
+            )  # fmt: skip
         x = jnp.broadcast_to(x, batch + (self.dim,))
         emb = TimeEmbedding(
             self.time_embedding,
@@ -159,5 +152,5 @@ def init(model: nn.Module, key: PRNGKeyArray, dim: int | None = None):
     """
     dim = getattr(model, "dim", None) if dim is None else dim
     if dim is None:
-        raise ValueError("init: pass `dim` for a model without a `dim` attribute")
+        _checks.fail("models.init", "dim", "given for a model without a `dim` attribute", None)
     return model.init(key, jnp.zeros(()), jnp.zeros((1, dim)))

@@ -113,9 +113,11 @@ def test_joint_validation():
         fmjax.JointGaussianMixture(np.ones(1), np.zeros((1, 3)), np.eye(3)[None])
     p2 = random_gaussian_mixture(jax.random.key(0), 2, 2)
     p3 = random_gaussian_mixture(jax.random.key(0), 2, 3)
-    with pytest.raises(ValueError, match="`p0` has dim 2 but `p1` has dim 3"):
+    with pytest.raises(
+        ValueError, match=r"`p1` must be of the dimension of `p0` \(2\), got 'dim 3'"
+    ):
         fmjax.independent_coupling(p2, p3)
-    with pytest.raises(ValueError, match="`p0` must be a GaussianMixture"):
+    with pytest.raises(TypeError, match="mixtures.independent_coupling: `p0` must be a Gaussian"):
         fmjax.independent_coupling(np.zeros(2), p2)
 
 
@@ -139,3 +141,20 @@ def test_zero_weight_component(x64):
     v = fmjax.exact.velocity(c, fmjax.schedules.linear(), 0.5, x)
     vq = fmjax.exact.velocity(fmjax.independent_coupling(q, q), fmjax.schedules.linear(), 0.5, x)
     np.testing.assert_allclose(v, vq, rtol=1e-12)
+
+
+def test_standard_normal_is_the_one_source(x64):
+    p = fmjax.standard_normal(3)
+    assert p.n_components == 1 and p.dim == 3 and p.means.dtype == jnp.float64
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    want = -0.5 * jnp.sum(x * x, -1) - 1.5 * np.log(2 * np.pi)
+    np.testing.assert_allclose(p.log_prob(x), want, rtol=1e-12)
+    with pytest.raises(TypeError, match="mixtures.standard_normal: `dim` must be an int"):
+        fmjax.standard_normal(2.0)
+    with pytest.raises(ValueError, match="`dim` must be an int >= 1"):
+        fmjax.standard_normal(0)
+
+
+def test_wrong_array_type_is_a_type_error():
+    with pytest.raises(TypeError, match="mixtures.GaussianMixture: `weights` must be an array"):
+        fmjax.GaussianMixture(object(), np.zeros((1, 2)), np.eye(2)[None])

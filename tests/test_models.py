@@ -118,14 +118,14 @@ def test_time_embedding_values():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"activation": "tanhh"}, "activation"),
-        ({"time_embedding": "sinusoid"}, "time_embedding"),
-        ({"depth": 0}, "depth"),
-        ({"width": 2.5}, "width"),
+        ({"activation": "tanhh"}, ValueError, "models.MLP: `activation` must be one of"),
+        ({"time_embedding": "sinusoid"}, ValueError, "`time_embedding`"),
+        ({"depth": 0}, ValueError, "`depth` must be an int >= 1, got 0"),
+        ({"width": 2.5}, TypeError, "`width` must be an int, got 2.5"),
     ],
 )
-def test_invalid_settings_raise(key, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_invalid_settings_raise(key, kwargs, error, match):
+    with pytest.raises(error, match=match):
         models.init(models.MLP(dim=2, **kwargs), key)
