@@ -9,6 +9,7 @@ while a wrong formula (e.g. a missing factor or a biased estimator) moves the me
 import functools
 import itertools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ import pytest
 from scipy import special
 
 import fmjax
-from fmjax import _kernel_distances, metrics
+from fmjax import metrics
+from fmjax.metrics import kernels
 
 Z = 5.0
 
@@ -109,7 +111,7 @@ def test_energy_distance_blocks_and_jit_agree_with_direct_formula(key, x64, monk
     dyy = np.linalg.norm(np.asarray(y)[:, None] - np.asarray(y)[None], axis=-1)
     u = 2 * dxy.mean() - dxx.sum() / (37 * 36) - dyy.sum() / (23 * 22)
     v = 2 * dxy.mean() - dxx.mean() - dyy.mean()
-    monkeypatch.setattr(_kernel_distances, "_PAIR_BUDGET", 200)  # force several padded row blocks
+    monkeypatch.setattr(kernels, "_PAIR_BUDGET", 200)  # force several padded row blocks
     np.testing.assert_allclose(metrics.energy_distance(x, y), u, rtol=1e-10)
     np.testing.assert_allclose(jax.jit(metrics.energy_distance)(x, y), u, rtol=1e-10)
     np.testing.assert_allclose(metrics.energy_distance(x, y, unbiased=False), v, rtol=1e-10)
@@ -158,10 +160,15 @@ def test_mmd_matches_gaussian_closed_form_and_is_unbiased_under_null(key):
 
 def test_mmd_validates_bandwidths(key):
     x = jnp.zeros((4, 2))
-    with pytest.raises(ValueError, match="bandwidths"):
+    with pytest.raises(ValueError, match="metrics.mmd: `bandwidths` must be"):
         metrics.mmd(x, x, bandwidths=(1.0, -1.0))
+    with pytest.raises(TypeError, match="bandwidths"):
+        metrics.mmd(x, x, bandwidths="wide")
     with pytest.raises(ValueError, match="same dimension"):
         metrics.mmd(x, jnp.zeros((4, 3)))
+    with pytest.raises(ValueError, match="at least 2 points"):
+        metrics.mmd(x[:1], x)
+    assert np.isfinite(float(metrics.mmd(x[:2], x)))  # control: 2 points are enough
 
 
 # ----------------------------------------------------------------------------- Wasserstein
@@ -236,12 +243,16 @@ def test_w2_exact_and_entropic_against_gaussian_closed_form(key):
 
 def test_w2_validates(key):
     x = jnp.zeros((5, 2))
-    with pytest.raises(ValueError, match="equal sample sizes"):
+    with pytest.raises(ValueError, match="metrics.w2: `y` must be the same number of points"):
         metrics.w2(x, jnp.zeros((6, 2)))
-    with pytest.raises(ValueError, match="epsilon"):
+    with pytest.raises(ValueError, match="metrics.w2: `epsilon` must be"):
         metrics.w2(x, x, epsilon=-1.0)
-    with pytest.raises(ValueError, match=r"shape \(n, d\)"):
+    with pytest.raises(TypeError, match="epsilon"):
+        metrics.w2(x, x, epsilon="small")
+    with pytest.raises(ValueError, match=r"`x` must be an array of shape \(n, d\)"):
         metrics.w2(jnp.zeros(5), x)
+    with pytest.raises(ValueError, match=r"gaussian_w2: `cov2` must be an array of shape"):
+        metrics.gaussian_w2(jnp.zeros(2), jnp.eye(2), jnp.zeros(2), jnp.eye(3))
 
 
 def test_sliced_wasserstein_1d_equals_w2_and_matches_closed_form(key):
@@ -252,7 +263,7 @@ def test_sliced_wasserstein_1d_equals_w2_and_matches_closed_form(key):
     def one(k):
         kx, ky, kp = jax.random.split(k, 3)
         x, y = _normal(kx, n, [0.0], 1.0), _normal(ky, n, [1.5], 2.0)
-        sw = metrics.sliced_wasserstein(kp, x, y, n_projections=4)
+        sw = metrics.sliced_wasserstein(x, y, key=kp, n_projections=4)
         ref = jnp.mean(jnp.square(jnp.sort(x[:, 0]) - jnp.sort(y[:, 0])))
         return jnp.stack([sw, ref])
 
@@ -271,10 +282,23 @@ def test_sliced_wasserstein_2d_isotropic_closed_form(key):
     def one(k):
         kx, ky, kp = jax.random.split(k, 3)
         x, y = _normal(kx, n, [0.0, 0.0], 1.0), _normal(ky, n, delta, 0.5)
-        return metrics.sliced_wasserstein(kp, x, y, n_projections=64)
+        return metrics.sliced_wasserstein(x, y, key=kp, n_projections=64)
 
     mean, se = _replicates(one, key, r)
     assert abs(mean - (1.0 + 0.25)) < Z * se + 0.02, (mean, se)
+
+
+def test_sliced_wasserstein_key_is_keyword_only_and_validates(key):
+    x = jnp.zeros((5, 2))
+    with pytest.raises(TypeError):
+        metrics.sliced_wasserstein(key, x, x)  # the old (key, x, y) order
+    with pytest.raises(TypeError, match="sliced_wasserstein: `key` must be a PRNG key"):
+        metrics.sliced_wasserstein(x, x, key=0)
+    with pytest.raises(ValueError, match="sliced_wasserstein: `p` must be a number >= 1"):
+        metrics.sliced_wasserstein(x, x, key=key, p=0.5)
+    with pytest.raises(ValueError, match="`n_projections` must be an int >= 1"):
+        metrics.sliced_wasserstein(x, x, key=key, n_projections=0)
+    assert float(metrics.sliced_wasserstein(x, x, key=key, n_projections=2)) == 0.0  # control
 
 
 # ----------------------------------------------------------------------------- model errors
@@ -282,7 +306,9 @@ def test_sliced_wasserstein_2d_isotropic_closed_form(key):
 
 # Jitted once per velocity pair (static callables): eager dispatch of the vmapped exact field is
 # several times slower than compiling it.
-_velocity_error = jax.jit(metrics.velocity_error, static_argnums=(0, 1, 6))
+_velocity_error = jax.jit(
+    metrics.velocity_error, static_argnums=(0, 4), static_argnames=("reference",)
+)
 
 
 def _problem(key, d=2):
@@ -293,12 +319,16 @@ def test_velocity_error_zero_for_exact_and_offset_squared(key, x64):
     c, s = _problem(key)
     ts = jnp.linspace(0.05, 0.95, 5)
     u = functools.partial(fmjax.exact.velocity, c, s)
-    err0 = _velocity_error(u, None, c, s, key, ts, 64)
+    err0 = _velocity_error(u, c, s, ts, 64, key=key)  # reference None: the exact field
     assert err0.shape == (5,)
     np.testing.assert_allclose(err0, 0.0, atol=1e-24)  # identical computation: exactly zero
     off = jnp.array([0.3, -1.2])
-    err = _velocity_error(lambda t, x: u(t, x) + off[None], u, c, s, key, ts, 64)
+    shifted = lambda t, x: u(t, x) + off[None]  # noqa: E731
+    err = _velocity_error(shifted, c, s, ts, 64, key=key)
     np.testing.assert_allclose(err, float(off @ off), rtol=1e-12)
+    # The same field as an explicit reference: the roles swap, the error is the same.
+    err_ref = _velocity_error(u, c, s, ts, 64, key=key, reference=shifted)
+    np.testing.assert_allclose(err_ref, float(off @ off), rtol=1e-12)
 
 
 def test_velocity_error_samples_p_t(key):
@@ -308,7 +338,7 @@ def test_velocity_error_samples_p_t(key):
     ts = jnp.array([0.0, 0.3, 0.7, 1.0])
     n = 4000
     err = _velocity_error(
-        lambda t, x: jnp.zeros_like(x), lambda t, x: x, c, s, jax.random.key(3), ts, n
+        lambda t, x: jnp.zeros_like(x), c, s, ts, n, key=jax.random.key(3), reference=lambda t, x: x
     )
     for t, e in zip(np.asarray(ts), np.asarray(err), strict=True):
         p = fmjax.exact.marginal(c, s, t)
@@ -322,10 +352,51 @@ def test_velocity_error_samples_p_t(key):
 def test_velocity_error_validates(key):
     c, s = _problem(key)
     u = functools.partial(fmjax.exact.velocity, c, s)
-    with pytest.raises(ValueError, match="ts"):
-        metrics.velocity_error(u, None, c, s, key, jnp.array([0.5, 1.5]), 8)
-    with pytest.raises(ValueError, match="coupling"):
-        metrics.velocity_error(u, None, c.target(), s, key, jnp.array([0.5]), 8)
+    ts = jnp.array([0.5])
+    fn = "metrics.velocity_error"
+    with pytest.raises(ValueError, match=f"{fn}: `ts` must be in \\[0, 1\\]"):
+        metrics.velocity_error(u, c, s, jnp.array([0.5, 1.5]), 8, key=key)
+    with pytest.raises(ValueError, match=f"{fn}: `ts` must be a non-empty array of shape"):
+        metrics.velocity_error(u, c, s, jnp.ones((2, 2)) / 2, 8, key=key)
+    with pytest.raises(TypeError, match=f"{fn}: `coupling` must be a JointGaussianMixture"):
+        metrics.velocity_error(u, c.target(), s, ts, 8, key=key)
+    with pytest.raises(TypeError, match=f"{fn}: `schedule` must be an fmjax Schedule"):
+        metrics.velocity_error(u, c, "linear", ts, 8, key=key)
+    with pytest.raises(ValueError, match=f"{fn}: `n` must be an int >= 1, got 0"):
+        metrics.velocity_error(u, c, s, ts, 0, key=key)
+    with pytest.raises(TypeError, match=f"{fn}: `n` must be an int"):
+        metrics.velocity_error(u, c, s, ts, 8.0, key=key)
+    with pytest.raises(TypeError, match=f"{fn}: `reference` must be None or a velocity field"):
+        metrics.velocity_error(u, c, s, ts, 8, key=key, reference=3.0)
+    with pytest.raises(TypeError, match=f"{fn}: `key` must be a PRNG key"):
+        metrics.velocity_error(u, c, s, ts, 8, key=None)
+    assert metrics.velocity_error(u, c, s, ts, 8, key=key).shape == (1,)  # control
+
+
+def test_velocity_error_key_and_reference_are_keyword_only(key):
+    # The old order (velocity, reference, coupling, schedule, key, ts, n) and a positional key
+    # are both TypeErrors (Python's own: the signature has no seventh positional argument).
+    c, s = _problem(key)
+    u = functools.partial(fmjax.exact.velocity, c, s)
+    ts = jnp.array([0.5])
+    with pytest.raises(TypeError):
+        metrics.velocity_error(u, None, c, s, key, ts, 8)
+    with pytest.raises(TypeError):
+        metrics.velocity_error(u, c, s, ts, 8, key)
+    with pytest.raises(TypeError):
+        metrics.velocity_error(u, c, s, ts, 8, key, None)
+
+
+def test_velocity_error_respects_the_schedule_interval(key):
+    # VP is singular at t = 1: its valid interval ends at 1 - eps. Times up to t_max give finite
+    # errors (control); a concrete time beyond it is refused instead of returning NaN.
+    c, _ = _problem(key)
+    vp = fmjax.schedules.vp()
+    zero = lambda t, x: jnp.zeros_like(x)  # noqa: E731
+    ok = metrics.velocity_error(zero, c, vp, jnp.array([vp.t_min, 0.5, vp.t_max]), 16, key=key)
+    assert np.all(np.isfinite(np.asarray(ok)))
+    with pytest.raises(ValueError, match=r"metrics.velocity_error: `ts` must be in \[0, 0.999\]"):
+        metrics.velocity_error(zero, c, vp, jnp.array([0.5, 1.0]), 16, key=key)
 
 
 def test_nll_of_gaussian_samples_is_entropy(key):
@@ -360,3 +431,30 @@ def test_nfe_to_accuracy_for_euler_on_linear_ode(key):
     full = metrics.nfe_to_accuracy(solve, math.exp(-1) * x0, counts, 1e-9, stop_early=True)
     assert full.nfe is None and len(full.errors) == len(counts)
     assert all(a > b for a, b in itertools.pairwise(full.errors))  # Euler error decreases
+
+
+def test_nll_and_nfe_to_accuracy_validate():
+    x = jnp.zeros((3, 2))
+    with pytest.raises(TypeError, match="metrics.nll: `target_log_prob` must be a callable"):
+        metrics.nll(None, x)
+    with pytest.raises(ValueError, match=r"metrics.nll: `target_log_prob` must be a map"):
+        metrics.nll(lambda a: a, x)
+    fn = "metrics.nfe_to_accuracy"
+    with pytest.raises(ValueError, match=f"{fn}: `step_counts` must be an int >= 1, got 0"):
+        metrics.nfe_to_accuracy(lambda c: x, x, [0, 2], 0.1)
+    with pytest.raises(ValueError, match=f"{fn}: `step_counts` must be a non-empty"):
+        metrics.nfe_to_accuracy(lambda c: x, x, [], 0.1)
+    with pytest.raises(ValueError, match=f"{fn}: `tol` must be a finite number > 0"):
+        metrics.nfe_to_accuracy(lambda c: x, x, [1], 0.0)
+    assert metrics.nfe_to_accuracy(lambda c: x, x, [1], 0.1).nfe == 1  # control
+
+
+def test_optional_ott_names_its_extra(monkeypatch, key):
+    # sys.modules[name] = None makes `import name` fail, as when ott-jax is not installed.
+    x = jnp.zeros((4, 2))
+    monkeypatch.setitem(sys.modules, "ott", None)
+    with pytest.raises(ImportError, match=r"metrics.w2 needs ott-jax.*fmjax\[ot\]"):
+        metrics.w2(x, x)
+    with pytest.raises(ImportError, match=r"metrics.sliced_wasserstein needs ott-jax"):
+        metrics.sliced_wasserstein(x, x, key=key)
+    assert float(metrics.energy_distance(x, x + 1.0)) > 0  # control: the kernels need no ott

@@ -1,4 +1,8 @@
-"""Each figure function runs on a tiny problem and writes a non-empty PNG; bad input raises."""
+"""Each figure function runs on a tiny problem and writes a non-empty PNG; bad input raises;
+time grids stay inside the schedule's valid interval; the style is applied once."""
+
+import subprocess
+import sys
 
 import matplotlib
 
@@ -30,7 +34,7 @@ def problem2d():
 
 @pytest.fixture(scope="module")
 def problem1d():
-    p0 = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, 1)), jnp.ones((1, 1, 1)))
+    p0 = fmjax.standard_normal(1)
     p1 = fmjax.GaussianMixture(
         jnp.array([0.3, 0.7]), jnp.array([[-2.0], [2.0]]), jnp.full((2, 1, 1), 0.2)
     )
@@ -126,9 +130,117 @@ def test_error_curve_and_histograms(problem1d, tmp_path, key):
 
 def test_validation(problem2d):
     c, s = problem2d
-    with pytest.raises(ValueError, match="ts"):
+    with pytest.raises(ValueError, match=r"plot.density_and_velocity: `ts` must be in \[0, 1\]"):
         plot.density_and_velocity(c, s, [0.5, 1.5])
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="plot.density_and_velocity: `kind` must be one of"):
         plot.density_and_velocity(c, s, [0.5], kind="arrows")
-    with pytest.raises(ValueError, match="coupling"):
+    with pytest.raises(TypeError, match="plot.responsibilities: `coupling` must be a Joint"):
         plot.responsibilities(c.target(), s, [0.5])
+    with pytest.raises(TypeError, match="plot.responsibilities: `schedule` must be an fmjax"):
+        plot.responsibilities(c, "linear", [0.5])
+    with pytest.raises(ValueError, match="plot.responsibilities: `n_grid` must be an int >= 2"):
+        plot.responsibilities(c, s, [0.5], n_grid=1)
+    with pytest.raises(ValueError, match=r"plot.density_and_velocity: `lim` must be a pair"):
+        plot.density_and_velocity(c, s, [0.5], lim=(1.0, -1.0))
+
+
+def test_time_grids_respect_the_schedule_interval(problem1d, problem2d):
+    # VP is singular at t = 1 (valid interval [0, 1 - eps]: db/dt = -inf at 1, the control).
+    # The default time grids stop at t_max, so every column of the density image is finite and
+    # the last one sits at t_max; a grid reaching t = 1 is refused.
+    c, _ = problem1d
+    vp = fmjax.schedules.vp()
+    assert not np.isfinite(float(vp(1.0)[3])) and np.isfinite(float(vp(vp.t_max)[3]))
+    xs = np.linspace(-4, 4, 40)
+    fig = plot.density_over_time(c, vp, xs)
+    mesh = fig.axes[0].collections[0]
+    assert np.asarray(mesh.get_array()).size == 160 * 40
+    assert np.all(np.isfinite(np.asarray(mesh.get_array())))
+    edges = mesh.get_coordinates()[0, :, 0]  # shading="nearest": cell edges around the times
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    np.testing.assert_allclose(centres[[0, -1]], vp.interval, atol=1e-12)
+    with pytest.raises(ValueError, match=r"plot.density_over_time: `ts` must be in \[0, 0.999\]"):
+        plot.density_over_time(c, vp, xs, np.linspace(0, 1, 11))
+    c2, _ = problem2d
+    fig = plot.density_and_velocity(c2, vp, n_grid=10, n_arrows=5)
+    assert [ax.get_title() for ax in fig.axes[:4]] == [
+        "t = 0.00",
+        "t = 0.333",
+        "t = 0.666",
+        "t = 0.999",
+    ]
+    with pytest.raises(ValueError, match="plot.responsibilities: `ts` must be in"):
+        plot.responsibilities(c2, vp, [0.5, 1.0])
+
+
+def test_training_loss_draws_the_floor_and_writes_the_png(tmp_path):
+    losses = 1.0 + np.exp(-np.arange(300) / 40.0) + 0.05 * np.sin(np.arange(300))
+    path = tmp_path / "loss.png"
+    fig = plot.training_loss(losses, floor=0.97, path=path)
+    _check_png(path, fig)
+    ax = fig.axes[0]
+    dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert len(dashed) == 1 and np.allclose(dashed[0].get_ydata(), 0.97)
+    assert ax.get_ylim()[0] < 0.97 < ax.get_ylim()[1]
+    assert ax.get_lines()[0].get_ydata().size == 300  # the raw losses, one point per step
+    # Control: no floor, no dashed line; drawing into a given axes returns that axes' figure.
+    fig2, axes = plot.figure(1, 2)
+    assert plot.training_loss(losses, ax=axes[0, 1]) is fig2
+    assert not [ln for ln in axes[0, 1].get_lines() if ln.get_linestyle() == "--"]
+    with pytest.raises(ValueError, match="plot.training_loss: `losses` must be a non-empty"):
+        plot.training_loss(np.zeros((0,)))
+    with pytest.raises(ValueError, match="plot.training_loss: `floor` must be None or a finite"):
+        plot.training_loss(losses, floor=float("nan"))
+
+
+def test_every_figure_function_is_styled_once(tmp_path, monkeypatch, key):
+    import fmjax.plot._style as style
+
+    helpers = {"styled"}
+    for name in plot.__all__:
+        if name not in helpers:
+            assert getattr(getattr(plot, name), "__fmjax_styled__", False), name
+    # Inside a figure function the style is active (spines off, styled title size), outside it
+    # the global rc is untouched.
+    fig = plot.error_curve(np.arange(3.0), {"e": np.ones(3)})
+    ax = fig.axes[0]
+    assert not ax.spines["top"].get_visible() and ax.spines["left"].get_visible()
+    assert ax.title.get_fontsize() == style._RC["axes.titlesize"]
+    assert matplotlib.rcParams["axes.spines.top"] is True
+    # A composed figure (own styled function, figure grid, figure functions drawing into its
+    # axes, save) enters the rc context exactly once.
+    entries = []
+    real = style.mpl.rc_context
+
+    def counting(*args, **kwargs):
+        entries.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(style.mpl, "rc_context", counting)
+    traj = jax.random.normal(key, (4, 6, 2)).cumsum(axis=0)
+
+    @plot.styled
+    def composed(path):
+        fig, axes = plot.figure(1, 2, size=2.5)
+        plot.trajectories(traj, ax=axes[0, 0])
+        plot.training_loss(np.linspace(2.0, 1.0, 50), floor=0.9, ax=axes[0, 1])
+        axes[0, 1].set_title("styled by the one context")
+        return plot.save(fig, path), axes
+
+    path, axes = composed(tmp_path / "composed.png")
+    assert len(entries) == 1
+    assert axes[0, 1].title.get_fontsize() == style._RC["axes.titlesize"]
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    plot.error_curve(np.arange(3.0), {"e": np.ones(3)})  # control: a top-level call enters it
+    assert len(entries) == 2
+
+
+def test_missing_matplotlib_names_the_extra():
+    # A fresh interpreter where `import matplotlib` fails, as when the extra is not installed.
+    code = "import sys; sys.modules['matplotlib'] = None; import fmjax.plot"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "ImportError: fmjax.plot needs matplotlib" in out.stderr
+    assert "fmjax[plot]" in out.stderr
+    ok = subprocess.run([sys.executable, "-c", "import fmjax.plot"], capture_output=True)
+    assert ok.returncode == 0, ok.stderr  # control: the same import with matplotlib works

@@ -1,4 +1,4 @@
-"""Figures of samples and sample paths (public in ``fmjax.plot``).
+"""Figures of samples and sample paths.
 
 ``trajectories`` (2-D paths), ``trajectories_1d`` (x(t) against t, e.g. over
 ``density_over_time``), ``samples_grid`` (2-D point clouds, scatter or histogram, one panel per
@@ -7,24 +7,39 @@ label) and ``histograms`` (1-D marginals, optionally with a reference density).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from jaxtyping import ArrayLike, Float
+from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from fmjax._plot_common import _finish, _label_xy, _panels, _single, _styled, _subsample
+from fmjax import _checks
+from fmjax.plot._style import (
+    _finish,
+    _label_xy,
+    _ncols,
+    _panels,
+    _single,
+    _subsample,
+    _time_label,
+    styled,
+)
+
+__all__ = ["trajectories", "trajectories_1d", "samples_grid", "histograms"]
 
 
-@_styled
+@styled
 def trajectories(
-    traj,
+    traj: Float[ArrayLike, "T N 2"],
     *,
-    ax=None,
+    ax: Axes | None = None,
     max_paths: int = 200,
     title: str = "Trajectories",
     lim: tuple[float, float] | None = None,
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """2-D sample paths with start (circle) and end (cross) markers.
 
@@ -39,16 +54,16 @@ def trajectories(
     Returns:
         the Figure.
     """
+    fn = "plot.trajectories"
     traj = np.asarray(traj)
     if traj.ndim != 3 or traj.shape[-1] != 2 or traj.shape[0] < 2:
-        raise ValueError(
-            f"plot.trajectories: `traj` must have shape (T >= 2, N, 2), got {traj.shape}"
-        )
+        _checks.fail(fn, "traj", "an array of shape (T >= 2, N, 2)", f"shape {traj.shape}")
+    max_paths = _checks.check_int(fn, "max_paths", max_paths)
     traj = traj[:, _subsample(traj.shape[1], max_paths)]
-    fig, ax = _single(ax, (4.2, 4.0))
+    fig, ax = _single(fn, ax, (4.2, 4.0))
     segs = np.swapaxes(traj, 0, 1)  # (N, T, 2)
     ax.add_collection(LineCollection(segs, colors="0.35", linewidths=0.6, alpha=0.5))
-    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=9, c="tab:blue", label="start (t = 0)", zorder=3)
+    ax.scatter(traj[0, :, 0], traj[0, :, 1], s=9, c="tab:blue", label="start", zorder=3)
     ax.scatter(
         traj[-1, :, 0],
         traj[-1, :, 1],
@@ -56,7 +71,7 @@ def trajectories(
         c="tab:red",
         marker="x",
         linewidths=0.9,
-        label="end (t = 1)",
+        label="end",
         zorder=3,
     )
     ax.autoscale_view()
@@ -71,16 +86,16 @@ def trajectories(
     return _finish(fig, path)
 
 
-@_styled
+@styled
 def trajectories_1d(
-    ts,
-    traj,
+    ts: Float[ArrayLike, " T"],
+    traj: Float[ArrayLike, "T N"],
     *,
-    ax=None,
+    ax: Axes | None = None,
     max_paths: int = 100,
     title: str = "Trajectories",
     color: str = "white",
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """1-D sample paths x(t) against t, with start and end markers.
 
@@ -97,17 +112,18 @@ def trajectories_1d(
     Returns:
         the Figure.
     """
+    fn = "plot.trajectories_1d"
     ts = np.asarray(ts, dtype=float)
     traj = np.asarray(traj)
     if traj.ndim == 3 and traj.shape[-1] == 1:
         traj = traj[..., 0]
-    if ts.ndim != 1 or traj.ndim != 2 or traj.shape[0] != ts.shape[0]:
-        raise ValueError(
-            f"plot.trajectories_1d: need `ts` (T,) and `traj` (T, N), got "
-            f"{ts.shape} and {traj.shape}"
-        )
+    if ts.ndim != 1:
+        _checks.fail(fn, "ts", "an array of shape (T,)", f"shape {ts.shape}")
+    if traj.ndim != 2 or traj.shape[0] != ts.shape[0]:
+        _checks.fail(fn, "traj", f"an array of shape (T = {ts.shape[0]}, N)", f"shape {traj.shape}")
+    max_paths = _checks.check_int(fn, "max_paths", max_paths)
     new = ax is None
-    fig, ax = _single(ax)
+    fig, ax = _single(fn, ax)
     line_color = "black" if new and color == "white" else color
     traj = traj[:, _subsample(traj.shape[1], max_paths)]
     segs = np.stack([np.broadcast_to(ts[:, None], traj.shape), traj], axis=-1)  # (T, N, 2)
@@ -142,9 +158,9 @@ def _sample_lim(arrays, q: float = 0.5):
     return float(lo - pad), float(hi + pad)
 
 
-@_styled
+@styled
 def samples_grid(
-    samples_by_t: Mapping[float, object],
+    samples_by_t: Mapping[float | str, Float[ArrayLike, "N 2"]],
     *,
     kind: str = "scatter",
     lim: tuple[float, float] | None = None,
@@ -152,7 +168,7 @@ def samples_grid(
     max_points: int = 5000,
     ncols: int | None = None,
     title: str = "Samples",
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """Panels of 2-D samples, one per key (e.g. time t -> (N, 2) samples of X_t).
 
@@ -169,18 +185,20 @@ def samples_grid(
     Returns:
         the Figure.
     """
+    fn = "plot.samples_grid"
+    what = "a non-empty mapping label -> (N, 2) points"
+    _checks.check_instance(fn, "samples_by_t", samples_by_t, Mapping, what)
     if not samples_by_t:
-        raise ValueError("plot.samples_grid: `samples_by_t` is empty")
-    if kind not in ("scatter", "hist2d"):
-        raise ValueError(f"plot.samples_grid: `kind` must be 'scatter' or 'hist2d', got {kind!r}")
+        _checks.fail(fn, "samples_by_t", what, samples_by_t)
+    kind = _checks.check_choice(fn, "kind", kind, ("scatter", "hist2d"))
+    bins = _checks.check_int(fn, "bins", bins)
+    max_points = _checks.check_int(fn, "max_points", max_points)
     items = [(lab, np.asarray(x)) for lab, x in samples_by_t.items()]
     for lab, x in items:
         if x.ndim != 2 or x.shape[1] != 2:
-            raise ValueError(
-                f"plot.samples_grid: samples for {lab!r} must be (N, 2), got {x.shape}"
-            )
+            _checks.fail(fn, f"samples_by_t[{lab!r}]", "an array of shape (N, 2)", x.shape)
     lim = lim or _sample_lim([x for _, x in items])
-    fig, axes = _panels(len(items), ncols, colorbar=kind == "hist2d")
+    fig, axes = _panels(len(items), _ncols(fn, ncols), colorbar=kind == "hist2d")
     edges = np.linspace(lim[0], lim[1], bins + 1)
     counts = [np.histogram2d(x[:, 0], x[:, 1], bins=[edges, edges])[0] for _, x in items]
     vmax = max(float(c.max()) for c in counts)
@@ -198,7 +216,7 @@ def samples_grid(
                 interpolation="nearest",
                 cmap="magma",
             )
-        ax.set_title(f"t = {lab:.2f}" if isinstance(lab, float | int) else str(lab))
+        ax.set_title(_time_label(lab) if isinstance(lab, float | int) else str(lab))
         _label_xy(ax, lim)
     if kind == "hist2d":
         fig.colorbar(im, ax=axes, label="count", shrink=0.85)
@@ -206,15 +224,15 @@ def samples_grid(
     return _finish(fig, path)
 
 
-@_styled
+@styled
 def histograms(
-    samples: Mapping[str, object],
+    samples: Mapping[str, Float[ArrayLike, "N ..."]],
     *,
     reference: Callable | Mapping[str, Callable] | None = None,
     bins: int = 60,
     ncols: int | None = None,
     title: str = "Histograms",
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """Small multiples of 1-D histograms (density-normalised), optionally with a reference pdf.
 
@@ -232,6 +250,9 @@ def histograms(
     Returns:
         the Figure.
     """
+    fn = "plot.histograms"
+    _checks.check_instance(fn, "samples", samples, Mapping, "a mapping name -> (N,) or (N, d)")
+    bins = _checks.check_int(fn, "bins", bins)
     panels = []
     for name, x in samples.items():
         x = np.asarray(x, dtype=float)
@@ -240,12 +261,10 @@ def histograms(
         elif x.ndim == 2:
             panels += [(f"{name}[{i}]", x[:, i]) for i in range(x.shape[1])]
         else:
-            raise ValueError(
-                f"plot.histograms: `samples[{name!r}]` must be (N,) or (N, d), got {x.shape}"
-            )
+            _checks.fail(fn, f"samples[{name!r}]", "an array of shape (N,) or (N, d)", x.shape)
     if not panels:
-        raise ValueError("plot.histograms: `samples` is empty")
-    fig, axes = _panels(len(panels), ncols, square=False)
+        _checks.fail(fn, "samples", "a non-empty mapping", samples)
+    fig, axes = _panels(len(panels), _ncols(fn, ncols), square=False)
     for ax, (name, x) in zip(axes, panels, strict=True):
         ax.hist(x, bins=bins, density=True, color="tab:blue", alpha=0.6, label="samples")
         ref = reference.get(name) if isinstance(reference, Mapping) else reference

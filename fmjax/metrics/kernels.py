@@ -1,44 +1,26 @@
-"""Kernel two-sample statistics: ``energy_distance`` and ``mmd`` (public in ``fmjax.metrics``).
+"""Kernel two-sample statistics between point clouds: energy distance and MMD.
 
 Both are means of a kernel k(|x - y|^2) over pairs within and across two point clouds ``x``
 (n, d) and ``y`` (m, d), summed in row blocks (``lax.map``) with one highest-precision matrix
-product per block, so memory stays O(block * m) and no (n, m, d) array is formed. Also holds
-``_two_clouds``, the shape check shared with ``fmjax._wasserstein``.
+product per block, so memory stays O(block * m) and no (n, m, d) array is formed.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
+from fmjax import _checks
+from fmjax.metrics._points import HIGHEST, two_clouds
+
 __all__ = ["energy_distance", "mmd"]
 
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 # Elements of one (block, m, channels) intermediate in the pairwise sums: 2^22 (16 MiB float32).
 _PAIR_BUDGET = 1 << 22
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _two_clouds(fn: str, x, y, min_points: int = 1):
-    x, y = jnp.asarray(x), jnp.asarray(y)
-    for name, a in (("x", x), ("y", y)):
-        if a.ndim != 2:
-            raise ValueError(f"{fn}: `{name}` must have shape (n, d), got {a.shape}")
-        if a.shape[0] < min_points:
-            raise ValueError(f"{fn}: `{name}` needs at least {min_points} points, got {a.shape[0]}")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"{fn}: `x` and `y` must have the same dimension d, got {x.shape} and {y.shape}"
-        )
-    dtype = jnp.result_type(x, y, float)
-    return x.astype(dtype), y.astype(dtype)
 
 
 # ----------------------------------------------------------------------------- pairwise sums
@@ -66,7 +48,7 @@ def _pair_sum(x, y, kernel: Callable[[Array], Array], channels: int, same: bool)
     def one(args):
         xb, ib = args  # (B, d), (B,)
         xx = jnp.sum(xb * xb, axis=-1)
-        d2 = xx[:, None] + yy[None, :] - 2.0 * jnp.matmul(xb, yc.T, precision=_HIGHEST)
+        d2 = xx[:, None] + yy[None, :] - 2.0 * jnp.matmul(xb, yc.T, precision=HIGHEST)
         d2 = jnp.maximum(d2, 0.0)
         keep = (ib < n)[:, None]
         if same:
@@ -118,9 +100,21 @@ def energy_distance(
     Returns:
         scalar estimate.
     """
-    x, y = _two_clouds("energy_distance", x, y, min_points=2 if unbiased else 1)
+    fn = "metrics.energy_distance"
+    unbiased = _checks.check_instance(fn, "unbiased", unbiased, bool, "a bool")
+    x, y = two_clouds(fn, x, y, min_points=2 if unbiased else 1)
     kxy, kxx, kyy = _two_sample(x, y, _safe_sqrt, 1, 0.0, unbiased)
     return 2.0 * kxy - kxx - kyy
+
+
+def _bandwidths(fn: str, bandwidths) -> tuple[float, ...]:
+    what = "a non-empty sequence of finite numbers > 0"
+    if isinstance(bandwidths, str) or not hasattr(bandwidths, "__iter__"):
+        _checks.fail(fn, "bandwidths", what, bandwidths, TypeError)
+    values = tuple(_checks.as_float(fn, "bandwidths", h) for h in bandwidths)
+    if not values or not all(0 < h < float("inf") for h in values):
+        _checks.fail(fn, "bandwidths", what, bandwidths)
+    return values
 
 
 def mmd(
@@ -143,13 +137,9 @@ def mmd(
     Returns:
         scalar estimate of MMD^2.
     """
-    x, y = _two_clouds("mmd", x, y, min_points=2)
-    bw = tuple(float(h) for h in bandwidths)
-    if not bw or not all(h > 0 and math.isfinite(h) for h in bw):
-        raise ValueError(
-            f"mmd: `bandwidths` must be a non-empty sequence of finite numbers > 0, "
-            f"got {bandwidths}"
-        )
+    fn = "metrics.mmd"
+    x, y = two_clouds(fn, x, y, min_points=2)
+    bw = _bandwidths(fn, bandwidths)
     inv = jnp.asarray([0.5 / (h * h) for h in bw], x.dtype)
 
     def kernel(d2):

@@ -1,49 +1,74 @@
-"""Figures of exact quantities on grids (public in ``fmjax.plot``).
+"""Figures of exact quantities on grids: densities, velocities and responsibilities.
 
 ``density_and_velocity`` (log p_t image with u_t arrows or streamlines), ``responsibilities``
 (posterior component probabilities) for 2-D problems, and ``density_over_time`` (p_t(x) over
-(t, x)) for 1-D problems. The exact engine is evaluated with one jitted call vmapped over all
-panel times.
+(t, x)) for 1-D problems. Times default to the schedule's valid interval (``schedule.interval``)
+and times outside it are refused. The exact engine is evaluated with one jitted call vmapped over
+all panel times.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import matplotlib as mpl
 import numpy as np
+from jaxtyping import ArrayLike, Float
+from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
-from fmjax import exact
-from fmjax._plot_common import _finish, _label_xy, _panels, _single, _styled
+from fmjax import _checks, exact
 from fmjax.mixtures import JointGaussianMixture
+from fmjax.plot._style import (
+    _finish,
+    _label_xy,
+    _ncols,
+    _panels,
+    _single,
+    _time_label,
+    styled,
+)
 from fmjax.schedules import Schedule
+
+__all__ = ["density_and_velocity", "responsibilities", "density_over_time"]
 
 _LOG_RANGE = 12.0  # log-density colour range: [max - 12, max] nats
 
 
 def _check_problem(fn: str, coupling, schedule, dim: int):
-    if not isinstance(coupling, JointGaussianMixture):
-        raise ValueError(
-            f"plot.{fn}: `coupling` must be a JointGaussianMixture, got {type(coupling)}"
-        )
-    if not isinstance(schedule, Schedule):
-        raise ValueError(f"plot.{fn}: `schedule` must be an fmjax Schedule, got {type(schedule)}")
+    _checks.check_instance(fn, "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture")
+    _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
     if coupling.dim != dim:
-        raise ValueError(f"plot.{fn}: needs a {dim}-D problem, got `coupling.dim` = {coupling.dim}")
+        _checks.fail(fn, "coupling", f"a {dim}-D problem", f"coupling.dim = {coupling.dim}")
 
 
-def _times(fn: str, ts) -> np.ndarray:
+def _times(fn: str, schedule: Schedule, ts, default: int) -> np.ndarray:
+    """Times as a (T,) float array; None gives ``default`` times spanning the valid interval."""
+    if ts is None:
+        return np.linspace(schedule.t_min, schedule.t_max, default)
     ts = np.atleast_1d(np.asarray(ts, dtype=float))
-    if ts.ndim != 1 or ts.size == 0 or np.any((ts < 0) | (ts > 1)):
-        raise ValueError(
-            f"plot.{fn}: `ts` must be a non-empty 1-D sequence of times in [0, 1], got {ts}"
-        )
+    if ts.ndim != 1 or ts.size == 0:
+        _checks.fail(fn, "ts", "a non-empty 1-D sequence of times", f"shape {ts.shape}")
+    schedule.check_times(fn, "ts", ts)
     return ts
+
+
+def _lim(fn: str, lim) -> tuple[float, float] | None:
+    if lim is None:
+        return None
+    try:
+        lo, hi = lim
+    except (TypeError, ValueError):
+        _checks.fail(fn, "lim", "None or a pair (lo, hi)", lim, TypeError)
+    lo, hi = _checks.as_float(fn, "lim", lo), _checks.as_float(fn, "lim", hi)
+    if not lo < hi:
+        _checks.fail(fn, "lim", "a pair (lo, hi) with lo < hi", lim)
+    return lo, hi
 
 
 def _auto_lim(coupling: JointGaussianMixture, schedule: Schedule, ts, n_std: float = 3.0):
@@ -79,25 +104,25 @@ def _eval(coupling, schedule, ts, points, quantity):
     )
 
 
-@_styled
+@styled
 def density_and_velocity(
     coupling: JointGaussianMixture,
     schedule: Schedule,
-    ts: Sequence[float],
+    ts: Sequence[float] | None = None,
     *,
     lim: tuple[float, float] | None = None,
     n_grid: int = 120,
     n_arrows: int = 17,
     kind: str = "quiver",
     ncols: int | None = None,
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """Exact log-density log p_t (image) and velocity u_t (arrows or streamlines), one panel per t.
 
     Args:
         coupling: 2-D joint mixture of (X0, X1).
         schedule: affine schedule.
-        ts: panel times in [0, 1].
+        ts: panel times in ``schedule.interval``; default 4 times spanning it.
         lim: (lo, hi) window for both axes; default: every component's mean +- 3 std at every t.
         n_grid: image resolution per axis.
         n_arrows: arrows per axis (quiver) or streamline grid resolution factor.
@@ -109,13 +134,14 @@ def density_and_velocity(
         the Figure; all panels share the colour scale [max - 12, max] nats (one colour bar).
         Arrow lengths are proportional to speed, clipped at the 90th percentile of all arrows.
     """
-    _check_problem("density_and_velocity", coupling, schedule, 2)
-    ts = _times("density_and_velocity", ts)
-    if kind not in ("quiver", "stream"):
-        raise ValueError(
-            f"plot.density_and_velocity: `kind` must be 'quiver' or 'stream', got {kind!r}"
-        )
-    lim = lim or _auto_lim(coupling, schedule, ts)
+    fn = "plot.density_and_velocity"
+    _check_problem(fn, coupling, schedule, 2)
+    ts = _times(fn, schedule, ts, 4)
+    kind = _checks.check_choice(fn, "kind", kind, ("quiver", "stream"))
+    n_grid = _checks.check_int(fn, "n_grid", n_grid, minimum=2)
+    n_arrows = _checks.check_int(fn, "n_arrows", n_arrows, minimum=2)
+    ncols = _ncols(fn, ncols)
+    lim = _lim(fn, lim) or _auto_lim(coupling, schedule, ts)
     _, pts = _grid(lim, n_grid)
     logp = _eval(coupling, schedule, ts, pts, "log_prob")  # (T, G, G)
     n_vel = n_grid if kind == "stream" else n_arrows
@@ -160,7 +186,7 @@ def density_and_velocity(
                 linewidth=0.4 + 1.2 * speed / max(float(speed.max()), 1e-12),
                 arrowsize=0.7,
             )
-        ax.set_title(f"t = {t:.2f}")
+        ax.set_title(_time_label(t))
         _label_xy(ax, lim)
     fig.colorbar(im, ax=axes, label=r"$\log p_t(x)$", shrink=0.85)
     fig.suptitle(f"Exact density and velocity ({schedule.name} schedule)")
@@ -174,17 +200,17 @@ def _component_colors(k: int) -> np.ndarray:
     return cmap(np.linspace(0, 1, k))[:, :3]
 
 
-@_styled
+@styled
 def responsibilities(
     coupling: JointGaussianMixture,
     schedule: Schedule,
-    ts: Sequence[float],
+    ts: Sequence[float] | None = None,
     *,
     lim: tuple[float, float] | None = None,
     n_grid: int = 150,
     mode: str = "mix",
     ncols: int | None = None,
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """Posterior component probabilities P(K = k | X_t = x) on a grid, one panel per t.
 
@@ -195,7 +221,7 @@ def responsibilities(
     Args:
         coupling: 2-D joint mixture of (X0, X1).
         schedule: affine schedule.
-        ts: panel times in [0, 1].
+        ts: panel times in ``schedule.interval``; default 4 times spanning it.
         lim: (lo, hi) window for both axes; default as in ``density_and_velocity``.
         n_grid: image resolution per axis.
         mode: "mix" or "argmax".
@@ -205,11 +231,13 @@ def responsibilities(
     Returns:
         the Figure, with a categorical colour bar of the components.
     """
-    _check_problem("responsibilities", coupling, schedule, 2)
-    ts = _times("responsibilities", ts)
-    if mode not in ("mix", "argmax"):
-        raise ValueError(f"plot.responsibilities: `mode` must be 'mix' or 'argmax', got {mode!r}")
-    lim = lim or _auto_lim(coupling, schedule, ts)
+    fn = "plot.responsibilities"
+    _check_problem(fn, coupling, schedule, 2)
+    ts = _times(fn, schedule, ts, 4)
+    mode = _checks.check_choice(fn, "mode", mode, ("mix", "argmax"))
+    n_grid = _checks.check_int(fn, "n_grid", n_grid, minimum=2)
+    ncols = _ncols(fn, ncols)
+    lim = _lim(fn, lim) or _auto_lim(coupling, schedule, ts)
     _, pts = _grid(lim, n_grid)
     resp = _eval(coupling, schedule, ts, pts, "responsibilities")  # (T, G, G, K)
     k = resp.shape[-1]
@@ -234,7 +262,7 @@ def responsibilities(
             zorder=3,
             label="component means",
         )
-        ax.set_title(f"t = {t:.2f}")
+        ax.set_title(_time_label(t))
         _label_xy(ax, lim)
     sm = mpl.cm.ScalarMappable(
         norm=BoundaryNorm(np.arange(k + 1) - 0.5, k), cmap=ListedColormap(colors)
@@ -245,17 +273,17 @@ def responsibilities(
     return _finish(fig, path)
 
 
-@_styled
+@styled
 def density_over_time(
     coupling: JointGaussianMixture,
     schedule: Schedule,
-    xs,
-    ts,
+    xs: Float[ArrayLike, " M"],
+    ts: Float[ArrayLike, " T"] | None = None,
     *,
     log: bool = False,
-    ax=None,
+    ax: Axes | None = None,
     title: str | None = None,
-    path=None,
+    path: str | os.PathLike | None = None,
 ) -> Figure:
     """Exact density p_t(x) of a 1-D problem as an image over (t, x).
 
@@ -263,7 +291,8 @@ def density_over_time(
         coupling: 1-D joint mixture of (X0, X1).
         schedule: affine schedule.
         xs: (M,) increasing positions (vertical axis).
-        ts: (T,) increasing times in [0, 1] (horizontal axis).
+        ts: (T,) increasing times in ``schedule.interval`` (horizontal axis); default 160 times
+            spanning it (for VP: up to 1 - eps, where the density is still finite).
         log: show log p_t(x) (clipped to [max - 12, max]) instead of p_t(x).
         ax: axes to draw into, or None.
         title: axes title; default names the schedule.
@@ -272,13 +301,14 @@ def density_over_time(
     Returns:
         the Figure (with a colour bar).
     """
-    _check_problem("density_over_time", coupling, schedule, 1)
-    ts = _times("density_over_time", ts)
+    fn = "plot.density_over_time"
+    _check_problem(fn, coupling, schedule, 1)
+    ts = _times(fn, schedule, ts, 160)
     xs = np.asarray(xs, dtype=float)
     if xs.ndim != 1 or xs.size < 2:
-        raise ValueError(f"plot.density_over_time: `xs` must be (M >= 2,), got {xs.shape}")
+        _checks.fail(fn, "xs", "an array of shape (M,) with M >= 2", f"shape {xs.shape}")
     logp = _eval(coupling, schedule, ts, xs[:, None], "log_prob")  # (T, M)
-    fig, ax = _single(ax, (5.0, 3.4))
+    fig, ax = _single(fn, ax, (5.0, 3.4))
     vmax = float(logp.max())
     img = np.maximum(logp, vmax - _LOG_RANGE) if log else np.exp(logp)
     mesh = ax.pcolormesh(ts, xs, img.T, shading="nearest", rasterized=True)

@@ -1,27 +1,28 @@
-"""Wasserstein distances by optimal transport (ott-jax), public in ``fmjax.metrics``.
+"""Wasserstein distances: sliced, between empirical measures (ott-jax), and between Gaussians.
 
-``sliced_wasserstein`` (1-D problems along random directions), ``w2`` between empirical measures
-(exact assignment by the Hungarian algorithm, or the debiased Sinkhorn divergence), and
-``gaussian_w2``, the closed form between two Gaussians that serves as their reference.
+``sliced_wasserstein`` averages exact 1-D problems along random directions, ``w2`` solves the
+transport problem between two samples (exactly by the Hungarian algorithm, or as a debiased
+Sinkhorn divergence), and ``gaussian_w2`` is the closed form between two Gaussians, the reference
+the sample estimates are tested against. The sample distances need ott-jax (``fmjax[ot]``).
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from fmjax._kernel_distances import _HIGHEST, _two_clouds
+from fmjax import _checks
+from fmjax.metrics._points import HIGHEST, pairwise_sq, two_clouds
 
 __all__ = ["sliced_wasserstein", "w2", "gaussian_w2"]
 
 
 def sliced_wasserstein(
-    key: PRNGKeyArray,
     x: Float[ArrayLike, "n d"],
     y: Float[ArrayLike, "m d"],
+    *,
+    key: PRNGKeyArray,
     n_projections: int = 128,
     p: float = 2.0,
 ) -> Float[Array, ""]:
@@ -32,45 +33,35 @@ def sliced_wasserstein(
     take ``** (1 / p)`` for the distance.
 
     Args:
-        key: PRNG key for the directions.
         x: (n, d) sample of P.
         y: (m, d) sample of Q.
+        key: PRNG key for the directions.
         n_projections: number of directions (static).
         p: ground cost |x - y|^p, p >= 1 (static).
 
     Returns:
         scalar SW_p^p.
     """
+    fn = "metrics.sliced_wasserstein"
+    _checks.require("ott", fn)
     from ott.geometry import costs
     from ott.tools import sliced
 
-    x, y = _two_clouds("sliced_wasserstein", x, y)
-    if int(n_projections) < 1:
-        raise ValueError(f"sliced_wasserstein: `n_projections` must be >= 1, got {n_projections}")
-    if not float(p) >= 1:
-        raise ValueError(f"sliced_wasserstein: `p` must be >= 1, got {p}")
-    dirs = jax.random.normal(key, (int(n_projections), x.shape[1]), x.dtype)
+    x, y = two_clouds(fn, x, y)
+    key = _checks.check_key(fn, "key", key)
+    n_projections = _checks.check_int(fn, "n_projections", n_projections)
+    p = _checks.check_positive(fn, "p", p)
+    if p < 1:
+        _checks.fail(fn, "p", "a number >= 1", p)
+    dirs = jax.random.normal(key, (n_projections, x.shape[1]), x.dtype)
     dirs = dirs / jnp.linalg.norm(dirs, axis=-1, keepdims=True)
 
     def project(z):
-        return jnp.matmul(z, dirs.T, precision=_HIGHEST)
+        return jnp.matmul(z, dirs.T, precision=HIGHEST)
 
     with jax.numpy_rank_promotion("allow"):  # ott relies on implicit rank promotion
-        cost, _ = sliced.sliced_wasserstein(
-            x, y, cost_fn=costs.EuclideanP(float(p)), proj_fn=project
-        )
+        cost, _ = sliced.sliced_wasserstein(x, y, cost_fn=costs.EuclideanP(p), proj_fn=project)
     return cost
-
-
-def _sinkhorn_cost(cost_matrix, epsilon, threshold, max_iterations):
-    from ott.geometry import geometry
-    from ott.solvers import linear
-
-    geom = geometry.Geometry(cost_matrix=cost_matrix, epsilon=epsilon)
-    # ott relies on implicit rank promotion internally; allow it for the solver only.
-    with jax.numpy_rank_promotion("allow"):
-        out = linear.solve(geom, threshold=threshold, max_iterations=max_iterations)
-    return out.reg_ot_cost
 
 
 def w2(
@@ -102,52 +93,62 @@ def w2(
         y: (m, d) sample of Q.
         epsilon: None for exact, or the entropic regularisation > 0 (static).
         squared: return W2^2 (default) or W2 = sqrt(max(W2^2, 0)) (static).
-        threshold: Sinkhorn marginal-error tolerance (entropic only).
+        threshold: Sinkhorn marginal-error tolerance > 0 (entropic only).
         max_iterations: Sinkhorn iteration cap (entropic only).
 
     Returns:
         scalar W2^2 (or W2).
     """
-    x, y = _two_clouds("w2", x, y)
+    fn = "metrics.w2"
+    _checks.require("ott", fn)
+    x, y = two_clouds(fn, x, y)
+    squared = _checks.check_instance(fn, "squared", squared, bool, "a bool")
     if epsilon is None:
-        from ott.geometry import geometry
-        from ott.tools import unreg
-
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"w2: exact OT (epsilon=None) needs equal sample sizes, got {x.shape[0]} and "
-                f"{y.shape[0]}; pass epsilon > 0 for the entropic estimate"
-            )
-        with jax.numpy_rank_promotion("allow"):  # as in _sinkhorn_cost
-            cost, _ = unreg.hungarian(geometry.Geometry(cost_matrix=_pairwise_sq(x, y)))
+        cost = _hungarian_cost(fn, x, y)
     else:
-        if not (float(epsilon) > 0 and math.isfinite(float(epsilon))):
-            raise ValueError(f"w2: `epsilon` must be None or a finite number > 0, got {epsilon}")
+        epsilon = _checks.check_positive(fn, "epsilon", epsilon)
+        threshold = _checks.check_positive(fn, "threshold", threshold)
+        max_iterations = _checks.check_int(fn, "max_iterations", max_iterations)
 
         def ot(a, b):
-            c = _pairwise_sq(a, b)
-            return _sinkhorn_cost(c, float(epsilon), threshold, int(max_iterations))
+            return _sinkhorn_cost(pairwise_sq(a, b), epsilon, threshold, max_iterations)
 
         cost = ot(x, y) - 0.5 * (ot(x, x) + ot(y, y))
     return cost if squared else jnp.sqrt(jnp.maximum(cost, 0.0))
 
 
-def _pairwise_sq(x, y):
-    """(n, m) squared distances by one highest-precision matmul, after a common shift."""
-    shift = jnp.mean(y, axis=0)
-    xc, yc = x - shift[None], y - shift[None]
-    d2 = (
-        jnp.sum(xc * xc, axis=-1)[:, None]
-        + jnp.sum(yc * yc, axis=-1)[None, :]
-        - 2.0 * jnp.matmul(xc, yc.T, precision=_HIGHEST)
-    )
-    return jnp.maximum(d2, 0.0)
+def _hungarian_cost(fn: str, x, y):
+    """Exact discrete OT cost between equal-size uniform empirical measures."""
+    from ott.geometry import geometry
+    from ott.tools import unreg
+
+    if x.shape[0] != y.shape[0]:
+        _checks.fail(
+            fn,
+            "y",
+            f"the same number of points as `x` ({x.shape[0]}) for exact OT (epsilon=None); "
+            "pass epsilon > 0 for samples of different sizes",
+            f"{y.shape[0]} points",
+        )
+    with jax.numpy_rank_promotion("allow"):  # ott relies on implicit rank promotion
+        cost, _ = unreg.hungarian(geometry.Geometry(cost_matrix=pairwise_sq(x, y)))
+    return cost
+
+
+def _sinkhorn_cost(cost_matrix, epsilon: float, threshold: float, max_iterations: int):
+    from ott.geometry import geometry
+    from ott.solvers import linear
+
+    geom = geometry.Geometry(cost_matrix=cost_matrix, epsilon=epsilon)
+    with jax.numpy_rank_promotion("allow"):  # as in _hungarian_cost
+        out = linear.solve(geom, threshold=threshold, max_iterations=max_iterations)
+    return out.reg_ot_cost
 
 
 def _sqrtm_psd(a):
     w, v = jnp.linalg.eigh(a)
     return jnp.einsum(
-        "...ij,...j,...kj->...ik", v, jnp.sqrt(jnp.maximum(w, 0.0)), v, precision=_HIGHEST
+        "...ij,...j,...kj->...ik", v, jnp.sqrt(jnp.maximum(w, 0.0)), v, precision=HIGHEST
     )
 
 
@@ -176,10 +177,9 @@ def gaussian_w2(
         ("cov2", s2, (d, d)),
     ):
         if d < 0 or a.shape != shape:
-            raise ValueError(
-                f"gaussian_w2: `{name}` must have shape {shape} (d from `mean1`), got {a.shape}"
-            )
+            what = "an array of shape (d,)" if d < 0 else f"an array of shape {shape}"
+            _checks.fail("metrics.gaussian_w2", name, what, f"shape {a.shape}")
     r1 = _sqrtm_psd(s1)
-    cross = _sqrtm_psd(jnp.matmul(jnp.matmul(r1, s2, precision=_HIGHEST), r1, precision=_HIGHEST))
+    cross = _sqrtm_psd(jnp.matmul(jnp.matmul(r1, s2, precision=HIGHEST), r1, precision=HIGHEST))
     bures = jnp.trace(s1) + jnp.trace(s2) - 2.0 * jnp.trace(cross)
     return jnp.sum(jnp.square(m1 - m2)) + jnp.maximum(bures, 0.0)
