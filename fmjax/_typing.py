@@ -28,7 +28,7 @@ ApplyFn = Callable[..., Float[Array, "n d"]]
 """A model's ``apply(params, t (n,), x (n, d)) -> (n, d)``."""
 
 LossFn = Callable[..., Any]
-"""``loss_fn(params, key) -> scalar`` (or ``-> (scalar, aux)``), optionally ``(params, key, inst)``."""
+"""``loss_fn(params, key) -> scalar`` or ``-> (scalar, aux)``; ``(params, key, inst)`` too."""
 
 PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
 """``(key, n) -> (x0 (n, d), x1 (n, d))``: draws coupled pairs."""

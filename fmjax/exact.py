@@ -27,20 +27,25 @@ point they are computed per point (K d^3 work each).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from fmjax import _checks
+from fmjax._typing import Precision
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 from fmjax.schedules import Schedule
 
 __all__ = [
+    "Evaluation",
+    "VelocityField",
     "velocity",
+    "velocity_field",
     "log_prob",
     "score",
     "responsibilities",
@@ -49,11 +54,25 @@ __all__ = [
     "marginal",
 ]
 
-Precision = jax.lax.Precision | str | None
-
 # Elements of one (N, block, d) intermediate: 2^24 floats (64 MiB in float32).
 _BLOCK_BUDGET = 1 << 24
 _QUANTITIES = ("velocity", "log_prob", "score", "divergence")
+
+
+class Evaluation(NamedTuple):
+    """Result of ``evaluate``: each requested quantity, ``None`` for those not requested.
+
+    Attributes:
+        velocity: u_t(x), (..., d).
+        log_prob: log p_t(x), (...).
+        score: grad_x log p_t(x), (..., d).
+        divergence: div u_t(x), (...).
+    """
+
+    velocity: Float[Array, "... d"] | None = None
+    log_prob: Float[Array, "..."] | None = None
+    score: Float[Array, "... d"] | None = None
+    divergence: Float[Array, "..."] | None = None
 
 
 class _Factors(NamedTuple):
@@ -129,9 +148,27 @@ def _point_terms(f: _Factors, x, need_v: bool, need_s: bool, precision):
 
 
 def _block_size(n: int, k: int, d: int) -> int:
-    """Components per scan step: (N, B, 3d) point terms and ~8 (B, 2d, 2d) factor-sized arrays."""
+    """Components per scan step: (N, B, 3d) point terms and ~8 (B, 2d, 2d) factor-sized arrays.
+
+    The fewest blocks under the memory budget, balanced: K is then padded up to a multiple of B
+    with zero-weight components (``_pad``), so a prime K costs no more scan steps than K + 1.
+    """
     limit = max(1, _BLOCK_BUDGET // max(1, 3 * n * d + 32 * d * d))
-    return max(b for b in range(1, k + 1) if k % b == 0 and b <= limit)
+    n_blocks = -(-k // min(limit, k))
+    return -(-k // n_blocks)
+
+
+def _pad(c: JointGaussianMixture, k_pad: int) -> JointGaussianMixture:
+    """Append ``k_pad - K`` components of weight 0 (log-weight -inf: they add exactly nothing to
+    the online log-sum-exp) with identity covariances, so their factorisations stay finite."""
+    extra = k_pad - c.n_components
+    if extra == 0:
+        return c
+    dd = c.means.shape[-1]
+    w = jnp.concatenate([c.weights, jnp.zeros((extra,), c.weights.dtype)])
+    m = jnp.concatenate([c.means, jnp.broadcast_to(c.means[:1], (extra, dd))])
+    eye = jnp.broadcast_to(jnp.eye(dd, dtype=c.covs.dtype), (extra, dd, dd))
+    return JointGaussianMixture._from_leaves(w, m, jnp.concatenate([c.covs, eye]))
 
 
 def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset, precision):
@@ -142,7 +179,10 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
     n, d = x.shape
     k = c.n_components
     bsz = _block_size(n, k, d)
-    blocks = jax.tree.map(lambda a: a.reshape((k // bsz, bsz) + a.shape[1:]), c)
+    n_blocks = -(-k // bsz)
+    blocks = jax.tree.map(
+        lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad(c, n_blocks * bsz)
+    )
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
     zero_vec = jnp.zeros((n, d), x.dtype)
@@ -203,31 +243,21 @@ _responsibilities_jit = jax.jit(_responsibilities, static_argnames=("precision",
 
 
 def _check_inputs(fn: str, c, sched, t, x):
-    if not isinstance(c, JointGaussianMixture):
-        raise ValueError(
-            f"exact.{fn}: `coupling` must be a JointGaussianMixture "
-            f"(use fmjax.independent_coupling(p0, p1) for two GaussianMixtures), got {type(c)}"
-        )
-    if not isinstance(sched, Schedule):
-        raise ValueError(f"exact.{fn}: `schedule` must be an fmjax Schedule, got {type(sched)}")
+    fn = f"exact.{fn}"
+    _checks.check_instance(
+        fn, "coupling", c, JointGaussianMixture,
+        "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two GaussianMixtures)",
+    )  # fmt: skip
+    _checks.check_instance(fn, "schedule", sched, Schedule, "an fmjax Schedule")
     if x.ndim < 1 or x.shape[-1] != c.dim:
-        raise ValueError(f"exact.{fn}: `x` must have shape (..., d={c.dim}), got {x.shape}")
+        _checks.fail(fn, "x", f"of shape (..., d={c.dim})", f"shape {x.shape}")
     try:
         jnp.broadcast_shapes(t.shape, x.shape[:-1])
     except ValueError:
-        raise ValueError(
-            f"exact.{fn}: `t` of shape {t.shape} does not broadcast against x.shape[:-1] = "
-            f"{x.shape[:-1]}"
-        ) from None
-    if not isinstance(t, jax.core.Tracer):
-        tn = np.asarray(t)
-        if np.any(np.isnan(tn)):
-            raise ValueError(f"exact.{fn}: `t` must lie in [0, 1], got NaN")
-        if not np.all((tn >= 0) & (tn <= 1)):
-            raise ValueError(
-                f"exact.{fn}: `t` must lie in [0, 1], "
-                f"got values in [{tn.min():.3g}, {tn.max():.3g}]"
-            )
+        _checks.fail(
+            fn, "t", f"broadcastable against x.shape[:-1] = {x.shape[:-1]}", f"shape {t.shape}"
+        )
+    sched.check_times(fn, "t", t)
 
 
 def _run(fn, kernel, c, sched, t, x):
@@ -257,38 +287,51 @@ def _run(fn, kernel, c, sched, t, x):
 def evaluate(
     coupling: JointGaussianMixture,
     schedule: Schedule,
-    t: Float[ArrayLike, ...],
+    t: Float[ArrayLike, "..."],
     x: Float[ArrayLike, "... d"],
     quantities: tuple[str, ...] = ("velocity", "log_prob"),
     *,
     precision: Precision = "highest",
-) -> dict[str, Array]:
+) -> Evaluation:
     """Several exact quantities in one pass over the components.
 
     Args:
         coupling: the joint mixture of (X0, X1), K components on R^{2d}.
         schedule: affine schedule (a_t, b_t).
-        t: time(s) in [0, 1], scalar or broadcastable against ``x.shape[:-1]``.
+        t: time(s) in the schedule's valid interval (``schedule.interval``), scalar or
+            broadcastable against ``x.shape[:-1]``.
         x: points, shape (..., d).
         quantities: any of "velocity" (..., d), "log_prob" (...), "score" (..., d),
             "divergence" (...). Static.
         precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
 
     Returns:
-        dict from each requested name to its array.
+        ``Evaluation(velocity, log_prob, score, divergence)`` with ``None`` for the quantities
+        not requested.
+
+    Raises:
+        TypeError: for a coupling or schedule of the wrong type.
+        ValueError: for bad ``quantities``, shapes, or concrete times outside the interval.
     """
+    if isinstance(quantities, str) or not all(isinstance(q, str) for q in quantities):
+        _checks.fail(
+            "exact.evaluate", "quantities", f"a tuple of names from {_QUANTITIES}", quantities,
+            TypeError,
+        )  # fmt: skip
     want = frozenset(quantities)
     if not want or not want <= set(_QUANTITIES):
-        raise ValueError(
-            f"exact.evaluate: `quantities` must be a subset of {_QUANTITIES}, got {quantities}"
+        _checks.fail(
+            "exact.evaluate", "quantities", f"a non-empty subset of {_QUANTITIES}", quantities
         )
-    return _run(
-        "evaluate",
-        functools.partial(_accumulate_jit, want=want, precision=precision),
-        coupling,
-        schedule,
-        t,
-        x,
+    return Evaluation(
+        **_run(
+            "evaluate",
+            functools.partial(_accumulate_jit, want=want, precision=precision),
+            coupling,
+            schedule,
+            t,
+            x,
+        )
     )
 
 
@@ -297,37 +340,122 @@ def _one(name: str, coupling, schedule, t, x, precision) -> Array:
     return _run(name, kernel, coupling, schedule, t, x)[name]
 
 
-def velocity(coupling, schedule, t, x, *, precision: Precision = "highest"):
+def velocity(
+    coupling: JointGaussianMixture,
+    schedule: Schedule,
+    t: Float[ArrayLike, "..."],
+    x: Float[ArrayLike, "... d"],
+    *,
+    precision: Precision = "highest",
+) -> Float[Array, "... d"]:
     """Marginal velocity u_t(x) = E[dX_t/dt | X_t = x]: x (..., d) -> (..., d). See ``evaluate``."""
     return _one("velocity", coupling, schedule, t, x, precision)
 
 
-def log_prob(coupling, schedule, t, x, *, precision: Precision = "highest"):
+def log_prob(
+    coupling: JointGaussianMixture,
+    schedule: Schedule,
+    t: Float[ArrayLike, "..."],
+    x: Float[ArrayLike, "... d"],
+    *,
+    precision: Precision = "highest",
+) -> Float[Array, "..."]:
     """Log-density log p_t(x): x (..., d) -> (...). See ``evaluate``."""
     return _one("log_prob", coupling, schedule, t, x, precision)
 
 
-def score(coupling, schedule, t, x, *, precision: Precision = "highest"):
+def score(
+    coupling: JointGaussianMixture,
+    schedule: Schedule,
+    t: Float[ArrayLike, "..."],
+    x: Float[ArrayLike, "... d"],
+    *,
+    precision: Precision = "highest",
+) -> Float[Array, "... d"]:
     """Score grad_x log p_t(x): x (..., d) -> (..., d). See ``evaluate``."""
     return _one("score", coupling, schedule, t, x, precision)
 
 
-def divergence(coupling, schedule, t, x, *, precision: Precision = "highest"):
+def divergence(
+    coupling: JointGaussianMixture,
+    schedule: Schedule,
+    t: Float[ArrayLike, "..."],
+    x: Float[ArrayLike, "... d"],
+    *,
+    precision: Precision = "highest",
+) -> Float[Array, "..."]:
     """Divergence of the marginal velocity, div u_t(x): x (..., d) -> (...). See ``evaluate``."""
     return _one("divergence", coupling, schedule, t, x, precision)
 
 
-def responsibilities(coupling, schedule, t, x, *, precision: Precision = "highest"):
+def responsibilities(
+    coupling: JointGaussianMixture,
+    schedule: Schedule,
+    t: Float[ArrayLike, "..."],
+    x: Float[ArrayLike, "... d"],
+    *,
+    precision: Precision = "highest",
+) -> Float[Array, "... K"]:
     """Posterior component probabilities P(K = k | X_t = x): x (..., d) -> (..., K)."""
     kernel = functools.partial(_responsibilities_jit, precision=precision)
     return _run("responsibilities", kernel, coupling, schedule, t, x)["responsibilities"]
 
 
-def marginal(coupling: JointGaussianMixture, schedule: Schedule, t) -> GaussianMixture:
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["coupling"],
+    meta_fields=["schedule", "precision"],
+)
+@dataclasses.dataclass(frozen=True)
+class VelocityField:
+    """The exact velocity of a coupling and schedule as a field ``(t, x) -> (..., d)``.
+
+    A pytree (the coupling's arrays are leaves; schedule and precision are static), so a new
+    field of same-shaped mixtures passes through ``jit`` without recompiling. ``schedule``
+    tells samplers and metrics the valid interval of times.
+
+    Attributes:
+        coupling: the joint mixture of (X0, X1).
+        schedule: the affine schedule.
+        precision: matmul precision of the engine.
+    """
+
+    coupling: JointGaussianMixture
+    schedule: Schedule
+    precision: Precision = "highest"
+
+    def __call__(
+        self, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"]
+    ) -> Float[Array, "... d"]:
+        """u_t(x), as ``velocity(coupling, schedule, t, x)``."""
+        return velocity(self.coupling, self.schedule, t, x, precision=self.precision)
+
+
+def velocity_field(
+    coupling: JointGaussianMixture, schedule: Schedule, *, precision: Precision = "highest"
+) -> VelocityField:
+    """The exact velocity as a field ``(t, x) -> (..., d)`` that knows its schedule.
+
+    Raises:
+        TypeError: for a coupling or schedule of the wrong type.
+    """
+    _checks.check_instance(
+        "exact.velocity_field", "coupling", coupling, JointGaussianMixture,
+        "a JointGaussianMixture",
+    )  # fmt: skip
+    _checks.check_instance(
+        "exact.velocity_field", "schedule", schedule, Schedule, "an fmjax Schedule"
+    )
+    return VelocityField(coupling, schedule, precision)
+
+
+def marginal(
+    coupling: JointGaussianMixture, schedule: Schedule, t: Float[ArrayLike, ""]
+) -> GaussianMixture:
     """The law p_t of X_t at one scalar time t, as a K-component GaussianMixture on R^d."""
     t = jnp.asarray(t)
     if t.ndim != 0:
-        raise ValueError(f"exact.marginal: `t` must be a scalar, got shape {t.shape}")
+        _checks.fail("exact.marginal", "t", "a scalar", f"shape {t.shape}")
     _check_inputs("marginal", coupling, schedule, t, coupling.means[:1, : coupling.dim])
     mu, _, cov, _ = _path_blocks(coupling, schedule, t.astype(coupling.means.dtype))
     return GaussianMixture._from_leaves(coupling.weights, mu, cov)

@@ -15,6 +15,10 @@ Reduction convention (``reduction``): "sum" (default) is the squared error summe
 coordinates and averaged over the batch, E|pred - target|^2; "mean" averages over all elements
 (Meta's ``flow_matching`` examples), i.e. "sum" / d.
 
+Times: a time sampler draws on [0, 1] and the losses map its draws onto the schedule's valid
+interval ``[t_min, t_max]`` (the identity for schedules valid on all of [0, 1]), so a schedule
+singular at an end (``vp``) is never trained where its target is infinite.
+
 Keys: each loss splits ``key`` into (pairs key, time key) the same way, so ``cfm``,
 ``marginal_fm`` and ``loss_floor`` called with one key see the same (t, x0, x1, x_t).
 """
@@ -23,33 +27,40 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fmjax import convert, exact
+from fmjax import _checks, convert, exact
+from fmjax._typing import ApplyFn, LossFn, PairSampler, TimeSampler
 from fmjax.mixtures import JointGaussianMixture
-from fmjax.schedules import Schedule, linear
+from fmjax.schedules import Schedule, linear, sigma_min_schedule
 
 __all__ = [
-    "TimeSampler",
+    "LossFloor",
     "uniform_time",
     "uniform_eps_time",
     "logit_normal_time",
-    "sigma_min_schedule",
     "cfm",
     "ot_pairs",
     "marginal_fm",
     "loss_floor",
 ]
 
-TimeSampler = Callable[[PRNGKeyArray, int], Float[Array, " n"]]
-ApplyFn = Callable[..., Float[Array, "n d"]]
-PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
-LossFn = Callable[..., Float[Array, ""]]
+
+class LossFloor(NamedTuple):
+    """Result of ``loss_floor``: the Monte Carlo estimate and its standard error.
+
+    Attributes:
+        mean: the floor estimate, scalar.
+        stderr: its Monte Carlo standard error, scalar (NaN for n = 1).
+    """
+
+    mean: Float[Array, ""]
+    stderr: Float[Array, ""]
+
 
 _TARGETS = ("velocity", "x1", "x0")
 _REDUCTIONS = ("sum", "mean")
@@ -65,17 +76,19 @@ def uniform_time() -> TimeSampler:
 
 def uniform_eps_time(eps: float = 1e-3) -> TimeSampler:
     """t ~ U[eps, 1 - eps], keeping away from singular ends (e.g. VP at t = 1)."""
-    eps = float(eps)
+    eps = _checks.as_float("losses.uniform_eps_time", "eps", eps)
     if not 0.0 <= eps < 0.5:
-        raise ValueError(f"uniform_eps_time: `eps` must be in [0, 0.5), got {eps}")
+        _checks.fail("losses.uniform_eps_time", "eps", "in [0, 0.5)", eps)
     return lambda key, n: eps + (1.0 - 2.0 * eps) * jax.random.uniform(key, (n,))
 
 
 def logit_normal_time(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
     """t = sigmoid(mean + std * N(0, 1)) (Esser et al., 2024): mass in the middle of [0, 1]."""
-    mean, std = float(mean), float(std)
-    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
-        raise ValueError(f"logit_normal_time: need finite `mean` and `std` > 0, got {mean}, {std}")
+    fn = "losses.logit_normal_time"
+    mean = _checks.as_float(fn, "mean", mean)
+    if not math.isfinite(mean):
+        _checks.fail(fn, "mean", "finite", mean)
+    std = _checks.check_positive(fn, "std", std)
     return lambda key, n: jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
 
 
@@ -95,59 +108,40 @@ def _time_sampler(fn: str, spec) -> TimeSampler:
         return spec
     if isinstance(spec, str) and spec in _DEFAULT_TIMES:
         return _DEFAULT_TIMES[spec]
-    raise ValueError(
-        f"losses.{fn}: `time_sampler` must be one of {tuple(_NAMED_TIMES)} or a "
-        f"callable (key, n) -> (n,), got {spec!r}"
-    )
+    _checks.fail(
+        f"losses.{fn}", "time_sampler", f"one of {tuple(_NAMED_TIMES)} or a callable (key, n)",
+        spec, TypeError if not isinstance(spec, str) else ValueError,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- schedules
 
 
-def _sigma_min_coeffs(t, sigma_min):
-    one = jnp.ones_like(t)
-    return t, 1.0 - (1.0 - sigma_min) * t, one, -(1.0 - sigma_min) * one
-
-
-def sigma_min_schedule(sigma_min: float) -> Schedule:
-    """Lipman et al.'s OT path with a floor: a_t = t, b_t = 1 - (1 - sigma_min) t (b_1 = sigma_min).
-
-    The conditional velocity is x1 - (1 - sigma_min) x0. With a Gaussian source this is the
-    path N(t x1, (1 - (1 - sigma_min) t)^2 I) of the paper; sigma_min = 0 is ``linear()``.
-    """
-    sigma_min = float(sigma_min)
-    if not 0.0 <= sigma_min < 1.0:
-        raise ValueError(f"sigma_min_schedule: `sigma_min` must be in [0, 1), got {sigma_min}")
-    return Schedule(f"sigma_min({sigma_min:g})", _sigma_min_coeffs, (sigma_min,))
-
-
 def _resolve_schedule(fn: str, schedule, sigma_min) -> Schedule:
     if sigma_min is None:
-        if not isinstance(schedule, Schedule):
-            raise ValueError(
-                f"losses.{fn}: `schedule` must be an fmjax Schedule, got {type(schedule)}"
-            )
-        return schedule
+        return _checks.check_instance(f"losses.{fn}", "schedule", schedule, Schedule,
+                                      "an fmjax Schedule")  # fmt: skip
     if schedule is not None and schedule != linear():
-        raise ValueError(
-            f"losses.{fn}: `sigma_min` defines its own schedule; pass "
-            f"schedule=linear() or None, got {schedule!r}"
-        )
+        _checks.fail(
+            f"losses.{fn}", "schedule", "linear() or None with `sigma_min` (it defines its own)",
+            schedule,
+        )  # fmt: skip
     return sigma_min_schedule(sigma_min)
 
 
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _check_common(fn, batch_size, target, reduction):
-    if not (isinstance(batch_size, int | np.integer) and batch_size >= 1):
-        raise ValueError(f"losses.{fn}: `batch_size` must be an integer >= 1, got {batch_size!r}")
-    if target not in _TARGETS:
-        raise ValueError(f"losses.{fn}: `target` must be one of {_TARGETS}, got {target!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"losses.{fn}: `reduction` must be one of {_REDUCTIONS}, got {reduction!r}"
-        )
+def _check_common(fn, size_name, batch_size, target, reduction):
+    _checks.check_int(f"losses.{fn}", size_name, batch_size, 1)
+    _checks.check_choice(f"losses.{fn}", "target", target, _TARGETS)
+    _checks.check_choice(f"losses.{fn}", "reduction", reduction, _REDUCTIONS)
+
+
+def _to_interval(schedule: Schedule, u):
+    """Map draws on [0, 1] onto the schedule's valid interval (identity for [0, 1])."""
+    lo, hi = schedule.interval
+    return u if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * u
 
 
 def _draw(fn, sample_pairs, times, schedule, key, n):
@@ -164,6 +158,7 @@ def _draw(fn, sample_pairs, times, schedule, key, n):
         raise ValueError(
             f"losses.{fn}: `time_sampler(key, {n})` must return shape ({n},), got {t.shape}"
         )
+    t = _to_interval(schedule, t)
     a, b, _, _ = schedule(t)
     xt = b[:, None] * x0 + a[:, None] * x1
     return t, x0, x1, xt
@@ -226,11 +221,11 @@ def cfm(
     Returns:
         ``loss_fn(params, key) -> scalar``.
     """
-    _check_common("cfm", batch_size, target, reduction)
+    _check_common("cfm", "batch_size", batch_size, target, reduction)
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
     times = _time_sampler("cfm", time_sampler)
-    if not (callable(apply_fn) and callable(sample_pairs)):
-        raise ValueError("losses.cfm: `apply_fn` and `sample_pairs` must be callables")
+    _checks.check_callable("losses.cfm", "apply_fn", apply_fn)
+    _checks.check_callable("losses.cfm", "sample_pairs", sample_pairs)
 
     def loss_fn(params, key):
         t, x0, x1, xt = _draw("cfm", sample_pairs, times, schedule, key, batch_size)
@@ -269,13 +264,11 @@ def ot_pairs(
     Returns:
         a jitted pair sampler ``(key, n) -> (x0 (n, d), x1 (n, d))``; x0 is returned unchanged.
     """
-    if not callable(sample_pairs):
-        raise ValueError("losses.ot_pairs: `sample_pairs` must be a callable (key, n)")
+    _checks.check_callable("losses.ot_pairs", "sample_pairs", sample_pairs, "a callable (key, n)")
     if epsilon is not None:
-        epsilon = float(epsilon)
-        if not (np.isfinite(epsilon) and epsilon > 0):
-            raise ValueError(f"losses.ot_pairs: `epsilon` must be None or > 0, got {epsilon}")
+        epsilon = _checks.check_positive("losses.ot_pairs", "epsilon", epsilon)
     # ott (and jaxopt under it) is imported here: a heavy import only OT-CFM needs.
+    _checks.require("ott", "losses.ot_pairs")
     from ott.geometry import pointcloud
     from ott.solvers import linear as ott_linear
     from ott.tools import unreg
@@ -315,7 +308,7 @@ def marginal_fm(
     ``fmjax.convert``). Its gradient has the same expectation as ``cfm``'s and its value is
     lower by the loss floor. Arguments as ``cfm``, with the coupling in place of sample_pairs.
     """
-    _check_common("marginal_fm", batch_size, target, reduction)
+    _check_common("marginal_fm", "batch_size", batch_size, target, reduction)
     _check_coupling("marginal_fm", coupling)
     schedule = _resolve_schedule("marginal_fm", schedule, sigma_min)
     times = _time_sampler("marginal_fm", time_sampler)
@@ -329,26 +322,24 @@ def marginal_fm(
 
 
 def _check_coupling(fn, coupling):
-    if not isinstance(coupling, JointGaussianMixture):
-        raise ValueError(
-            f"losses.{fn}: `coupling` must be a JointGaussianMixture (use "
-            f"fmjax.independent_coupling(p0, p1)), got {type(coupling)}"
-        )
+    _checks.check_instance(
+        f"losses.{fn}", "coupling", coupling, JointGaussianMixture,
+        "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two mixtures)",
+    )  # fmt: skip
 
 
 def loss_floor(
     coupling: JointGaussianMixture,
     schedule: Schedule | None,
-    key: PRNGKeyArray,
     n: int,
     *,
+    key: PRNGKeyArray,
     time_sampler: str | TimeSampler = "uniform",
     target: str = "velocity",
     sigma_min: float | None = None,
     reduction: str = "sum",
     chunk_size: int = 4096,
-    return_stderr: bool = False,
-) -> Float[Array, ""] | tuple[Float[Array, ""], Float[Array, ""]]:
+) -> LossFloor:
     """Irreducible CFM loss E|y_cond - E[y_cond | X_t]|^2 by Monte Carlo with the exact u_t.
 
     ``cfm(...)(params, key)`` is, in expectation, ``marginal_fm(...)(params, key) + floor``;
@@ -357,28 +348,22 @@ def loss_floor(
     Args:
         coupling: the joint mixture of (X0, X1).
         schedule: affine schedule (or None with ``sigma_min``).
-        key: PRNG key.
         n: number of Monte Carlo samples (static).
+        key: PRNG key.
         time_sampler, target, sigma_min, reduction: as in ``cfm``.
         chunk_size: points per exact-velocity evaluation (memory bound; static).
-        return_stderr: also return the Monte Carlo standard error.
 
     Returns:
-        the floor estimate (scalar), and its standard error if ``return_stderr``.
+        ``LossFloor(mean, stderr)``: the estimate and its Monte Carlo standard error.
     """
-    _check_common("loss_floor", n, target, reduction)
+    _check_common("loss_floor", "n", n, target, reduction)
     _check_coupling("loss_floor", coupling)
+    _checks.check_key("losses.loss_floor", "key", key)
     schedule = _resolve_schedule("loss_floor", schedule, sigma_min)
     times = _time_sampler("loss_floor", time_sampler)
-    if not (isinstance(chunk_size, int | np.integer) and chunk_size >= 1):
-        raise ValueError(
-            f"losses.loss_floor: `chunk_size` must be an integer >= 1, got {chunk_size!r}"
-        )
-    terms = _floor_terms(coupling, schedule, key, n, times, target, reduction, int(chunk_size))
-    mean = jnp.mean(terms)
-    if not return_stderr:
-        return mean
-    return mean, jnp.std(terms, ddof=1) / math.sqrt(n)  # NaN for n = 1
+    chunk_size = _checks.check_int("losses.loss_floor", "chunk_size", chunk_size, 1)
+    terms = _floor_terms(coupling, schedule, key, int(n), times, target, reduction, chunk_size)
+    return LossFloor(jnp.mean(terms), jnp.std(terms, ddof=1) / math.sqrt(n))  # NaN for n = 1
 
 
 @functools.partial(jax.jit, static_argnames=("n", "times", "target", "reduction", "chunk_size"))

@@ -65,7 +65,7 @@ class Schedule:
     interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
-        object.__setattr__(self, "interval", _check_interval("Schedule", self.interval))
+        object.__setattr__(self, "interval", _check_interval("schedules.Schedule", self.interval))
 
     @property
     def t_min(self) -> float:
@@ -93,7 +93,9 @@ class Schedule:
             arr = np.asarray(t, np.float64)
             got = float(arr.min() if arr.min() < self.t_min else arr.max())
             _checks.fail(
-                fn, name, f"in [{self.t_min:g}, {self.t_max:g}], the valid interval of {self.name}",
+                fn,
+                name,
+                f"in [{self.t_min:g}, {self.t_max:g}], the valid interval of {self.name}",
                 got,
             )
 
@@ -139,10 +141,10 @@ def polynomial(n: float, *, eps: float = 1e-3) -> Schedule:
             starts at ``eps``.
         eps: start of the valid interval when n < 1 (ignored for n >= 1), in (0, 1).
     """
-    n = _checks.check_positive("polynomial", "n", n)
-    eps = _checks.check_positive("polynomial", "eps", eps)
+    n = _checks.check_positive("schedules.polynomial", "n", n)
+    eps = _checks.check_positive("schedules.polynomial", "eps", eps)
     if eps >= 1:
-        _checks.fail("polynomial", "eps", "in (0, 1)", eps)
+        _checks.fail("schedules.polynomial", "eps", "in (0, 1)", eps)
     interval = (0.0, 1.0) if n >= 1 else (eps, 1.0)
     return Schedule(f"polynomial({n:g})", _polynomial, (n,), interval)
 
@@ -173,14 +175,18 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0, *, eps: float = 1e-3) -> S
         beta_max: noise rate at the source end, >= beta_min.
         eps: distance of the interval's end from the singular t = 1, in (0, 1).
     """
-    beta_min = _checks.check_positive("vp", "beta_min", beta_min)
-    beta_max = _checks.check_positive("vp", "beta_max", beta_max)
+    beta_min = _checks.check_positive("schedules.vp", "beta_min", beta_min)
+    beta_max = _checks.check_positive("schedules.vp", "beta_max", beta_max)
     if beta_max < beta_min:
-        _checks.fail("vp", "beta_max", f">= beta_min={beta_min:g}", beta_max)
-    eps = _checks.check_positive("vp", "eps", eps)
+        _checks.fail("schedules.vp", "beta_max", f">= beta_min={beta_min:g}", beta_max)
+    eps = _checks.check_positive("schedules.vp", "eps", eps)
     if eps >= 1:
-        _checks.fail("vp", "eps", "in (0, 1)", eps)
-    name = f"vp({beta_min:g},{beta_max:g})" if eps == 1e-3 else f"vp({beta_min:g},{beta_max:g},{eps:g})"
+        _checks.fail("schedules.vp", "eps", "in (0, 1)", eps)
+    name = (
+        f"vp({beta_min:g},{beta_max:g})"
+        if eps == 1e-3
+        else f"vp({beta_min:g},{beta_max:g},{eps:g})"
+    )
     return Schedule(name, _vp, (beta_min, beta_max), (0.0, 1.0 - eps))
 
 
@@ -214,18 +220,21 @@ def custom(
         ValueError: if an endpoint condition fails, a(t), b(t) are not elementwise, or the
             coefficients are not finite on ``interval``.
     """
-    _checks.check_callable("custom", "a", a, "a callable t -> a_t")
-    _checks.check_callable("custom", "b", b, "a callable t -> b_t")
-    interval = _check_interval("custom", interval)
+    _checks.check_callable("schedules.custom", "a", a, "a callable t -> a_t")
+    _checks.check_callable("schedules.custom", "b", b, "a callable t -> b_t")
+    interval = _check_interval("schedules.custom", interval)
     sched = Schedule(name, _custom, (a, b), interval)
     probe = np.asarray([0.0, 1.0])
     vals = [np.asarray(v) for v in sched(probe)]
     if any(v.shape != probe.shape for v in vals):
-        _checks.fail("custom", "a", "elementwise (output shaped like t)", vals[0].shape)
+        _checks.fail("schedules.custom", "a", "elementwise (output shaped like t)", vals[0].shape)
     grid = np.linspace(*interval, 65)
     if not all(np.all(np.isfinite(np.asarray(v))) for v in sched(grid)):
         _checks.fail(
-            "custom", "interval", "a range where a, b and their derivatives are finite", interval
+            "schedules.custom",
+            "interval",
+            "a range where a, b and their derivatives are finite",
+            interval,
         )
     if check_endpoints:
         got = {"a(0)": vals[0][0], "a(1)": vals[0][1], "b(0)": vals[1][0], "b(1)": vals[1][1]}
@@ -233,7 +242,7 @@ def custom(
         bad = {k: float(v) for k, v in got.items() if not abs(v - want[k]) <= 1e-6}
         if bad:
             raise ValueError(
-                f"custom: endpoint conditions a(0)=b(1)=0, a(1)=b(0)=1 fail: {bad} "
+                f"schedules.custom: endpoint conditions a(0)=b(1)=0, a(1)=b(0)=1 fail: {bad} "
                 "(pass check_endpoints=False to allow)"
             )
     return sched
@@ -250,7 +259,7 @@ def sigma_min_schedule(sigma_min: float) -> Schedule:
     The conditional velocity is x1 - (1 - sigma_min) x0. With a Gaussian source this is the
     path N(t x1, (1 - (1 - sigma_min) t)^2 I) of the paper; sigma_min = 0 is ``linear()``.
     """
-    sigma_min = _checks.as_float("sigma_min_schedule", "sigma_min", sigma_min)
+    sigma_min = _checks.as_float("schedules.sigma_min_schedule", "sigma_min", sigma_min)
     if not 0.0 <= sigma_min < 1.0:
-        _checks.fail("sigma_min_schedule", "sigma_min", "in [0, 1)", sigma_min)
+        _checks.fail("schedules.sigma_min_schedule", "sigma_min", "in [0, 1)", sigma_min)
     return Schedule(f"sigma_min({sigma_min:g})", _sigma_min_coeffs, (sigma_min,))

@@ -39,17 +39,20 @@ def _rel(a, b):
 @pytest.mark.parametrize("t", [0.0, 1e-3, 0.5, 1.0])
 def test_matches_numpy_reference(x64, dim, k, name, t):
     sched = SCHEDULES[name]
-    if name == "vp" and t == 1.0:
-        pytest.skip("vp has db_1 = -inf: velocity at t=1 is not finite (documented)")
     c = random_joint_mixture(jax.random.key(dim * 10 + k), k, dim, mean_scale=2.0)
+    if not sched.contains(t):  # vp is singular at t = 1: refused, not NaN
+        with pytest.raises(ValueError, match="valid interval of vp"):
+            exact.evaluate(c, sched, t, jnp.zeros((2, dim)))
+        return
     x = _points(c, sched, t, jax.random.key(7))
     got = exact.evaluate(c, sched, t, x, ("velocity", "log_prob", "score"))
     resp = exact.responsibilities(c, sched, t, x)
     want_v, want_lp, want_s, want_r = reference(c.weights, c.means, c.covs, sched, t, x)
     # float64 round-off through a d x d solve of a matrix with condition number < ~1e3: 1e-10.
-    assert _rel(got["velocity"], want_v) < 1e-10
-    assert _rel(got["score"], want_s) < 1e-10
-    np.testing.assert_allclose(got["log_prob"], want_lp, rtol=1e-10)
+    assert got.divergence is None  # not requested
+    assert _rel(got.velocity, want_v) < 1e-10
+    assert _rel(got.score, want_s) < 1e-10
+    np.testing.assert_allclose(got.log_prob, want_lp, rtol=1e-10)
     np.testing.assert_allclose(resp, want_r, rtol=1e-10, atol=1e-14)
     chex.assert_shape(resp, (x.shape[0], k))
     np.testing.assert_allclose(resp.sum(-1), 1.0, rtol=1e-12)
@@ -66,7 +69,51 @@ def test_streaming_blocks_match_single_block(x64, monkeypatch):
     assert exact._block_size(x.shape[0], 6, 2) == 1
     streamed = exact.evaluate(c, sched, 0.4, x, qs)
     for q in qs:
-        np.testing.assert_allclose(streamed[q], whole[q], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(getattr(streamed, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
+
+
+def test_prime_component_count_is_padded_not_split_into_blocks_of_one(x64, monkeypatch):
+    """K = 7 with room for 3 components per step: 3 padded blocks of 3, not 7 blocks of 1, and
+    the zero-weight padding changes nothing (checked against one unpadded block)."""
+    c = random_joint_mixture(jax.random.key(4), 7, 2)
+    sched = schedules.cosine()
+    x = _points(c, sched, 0.6, jax.random.key(1))
+    qs = ("velocity", "log_prob", "score", "divergence")
+    whole = exact.evaluate(c, sched, 0.6, x, qs)
+    n, d = x.shape
+    monkeypatch.setattr(exact, "_BLOCK_BUDGET", 3 * (3 * n * d + 32 * d * d))
+    assert exact._block_size(n, 7, d) == 3  # ceil(7 / 3) = 3 steps of 3, the last padded
+    assert exact._block_size(n, 6, d) == 3
+    padded = exact.evaluate(c, sched, 0.6, x, qs)
+    for q in qs:
+        np.testing.assert_allclose(getattr(padded, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
+    # Control: padding with a non-zero weight would change the answer.
+    bad = exact._pad(c, 9)
+    bad = type(bad)._from_leaves(bad.weights.at[7].set(0.5) / 1.5, bad.means, bad.covs)
+    assert _rel(exact.velocity(bad, sched, 0.6, x), whole.velocity) > 1e-3
+
+
+def test_block_count_of_prime_k():
+    """K = 257 under a budget of 64 components per step takes 5 scan steps, like K = 256 + 1."""
+    limit_n = 1000
+    d = 2
+    budget = 64 * (3 * limit_n * d + 32 * d * d)
+    import math as _m
+
+    def steps(k):
+        b = min(k, max(1, budget // (3 * limit_n * d + 32 * d * d)))
+        return _m.ceil(k / b)
+
+    exact_budget = exact._BLOCK_BUDGET
+    try:
+        exact._BLOCK_BUDGET = budget
+        for k in (256, 257):
+            bsz = exact._block_size(limit_n, k, d)
+            assert bsz <= 64
+            assert -(-k // bsz) == steps(k)
+        assert -(-257 // exact._block_size(limit_n, 257, d)) == 5
+    finally:
+        exact._BLOCK_BUDGET = exact_budget
 
 
 def test_many_point_and_per_point_kernels_agree(x64):
@@ -82,7 +129,7 @@ def test_many_point_and_per_point_kernels_agree(x64):
     many = exact.evaluate(c, sched, 0.3, x, qs)
     per_point = exact.evaluate(c, sched, jnp.full(x.shape[:1], 0.3), x, qs)
     for q in qs:
-        assert _rel(many[q], per_point[q]) < 1e-10, q
+        assert _rel(getattr(many, q), getattr(per_point, q)) < 1e-10, q
 
 
 @pytest.mark.parametrize(
@@ -222,7 +269,7 @@ def test_gradients_wrt_mixture_parameters(x64):
 
     def f(c):
         q = exact.evaluate(c, sched, 0.3, x, ("velocity", "log_prob"))
-        return jnp.sum(q["log_prob"]) + jnp.sum(jnp.sin(q["velocity"]))
+        return jnp.sum(q.log_prob) + jnp.sum(jnp.sin(q.velocity))
 
     grads = jax.grad(f)(c)
     assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
@@ -263,7 +310,8 @@ def test_float32_close_to_float64():
 def test_float64_dtype_survives(x64):
     c = random_joint_mixture(jax.random.key(6), 2, 2)
     x = jnp.zeros((3, 2))
-    for q in exact.evaluate(c, schedules.linear(), 0.5, x, ("velocity", "log_prob")).values():
+    got = exact.evaluate(c, schedules.linear(), 0.5, x, ("velocity", "log_prob"))
+    for q in (got.velocity, got.log_prob):
         assert q.dtype == jnp.float64
 
 
@@ -303,11 +351,11 @@ def test_jit_traced_time_no_recompile(x64):
 @pytest.mark.parametrize(
     "t,x,match",
     [
-        (1.5, np.zeros((3, 2)), "`t` must lie in"),
-        (-0.1, np.zeros((3, 2)), "`t` must lie in"),
-        (np.nan, np.zeros((3, 2)), "`t` must lie in"),
-        (0.5, np.zeros((3, 3)), "`x` must have shape"),
-        (np.full((4,), 0.5), np.zeros((3, 2)), "does not broadcast"),
+        (1.5, np.zeros((3, 2)), "exact.velocity: `t` must be in \\[0, 1\\]"),
+        (-0.1, np.zeros((3, 2)), "`t` must be in"),
+        (np.nan, np.zeros((3, 2)), "`t` must be in"),
+        (0.5, np.zeros((3, 3)), "`x` must be of shape"),
+        (np.full((4,), 0.5), np.zeros((3, 2)), "`t` must be broadcastable"),
     ],
 )
 def test_bad_arguments(t, x, match):
@@ -318,5 +366,46 @@ def test_bad_arguments(t, x, match):
 
 def test_bad_coupling_type():
     p = fmjax.random_gaussian_mixture(jax.random.key(0), 2, 2)
-    with pytest.raises(ValueError, match="`coupling` must be a JointGaussianMixture"):
+    with pytest.raises(TypeError, match="exact.velocity: `coupling` must be a JointGaussianMix"):
         exact.velocity(p, schedules.linear(), 0.5, jnp.zeros((1, 2)))
+    c = random_joint_mixture(jax.random.key(1), 2, 2)
+    with pytest.raises(TypeError, match="`schedule` must be an fmjax Schedule"):
+        exact.velocity(c, "linear", 0.5, jnp.zeros((1, 2)))
+    with pytest.raises(TypeError, match="`quantities` must be a tuple"):
+        exact.evaluate(c, schedules.linear(), 0.5, jnp.zeros((1, 2)), "velocity")
+    with pytest.raises(ValueError, match="`quantities` must be a non-empty subset"):
+        exact.evaluate(c, schedules.linear(), 0.5, jnp.zeros((1, 2)), ("speed",))
+
+
+def test_vp_refuses_times_past_its_interval():
+    """vp's velocity is infinite at t = 1: a clear error, not NaNs; traced times are not checked."""
+    c = random_joint_mixture(jax.random.key(1), 2, 2)
+    sched = schedules.vp()
+    x = jnp.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"exact.velocity: `t` must be in \[0, 0.999\]"):
+        exact.velocity(c, sched, 1.0, x)
+    assert np.all(np.isfinite(exact.velocity(c, sched, sched.t_max, x)))
+    assert np.all(np.isfinite(exact.velocity(c, sched, jnp.float32(sched.t_max), x)))
+
+
+def test_velocity_field_is_a_pytree_field_that_knows_its_schedule(x64):
+    sched = schedules.cosine()
+    c1, c2 = (random_joint_mixture(jax.random.key(s), 3, 2) for s in (1, 2))
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    field = exact.velocity_field(c1, sched)
+    assert field.schedule == sched
+    np.testing.assert_allclose(field(0.4, x), exact.velocity(c1, sched, 0.4, x), rtol=1e-12)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def apply(f, t, x):
+        return f(t, x)
+
+    for c in (c1, c2):  # a new coupling of the same shapes: no retrace
+        np.testing.assert_allclose(
+            apply(exact.velocity_field(c, sched), 0.4, x),
+            exact.velocity(c, sched, 0.4, x),
+            rtol=1e-12,
+        )
+    with pytest.raises(TypeError, match="exact.velocity_field: `schedule`"):
+        exact.velocity_field(c1, None)

@@ -131,9 +131,7 @@ def test_loss_decomposition_and_floor(x64):
     cfm_loss = losses.cfm(model.apply, coupling.sample, sched, n)
     mfm_loss = losses.marginal_fm(model.apply, coupling, sched, n)
     gap = jax.jit(jax.vmap(lambda k: cfm_loss(params, k) - mfm_loss(params, k)))(keys)
-    floor, floor_se = losses.loss_floor(
-        coupling, sched, jax.random.key(4), 8192, return_stderr=True
-    )
+    floor, floor_se = losses.loss_floor(coupling, sched, 8192, key=jax.random.key(4))
     se = np.sqrt(float(jnp.var(gap, ddof=1)) / reps + float(floor_se) ** 2)
     assert abs(float(gap.mean()) - float(floor)) < 5 * se  # independent keys: 5 sd
     assert float(floor) > 20 * float(floor_se)  # the floor is clearly positive here
@@ -142,23 +140,24 @@ def test_loss_decomposition_and_floor(x64):
     at_exact = losses.cfm(exact_apply, coupling.sample, sched, 8192)(None, jax.random.key(5))
     assert abs(float(at_exact) - float(floor)) < 5 * np.sqrt(2) * float(floor_se)
     # the "mean" reduction divides by d
-    floor_mean = losses.loss_floor(coupling, sched, jax.random.key(4), 8192, reduction="mean")
-    np.testing.assert_allclose(floor_mean, floor / 2, rtol=1e-12)
+    floor_mean = losses.loss_floor(coupling, sched, 8192, key=jax.random.key(4), reduction="mean")
+    np.testing.assert_allclose(floor_mean.mean, floor / 2, rtol=1e-12)
 
 
 def test_loss_floor_chunking_and_targets(x64):
     coupling, _, _ = _problem()
     sched = schedules.cosine()
     key = jax.random.key(6)
-    whole = losses.loss_floor(coupling, sched, key, 1000, target="x0")
-    chunked = losses.loss_floor(coupling, sched, key, 1000, target="x0", chunk_size=64)
-    np.testing.assert_allclose(chunked, whole, rtol=1e-12)
+    whole = losses.loss_floor(coupling, sched, 1000, key=key, target="x0")
+    chunked = losses.loss_floor(coupling, sched, 1000, key=key, target="x0", chunk_size=64)
+    np.testing.assert_allclose(chunked.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(chunked.stderr, whole.stderr, rtol=1e-10)
     # same key: the x0 floor E|x0 - E[x0|x_t]|^2 equals the mean of its definition
     t, x0, x1, xt = losses._draw(
         "test", coupling.sample, losses._DEFAULT_TIMES["uniform"], sched, key, 1000
     )
     x0_hat = fmjax.convert.velocity_to_x0(sched, t, xt, exact.velocity(coupling, sched, t, xt))
-    np.testing.assert_allclose(whole, jnp.mean(jnp.sum((x0 - x0_hat) ** 2, -1)), rtol=1e-10)
+    np.testing.assert_allclose(whole.mean, jnp.mean(jnp.sum((x0 - x0_hat) ** 2, -1)), rtol=1e-10)
 
 
 def _base_pairs():
@@ -258,13 +257,34 @@ def test_time_samplers():
     assert abs(float(u.mean()) - 0.5) < 5 * np.sqrt(1 / 12 / n)
 
 
+def test_times_are_drawn_on_the_schedules_interval():
+    """vp is singular at t = 1: its training times stay in [0, 0.999], linear's are unchanged."""
+    pairs, n = _base_pairs(), 4096
+    key = jax.random.key(3)
+    uniform = losses._DEFAULT_TIMES["uniform"]
+    t_vp = losses._draw("t", pairs, uniform, schedules.vp(), key, n)[0]
+    t_lin = losses._draw("t", pairs, uniform, schedules.linear(), key, n)[0]
+    assert float(t_vp.max()) <= 0.999 and float(t_lin.max()) > 0.999  # control: same draws
+    np.testing.assert_allclose(t_vp, 0.999 * t_lin, rtol=1e-6)
+    loss = losses.cfm(lambda p, t, x: jnp.zeros_like(x), pairs, schedules.vp(), 256)
+    assert np.isfinite(float(loss(None, key)))
+
+
+def test_loss_floor_key_is_keyword_only():
+    coupling = fmjax.random_joint_mixture(jax.random.key(0), 2, 2)
+    with pytest.raises(TypeError):
+        losses.loss_floor(coupling, schedules.linear(), jax.random.key(0), 8)
+    with pytest.raises(TypeError, match="losses.loss_floor: `key` must be a PRNG key"):
+        losses.loss_floor(coupling, schedules.linear(), 8, key=None)
+
+
 def test_sigma_min_schedule_matches_custom(x64):
-    sm = losses.sigma_min_schedule(0.05)
+    sm = schedules.sigma_min_schedule(0.05)
     ref = schedules.custom(lambda t: t, lambda t: 1 - 0.95 * t, check_endpoints=False)
     t = jnp.linspace(0, 1, 11)
     for got, want in zip(sm(t), ref(t), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
-    assert sm == losses.sigma_min_schedule(0.05)  # hashable, equal: no retrace
+    assert sm == schedules.sigma_min_schedule(0.05)  # hashable, equal: no retrace
 
 
 def test_invalid_arguments():
@@ -272,17 +292,14 @@ def test_invalid_arguments():
     pairs, sched = _base_pairs(), schedules.linear()
     coupling = fmjax.random_joint_mixture(jax.random.key(0), 2, 2)
     bad = [
-        (lambda: losses.cfm(apply_fn, pairs, sched, 0), "batch_size"),
-        (lambda: losses.cfm(apply_fn, pairs, sched, 8, target="eps"), "target"),
+        (lambda: losses.cfm(apply_fn, pairs, sched, 0), "losses.cfm: `batch_size` must be"),
+        (lambda: losses.cfm(apply_fn, pairs, sched, 8, target="eps"), "`target` must be one"),
         (lambda: losses.cfm(apply_fn, pairs, sched, 8, reduction="max"), "reduction"),
         (lambda: losses.cfm(apply_fn, pairs, sched, 8, time_sampler="beta"), "time_sampler"),
-        (lambda: losses.cfm(apply_fn, pairs, schedules.cosine(), 8, sigma_min=0.1), "sigma_min"),
-        (lambda: losses.cfm(apply_fn, pairs, "linear", 8), "schedule"),
-        (lambda: losses.sigma_min_schedule(1.0), "sigma_min"),
-        (lambda: losses.ot_pairs(pairs, epsilon=0.0), "epsilon"),
-        (lambda: losses.marginal_fm(apply_fn, pairs, sched, 8), "coupling"),
+        (lambda: losses.cfm(apply_fn, pairs, schedules.cosine(), 8, sigma_min=0.1), "schedule"),
+        (lambda: losses.ot_pairs(pairs, epsilon=0.0), "losses.ot_pairs: `epsilon`"),
         (
-            lambda: losses.loss_floor(coupling, sched, jax.random.key(0), 8, chunk_size=0),
+            lambda: losses.loss_floor(coupling, sched, 8, key=jax.random.key(0), chunk_size=0),
             "chunk_size",
         ),
         (lambda: losses.uniform_eps_time(0.5), "eps"),
@@ -290,6 +307,16 @@ def test_invalid_arguments():
     ]
     for make, match in bad:
         with pytest.raises(ValueError, match=match):
+            make()
+    wrong_type = [
+        (lambda: losses.cfm(apply_fn, pairs, "linear", 8), "losses.cfm: `schedule` must be"),
+        (lambda: losses.cfm(apply_fn, pairs, sched, 8.0), "`batch_size` must be an int"),
+        (lambda: losses.cfm(None, pairs, sched, 8), "`apply_fn` must be a callable"),
+        (lambda: losses.marginal_fm(apply_fn, pairs, sched, 8), "`coupling` must be a Joint"),
+        (lambda: losses.cfm(apply_fn, pairs, sched, 8, time_sampler=3), "time_sampler"),
+    ]
+    for make, match in wrong_type:
+        with pytest.raises(TypeError, match=match):
             make()
     # shape errors from the samplers surface when the loss is traced
     loss_fn = losses.cfm(apply_fn, lambda k, n: (jnp.zeros((n, 2)), jnp.zeros((n, 3))), sched, 4)

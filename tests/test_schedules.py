@@ -61,18 +61,61 @@ def test_custom_rejects_bad_endpoints():
 
 
 @pytest.mark.parametrize(
-    "make,match",
+    "make,error,match",
     [
-        (lambda: schedules.polynomial(0.0), "`n`"),
-        (lambda: schedules.polynomial(float("nan")), "`n`"),
-        (lambda: schedules.vp(-1.0, 2.0), "beta_min"),
-        (lambda: schedules.vp(2.0, 1.0), "beta_max"),
-        (lambda: schedules.custom(1.0, lambda t: t), "callables"),
+        (lambda: schedules.polynomial(0.0), ValueError, "schedules.polynomial: `n` must be"),
+        (lambda: schedules.polynomial(float("nan")), ValueError, "`n`"),
+        (lambda: schedules.polynomial("2"), TypeError, "`n` must be a real number"),
+        (lambda: schedules.vp(-1.0, 2.0), ValueError, "schedules.vp: `beta_min`"),
+        (lambda: schedules.vp(2.0, 1.0), ValueError, "`beta_max` must be >= beta_min"),
+        (lambda: schedules.vp(eps=1.0), ValueError, "`eps` must be in"),
+        (lambda: schedules.custom(1.0, lambda t: t), TypeError, "schedules.custom: `a` must be"),
+        (lambda: schedules.custom(lambda t: t, lambda t: 1 - t, interval=(0.5, 0.2)), ValueError,
+         "`interval` must be a pair 0 <= t_min < t_max <= 1"),
+        (lambda: schedules.sigma_min_schedule(1.0), ValueError, "`sigma_min` must be in"),
     ],
-)
-def test_validation(make, match):
-    with pytest.raises(ValueError, match=match):
+)  # fmt: skip
+def test_validation(make, error, match):
+    with pytest.raises(error, match=match):
         make()
+
+
+def test_valid_interval_is_carried_by_the_schedule():
+    """Each schedule knows where it is finite; nothing needs to match its name."""
+    assert schedules.linear().interval == (0.0, 1.0)
+    assert schedules.vp().interval == (0.0, 0.999)
+    assert schedules.vp(eps=1e-2).t_max == 0.99
+    assert schedules.polynomial(0.5).t_min == 1e-3  # da_0 = inf for n < 1
+    assert schedules.polynomial(2.0).interval == (0.0, 1.0)
+    for sched in BUILTIN:  # coefficients are finite on the whole interval, ends included
+        t = np.linspace(*sched.interval, 33)
+        assert all(np.all(np.isfinite(v)) for v in sched(t)), sched.name
+    # Control: vp's derivative is infinite just past its interval's end, at t = 1.
+    assert not np.isfinite(schedules.vp()(1.0)[3])
+    assert schedules.vp().contains(np.float32(0.999)) and not schedules.vp().contains(1.0)
+    with pytest.raises(ValueError, match=r"f: `t` must be in \[0, 0.999\].*got 1.0"):
+        schedules.vp().check_times("f", "t", np.array([0.5, 1.0]))
+    # Traced times are not checked (validation never runs under a trace).
+    jax.jit(lambda t: schedules.vp().check_times("f", "t", t) or t)(1.0)
+
+
+def test_custom_schedule_interval():
+    """A custom schedule singular at t = 1 is accepted with an interval that stops short of it."""
+    a, b = (lambda t: 1 - jnp.sqrt(1 - t)), (lambda t: jnp.sqrt(1 - t))
+    with pytest.raises(ValueError, match="schedules.custom: `interval` must be a range where"):
+        schedules.custom(a, b)
+    s = schedules.custom(a, b, "sqrt", interval=(0.0, 0.99))
+    assert s.t_max == 0.99
+    assert s == schedules.custom(a, b, "sqrt", interval=(0.0, 0.99))  # equal: no retrace
+    assert s != schedules.custom(a, b, "sqrt", interval=(0.0, 0.9))
+
+
+def test_sigma_min_schedule(x64):
+    s = schedules.sigma_min_schedule(0.1)
+    a, b, da, db = s(jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(b, [1.0, 0.1])
+    np.testing.assert_allclose(a, [0.0, 1.0])
+    assert schedules.sigma_min_schedule(0.0)(0.3)[1] == schedules.linear()(0.3)[1]
 
 
 def test_equal_schedules_hash_equal():
