@@ -35,11 +35,11 @@ from benchmarks._common import (
     RESULTS_DIR,
     machine,
     machine_rates,
-    print_table,
     rates_line,
     roofline_fraction,
-    write_json,
+    save_results,
 )
+from fmjax._report import format_table
 
 # Arguments of each benchmark script for the default (CPU-sized), --full and --tiny runs.
 BENCHMARKS = {
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         "max(flops / matmul rate, bytes / copy bandwidth), the better of the two measurements; "
         "ratio = peer time / fmjax time"
     )
-    print_table(rows, COLUMNS)
+    print(format_table(rows, COLUMNS))
     for m in memory:
         print(
             f"exact_velocity d={m['d']} K={m['K']} N={m['N']} compiled without running: "
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         "failed": failed,
     }
     name = f"summary_{mach['backend']}.json"
-    write_json(summary, args.out or Path(args.results_dir or RESULTS_DIR) / name, name)
+    save_results(summary, args.out or Path(args.results_dir or RESULTS_DIR) / name, name)
     return 1 if failed else 0
 
 

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: timing, the machine's own rates, roofline fractions, tables, JSON.
+"""Shared benchmark plumbing: the machine's own rates, roofline fractions, flop and byte counts.
 
 Roofline: a call doing ``flops`` floating-point operations and moving ``bytes`` to or from main
 memory cannot finish faster than ``max(flops / matmul_rate, bytes / copy_bandwidth)``, with both
@@ -9,64 +9,19 @@ larger term. The flop and byte counts are per timed call and documented in each 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from fmjax._report import time_calls, write_json
+
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-class Timing(NamedTuple):
-    first_s: float  # the first call: for jitted code, trace + compile + run
-    median_s: float
-    times_s: list[float]
-    out: Any  # output of the last call
-
-
-def time_calls(
-    fn: Callable[[], Any], repeats: int, sync: Callable = lambda out: out, warmup: int = 0
-) -> Timing:
-    """Time ``sync(fn())`` in any framework; ``sync`` waits for the device (block_until_ready).
-
-    The first call is reported apart, then ``warmup`` untimed calls, then ``repeats`` timed ones.
-    """
-    t0 = time.perf_counter()
-    out = sync(fn())
-    first_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        out = sync(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = sync(fn())
-        times.append(time.perf_counter() - t0)
-    return Timing(first_s, statistics.median(times), times, out)
-
-
-def time_compiled(fn: Callable, *args, repeats: int = 5) -> dict:
-    """Compile time and median run time of the jitted ``fn(*args)`` after one warm-up call.
-
-    Returns:
-        {"compile_s", "first_s", "median_s", "times_s"}: ``first_s`` is the first call (trace,
-        compile, run); ``compile_s`` is ``first_s - median_s``. Each call is ended by
-        ``block_until_ready``.
-    """
-    res = time_calls(lambda: fn(*args), repeats, jax.block_until_ready, warmup=1)
-    return {
-        "compile_s": max(0.0, res.first_s - res.median_s),
-        "first_s": res.first_s,
-        "median_s": res.median_s,
-        "times_s": res.times_s,
-    }
 
 
 def on_cpu() -> bool:
@@ -85,15 +40,7 @@ def default_copy_bytes() -> int:
 
 def _best_time(fn: Callable, *args, repeats: int, min_time: float) -> float:
     """Shortest of at least ``repeats`` calls (and at least ``min_time`` s) after a warm-up."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    best, total, calls = math.inf, 0.0, 0
-    while calls < repeats or total < min_time:
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        dt = time.perf_counter() - t0
-        best, total, calls = min(best, dt), total + dt, calls + 1
-    return best
+    return time_calls(fn, *args, repeats=repeats, warmup=1, min_time=min_time).best_s
 
 
 def matmul_rate(
@@ -253,25 +200,8 @@ def machine() -> dict:
     }
 
 
-def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """Print rows as an aligned table; columns are (key, header, format)."""
-    cells = [[h for _, h, _ in columns]]
-    for r in rows:
-        line = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            line.append("-" if v is None else format(v, fmt) if fmt else str(v))
-        cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    for i, line in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
-def write_json(payload: dict, out: str | os.PathLike | None, default_name: str) -> Path:
-    path = Path(out) if out else RESULTS_DIR / default_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=float))
+def save_results(payload: dict, out: str | os.PathLike | None, default_name: str) -> Path:
+    """Write ``payload`` as JSON to ``out`` (default ``benchmarks/results/default_name``)."""
+    path = write_json(Path(out) if out else RESULTS_DIR / default_name, payload)
     print(f"wrote {path}")
     return path

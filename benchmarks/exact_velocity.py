@@ -49,12 +49,11 @@ from benchmarks._common import (
     machine,
     machine_rates,
     on_cpu,
-    print_table,
     rates_line,
     roofline_fraction,
-    time_calls,
-    write_json,
+    save_results,
 )
+from fmjax._report import format_table, time_calls
 
 CONFIGS = [(2, 8, 1_000_000), (16, 16, 100_000), (64, 64, 1_000_000)]
 MEMORY_CONFIGS = [(1024, 256, 100_000)]
@@ -175,7 +174,7 @@ def _time_torch(c, x, t, repeats):
         return out
 
     with torch.no_grad():
-        res = time_calls(lambda: _torch_velocity(torch, *args[:3], t, args[3]), repeats, sync)
+        res = time_calls(_torch_velocity, torch, *args[:3], t, args[3], repeats=repeats, sync=sync)
     return res.median_s, np.asarray(res.out.cpu()), f"torch {torch.__version__} ({dev})"
 
 
@@ -195,7 +194,7 @@ def _run_config(d, k, n, modes, repeats, peer, rates) -> list[dict]:
             rows.append(row)
             print(f"  d={d} K={k} N={n} {mode}: unsupported", flush=True)
             continue
-        res = time_calls(lambda f=compiled: f(c, t32, x), repeats, jax.block_until_ready, warmup=1)
+        res = time_calls(compiled, c, t32, x, repeats=repeats)
         v = np.asarray(res.out[:m], np.float64)
         row.update(
             status="ok",
@@ -287,24 +286,26 @@ def print_tables(result: dict) -> None:
         else {**r, "points_per_s": None, "bound": "unsupported"}
         for r in result["rows"]
     ]
-    print_table(
-        rows,
-        [
-            ("d", "d", ""),
-            ("K", "K", ""),
-            ("N", "N", ""),
-            ("mode", "mode", ""),
-            ("compile_s", "compile s", ".2f"),
-            ("median_s", "median s", ".4g"),
-            ("points_per_s", "points/s", ".3g"),
-            ("bound", "bound", ""),
-            ("roofline_frac", "of roofline", ".1%"),
-            ("rel_err_vs_f64", "rel err", ".1e"),
-            ("temp_mib", "temp MiB", ".1f"),
-            ("naive_mib", "naive MiB", ".1f"),
-            ("torch_points_per_s", "torch pts/s", ".3g"),
-            ("speedup_vs_torch", "x torch", ".2f"),
-        ],
+    print(
+        format_table(
+            rows,
+            [
+                ("d", "d", ""),
+                ("K", "K", ""),
+                ("N", "N", ""),
+                ("mode", "mode", ""),
+                ("compile_s", "compile s", ".2f"),
+                ("median_s", "median s", ".4g"),
+                ("points_per_s", "points/s", ".3g"),
+                ("bound", "bound", ""),
+                ("roofline_frac", "of roofline", ".1%"),
+                ("rel_err_vs_f64", "rel err", ".1e"),
+                ("temp_mib", "temp MiB", ".1f"),
+                ("naive_mib", "naive MiB", ".1f"),
+                ("torch_points_per_s", "torch pts/s", ".3g"),
+                ("speedup_vs_torch", "x torch", ".2f"),
+            ],
+        )
     )
     if result["memory"]:
         print_memory(result["memory"])
@@ -312,21 +313,23 @@ def print_tables(result: dict) -> None:
 
 def print_memory(rows: list[dict]) -> None:
     print("\ncompiled without running (abstract inputs): XLA memory analysis")
-    print_table(
-        [
-            {**r, **{k: _mib(r[f"{k}_bytes"]) for k in ("argument", "output", "temp", "naive")}}
-            for r in rows
-        ],
-        [
-            ("d", "d", ""),
-            ("K", "K", ""),
-            ("N", "N", ""),
-            ("compile_s", "compile s", ".2f"),
-            ("argument", "arguments MiB", ".1f"),
-            ("output", "output MiB", ".1f"),
-            ("temp", "temp MiB", ".1f"),
-            ("naive", "naive (N,K,d) MiB", ".1f"),
-        ],
+    print(
+        format_table(
+            [
+                {**r, **{k: _mib(r[f"{k}_bytes"]) for k in ("argument", "output", "temp", "naive")}}
+                for r in rows
+            ],
+            [
+                ("d", "d", ""),
+                ("K", "K", ""),
+                ("N", "N", ""),
+                ("compile_s", "compile s", ".2f"),
+                ("argument", "arguments MiB", ".1f"),
+                ("output", "output MiB", ".1f"),
+                ("temp", "temp MiB", ".1f"),
+                ("naive", "naive (N,K,d) MiB", ".1f"),
+            ],
+        )
     )
 
 
@@ -377,7 +380,7 @@ def main(argv=None, rates: dict | None = None) -> dict:
             "memory": [memory_only(*cfg) for cfg in _triples(args.memory_only)],
         }
         print_memory(result["memory"])
-        write_json(result, args.out, f"exact_velocity_memory_{backend}.json")
+        save_results(result, args.out, f"exact_velocity_memory_{backend}.json")
         return result
     configs = _triples(args.configs) if args.configs else CONFIGS
     scale = args.scale
@@ -396,7 +399,7 @@ def main(argv=None, rates: dict | None = None) -> dict:
         rates,
     )
     print_tables(result)
-    write_json(result, args.out, f"exact_velocity_{backend}.json")
+    save_results(result, args.out, f"exact_velocity_{backend}.json")
     return result
 
 

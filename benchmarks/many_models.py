@@ -12,7 +12,7 @@ K-component GMM in 2-D (a different GMM and a different seed per model). Two way
 Reported: total wall time (compilation included), compile time, run time (the compiled step
 loop only, from ``FitResult.steps_per_second``), other time (argument checks, tracing the loss
 for its output shape, optimizer init, host side), steady-state throughput in model-steps/s
-(M * steps / run time), and, with ``time_compiled``, the median
+(M * steps / run time), and, with ``fmjax._report.time_calls``, the median
 time of one gradient step of the M vmapped models vs one model. Both paths give the same
 parameters up to vmap round-off (checked and reported as ``max_rel_diff``).
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,23 +41,26 @@ import numpy as np
 from benchmarks._common import (
     dense_layers,
     machine,
-    print_table,
-    time_compiled,
+    save_results,
     training_flops_bytes,
-    write_json,
 )
 from fmjax import data, losses, mixtures, models, schedules, sharding, train
+from fmjax._report import format_table, time_calls
 
 
 def _problems(key, m: int, k: int, d: int):
     """M independent couplings N(0, I) -> random K-component GMM, stacked along axis 0."""
-    source = mixtures.GaussianMixture(jnp.ones(1), jnp.zeros((1, d)), jnp.eye(d)[None])
+    source = mixtures.standard_normal(d)
     targets = [mixtures.random_gaussian_mixture(kk, k, d) for kk in jax.random.split(key, m)]
     couplings = [mixtures.independent_coupling(source, t) for t in targets]
     return couplings, jax.tree.map(lambda *a: jnp.stack(a), *couplings)
 
 
-def main(argv=None) -> dict:
+_FULL = dict(models=256, steps=5000, batch=1024, width=128, depth=3)
+_SMALL = dict(models=64, steps=300, batch=256, width=32, depth=2)
+
+
+def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=int, default=None, help="M (CPU default 64)")
     p.add_argument("--steps", type=int, default=None, help="steps per model (CPU default 300)")
@@ -76,66 +80,95 @@ def main(argv=None) -> dict:
     p.add_argument("--full", action="store_true", help="M=256, 5000 steps, batch 1024, 3 x 128")
     p.add_argument("--mesh", action="store_true", help="split fit_many's models over all devices")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
-    a = p.parse_args(argv)  # fmt: skip
-    full = dict(models=256, steps=5000, batch=1024, width=128, depth=3)
-    small = dict(models=64, steps=300, batch=256, width=32, depth=2)
-    cfg = {k: getattr(a, k) if getattr(a, k) is not None else (full if a.full else small)[k]
-           for k in small}  # fmt: skip
-    m, steps, batch = cfg["models"], cfg["steps"], cfg["batch"]
-    n_loop = m if a.loop_models is None else min(a.loop_models, m)
+    return p.parse_args(argv)
 
+
+class _Setup(NamedTuple):
+    model: models.MLP
+    couplings: list  # the M couplings, one by one (for the loop)
+    instances: mixtures.JointGaussianMixture  # the same, stacked along axis 0 (for fit_many)
+    params: dict  # M initial parameter pytrees, stacked
+    keys: jax.Array  # (M,) training keys
+    batch: int
+
+
+def _setup(a, cfg: dict) -> _Setup:
     model = models.MLP(dim=a.dim, width=cfg["width"], depth=cfg["depth"])
-    sched = schedules.linear()
     k_prob, k_init, k_train = jax.random.split(jax.random.key(a.seed), 3)
-    couplings, instances = _problems(k_prob, m, a.components, a.dim)
-    keys = jax.random.split(k_train, m)
-    params = jax.vmap(lambda k: models.init(model, k))(jax.random.split(k_init, m))
-    n_params = sum(x.size for x in jax.tree.leaves(params)) // m
-    layers = dense_layers(jax.tree.map(lambda x: x[0], params))
+    couplings, instances = _problems(k_prob, cfg["models"], a.components, a.dim)
+    params = jax.vmap(lambda k: models.init(model, k))(jax.random.split(k_init, cfg["models"]))
+    keys = jax.random.split(k_train, cfg["models"])
+    return _Setup(model, couplings, instances, params, keys, cfg["batch"])
 
-    def loss_many(p, k, coupling):
-        return losses.cfm(model.apply, coupling.sample, sched, batch)(p, k)
 
-    kw = dict(steps=steps, learning_rate=a.lr, progress=False)
-    mesh = sharding.data_mesh() if a.mesh else None
+def _loss_of_instance(setup: _Setup):
+    """The CFM loss of one model with its coupling as an argument (vmapped by fit_many)."""
 
-    # --- fit_many: all M in one compiled call
+    def loss(p, k, coupling):
+        return losses.cfm(setup.model.apply, coupling.sample, _SCHEDULE, setup.batch)(p, k)
+
+    return loss
+
+
+_SCHEDULE = schedules.linear()
+
+
+def _run_fit_many(setup: _Setup, fit_kw: dict, mesh):
+    """All M models in one compiled call; returns (FitResult, wall seconds)."""
     t0 = time.perf_counter()
-    many = train.fit_many(loss_many, params, keys, instances=instances, mesh=mesh, **kw)
+    many = train.fit_many(
+        _loss_of_instance(setup), setup.params, keys=setup.keys, instances=setup.instances,
+        mesh=mesh, **fit_kw,
+    )  # fmt: skip
     jax.block_until_ready(many.params)
-    many_wall = time.perf_counter() - t0
+    return many, time.perf_counter() - t0
 
-    # --- Python loop over fit, one compilation per model (its own closure)
-    loop_res = []
+
+def _run_loop(setup: _Setup, fit_kw: dict, n_loop: int):
+    """``fit`` called from Python for the first ``n_loop`` models (one compilation each)."""
+    results = []
     t0 = time.perf_counter()
     for i in range(n_loop):
-        loss_i = losses.cfm(model.apply, data.coupling_pairs(couplings[i]), sched, batch)
-        p_i = jax.tree.map(lambda x, i=i: x[i], params)
-        loop_res.append(train.fit(loss_i, p_i, keys[i], **kw))
-    jax.block_until_ready(loop_res[-1].params)
-    loop_wall = time.perf_counter() - t0
-    loop_compile = sum(r.compile_time for r in loop_res)
-    loop_run = sum(steps / r.steps_per_second for r in loop_res)
+        pairs = data.coupling_pairs(setup.couplings[i])
+        loss_i = losses.cfm(setup.model.apply, pairs, _SCHEDULE, setup.batch)
+        p_i = jax.tree.map(lambda x, i=i: x[i], setup.params)
+        results.append(train.fit(loss_i, p_i, key=setup.keys[i], **fit_kw))
+    jax.block_until_ready(results[-1].params)
+    return results, time.perf_counter() - t0
 
-    # Same training either way (vmap round-off only).
-    diffs = [
-        max(
-            float(np.max(np.abs(np.asarray(u)[i] - np.asarray(v))) / np.max(np.abs(np.asarray(v))))
-            for u, v in zip(jax.tree.leaves(many.params), jax.tree.leaves(r.params), strict=True)
-        )
+
+def _max_rel_diffs(many, loop_res) -> list[float]:
+    """Largest relative parameter difference between fit_many's model i and the loop's."""
+
+    def rel(u, v, i):
+        v = np.asarray(v)
+        return float(np.max(np.abs(np.asarray(u)[i] - v)) / np.max(np.abs(v)))
+
+    return [
+        max(rel(u, v, i) for u, v in zip(jax.tree.leaves(many.params), jax.tree.leaves(r.params),
+                                          strict=True))
         for i, r in enumerate(loop_res)
-    ]
+    ]  # fmt: skip
 
-    # --- one gradient step, compiled, median: M vmapped models vs one model
-    grad_one = jax.jit(jax.grad(loss_many))
-    grad_many = jax.jit(jax.vmap(jax.grad(loss_many)))
-    p0 = jax.tree.map(lambda x: x[0], params)
-    c0 = jax.tree.map(lambda x: x[0], instances)
-    t_one = time_compiled(grad_one, p0, keys[0], c0, repeats=20)
-    t_many = time_compiled(grad_many, params, keys, instances, repeats=10)
 
-    # Loop totals scaled to M models when only n_loop were timed.
-    scale = m / n_loop
+def _time_grad_steps(setup: _Setup) -> dict:
+    """Median time of one compiled gradient step: one model vs the M vmapped models."""
+    loss = _loss_of_instance(setup)
+    grad_one, grad_many = jax.jit(jax.grad(loss)), jax.jit(jax.vmap(jax.grad(loss)))
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
+    one = time_calls(grad_one, first(setup.params), setup.keys[0], first(setup.instances),
+                     repeats=20)  # fmt: skip
+    many = time_calls(grad_many, setup.params, setup.keys, setup.instances, repeats=10)
+    return {
+        name: {"compile_s": t.compile_s, "first_s": t.first_s, "median_s": t.median_s,
+               "times_s": t.times_s}
+        for name, t in (("one_model", one), ("vmapped_models", many))
+    }  # fmt: skip
+
+
+def _rows(m, steps, mesh, many, many_wall, loop_res, loop_wall, grad_step) -> list[dict]:
+    n_loop = len(loop_res)
+    loop_run = sum(steps / r.steps_per_second for r in loop_res)
     rows = [
         {
             "method": f"fit_many (1 call{', mesh' if mesh is not None else ''})",
@@ -144,45 +177,67 @@ def main(argv=None) -> dict:
             "compile_s": many.compile_time,
             "run_s": steps / many.steps_per_second,
             "model_steps_per_s": m * many.steps_per_second,  # steps_per_second counts calls
-            "grad_step_ms": 1e3 * t_many["median_s"],
+            "grad_step_ms": 1e3 * grad_step["vmapped_models"]["median_s"],
         },
         {
             "method": f"loop of fit ({n_loop} compiles)",
             "models": n_loop,
             "wall_s": loop_wall,
-            "compile_s": loop_compile,
+            "compile_s": sum(r.compile_time for r in loop_res),
             "run_s": loop_run,
             "model_steps_per_s": n_loop * steps / loop_run,
-            "grad_step_ms": 1e3 * t_one["median_s"] * m,  # M sequential single-model steps
+            # M sequential single-model steps
+            "grad_step_ms": 1e3 * grad_step["one_model"]["median_s"] * m,
         },
     ]
     for r in rows:  # validation, eval_shape, optimizer init, state copies, host side
         r["other_s"] = r["wall_s"] - r["compile_s"] - r["run_s"]
-    speedup_wall = loop_wall * scale / many_wall
+    return rows
+
+
+_COLUMNS = [
+    ("method", "method", ""),
+    ("models", "M", "d"),
+    ("wall_s", "wall s (incl. compile)", ".2f"),
+    ("compile_s", "compile s", ".2f"),
+    ("run_s", "run s", ".2f"),
+    ("other_s", "other s", ".2f"),
+    ("model_steps_per_s", "model-steps/s", ".4g"),
+    ("grad_step_ms", "M grad steps ms", ".3g"),
+]
+
+
+def main(argv=None) -> dict:
+    a = _parse(argv)
+    cfg = {k: getattr(a, k) if getattr(a, k) is not None else (_FULL if a.full else _SMALL)[k]
+           for k in _SMALL}  # fmt: skip
+    m, steps = cfg["models"], cfg["steps"]
+    n_loop = m if a.loop_models is None else min(a.loop_models, m)
+    setup = _setup(a, cfg)
+    n_params = sum(x.size for x in jax.tree.leaves(setup.params)) // m
+    fit_kw = dict(steps=steps, learning_rate=a.lr, progress=False)
+    mesh = sharding.data_mesh() if a.mesh else None
+
+    many, many_wall = _run_fit_many(setup, fit_kw, mesh)
+    loop_res, loop_wall = _run_loop(setup, fit_kw, n_loop)
+    diffs = _max_rel_diffs(many, loop_res)  # same training either way (vmap round-off only)
+    grad_step = _time_grad_steps(setup)
+    rows = _rows(m, steps, mesh, many, many_wall, loop_res, loop_wall, grad_step)
+
+    speedup_wall = loop_wall * (m / n_loop) / many_wall  # the loop scaled to M models
     speedup_steady = rows[0]["model_steps_per_s"] / rows[1]["model_steps_per_s"]
     print(
-        f"M={m} models, {steps} steps, batch {batch}, MLP {cfg['depth']} x {cfg['width']} "
+        f"M={m} models, {steps} steps, batch {cfg['batch']}, MLP {cfg['depth']} x {cfg['width']} "
         f"({n_params} params), K={a.components}, d={a.dim}; {machine()['device']} x "
         f"{jax.device_count()}"
     )
-    print_table(
-        rows,
-        [
-            ("method", "method", ""),
-            ("models", "M", "d"),
-            ("wall_s", "wall s (incl. compile)", ".2f"),
-            ("compile_s", "compile s", ".2f"),
-            ("run_s", "run s", ".2f"),
-            ("other_s", "other s", ".2f"),
-            ("model_steps_per_s", "model-steps/s", ".4g"),
-            ("grad_step_ms", "M grad steps ms", ".3g"),
-        ],
-    )
+    print(format_table(rows, _COLUMNS))
     print(
         f"fit_many vs loop: {speedup_wall:.1f}x less wall time (for M={m}), "
         f"{speedup_steady:.1f}x steady-state throughput; "
         f"max relative parameter difference {max(diffs):.2e}"
     )
+    layers = dense_layers(jax.tree.map(lambda x: x[0], setup.params))
     payload = {
         "benchmark": "many_models",
         "machine": machine(),
@@ -193,11 +248,11 @@ def main(argv=None) -> dict:
         "speedup_wall": speedup_wall,
         "speedup_steady_state": speedup_steady,
         "max_rel_diff": max(diffs),
-        "grad_step": {"one_model": t_one, "vmapped_models": t_many},
+        "grad_step": grad_step,
         "final_loss_mean": {"fit_many": float(np.mean(many.losses[:, -20:])),
                             "loop": float(np.mean([r.losses[-20:] for r in loop_res]))},
     }  # fmt: skip
-    write_json(payload, a.out, "many_models.json")
+    save_results(payload, a.out, "many_models.json")
     return payload
 
 

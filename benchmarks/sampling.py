@@ -44,12 +44,11 @@ import fmjax
 from benchmarks._common import (
     dense_flops_bytes,
     mlp_layers,
-    print_table,
-    time_calls,
-    write_json,
+    save_results,
 )
 from benchmarks.exact_velocity import work as velocity_work
 from fmjax import likelihood, models, sample, schedules
+from fmjax._report import format_table, time_calls
 
 try:
     import torch
@@ -141,7 +140,8 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
         return sol.x, sol.nfe
 
     x0_j = jnp.asarray(x0)
-    first, med, _, (xs, nfe) = time_calls(lambda: run(params, x0_j), repeats, jax.block_until_ready)
+    t = time_calls(run, params, x0_j, repeats=repeats)
+    first, med, (xs, nfe) = t.first_s, t.median_s, t.out
     flops, nbytes = dense_flops_bytes(mlp_layers(SIZES), n)
     row = {
         "workload": "mlp_midpoint_sampling",
@@ -164,16 +164,17 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
         solver = ODESolver(velocity_model=velocity)
         x0_t = torch.from_numpy(x0).to(_torch_device())
         with torch.no_grad():
-            tfirst, tmed, _, xt = time_calls(
+            tp = time_calls(
                 lambda: solver.sample(x_init=x0_t, step_size=STEP, method="midpoint"),
-                repeats,
-                _torch_sync,
+                repeats=repeats,
+                sync=_torch_sync,
             )
+            tfirst, tmed, xt = tp.first_s, tp.median_s, tp.out
         row.update(
             peer_s=tmed,
             peer_first_s=tfirst,
             peer_per_s=n / tmed,
-            peer_nfe=calls[0] // (repeats + 1),
+            peer_nfe=calls[0] // (repeats + 2),  # first + warm-up + timed calls
             max_abs_diff=float(np.max(np.abs(np.asarray(xs) - xt.cpu().numpy()))),
         )
     return row
@@ -194,9 +195,8 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         return out.log_prob, out.nfe
 
     pts_j = jnp.asarray(pts)
-    first, med, _, (lp, nfe) = time_calls(
-        lambda: run(params, pts_j), repeats, jax.block_until_ready
-    )
+    t = time_calls(run, params, pts_j, repeats=repeats)
+    first, med, (lp, nfe) = t.first_s, t.median_s, t.out
     flops, nbytes = dense_flops_bytes(mlp_layers(SIZES), n)
     row = {
         "workload": "mlp_grid_log_likelihood_exact_div",
@@ -217,13 +217,14 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
             return -0.5 * (x * x).sum(-1) - 0.5 * DIM * math.log(2 * math.pi)
 
         x1 = torch.from_numpy(pts).to(_torch_device())
-        tfirst, tmed, _, (_, tlp) = time_calls(
+        tp = time_calls(
             lambda: solver.compute_likelihood(
                 x_1=x1, log_p0=log_p0, step_size=STEP, method="midpoint", exact_divergence=True
             ),
-            repeats,
-            _torch_sync,
+            repeats=repeats,
+            sync=_torch_sync,
         )
+        tfirst, tmed, (_, tlp) = tp.first_s, tp.median_s, tp.out
         row.update(
             peer_s=tmed,
             peer_first_s=tfirst,
@@ -235,7 +236,7 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
 
 def bench_gmm_sampling(n, d, k, repeats, seed):
     key = jax.random.key(seed)
-    p0 = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, d)), jnp.eye(d)[None])
+    p0 = fmjax.mixtures.standard_normal(d)
     p1 = fmjax.random_gaussian_mixture(key, k, d)
     c = fmjax.independent_coupling(p0, p1)
     v = functools.partial(fmjax.exact.velocity, c, schedules.linear())
@@ -246,7 +247,8 @@ def bench_gmm_sampling(n, d, k, repeats, seed):
         return sol.x, sol.nfe
 
     x0 = sample.draw_source(jax.random.key(seed + 1), n, d)
-    first, med, _, (_, nfe) = time_calls(lambda: run(x0), repeats, jax.block_until_ready)
+    t = time_calls(run, x0, repeats=repeats)
+    first, med, (_, nfe) = t.first_s, t.median_s, t.out
     flops, nbytes = velocity_work(d, k, n)
     return {
         "workload": f"exact_gmm_midpoint_sampling_d{d}_K{k}",
@@ -307,21 +309,23 @@ def main(argv=None):
         if "peer_per_s" in r:
             r["speedup"] = r["fmjax_per_s"] / r["peer_per_s"]
     print(f"backend {env['backend']}, {env['cpu_count']} CPUs, {env['matmul_precision']}")
-    print_table(
-        rows,
-        [
-            ("workload", "workload", ""),
-            ("n", "n", "d"),
-            ("nfe", "nfe", "d"),
-            ("fmjax_per_s", "fmjax/s", ".4g"),
-            ("peer_per_s", "peer/s", ".4g"),
-            ("speedup", "speedup", ".2f"),
-            ("fmjax_first_s", "1st call s", ".2f"),
-            ("max_abs_diff", "max|diff|", ".2e"),
-        ],
+    print(
+        format_table(
+            rows,
+            [
+                ("workload", "workload", ""),
+                ("n", "n", "d"),
+                ("nfe", "nfe", "d"),
+                ("fmjax_per_s", "fmjax/s", ".4g"),
+                ("peer_per_s", "peer/s", ".4g"),
+                ("speedup", "speedup", ".2f"),
+                ("fmjax_first_s", "1st call s", ".2f"),
+                ("max_abs_diff", "max|diff|", ".2e"),
+            ],
+        )
     )
     result = {"env": env, "args": vars(args), "results": rows}
-    write_json(result, args.out, "sampling.json")
+    save_results(result, args.out, "sampling.json")
     return result
 
 

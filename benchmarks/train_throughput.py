@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import mlp_layers, print_table, training_flops_bytes, write_json
+from benchmarks._common import mlp_layers, save_results, training_flops_bytes
 from fmjax import data, losses, models, schedules, train
+from fmjax._report import format_table
 
 # ----------------------------------------------------------------------------- fmjax side
 
@@ -65,7 +66,7 @@ def _run_fmjax(args, eval_set):
     res = train.fit(
         loss_fn,
         params,
-        jax.random.key(args.seed + 1),
+        key=jax.random.key(args.seed + 1),
         steps=seg * args.segments,
         learning_rate=args.lr,
         steps_per_call=seg,
@@ -255,15 +256,17 @@ def main(argv=None):
         f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
         f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
     )
-    print_table(
-        [{"name": name, **r} for name, r in rows],
-        [
-            ("name", "", ""),
-            ("steps_per_s_median", "steps/s (median)", ".2f"),
-            ("final_train_loss", "final train loss", ".4f"),
-            ("final_eval_loss", "eval loss", ".4f"),
-            ("compile_s", "compile s", ".2f"),
-        ],
+    print(
+        format_table(
+            [{"name": name, **r} for name, r in rows],
+            [
+                ("name", "", ""),
+                ("steps_per_s_median", "steps/s (median)", ".2f"),
+                ("final_train_loss", "final train loss", ".4f"),
+                ("final_eval_loss", "eval loss", ".4f"),
+                ("compile_s", "compile s", ".2f"),
+            ],
+        )
     )
     out = {
         "config": vars(args),
@@ -272,7 +275,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
         "results": results,
     }
-    write_json(out, args.out, "train_throughput.json")
+    save_results(out, args.out, "train_throughput.json")
     return out
 
 

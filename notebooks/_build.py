@@ -47,7 +47,7 @@ class _Md(str):
 
 
 def _show(*names: str) -> str:
-    return "\n".join(f'display(Image(result["figures"]["{n}"]))' for n in names)
+    return "\n".join(f'display(Image(result.figures["{n}"]))' for n in names)
 
 
 NOTEBOOKS = {
@@ -66,7 +66,7 @@ NOTEBOOKS = {
         ),
         SETUP,
         'result = experiments.gmm_to_gmm(quick=QUICK, out="outputs/01_gmm_to_gmm")\n'
-        "print(f\"{result['wall_time_s']:.1f} s\")",
+        'print(f"{result.wall_time_s:.1f} s")',
         _Md(
             "## Exact velocity and responsibilities\n\n"
             "Colour: log p_t (shared scale); arrows: u_t. With the joint coupling each source "
@@ -81,14 +81,15 @@ NOTEBOOKS = {
         ),
         _Md(
             "## Exact ODE trajectories and solver effort\n\n"
-            "Adaptive Tsit5 (rtol = atol = 1e-5) on the exact field. The VP schedule has "
-            "db_t -> -inf at t = 1, so it is integrated to 1 - 1e-3. Linear and cosine schedules "
+            "Adaptive Tsit5 (rtol = atol = 1e-5) on the exact field, over each schedule's valid "
+            "interval (`schedule.interval`): the VP schedule has db_t -> -inf at t = 1, so its "
+            "interval ends at 1 - 1e-3. Linear and cosine schedules "
             "give the same endpoint map here (for x_t = b x0 + a x1 the marginals of "
             "x_t / (a_t + b_t) depend on t only through a_t / b_t: a time change), so their sample "
             "energies agree."
         ),
         _show("trajectories"),
-        'm = result["metrics"]\n'
+        "m = result.metrics\n"
         'print("NFE:", m["nfe"])\n'
         'print("energy distance, exact ODE vs exact target samples:", m["energy_exact_ode"])\n'
         'print("(two exact target samples:", round(m["energy_between_target_samples"], 4), ")")',
@@ -116,12 +117,13 @@ NOTEBOOKS = {
             "x_t = alpha_{1-t} x1 + sqrt(1 - alpha_{1-t}^2) x0. The same MLP is trained on both by "
             "conditional flow matching on the checkerboard and on two moons. The OT path moves "
             "samples along nearly straight lines and needs fewer velocity evaluations (NFE) of an "
-            "adaptive solver (Tsit5, rtol = atol = 1e-5). VP has db_t -> -inf at t = 1: it is "
-            "trained on t in [1e-3, 1 - 1e-3] and integrated to 1 - 1e-3."
+            "adaptive solver (Tsit5, rtol = atol = 1e-5). VP has db_t -> -inf at t = 1: its valid "
+            "interval (`schedule.interval`) ends at 1 - 1e-3, where training times and the "
+            "integration stop."
         ),
         SETUP,
         'result = experiments.ot_vs_vp(quick=QUICK, out="outputs/02_ot_vs_vp")\n'
-        "print(f\"{result['wall_time_s']:.1f} s\")",
+        'print(f"{result.wall_time_s:.1f} s")',
         _Md(
             "## Samples along the path (top: OT, bottom: VP)\n\n"
             "The VP samples stay close to noise much longer and form the data only at the very end."
@@ -129,7 +131,7 @@ NOTEBOOKS = {
         _show("samples_checkerboard", "samples_moons"),
         _Md("## Trajectories and NFE"),
         _show("trajectories_checkerboard", "trajectories_moons"),
-        'm = result["metrics"]\n'
+        "m = result.metrics\n"
         'print("NFE (learned):", m["nfe"])\n'
         'print("NFE, exact 8-Gaussians velocity (no training):", m["nfe_exact_8gaussians"])\n'
         'print("energy distance to data:", m["energy"])',
@@ -148,7 +150,7 @@ NOTEBOOKS = {
         ),
         SETUP,
         'result = experiments.flows_and_scores(quick=QUICK, out="outputs/03_flows_and_scores")\n'
-        "print(f\"{result['wall_time_s']:.1f} s\")",
+        'print(f"{result.wall_time_s:.1f} s")',
         _Md(
             "## The predicted target along the path\n\n"
             "Early on x_hat_1 is the mean of the target; it splits into the two modes around the "
@@ -161,7 +163,7 @@ NOTEBOOKS = {
             "first t where it passes 95 %. Dashed: the same with the exact velocity."
         ),
         _show("settling"),
-        'm = result["metrics"]\n'
+        "m = result.metrics\n"
         'print("settling time:", m["settle_time"])\n'
         'print("energy distance to target samples:", m["energy"])\n'
         'print("(two exact target samples:", round(m["energy_between_target_samples"], 4), ")")',
@@ -180,9 +182,9 @@ NOTEBOOKS = {
         ),
         SETUP,
         'result = experiments.cfm_equals_fm(quick=QUICK, out="outputs/04_cfm_equals_fm")\n'
-        "print(f\"{result['wall_time_s']:.1f} s\")",
+        'print(f"{result.wall_time_s:.1f} s")',
         _show("gradient_cosine"),
-        'm = result["metrics"]\n'
+        "m = result.metrics\n"
         'for b, c, f in zip(m["batch_sizes"], m["cosine_cfm"], m["cosine_fm"], strict=True):\n'
         '    print(f"B = {b:6d}   CFM {c:.3f}   FM {f:.3f}")\n'
         'print("CFM vs FM on the reference batch size:", round(m["cosine_large_batch"], 4))',

@@ -3,6 +3,9 @@
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from fmjax.cli import main
 
 SUBCOMMANDS = ("demo", "experiment", "train", "sample", "bench")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +83,8 @@ def test_train_then_sample_with_toml_config(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--steps", "30", "--out", str(run),
                  "--no-progress"]) == 0  # fmt: skip
     res = json.loads((run / "results.json").read_text())
-    assert res["options"]["steps"] == 30  # the flag wins over the file
-    assert res["options"]["width"] == 16  # the file's value is used
+    assert res["config"]["steps"] == 30  # the flag wins over the file
+    assert res["config"]["width"] == 16  # the file's value is used
     assert res["loss_floor"] > 0 and res["velocity_error"] > 0
     assert (run / "params.msgpack").is_file() and (run / "model.json").is_file()
 
@@ -105,11 +109,13 @@ def test_bad_config_and_options_exit(tmp_path):
     bad.write_text(json.dumps({"stepz": 3}))
     with pytest.raises(SystemExit, match="unknown keys"):
         main(["train", "--config", str(bad), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="unknown DemoConfig keys"):
+    with pytest.raises(SystemExit, match="unknown keys for DemoConfig"):
         main(["demo", "--config", str(bad), "--out", str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match="--steps"):
+    with pytest.raises(SystemExit, match="cli: `--steps` must be an int >= 1, got 0"):
         main(["train", "--steps", "0", "--out", str(tmp_path / "z")])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="`data` must be one of"):
+        main(["train", "--data", "nope", "--out", str(tmp_path / "v")])
+    with pytest.raises(SystemExit, match="written by train_model"):
         main(["sample", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "w")])
 
 
@@ -124,13 +130,32 @@ def test_experiment_with_json_config(tmp_path, capsys):
     assert res["config"]["batch_sizes"] == [8, 32] and len(res["metrics"]["cosine_cfm"]) == 2
 
 
-def test_bench_dispatch_checks_names(tmp_path, monkeypatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a checkout: benchmarks/ present
-    with pytest.raises(SystemExit, match="unknown benchmark"):
+def test_bench_dispatch_checks_names():
+    # In the test run the checkout's `benchmarks` package is importable.
+    with pytest.raises(SystemExit, match="cli: `name` must be one of builtin, all, exact_velocity"):
         main(["bench", "nope"])
-    monkeypatch.chdir(tmp_path)  # no benchmarks/ here
-    with pytest.raises(SystemExit, match="not found"):
-        main(["bench", "exact_velocity"])
+
+
+def test_bench_outside_a_checkout_says_what_it_needs(tmp_path):
+    # An installed fmjax without the checkout's benchmarks/: a package folder that holds only
+    # fmjax, run from another directory. Builtin works; a script name exits with one clear line.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "fmjax").symlink_to(ROOT / "fmjax", target_is_directory=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def fmjax(*argv):
+        return subprocess.run([sys.executable, "-m", "fmjax.cli", *argv], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)  # fmt: skip
+
+    proc = fmjax("bench", "exact_velocity")
+    assert proc.returncode == 1 and "benchmarks" not in proc.stdout, proc.stdout
+    assert "runs the scripts in benchmarks/ of a source checkout" in proc.stderr, proc.stderr
+    assert "python -m benchmarks" in proc.stderr and "bench builtin" in proc.stderr
+    out = tmp_path / "b.json"
+    proc = fmjax("bench", "builtin", "--n", "500", "--repeats", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["median_s"] > 0
 
 
 def test_bench_builtin(tmp_path, capsys):

@@ -1,12 +1,14 @@
 """The seed experiments in quick mode: their numbers against exact answers and identities.
 
-Each experiment runs once per session (module-scoped fixtures, quick configs). Energy distances
-are U-statistics: their noise level is what two independent exact samples of the same size give
-(reported by the experiments as ``energy_between_target_samples``, |.| ~ 0.01 here), so the
-bounds below are a few times that, far below the distance to a wrong law (e.g. the source).
+Each experiment runs once per session, through its notebook (executed with nbclient, quick
+settings; the notebook checks read the same run), or directly when nbclient is missing. Energy
+distances are U-statistics: their noise level is what two independent exact samples of the same
+size give (reported by the experiments as ``energy_between_target_samples``, |.| ~ 0.01 here),
+so the bounds below are a few times that, far below the distance to a wrong law (the source).
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,45 +16,102 @@ import pytest
 
 from fmjax import experiments as E
 
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = {
+    "gmm_to_gmm": "01_gmm_to_gmm",
+    "ot_vs_vp": "02_ot_vs_vp",
+    "flows_and_scores": "03_flows_and_scores",
+    "cfm_equals_fm": "04_cfm_equals_fm",
+}
+# Appended to the executed copy only: what the notebook's `result` returned is what it saved.
+_CHECK_CELL = """\
+import json, pathlib
+saved = json.loads(pathlib.Path("outputs", "{stem}", "results.json").read_text())
+assert saved["metrics"].keys() == result.metrics.keys()
+assert saved["metrics"] == result.metrics and saved["figures"] == result.figures
+"""
 
-def _check_files(result, out):
-    assert Path(out, "results.json").is_file()
-    saved = json.loads(Path(out, "results.json").read_text())
-    assert saved["metrics"].keys() == result["metrics"].keys()
+
+def _execute_notebook(name: str, tmp: Path):
+    """Run notebook ``name`` in ``tmp`` (quick settings); its results and printed text."""
+    nbclient, nbformat = pytest.importorskip("nbclient"), pytest.importorskip("nbformat")
+    stem = NOTEBOOKS[name]
+    nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(_CHECK_CELL.format(stem=stem)))
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with pytest.MonkeyPatch.context() as mp:  # the kernel subprocess inherits the environment
+        mp.setenv("FMJAX_QUICK", "1")
+        mp.setenv("MPLBACKEND", "Agg")
+        mp.setenv("PYTHONPATH", path)
+        client = nbclient.NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp)}}
+        )
+        client.execute()
+    text = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    return list(tmp.glob("outputs/*/results.json")), text
+
+
+def _run(name: str, tmp: Path) -> dict:
+    """Run experiment ``name`` once, quick: through its notebook when nbclient is installed
+    (the notebook checks then read the same run), else directly."""
+    try:
+        results, text = _execute_notebook(name, tmp)
+    except pytest.skip.Exception:
+        result = E.EXPERIMENTS[name](quick=True, out=tmp / "outputs" / name)
+        saved = json.loads(Path(tmp, "outputs", name, "results.json").read_text())
+        assert saved["metrics"].keys() == result.metrics.keys()
+        results, text = [tmp / "outputs" / name / "results.json"], None
+    assert len(results) == 1
+    result = json.loads(results[0].read_text())
     for path in result["figures"].values():
-        assert path.endswith(".png") and Path(path).stat().st_size > 5000, path
+        assert path.endswith(".png") and (tmp / path).stat().st_size > 5000, path
+    return {"metrics": result["metrics"], "text": text, "figures": result["figures"]}
 
 
 @pytest.fixture(scope="module")
-def gmm(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gmm")
-    result = E.gmm_to_gmm(quick=True, out=out)
-    _check_files(result, out)
-    return result["metrics"]
+def runs(tmp_path_factory):
+    """Each quick experiment, run at most once per session on first use."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = _run(name, tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def otvp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("otvp")
-    result = E.ot_vs_vp(quick=True, out=out)
-    _check_files(result, out)
-    return result["metrics"]
+def gmm(runs):
+    return runs("gmm_to_gmm")["metrics"]
 
 
 @pytest.fixture(scope="module")
-def flows(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flows")
-    result = E.flows_and_scores(quick=True, out=out)
-    _check_files(result, out)
-    return result["metrics"]
+def otvp(runs):
+    return runs("ot_vs_vp")["metrics"]
 
 
 @pytest.fixture(scope="module")
-def grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grads")
-    result = E.cfm_equals_fm(quick=True, out=out)
-    _check_files(result, out)
-    return result["metrics"]
+def flows(runs):
+    return runs("flows_and_scores")["metrics"]
+
+
+@pytest.fixture(scope="module")
+def grads(runs):
+    return runs("cfm_equals_fm")["metrics"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_ran_on_quick_settings(runs, name):
+    # The notebook ran top to bottom (with the returned-equals-saved check cell) and printed
+    # its settings; its figures were checked by `_run`.
+    run = runs(name)
+    if run["text"] is None:
+        pytest.skip("nbclient not installed (pip install nbclient nbformat ipykernel)")
+    assert "QUICK = True" in run["text"]
+    assert run["figures"]
 
 
 def test_gmm_learned_velocity_beats_zero_field(gmm):
@@ -135,31 +194,28 @@ def test_configs_validate(tmp_path):
         E.cfm_equals_fm(E.CFMConfig.quick(batch_sizes=(8, 12)), out=tmp_path)
     with pytest.raises(ValueError, match="dataset"):
         E.ot_vs_vp(E.OTvsVPConfig.quick(datasets=("nope",)), out=tmp_path)
-    with pytest.raises(ValueError, match="config"):
+    with pytest.raises(TypeError, match="experiments.gmm_to_gmm: `config` must be a GMMConfig"):
         E.gmm_to_gmm(E.CFMConfig(), out=tmp_path)
+    with pytest.raises(ValueError, match="experiments.gmm_to_gmm: `config.schedules`"):
+        E.gmm_to_gmm(E.GMMConfig.quick(schedules=("nope",)), out=tmp_path)
+    with pytest.raises(ValueError, match="`data` must be one of"):
+        E.TrainConfig(data="nope")
     assert E.DemoConfig.quick().steps < E.DemoConfig().steps
-
-
-def test_format_table():
-    table = E.format_table({"a": {"x": 1.0, "y": None}, "bb": {"x": 2.5, "y": 3.0}}, ("x", "y"))
-    lines = table.splitlines()
-    assert lines[0].split() == ["model", "x", "y"]
-    assert lines[2].split() == ["a", "1", "-"] and lines[3].split() == ["bb", "2.5", "3"]
 
 
 @pytest.mark.slow
 def test_full_configs(tmp_path):
     # The full (notebook / CLI default) settings: tighter bounds than the quick ones.
-    gmm = E.gmm_to_gmm(out=tmp_path / "gmm", quick=False)["metrics"]
+    gmm = E.gmm_to_gmm(out=tmp_path / "gmm", quick=False).metrics
     for name, err in gmm["velocity_error"].items():
         assert err < 0.02 * gmm["zero_field_error"][name], (name, err)
     # Linear and cosine schedules have the same endpoint map (a time change of x_t / (a + b)).
     for by_sched in gmm["energy_exact_ode"].values():
         assert by_sched["linear"] == pytest.approx(by_sched["cosine"], abs=1e-4)
-    ot = E.ot_vs_vp(out=tmp_path / "ot", quick=False)["metrics"]
+    ot = E.ot_vs_vp(out=tmp_path / "ot", quick=False).metrics
     for dataset, nfe in ot["nfe"].items():
         assert nfe["OT"] < nfe["VP"], (dataset, nfe)
-    flows = E.flows_and_scores(out=tmp_path / "flows", quick=False)["metrics"]
+    flows = E.flows_and_scores(out=tmp_path / "flows", quick=False).metrics
     assert abs(flows["settle_time"]["learned ODE"] - flows["settle_time"]["exact ODE"]) < 0.1
-    grads = E.cfm_equals_fm(out=tmp_path / "grads", quick=False)["metrics"]
+    grads = E.cfm_equals_fm(out=tmp_path / "grads", quick=False).metrics
     assert grads["cosine_cfm"][-1] > 0.99 and grads["cosine_fm"][-1] > 0.99

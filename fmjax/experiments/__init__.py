@@ -1,16 +1,13 @@
 """The seed experiments, shared by the ``fmjax`` command and the notebooks.
 
 Each experiment is one function ``name(config=None, *, quick=None, out=..., progress=False)``
-that writes PNG figures and ``results.json`` into ``out`` and returns a JSON-able dict::
-
-    {"experiment": name, "config": {...}, "metrics": {...}, "figures": {name: path},
-     "wall_time_s": seconds}
-
+that writes PNG figures and ``results.json`` into ``out`` and returns an ``ExperimentResult``
+(experiment, config, metrics, figures, wall_time_s; the same values as the JSON file).
 ``config`` is the experiment's frozen config dataclass; when it is None, ``quick`` picks the
 small CI configuration (``Config.quick()``) or the full one (``Config()``), and ``quick=None``
 reads the environment variable ``FMJAX_QUICK`` (``1``/``true``/``yes`` mean quick).
 
-Experiments (``EXPERIMENTS`` maps names to functions):
+Experiments (``EXPERIMENTS`` maps names to functions, ``CONFIGS`` to config classes):
 
 * ``demo``: the 2-D N(0, I) -> 5-component GMM problem behind ``fmjax demo``: exact density,
   velocity and trajectories; a short CFM training; ODE and SDE sampling; a table comparing
@@ -28,17 +25,21 @@ Experiments (``EXPERIMENTS`` maps names to functions):
 * ``cfm_equals_fm``: gradients of the conditional and the marginal (exact-target) losses agree:
   cosine similarity to the exact gradient vs batch size.
 
-The VP schedule has db_t -> -inf as t -> 1, so VP velocities are integrated on [0, 1 - eps]
-(``vp_eps``, 1e-3) and VP models are trained on t ~ U[eps, 1 - eps].
+Times always stay in each schedule's valid interval (``schedule.interval``): the VP schedule's
+ends at 1 - 1e-3, before its singularity at t = 1.
+
+``train_model`` / ``load_model`` train, save and load the velocity MLP of ``fmjax train`` and
+``fmjax sample --model``.
 """
 
-from fmjax.experiments._common import format_table as format_table
+from fmjax.experiments._common import ExperimentResult as ExperimentResult
 from fmjax.experiments._common import quick_from_env as quick_from_env
 from fmjax.experiments.cfm_equals_fm import CFMConfig as CFMConfig
 from fmjax.experiments.cfm_equals_fm import cfm_equals_fm as cfm_equals_fm
 from fmjax.experiments.demo import DemoConfig as DemoConfig
 from fmjax.experiments.demo import demo as demo
 from fmjax.experiments.demo import demo_problem as demo_problem
+from fmjax.experiments.demo import demo_table as demo_table
 from fmjax.experiments.flows_and_scores import FlowsScoresConfig as FlowsScoresConfig
 from fmjax.experiments.flows_and_scores import flows_and_scores as flows_and_scores
 from fmjax.experiments.flows_and_scores import flows_scores_target as flows_scores_target
@@ -49,21 +50,36 @@ from fmjax.experiments.gmm_to_gmm import gmm_to_gmm as gmm_to_gmm
 from fmjax.experiments.ot_vs_vp import DATASETS as DATASETS
 from fmjax.experiments.ot_vs_vp import OTvsVPConfig as OTvsVPConfig
 from fmjax.experiments.ot_vs_vp import ot_vs_vp as ot_vs_vp
+from fmjax.experiments.registry import CONFIGS as CONFIGS
+from fmjax.experiments.registry import EXPERIMENTS as EXPERIMENTS
+from fmjax.experiments.train_model import TrainConfig as TrainConfig
+from fmjax.experiments.train_model import TrainedModel as TrainedModel
+from fmjax.experiments.train_model import load_model as load_model
+from fmjax.experiments.train_model import train_model as train_model
 
-#: Experiment name -> function, as used by ``fmjax experiment NAME``.
-EXPERIMENTS = {
-    "demo": demo,
-    "gmm_to_gmm": gmm_to_gmm,
-    "ot_vs_vp": ot_vs_vp,
-    "flows_and_scores": flows_and_scores,
-    "cfm_equals_fm": cfm_equals_fm,
-}
-
-#: Experiment name -> config class.
-CONFIGS = {
-    "demo": DemoConfig,
-    "gmm_to_gmm": GMMConfig,
-    "ot_vs_vp": OTvsVPConfig,
-    "flows_and_scores": FlowsScoresConfig,
-    "cfm_equals_fm": CFMConfig,
-}
+__all__ = [
+    "CFMConfig",
+    "CONFIGS",
+    "DATASETS",
+    "DemoConfig",
+    "EXPERIMENTS",
+    "ExperimentResult",
+    "FlowsScoresConfig",
+    "GMMConfig",
+    "OTvsVPConfig",
+    "TrainConfig",
+    "TrainedModel",
+    "cfm_equals_fm",
+    "demo",
+    "demo_problem",
+    "demo_table",
+    "flows_and_scores",
+    "flows_scores_target",
+    "gmm_1d_problem",
+    "gmm_problems",
+    "gmm_to_gmm",
+    "load_model",
+    "ot_vs_vp",
+    "quick_from_env",
+    "train_model",
+]

@@ -6,25 +6,29 @@ import dataclasses
 import functools
 import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib as mpl
 import numpy as np
 
-from fmjax import losses, models, plot
+from fmjax import _checks, losses, models
 from fmjax.experiments._common import (
+    ExperimentResult,
     _Config,
     _f,
+    _figure,
     _finish,
     _mlp,
     _outdir,
     _resolve,
     _save,
-    _styled_figure,
+    _styled,
     _train,
 )
 from fmjax.experiments.demo import demo_problem
+
+_FN = "experiments.cfm_equals_fm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +79,71 @@ def _nested_cosines(loss, params, g_ref, key, n_chunks: int, repeats: int):
     return cosines
 
 
+def _check_sizes(sizes) -> None:
+    if list(sizes) != sorted(set(sizes)) or any(b % sizes[0] for b in sizes):
+        _checks.fail(_FN, "config.batch_sizes", "increasing multiples of the first", sizes)
+
+
+def _start_params(model, coupling, s, cfg: CFMConfig, key, progress: bool):
+    """Parameters after ``pretrain_steps`` of CFM (a fresh initialisation if 0)."""
+    if not cfg.pretrain_steps:
+        return models.init(model, jax.random.fold_in(key, 0))
+    loss = losses.cfm(model.apply, coupling.sample, s, 256)
+    return _train(model, loss, key, cfg.pretrain_steps, cfg.learning_rate, progress).params
+
+
+def _cosines(model, coupling, s, params, g_ref, cfg: CFMConfig, key) -> dict:
+    """Mean and std over repeats of the cosine to ``g_ref``, per kind and batch size."""
+    b0 = cfg.batch_sizes[0]
+    n_chunks = cfg.batch_sizes[-1] // b0
+    at = np.asarray(cfg.batch_sizes) // b0 - 1  # chunk index after which the batch is complete
+    loss = {
+        "cfm": losses.cfm(model.apply, coupling.sample, s, b0),
+        "fm": losses.marginal_fm(model.apply, coupling, s, b0),
+    }
+    cos = {}
+    for kind in ("cfm", "fm"):
+        k = jax.random.fold_in(key, len(kind))
+        c = np.asarray(_nested_cosines(loss[kind], params, g_ref, k, n_chunks, cfg.repeats))[at]
+        cos[f"cosine_{kind}"] = c.mean(axis=1).tolist()
+        cos[f"cosine_{kind}_std"] = c.std(axis=1).tolist()
+    return cos
+
+
+@_styled
+def _cosine_figure(batch_sizes, cos: dict, cfg: CFMConfig, path: Path) -> Path:
+    fig, axes = _figure(1, 1, size=4.2)
+    ax = axes[0, 0]
+    bs = np.asarray(batch_sizes)
+    for kind, label, color in (
+        ("cfm", "conditional FM (CFM)", "tab:blue"),
+        ("fm", "marginal FM (exact target)", "tab:orange"),
+    ):
+        m, sd = np.asarray(cos[f"cosine_{kind}"]), np.asarray(cos[f"cosine_{kind}_std"])
+        ax.plot(bs, m, "o-", color=color, label=label)
+        ax.fill_between(bs, m - sd, np.minimum(m + sd, 1.0), color=color, alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(bs, [str(b) for b in bs])
+    ax.minorticks_off()
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(f"cosine to the FM gradient on {cfg.n_reference} points")
+    ax.set_title(f"CFM and FM gradients agree (mean ± std, {cfg.repeats} batches)")
+    ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def _cosine(a, b) -> float:
+    return _f(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
 def cfm_equals_fm(
     config: CFMConfig | None = None,
     *,
     quick: bool | None = None,
     out: str | os.PathLike = "outputs/cfm_equals_fm",
     progress: bool = False,
-) -> dict:
+) -> ExperimentResult:
     """The conditional (CFM) and marginal (FM, exact target) losses have the same gradients.
 
     On the demo problem and an MLP briefly trained (``pretrain_steps``, so the gradient is not
@@ -93,80 +155,24 @@ def cfm_equals_fm(
     expectation), FM faster (no conditional noise). ``cosine_large_batch`` compares the CFM and
     FM gradients on ``n_reference`` points directly.
     """
-    cfg = _resolve(CFMConfig, config, quick)
-    sizes = cfg.batch_sizes
-    if list(sizes) != sorted(set(sizes)) or any(b % sizes[0] for b in sizes):
-        raise ValueError(
-            f"cfm_equals_fm: `batch_sizes` must increase and be multiples of the first, got {sizes}"
-        )
+    cfg = _resolve(_FN, CFMConfig, config, quick)
+    _check_sizes(cfg.batch_sizes)
     t0 = time.perf_counter()
     out = _outdir(out)
-    key = jax.random.key(cfg.seed)
-    k_train, k_ref, k_ref2, k_rep = jax.random.split(key, 4)
+    k_train, k_ref, k_ref2, k_rep = jax.random.split(jax.random.key(cfg.seed), 4)
     coupling, s = demo_problem()
     model = _mlp(2, cfg.width, cfg.depth)
-    if cfg.pretrain_steps:
-        loss = losses.cfm(model.apply, coupling.sample, s, 256)
-        params = _train(
-            model, loss, k_train, cfg.pretrain_steps, cfg.learning_rate, progress
-        ).params
-    else:
-        params = models.init(model, jax.random.fold_in(k_train, 0))
-
-    g_ref = _batch_grad(
-        losses.marginal_fm(model.apply, coupling, s, cfg.n_reference), params, k_ref
-    )
-    g_ref_cfm = _batch_grad(
-        losses.cfm(model.apply, coupling.sample, s, cfg.n_reference), params, k_ref2
-    )
-    b0 = cfg.batch_sizes[0]
-    n_chunks = cfg.batch_sizes[-1] // b0
-    at = np.asarray(cfg.batch_sizes) // b0 - 1  # chunk index after which the batch is complete
-    cos, spread = {}, {}
-    for kind in ("cfm", "fm"):
-        loss = (
-            losses.cfm(model.apply, coupling.sample, s, b0)
-            if kind == "cfm"
-            else losses.marginal_fm(model.apply, coupling, s, b0)
-        )
-        c = np.asarray(
-            _nested_cosines(loss, params, g_ref, jax.random.fold_in(k_rep, len(kind)),
-                            n_chunks, cfg.repeats)
-        )[at]  # fmt: skip
-        cos[kind] = c.mean(axis=1).tolist()
-        spread[kind] = c.std(axis=1).tolist()
-
-    fig, axes = _styled_figure(1, 1, size=4.2)
-    ax = axes[0, 0]
-    with mpl.rc_context(plot._RC):
-        bs = np.asarray(cfg.batch_sizes)
-        for kind, label, color in (
-            ("cfm", "conditional FM (CFM)", "tab:blue"),
-            ("fm", "marginal FM (exact target)", "tab:orange"),
-        ):
-            m, sd = np.asarray(cos[kind]), np.asarray(spread[kind])
-            ax.plot(bs, m, "o-", color=color, label=label)
-            ax.fill_between(bs, m - sd, np.minimum(m + sd, 1.0), color=color, alpha=0.2)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(bs, [str(b) for b in bs])
-        ax.minorticks_off()
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel(f"cosine to the FM gradient on {cfg.n_reference} points")
-        ax.set_title(f"CFM and FM gradients agree (mean ± std, {cfg.repeats} batches)")
-        ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
-        ax.legend(loc="lower right")
-    figures = {"gradient_cosine": _save(fig, out / "gradient_cosine.png")}
+    params = _start_params(model, coupling, s, cfg, k_train, progress)
+    n_ref = cfg.n_reference
+    g_ref = _batch_grad(losses.marginal_fm(model.apply, coupling, s, n_ref), params, k_ref)
+    g_ref_cfm = _batch_grad(losses.cfm(model.apply, coupling.sample, s, n_ref), params, k_ref2)
+    cos = _cosines(model, coupling, s, params, g_ref, cfg, k_rep)
+    figures = {
+        "gradient_cosine": _cosine_figure(cfg.batch_sizes, cos, cfg, out / "gradient_cosine.png")
+    }
     metrics_ = {
         "batch_sizes": list(cfg.batch_sizes),
-        "cosine_cfm": cos["cfm"],
-        "cosine_fm": cos["fm"],
-        "cosine_cfm_std": spread["cfm"],
-        "cosine_fm_std": spread["fm"],
-        "cosine_large_batch": _f(
-            jnp.dot(g_ref_cfm, g_ref) / (jnp.linalg.norm(g_ref_cfm) * jnp.linalg.norm(g_ref))
-        ),
+        **cos,
+        "cosine_large_batch": _cosine(g_ref_cfm, g_ref),
     }
     return _finish("cfm_equals_fm", cfg, out, metrics_, figures, t0)
-
-
-#: Experiment name -> function, as used by ``fmjax experiment NAME``.

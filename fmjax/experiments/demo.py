@@ -1,4 +1,9 @@
-"""The ``fmjax demo`` experiment: N(0, I) -> 5-component GMM in 2-D, learned vs exact."""
+"""The ``fmjax demo`` experiment: N(0, I) -> 5-component GMM in 2-D, learned vs exact.
+
+A short CFM training on a problem with exact answers, then the learned model and the exact
+field side by side: held-out loss against the loss floor, velocity error, ODE and SDE samples,
+negative log-likelihood.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,37 @@ import dataclasses
 import functools
 import os
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import losses, plot, sample, schedules
+from fmjax import losses, models, plot, sample, schedules, train
+from fmjax._report import format_table
 from fmjax.experiments._common import (
+    ExperimentResult,
     _Config,
     _energy,
     _exact_cfm_terms,
     _exact_field,
     _f,
     _finish,
-    _loss_figure,
     _mlp,
     _outdir,
     _resolve,
-    _standard_normal,
-    _Timer,
+    _times,
     _train,
     _velocity_errors,
-    format_table,
 )
 from fmjax.likelihood import log_likelihood
-from fmjax.mixtures import GaussianMixture, JointGaussianMixture, independent_coupling
+from fmjax.mixtures import (
+    GaussianMixture,
+    JointGaussianMixture,
+    independent_coupling,
+    standard_normal,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +77,87 @@ def demo_problem() -> tuple[JointGaussianMixture, schedules.Schedule]:
         covs.append(rot @ np.diag([0.15**2, 0.6**2]) @ rot.T)
     weights = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
     target = GaussianMixture(weights, means, np.stack(covs))
-    return independent_coupling(_standard_normal(2), target), schedules.linear()
+    return independent_coupling(standard_normal(2), target), schedules.linear()
+
+
+#: Columns of the demo's table (``demo_table``), one row per velocity field.
+COLUMNS = ("loss", "loss_floor", "velocity_error", "energy_ode", "energy_sde", "nll")
+
+
+def demo_table(result: ExperimentResult) -> str:
+    """The demo's table: rows "learned" and "exact", columns ``COLUMNS``."""
+    rows = [{"model": name, **row} for name, row in result.metrics["rows"].items()]
+    return format_table(rows, ("model", *COLUMNS))
+
+
+class _Keys(NamedTuple):
+    train: jax.Array
+    eval: jax.Array
+    x0: jax.Array
+    ref: jax.Array
+    ref2: jax.Array
+    sde: jax.Array
+    err: jax.Array
+
+
+class _Trained(NamedTuple):
+    model: models.MLP
+    fit: train.FitResult
+    floor: float
+
+
+def _train_model(coupling, s, cfg: DemoConfig, keys: _Keys, progress: bool) -> _Trained:
+    """CFM training; the loss floor is computed on the draw of the held-out loss (same key, n),
+    so the exact row's held-out loss equals the floor up to float round-off."""
+    model = _mlp(2, cfg.width, cfg.depth)
+    loss_fn = losses.cfm(model.apply, coupling.sample, s, cfg.batch_size)
+    floor = _f(losses.loss_floor(coupling, s, cfg.n_eval, key=keys.eval).mean)
+    fit = _train(model, loss_fn, keys.train, cfg.steps, cfg.learning_rate, progress, floor)
+    return _Trained(model, fit, floor)
+
+
+def _row(v, loss: float, vel_err: float, coupling, s, cfg: DemoConfig, keys: _Keys, x0, x_ref):
+    """The table row of field ``v`` (``loss_floor`` left to the caller), its ODE solution and
+    its ``n_eval`` SDE samples."""
+    ode_sol = sample.ode(v, x0, schedule=s, save_ts=_times(s, 41))
+    sde_sol = sample.sde(
+        v, s, x0, key=keys.sde, diffusion=cfg.diffusion, steps=cfg.sde_steps, brownian="unsafe"
+    )
+    ll = log_likelihood(v, x_ref, schedule=s)
+    row = {
+        "loss": loss,
+        "loss_floor": None,  # filled by the caller
+        "velocity_error": vel_err,
+        "energy_ode": _energy(ode_sol.x[: cfg.n_eval], x_ref),
+        "energy_sde": _energy(sde_sol.x[: cfg.n_eval], x_ref),
+        "nll": -_f(jnp.mean(ll.log_prob)),
+        "nfe_ode": int(ode_sol.nfe),
+    }
+    return row, ode_sol, sde_sol.x[: cfg.n_eval]
+
+
+def _figures(coupling, s, cfg, out: Path, samples: dict, exact_paths, errors, ts, tr: _Trained):
+    lim = (-6.0, 6.0)
+    figures = {
+        name: out / f"{name}.png"
+        for name in ("exact_density_velocity", "exact_trajectories", "samples", "velocity_error",
+                     "training_loss")
+    }  # fmt: skip
+    plot.density_and_velocity(
+        coupling, s, (0.0, 0.25, 0.5, 0.75, 1.0), lim=lim, ncols=5,
+        path=figures["exact_density_velocity"],
+    )  # fmt: skip
+    plot.trajectories(exact_paths[:, : cfg.n_paths], title="Exact ODE trajectories", lim=lim,
+                      path=figures["exact_trajectories"])  # fmt: skip
+    plot.samples_grid(samples, lim=lim, ncols=5, title="Samples: exact target, ODE and SDE",
+                      path=figures["samples"])  # fmt: skip
+    plot.error_curve(
+        ts, {"learned model": errors["model"], "zero field": errors["zero"]},
+        ylabel=r"$E\,|v_t - u_t|^2$", title="Velocity error against the exact field",
+        path=figures["velocity_error"],
+    )  # fmt: skip
+    plot.training_loss(tr.fit.losses, floor=tr.floor, path=figures["training_loss"])
+    return figures
 
 
 def demo(
@@ -75,7 +166,7 @@ def demo(
     quick: bool | None = None,
     out: str | os.PathLike = "outputs/demo",
     progress: bool = False,
-) -> dict:
+) -> ExperimentResult:
     """2-D GMM -> GMM: exact fields, a short CFM training, ODE/SDE sampling, learned vs exact.
 
     Metrics (rows "learned" and "exact"): ``loss`` (CFM loss on one held-out batch of
@@ -84,120 +175,52 @@ def demo(
     ``energy_sde`` (energy distance of ``n_eval`` ODE (Tsit5) / SDE (Euler-Maruyama) samples to
     exact target samples), ``nll`` (mean -log p(x) of exact target samples under the flow,
     augmented ODE). ``reference`` holds the energy distance between two exact target samples
-    (the noise level) and the exact target entropy estimate -E log p1(X1).
-
-    Returns:
-        the result dict (module docstring); ``result["table"]`` is the printed table.
+    (the noise level) and the exact target entropy estimate -E log p1(X1). ``demo_table``
+    formats the rows.
     """
-    cfg = _resolve(DemoConfig, config, quick)
+    cfg = _resolve("experiments.demo", DemoConfig, config, quick)
     t0 = time.perf_counter()
     out = _outdir(out)
-    coupling, sched = demo_problem()
-    target = coupling.target()
-    key = jax.random.key(cfg.seed)
-    k_train, k_eval, k_x0, k_ref, k_ref2, k_sde, k_err = jax.random.split(key, 7)
-    figures = {}
+    coupling, s = demo_problem()
+    keys = _Keys(*jax.random.split(jax.random.key(cfg.seed), 7))
+    tr = _train_model(coupling, s, cfg, keys, progress)
+    ts = _times(s, 21)
+    errors = _velocity_errors(tr.model, tr.fit.params, coupling, s, keys.err, jnp.asarray(ts), 1000)
 
-    timer = _Timer()
-    ts_panels = (0.0, 0.25, 0.5, 0.75, 1.0)
-    lim = (-6.0, 6.0)
-    figures["exact_density_velocity"] = out / "exact_density_velocity.png"
-    plot.density_and_velocity(
-        coupling, sched, ts_panels, lim=lim, ncols=5, path=figures["exact_density_velocity"]
-    )
-    timer("exact density figure")
-    u_exact = _exact_field(coupling, sched)
-
-    model = _mlp(2, cfg.width, cfg.depth)
-    loss_fn = losses.cfm(model.apply, coupling.sample, sched, cfg.batch_size)
-    # Floor on the same draw as the held-out loss below (same key, same n): the exact row's
-    # loss then equals the floor up to float round-off.
-    floor = _f(losses.loss_floor(coupling, sched, k_eval, cfg.n_eval))
-    fit = _train(model, loss_fn, k_train, cfg.steps, cfg.learning_rate, progress, floor)
-    v_model = functools.partial(model.apply, fit.params)
-    timer("train")
-
-    eval_loss = jax.jit(losses.cfm(model.apply, coupling.sample, sched, cfg.n_eval))
-    ts_err = jnp.linspace(0.0, 1.0, 21)
-    err = _velocity_errors(model, fit.params, coupling, sched, k_err, ts_err, 1000)
-    err_learned, err_zero = err["model"], err["zero"]
-    timer("velocity error")
-
-    x_ref = target.sample(k_ref, cfg.n_eval)
-    x_ref2 = target.sample(k_ref2, cfg.n_eval)
-    x0 = sample.draw_source(k_x0, max(cfg.n_eval, cfg.n_paths), 2)
-    rows = {}
-    samples = {"exact target samples": x_ref}
-    save_ts = np.linspace(0.0, 1.0, 41)
-    for name, v in (("learned", v_model), ("exact", u_exact)):
-        ode_sol = sample.ode(v, x0, save_ts=save_ts)
-        timer(f"{name} ODE")
-        sde_sol = sample.sde(
-            v, sched, x0, k_sde, diffusion=cfg.diffusion, steps=cfg.sde_steps, brownian="unsafe"
+    x_ref = coupling.target().sample(keys.ref, cfg.n_eval)
+    x0 = sample.draw_source(keys.x0, max(cfg.n_eval, cfg.n_paths), 2)
+    held_out = jax.jit(losses.cfm(tr.model.apply, coupling.sample, s, cfg.n_eval))
+    fields = {
+        "learned": (functools.partial(tr.model.apply, tr.fit.params),
+                    _f(held_out(tr.fit.params, keys.eval)), float(jnp.mean(errors["model"]))),
+        "exact": (_exact_field(coupling, s),
+                  _f(_exact_cfm_terms(coupling, s, keys.eval, cfg.n_eval)), 0.0),
+    }  # fmt: skip
+    rows, samples, paths = {}, {"exact target samples": x_ref}, {}
+    for name, (v, loss, err) in fields.items():
+        rows[name], ode_sol, samples[f"{name} SDE"] = _row(
+            v, loss, err, coupling, s, cfg, keys, x0, x_ref
         )
-        timer(f"{name} SDE")
-        ll = log_likelihood(v, x_ref)
-        timer(f"{name} NLL")
-        rows[name] = {
-            "loss": _f(eval_loss(fit.params, k_eval))
-            if name == "learned"
-            else _f(_exact_cfm_terms(coupling, sched, k_eval, cfg.n_eval)),
-            "loss_floor": floor,
-            "velocity_error": float(err_learned.mean()) if name == "learned" else 0.0,
-            "energy_ode": _energy(ode_sol.x[: cfg.n_eval], x_ref),
-            "energy_sde": _energy(sde_sol.x[: cfg.n_eval], x_ref),
-            "nll": -_f(jnp.mean(ll.log_prob)),
-            "nfe_ode": int(ode_sol.nfe),
-        }
-        samples[f"{name} ODE"] = ode_sol.x[: cfg.n_eval]
-        samples[f"{name} SDE"] = sde_sol.x[: cfg.n_eval]
-        if name == "exact":
-            figures["exact_trajectories"] = out / "exact_trajectories.png"
-            plot.trajectories(
-                ode_sol.xs[:, : cfg.n_paths],
-                title="Exact ODE trajectories",
-                lim=lim,
-                path=figures["exact_trajectories"],
-            )
-    reference = {
-        "energy_between_target_samples": _energy(x_ref2, x_ref),
-        "target_entropy": -_f(jnp.mean(target.log_prob(x_ref))),
-        "zero_field_velocity_error": float(err_zero.mean()),
-    }
-
-    figures["samples"] = out / "samples.png"
-    plot.samples_grid(
-        samples,
-        lim=lim,
-        ncols=5,
-        title="Samples: exact target, ODE and SDE",
-        path=figures["samples"],
-    )
-    figures["velocity_error"] = out / "velocity_error.png"
-    plot.error_curve(
-        np.asarray(ts_err),
-        {"learned model": err_learned, "zero field": err_zero},
-        ylabel=r"$E\,|v_t - u_t|^2$",
-        title="Velocity error against the exact field",
-        path=figures["velocity_error"],
-    )
-    figures["training_loss"] = out / "training_loss.png"
-    _loss_figure(fit.losses, floor, figures["training_loss"])
-    timer("figures")
-
-    columns = ("loss", "loss_floor", "velocity_error", "energy_ode", "energy_sde", "nll")
-    table = format_table(rows, columns)
+        rows[name]["loss_floor"] = tr.floor
+        samples[f"{name} ODE"], paths[name] = ode_sol.x[: cfg.n_eval], ode_sol.xs
+    figures = _figures(coupling, s, cfg, out, samples, paths["exact"], errors, ts, tr)
     metrics_ = {
         "rows": rows,
-        "reference": reference,
-        "timings_s": timer.times,
+        "reference": _reference(coupling, cfg, keys, x_ref, errors),
         "train": {
-            "steps": fit.step,
-            "wall_time_s": fit.wall_time,
-            "compile_time_s": fit.compile_time,
-            "steps_per_second": fit.steps_per_second,
+            "steps": tr.fit.step,
+            "wall_time_s": tr.fit.wall_time,
+            "compile_time_s": tr.fit.compile_time,
+            "steps_per_second": tr.fit.steps_per_second,
         },
     }
-    result = _finish("demo", cfg, out, metrics_, figures, t0)
-    result["table"] = table
-    return result
+    return _finish("demo", cfg, out, metrics_, figures, t0)
+
+
+def _reference(coupling, cfg: DemoConfig, keys: _Keys, x_ref, errors) -> dict:
+    target = coupling.target()
+    return {
+        "energy_between_target_samples": _energy(target.sample(keys.ref2, cfg.n_eval), x_ref),
+        "target_entropy": -_f(jnp.mean(target.log_prob(x_ref))),
+        "zero_field_velocity_error": float(jnp.mean(errors["zero"])),
+    }

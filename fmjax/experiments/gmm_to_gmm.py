@@ -1,33 +1,41 @@
-"""Experiment 1: stochastic interpolants between Gaussian mixtures (2-D and 1-D)."""
+"""Experiment 1: stochastic interpolants between Gaussian mixtures (2-D and 1-D).
+
+An independent and a joint (cross-covariance) coupling with the same marginals, under the
+linear, cosine and VP schedules: exact fields, responsibilities, exact ODE paths, the velocity
+error of a learned model against the exact one, and a 1-D problem, 2 modes -> 3 modes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib as mpl
 import numpy as np
 
-from fmjax import exact, losses, plot, sample, schedules
+from fmjax import _checks, exact, losses, plot, sample, schedules
 from fmjax.experiments._common import (
+    ExperimentResult,
     _Config,
     _diag_gmm,
     _energy,
     _exact_field,
+    _figure,
     _finish,
     _mlp,
     _outdir,
     _resolve,
     _save,
-    _styled_figure,
-    _Timer,
+    _times,
     _train,
     _velocity_errors,
 )
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture, independent_coupling
+
+_FN = "experiments.gmm_to_gmm"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +50,6 @@ class GMMConfig(_Config):
     n_paths: int = 200
     n_eval: int = 1000
     n_grid: int = 120
-    vp_eps: float = 1e-3
     schedules: tuple[str, ...] = ("linear", "cosine", "vp")
     trained: tuple[str, ...] = ("independent", "joint")
     seed: int = 0
@@ -82,12 +89,118 @@ def gmm_1d_problem() -> tuple[GaussianMixture, GaussianMixture]:
     return p0, p1
 
 
-def _schedules() -> dict[str, schedules.Schedule]:
-    return {"linear": schedules.linear(), "cosine": schedules.cosine(), "vp": schedules.vp()}
+_SCHEDULES = {"linear": schedules.linear, "cosine": schedules.cosine, "vp": schedules.vp}
+_LIM = (-7.0, 7.0)
+_PANEL_TS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _t_end(name: str, eps: float) -> float:
-    return 1.0 - eps if name == "vp" else 1.0
+def _check(cfg: GMMConfig, problems: dict) -> None:
+    for name in cfg.schedules:
+        _checks.check_choice(_FN, "config.schedules", name, _SCHEDULES)
+    for name in cfg.trained:
+        _checks.check_choice(_FN, "config.trained", name, problems)
+
+
+def _field_figures(problems: dict, s: schedules.Schedule, cfg: GMMConfig, out: Path) -> dict:
+    """Exact log p_t with u_t, and the responsibilities, of each coupling at five times."""
+    figures = {}
+    for cname, c in problems.items():
+        fig = plot.density_and_velocity(c, s, _PANEL_TS, lim=_LIM, n_grid=cfg.n_grid, ncols=5)
+        fig.suptitle(f"{cname} coupling, {s.name} schedule: exact log p_t and u_t")
+        figures[f"velocity_{cname}"] = _save(fig, out / f"velocity_{cname}_{s.name}.png")
+        fig = plot.responsibilities(c, s, _PANEL_TS, lim=_LIM, n_grid=cfg.n_grid, ncols=5)
+        fig.suptitle(f"{cname} coupling: posterior P(component | x_t)")
+        figures[f"responsibilities_{cname}"] = _save(
+            fig, out / f"responsibilities_{cname}_{s.name}.png"
+        )
+    return figures
+
+
+def _exact_paths(problems: dict, scheds: dict, cfg: GMMConfig, key, out: Path):
+    """Exact ODE paths (adaptive Tsit5) of every coupling x schedule over its valid interval.
+
+    Returns (nfe, energy, figure path): ``nfe[coupling][schedule]``, ``energy[...]`` the energy
+    distance of the final points to exact target samples.
+    """
+    k_paths, k_ref = jax.random.split(key)
+    nfe, energy = {}, {}
+    fig, axes = _figure(len(problems), len(scheds), size=3.4)
+    for i, (cname, c) in enumerate(problems.items()):
+        nfe[cname], energy[cname] = {}, {}
+        x_ref = c.target().sample(k_ref, cfg.n_eval)
+        for j, (sname, s) in enumerate(scheds.items()):
+            x0 = exact.marginal(c, s, s.t_min).sample(k_paths, cfg.n_eval)
+            sol = sample.ode(_exact_field(c, s), x0, save_ts=_times(s, 41))
+            nfe[cname][sname] = int(sol.nfe)
+            energy[cname][sname] = _energy(sol.x, x_ref)
+            title = f"{cname}, {sname}: NFE {int(sol.nfe)}"
+            plot.trajectories(sol.xs[:, : cfg.n_paths], ax=axes[i, j], lim=_LIM, title=title)
+    fig.suptitle("Exact ODE trajectories over each schedule's valid interval")
+    return nfe, energy, _save(fig, out / "trajectories.png")
+
+
+def _learned_errors(problems: dict, s, cfg: GMMConfig, key, progress: bool, out: Path) -> dict:
+    """Train one MLP per coupling in ``cfg.trained``; E|v - u|^2 over t vs the zero field."""
+    k_train, k_err = jax.random.split(key)
+    ts = _times(s, 26)
+    curves, vel_err, zero_err = {}, {}, {}
+    for cname in cfg.trained:
+        c = problems[cname]
+        model = _mlp(2, cfg.width, cfg.depth)
+        loss_fn = losses.cfm(model.apply, c.sample, s, cfg.batch_size)
+        fit = _train(model, loss_fn, k_train, cfg.steps, cfg.learning_rate, progress)
+        err = _velocity_errors(model, fit.params, c, s, k_err, jnp.asarray(ts), 1000)
+        e, z = np.asarray(err["model"]), np.asarray(err["zero"])
+        curves[f"learned ({cname})"], curves[f"zero field ({cname})"] = e, z
+        vel_err[cname], zero_err[cname] = float(e.mean()), float(z.mean())
+    path = out / "velocity_error.png"
+    plot.error_curve(ts, curves, ylabel=r"$E\,|v_t - u_t|^2$",
+                     title=f"Learned vs exact velocity ({s.name} schedule)", path=path)  # fmt: skip
+    return {
+        "velocity_error": vel_err,
+        "zero_field_error": zero_err,
+        "velocity_error_curve": curves,
+        "velocity_error_ts": ts,
+        "figure": path,
+    }
+
+
+def _one_d(scheds: dict, cfg: GMMConfig, key, out: Path) -> dict:
+    """1-D, 2 modes -> 3 modes: exact density over (t, x), exact paths, where the paths end."""
+    p0, p1 = gmm_1d_problem()
+    c1 = independent_coupling(p0, p1)
+    k_paths, k_ref = jax.random.split(key)
+    x_ref = p1.sample(k_ref, cfg.n_eval)
+    modes = np.asarray(p1.means)[:, 0]
+    fractions, energy = {}, {}
+    fig, axes = _figure(1, len(scheds), size=3.6, extra_width=1.5)
+    for j, (sname, s) in enumerate(scheds.items()):
+        ax = axes[0, j]
+        plot.density_over_time(
+            c1, s, np.linspace(-9.0, 9.0, 240), _times(s, 160), ax=ax, title=f"{sname} schedule"
+        )
+        x0 = exact.marginal(c1, s, s.t_min).sample(k_paths, cfg.n_eval)
+        ts = _times(s, 61)
+        sol = sample.ode(_exact_field(c1, s), x0, save_ts=ts)
+        plot.trajectories_1d(ts, sol.xs[:, : min(cfg.n_paths, 80)], ax=ax)
+        ax.legend().set_visible(False)
+        ends = np.asarray(sol.x)[:, 0]
+        nearest = np.argmin(np.abs(ends[:, None] - modes[None, :]), axis=1)
+        fractions[sname] = np.bincount(nearest, minlength=modes.size) / ends.size
+        energy[sname] = _energy(sol.x, x_ref)
+    fig.suptitle("1-D: 2 modes (+-3) -> 3 modes (-6, 0, 6): exact density and ODE paths")
+    return {
+        "mode_fractions_1d": fractions,
+        "mode_weights_1d": np.asarray(p1.weights),
+        "energy_1d": energy,
+        "figure": _save(fig, out / "density_1d.png"),
+    }
+
+
+def _noise_level(c: JointGaussianMixture, cfg: GMMConfig, key) -> float:
+    """Energy distance between two exact target samples: the noise floor of the energies."""
+    k1, k2 = jax.random.split(key)
+    return _energy(c.target().sample(k1, cfg.n_eval), c.target().sample(k2, cfg.n_eval))
 
 
 def gmm_to_gmm(
@@ -96,8 +209,11 @@ def gmm_to_gmm(
     quick: bool | None = None,
     out: str | os.PathLike = "outputs/gmm_to_gmm",
     progress: bool = False,
-) -> dict:
+) -> ExperimentResult:
     """Stochastic interpolants between Gaussian mixtures: exact fields, paths, learned error.
+
+    Exact paths run over each schedule's valid interval (``schedule.interval``; the VP
+    schedule's ends at 1 - 1e-3, where its coefficients are still finite).
 
     Metrics: ``nfe[coupling][schedule]`` (adaptive Tsit5, rtol = atol = 1e-5, exact field),
     ``energy_exact_ode[coupling][schedule]`` (exact-ODE samples vs exact target samples),
@@ -106,127 +222,26 @@ def gmm_to_gmm(
     ``mode_fractions_1d[schedule]`` (fraction of exact-ODE paths ending nearest each target
     mode; the weights are 0.3, 0.4, 0.3) and ``energy_1d[schedule]``.
     """
-    cfg = _resolve(GMMConfig, config, quick)
+    cfg = _resolve(_FN, GMMConfig, config, quick)
+    problems = gmm_problems()
+    _check(cfg, problems)
     t0 = time.perf_counter()
     out = _outdir(out)
-    key = jax.random.key(cfg.seed)
-    problems = gmm_problems()
-    all_scheds = _schedules()
-    for name in cfg.schedules:
-        if name not in all_scheds:
-            raise ValueError(
-                f"gmm_to_gmm: unknown schedule {name!r}; choose from {list(all_scheds)}"
-            )
-    for name in cfg.trained:
-        if name not in problems:
-            raise ValueError(f"gmm_to_gmm: unknown coupling {name!r}; choose from {list(problems)}")
-    scheds = {name: all_scheds[name] for name in cfg.schedules}
-    linear = all_scheds["linear"]
-    figures = {}
-    lim = (-7.0, 7.0)
-    panel_ts = (0.0, 0.25, 0.5, 0.75, 1.0)
-    timer = _Timer()
+    scheds = {name: _SCHEDULES[name]() for name in cfg.schedules}
+    linear = schedules.linear()
+    k_paths, k_noise, k_learn, k_1d = jax.random.split(jax.random.key(cfg.seed), 4)
 
-    for cname, c in problems.items():
-        figures[f"velocity_{cname}"] = out / f"velocity_{cname}_linear.png"
-        fig = plot.density_and_velocity(c, linear, panel_ts, lim=lim, n_grid=cfg.n_grid, ncols=5)
-        fig.suptitle(f"{cname} coupling, linear schedule: exact log p_t and u_t")
-        _save(fig, figures[f"velocity_{cname}"])
-        figures[f"responsibilities_{cname}"] = out / f"responsibilities_{cname}_linear.png"
-        fig = plot.responsibilities(c, linear, panel_ts, lim=lim, n_grid=cfg.n_grid, ncols=5)
-        fig.suptitle(f"{cname} coupling: posterior P(component | x_t)")
-        _save(fig, figures[f"responsibilities_{cname}"])
-        timer(f"field figures {cname}")
-
-    # Exact ODE trajectories, every coupling x schedule, with adaptive NFE.
-    nfe, energy = {}, {}
-    fig, axes = _styled_figure(len(problems), len(scheds), size=3.4)
-    k_paths, k_ref, k_train, k_err, k_1d = jax.random.split(key, 5)
-    for i, (cname, c) in enumerate(problems.items()):
-        nfe[cname], energy[cname] = {}, {}
-        x_ref = c.target().sample(k_ref, cfg.n_eval)
-        for j, (sname, s) in enumerate(scheds.items()):
-            t1 = _t_end(sname, cfg.vp_eps)
-            x0 = exact.marginal(c, s, 0.0).sample(k_paths, cfg.n_eval)
-            sol = sample.ode(_exact_field(c, s), x0, t1=t1, save_ts=np.linspace(0.0, t1, 41))
-            nfe[cname][sname] = int(sol.nfe)
-            energy[cname][sname] = _energy(sol.x, x_ref)
-            with mpl.rc_context(plot._RC):
-                plot.trajectories(
-                    sol.xs[:, : cfg.n_paths],
-                    ax=axes[i, j],
-                    lim=lim,
-                    title=f"{cname}, {sname}: NFE {int(sol.nfe)}",
-                )
-            timer(f"exact ODE {cname} {sname}")
-    fig.suptitle("Exact ODE trajectories (t = 0 to 1; VP to 1 - eps)")
-    figures["trajectories"] = _save(fig, out / "trajectories.png")
-
-    # Learned vs exact velocity error over t (linear schedule), one model per coupling.
-    ts_err = jnp.linspace(0.0, 1.0, 26)
-    curves, vel_err, zero_err = {}, {}, {}
-    for cname in cfg.trained:
-        c = problems[cname]
-        model = _mlp(2, cfg.width, cfg.depth)
-        loss_fn = losses.cfm(model.apply, c.sample, linear, cfg.batch_size)
-        fit = _train(model, loss_fn, k_train, cfg.steps, cfg.learning_rate, progress)
-        err = _velocity_errors(model, fit.params, c, linear, k_err, ts_err, 1000)
-        e, z = np.asarray(err["model"]), np.asarray(err["zero"])
-        timer(f"train {cname}")
-        curves[f"learned ({cname})"] = e
-        curves[f"zero field ({cname})"] = z
-        vel_err[cname], zero_err[cname] = float(e.mean()), float(z.mean())
-    figures["velocity_error"] = out / "velocity_error.png"
-    plot.error_curve(
-        np.asarray(ts_err),
-        curves,
-        ylabel=r"$E\,|v_t - u_t|^2$",
-        title="Learned vs exact velocity (linear schedule)",
-        path=figures["velocity_error"],
-    )
-
-    # 1-D: 2 modes -> 3 modes, density over time with exact trajectories.
-    p0, p1 = gmm_1d_problem()
-    c1 = independent_coupling(p0, p1)
-    x_ref1 = p1.sample(k_ref, cfg.n_eval)
-    modes = np.asarray(p1.means)[:, 0]
-    fractions, energy_1d = {}, {}
-    fig, axes = _styled_figure(1, len(scheds), size=3.6, extra_w=1.5)
-    xs = np.linspace(-9.0, 9.0, 240)
-    for j, (sname, s) in enumerate(scheds.items()):
-        t1 = _t_end(sname, cfg.vp_eps)
-        ax = axes[0, j]
-        plot.density_over_time(
-            c1, s, xs, np.linspace(0.0, 1.0, 160), ax=ax, title=f"{sname} schedule"
-        )
-        x0 = exact.marginal(c1, s, 0.0).sample(k_1d, cfg.n_eval)
-        ts = np.linspace(0.0, t1, 61)
-        sol = sample.ode(_exact_field(c1, s), x0, t1=t1, save_ts=ts)
-        with mpl.rc_context(plot._RC):
-            plot.trajectories_1d(ts, sol.xs[:, : min(cfg.n_paths, 80)], ax=ax)
-            ax.legend().set_visible(False)
-        ends = np.asarray(sol.x)[:, 0]
-        nearest = np.argmin(np.abs(ends[:, None] - modes[None, :]), axis=1)
-        fractions[sname] = np.bincount(nearest, minlength=modes.size) / ends.size
-        energy_1d[sname] = _energy(sol.x, x_ref1)
-        timer(f"1-D {sname}")
-    fig.suptitle("1-D: 2 modes (+-3) -> 3 modes (-6, 0, 6): exact density and ODE paths")
-    figures["density_1d"] = _save(fig, out / "density_1d.png")
-
+    figures = _field_figures(problems, linear, cfg, out)
+    nfe, energy, figures["trajectories"] = _exact_paths(problems, scheds, cfg, k_paths, out)
+    learned = _learned_errors(problems, linear, cfg, k_learn, progress, out)
+    figures["velocity_error"] = learned.pop("figure")
+    one_d = _one_d(scheds, cfg, k_1d, out)
+    figures["density_1d"] = one_d.pop("figure")
     metrics_ = {
         "nfe": nfe,
         "energy_exact_ode": energy,
-        "energy_between_target_samples": _energy(
-            problems["joint"].target().sample(jax.random.fold_in(k_ref, 1), cfg.n_eval),
-            problems["joint"].target().sample(k_ref, cfg.n_eval),
-        ),
-        "velocity_error": vel_err,
-        "zero_field_error": zero_err,
-        "velocity_error_curve": {k: v for k, v in curves.items()},
-        "velocity_error_ts": np.asarray(ts_err),
-        "mode_fractions_1d": fractions,
-        "mode_weights_1d": np.asarray(p1.weights),
-        "energy_1d": energy_1d,
-        "timings_s": timer.times,
+        "energy_between_target_samples": _noise_level(problems["joint"], cfg, k_noise),
+        **learned,
+        **one_d,
     }
-    return _finish("gmm_to_gmm", cfg, out, metrics_, figures, t0)
+    return _finish(_FN.split(".")[1], cfg, out, metrics_, figures, t0)
