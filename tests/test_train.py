@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import sys
 
 import chex
 import flax.linen as nn
@@ -290,6 +291,15 @@ def test_checkpoint_of_other_model_raises(tmp_path):
             checkpoint_dir=ckpt,
             progress=False,
         )
+
+
+def test_missing_orbax_names_the_extra(tmp_path, monkeypatch):
+    x, y = _problem()
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"train.fit needs orbax-checkpoint.*fmjax\[checkpoint\]"):
+        train.fit(_minibatch_loss(x, y), _zeros(), key=jax.random.key(0), steps=2,
+                  checkpoint_dir=tmp_path / "ck", progress=False)  # fmt: skip
+    assert not (tmp_path / "ck").exists()
 
 
 def _counted(loss_fn):

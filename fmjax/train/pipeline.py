@@ -110,7 +110,7 @@ def _models(fn: str, config: FitConfig, params: PyTree, instances: PyTree) -> in
         if np.ndim(leaf) == 0 or np.shape(leaf)[0] != m:
             _checks.fail(fn, "instances", f"leaves with a leading axis of {m}", np.shape(leaf))
     if config.mesh is not None and m % config.mesh.size:
-        what = f"a multiple of the {config.mesh.size} devices of `mesh` in number of models"
+        what = f"a number of models that is a multiple of {config.mesh.size} (the mesh's devices)"
         _checks.fail(fn, name, what, f"{m} models")
     return m
 
