@@ -1,10 +1,14 @@
 """Tests of fmjax.train: convergence to a closed form, exact agreement with a hand-rolled optax
-loop and EMA, invariance to chunking, bit-identical resume, checkpoint errors, no recompilation
-across chunks or across calls with the same configuration and shapes (and recompilation when
-the program changes), and vmapped training equal to separate runs."""
+loop and EMA, invariance to chunking, bit-identical resume and a pure restore, checkpoint errors,
+no recompilation across chunks or across calls with an equal configuration and shapes (and
+recompilation when the program changes, optimizer hyperparameters included), vmapped training
+equal to separate runs, and argument validation in the one error format."""
 
+import dataclasses
 import hashlib
 import os
+import shutil
+import sys
 
 import chex
 import flax.linen as nn
@@ -14,7 +18,8 @@ import numpy as np
 import optax
 import pytest
 
-from fmjax import _cache, train
+from fmjax import train
+from fmjax.train import cache, checkpoint, host, step
 
 # After a failed restore (the corrupt-checkpoint tests) orbax/tensorstore leave an asyncio callback
 # that fires on a closed event loop when garbage-collected, during whichever test runs then;
@@ -71,7 +76,7 @@ def test_least_squares_reaches_closed_form():
     res = train.fit(
         full_batch,
         _zeros(),
-        jax.random.key(0),
+        key=jax.random.key(0),
         steps=1000,
         learning_rate=3e-2,
         lr_schedule="cosine",
@@ -89,7 +94,7 @@ def test_least_squares_reaches_closed_form():
     res = train.fit(
         _minibatch_loss(x, y),
         _zeros(),
-        jax.random.key(0),
+        key=jax.random.key(0),
         steps=3000,
         learning_rate=3e-2,
         lr_schedule="cosine",
@@ -104,10 +109,10 @@ def test_deterministic_by_key():
     x, y = _problem()
     loss = _minibatch_loss(x, y)
     kw = dict(steps=30, progress=False, steps_per_call=10)
-    a = train.fit(loss, _zeros(), jax.random.key(3), **kw)
-    b = train.fit(loss, _zeros(), jax.random.key(3), **kw)
-    c = train.fit(loss, _zeros(), jax.random.key(4), **kw)
-    raw = train.fit(loss, _zeros(), jax.random.PRNGKey(3), **kw)  # legacy uint32 key
+    a = train.fit(loss, _zeros(), key=jax.random.key(3), **kw)
+    b = train.fit(loss, _zeros(), key=jax.random.key(3), **kw)
+    c = train.fit(loss, _zeros(), key=jax.random.key(4), **kw)
+    raw = train.fit(loss, _zeros(), key=jax.random.PRNGKey(3), **kw)  # legacy uint32 key
     assert _tree_equal(a.params, b.params) and np.array_equal(a.losses, b.losses)
     assert _tree_equal(a.params, raw.params)  # same seed, same bits
     assert not np.array_equal(a.params["w"], c.params["w"])
@@ -122,7 +127,7 @@ def test_steps_per_call_invariance():
         train.fit(
             loss,
             _zeros(),
-            jax.random.key(0),
+            key=jax.random.key(0),
             steps=23,
             steps_per_call=s,
             ema_decay=0.9,
@@ -148,7 +153,7 @@ def test_matches_hand_rolled_optax_loop_and_ema(x64):
     res = train.fit(
         loss,
         p0,
-        key,
+        key=key,
         steps=steps,
         learning_rate=5e-2,
         lr_schedule="cosine",
@@ -188,12 +193,12 @@ def test_resume_is_bit_identical(tmp_path):
         return lval, {"twice": 2.0 * lval, "w0": params["w"][0]}
 
     kw = dict(has_aux=True, ema_decay=0.95, lr_schedule="cosine", progress=False)
-    straight = train.fit(loss, _zeros(), jax.random.key(0), steps=40, steps_per_call=40, **kw)
+    straight = train.fit(loss, _zeros(), key=jax.random.key(0), steps=40, steps_per_call=40, **kw)
     ckpt = tmp_path / "ckpt"
     first = train.fit(
         loss,
         _zeros(),
-        jax.random.key(0),
+        key=jax.random.key(0),
         steps=40,
         steps_per_call=7,
         checkpoint_dir=ckpt,
@@ -202,13 +207,11 @@ def test_resume_is_bit_identical(tmp_path):
     )
     assert sorted(os.listdir(ckpt)) == ["20", "40"]
     # Simulate an interruption at step 20: drop the last checkpoint, resume from the first one.
-    import shutil
-
     shutil.rmtree(ckpt / "40")
     resumed = train.fit(
         loss,
         _zeros(),
-        jax.random.key(0),
+        key=jax.random.key(0),
         steps=40,
         steps_per_call=7,
         checkpoint_dir=ckpt,
@@ -224,7 +227,7 @@ def test_resume_is_bit_identical(tmp_path):
         assert _tree_equal(r.aux, straight.aux)
     np.testing.assert_array_equal(straight.aux["twice"], 2.0 * straight.losses)
     # Resuming a finished run trains nothing and returns the saved state.
-    again = train.fit(loss, _zeros(), jax.random.key(0), steps=40, checkpoint_dir=ckpt, **kw)
+    again = train.fit(loss, _zeros(), key=jax.random.key(0), steps=40, checkpoint_dir=ckpt, **kw)
     assert again.step == 40 and _tree_equal(again.params, straight.params)
     assert np.isnan(again.steps_per_second)
 
@@ -244,7 +247,7 @@ def test_corrupt_checkpoint_raises_and_overwrites_nothing(tmp_path, damage):
     loss = _minibatch_loss(x, y)
     ckpt = tmp_path / "ckpt"
     kw = dict(checkpoint_dir=ckpt, checkpoint_every=5, progress=False)
-    train.fit(loss, _zeros(), jax.random.key(0), steps=10, **kw)
+    train.fit(loss, _zeros(), key=jax.random.key(0), steps=10, **kw)
     data = [
         os.path.join(r, f)
         for r, _, fs in os.walk(ckpt / "10" / "state")
@@ -260,10 +263,10 @@ def test_corrupt_checkpoint_raises_and_overwrites_nothing(tmp_path, damage):
             os.remove(f)
     before = _digest(ckpt)
     with pytest.raises(RuntimeError, match=str(ckpt / "10")):
-        train.fit(loss, _zeros(), jax.random.key(0), steps=20, **kw)
+        train.fit(loss, _zeros(), key=jax.random.key(0), steps=20, **kw)
     # An existing checkpoint directory without resume is refused rather than overwritten.
     with pytest.raises(ValueError, match="resume=True"):
-        train.fit(loss, _zeros(), jax.random.key(0), steps=20, resume=False, **kw)
+        train.fit(loss, _zeros(), key=jax.random.key(0), steps=20, resume=False, **kw)
     assert _digest(ckpt) == before
 
 
@@ -273,7 +276,7 @@ def test_checkpoint_of_other_model_raises(tmp_path):
     train.fit(
         _minibatch_loss(x, y),
         _zeros(),
-        jax.random.key(0),
+        key=jax.random.key(0),
         steps=5,
         checkpoint_dir=ckpt,
         progress=False,
@@ -283,11 +286,20 @@ def test_checkpoint_of_other_model_raises(tmp_path):
         train.fit(
             _minibatch_loss(x4, y4),
             _zeros(4),
-            jax.random.key(0),
+            key=jax.random.key(0),
             steps=10,
             checkpoint_dir=ckpt,
             progress=False,
         )
+
+
+def test_missing_orbax_names_the_extra(tmp_path, monkeypatch):
+    x, y = _problem()
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"train.fit needs orbax-checkpoint.*fmjax\[checkpoint\]"):
+        train.fit(_minibatch_loss(x, y), _zeros(), key=jax.random.key(0), steps=2,
+                  checkpoint_dir=tmp_path / "ck", progress=False)  # fmt: skip
+    assert not (tmp_path / "ck").exists()
 
 
 def _counted(loss_fn):
@@ -317,7 +329,7 @@ def test_compiles_once_whatever_the_chunks():
     checkpoints)."""
     x, y = _problem()
     loss, traces = _counted(_minibatch_loss(x, y))
-    train.fit(loss, _zeros(), jax.random.key(0), steps=47, steps_per_call=10, progress=False)
+    train.fit(loss, _zeros(), key=jax.random.key(0), steps=47, steps_per_call=10, progress=False)
     assert 1 <= len(traces) <= 2  # 5 chunks (10, 10, 10, 10, 7), one compiled call
 
 
@@ -328,17 +340,17 @@ def test_second_fit_reuses_the_compiled_program():
     loss, traces = _counted(_minibatch_loss(x, y))
     kw = dict(steps=20, steps_per_call=10, ema_decay=0.9, progress=False)
     p0 = _zeros()
-    first = train.fit(loss, p0, jax.random.key(3), **kw)
+    first = train.fit(loss, p0, key=jax.random.key(3), **kw)
     n = len(traces)
     assert n >= 1 and first.compile_time > 0
-    again = train.fit(loss, p0, jax.random.key(3), **kw)
+    again = train.fit(loss, p0, key=jax.random.key(3), **kw)
     assert len(traces) == n and again.compile_time == 0.0
     assert _same_run(first, again) and again.step == 20
     # New arrays of the same shapes (numpy, another key), more steps in chunks of the same
     # length: still no trace; with a constant learning rate, steps 0..19 are the same steps.
     p_np = jax.tree.map(np.asarray, p0)
-    longer = train.fit(loss, p_np, jax.random.key(3), **dict(kw, steps=30))
-    other = train.fit(loss, p0, jax.random.key(4), **kw)
+    longer = train.fit(loss, p_np, key=jax.random.key(3), **dict(kw, steps=30))
+    other = train.fit(loss, p0, key=jax.random.key(4), **kw)
     assert len(traces) == n and longer.compile_time == other.compile_time == 0.0
     np.testing.assert_array_equal(longer.losses[:20], first.losses)
     assert not np.array_equal(other.losses, first.losses)
@@ -368,14 +380,127 @@ def test_changed_program_recompiles_and_is_correct():
     base = _minibatch_loss(x, y)
     loss, traces = _counted(base)
     kw = dict(steps=20, steps_per_call=10, progress=False)
-    ref = train.fit(loss, _zeros(), jax.random.key(0), **kw)
+    ref = train.fit(loss, _zeros(), key=jax.random.key(0), **kw)
     for name, params, opts, new_numbers in _program_changes():
         n = len(traces)
-        got = train.fit(loss, params, jax.random.key(0), **{**kw, **opts})
+        got = train.fit(loss, params, key=jax.random.key(0), **{**kw, **opts})
         assert len(traces) > n and got.compile_time > 0, name
-        fresh = train.fit(lambda p, k: base(p, k), params, jax.random.key(0), **{**kw, **opts})
+        fresh = train.fit(lambda p, k: base(p, k), params, key=jax.random.key(0), **{**kw, **opts})
         assert _same_run(got, fresh), name
         assert np.array_equal(got.losses, ref.losses) != new_numbers, name
+
+
+def test_optimizer_hyperparameters_are_part_of_the_compiled_program():
+    """Two fits that differ only in one optimizer hyperparameter do not share a compiled program
+    (the second compiles and computes other numbers), while a repeated fit does (compile_time
+    0.0, same bits). The builder's options are compared, not the transformation it builds afresh
+    each call; a user transformation is compared as an object."""
+    x, y = _problem()
+    loss, traces = _counted(_minibatch_loss(x, y))  # a new loss_fn: nothing of it is cached yet
+
+    def run(**opts):
+        return train.fit(loss, _zeros(), key=jax.random.key(0), steps=10, steps_per_call=5,
+                         progress=False, **opts)  # fmt: skip
+
+    sgd = optax.sgd(1e-2)
+    variants = [  # (options, the same but one hyperparameter)
+        (dict(learning_rate=1e-2), dict(learning_rate=2e-2)),
+        (dict(clip_norm=1.0), dict(clip_norm=100.0)),  # grad norm ~8: binds, does not bind
+        (dict(lr_schedule="cosine"), dict(lr_schedule="cosine", learning_rate=2e-3)),
+        (dict(optimizer=sgd), dict(optimizer=optax.sgd(2e-2))),
+    ]
+    for opts, changed in variants:
+        first = run(**opts)
+        n = len(traces)
+        again = run(**opts)  # the builder builds a new transformation object: still a hit
+        assert len(traces) == n and again.compile_time == 0.0 and _same_run(first, again), opts
+        other = run(**changed)
+        assert len(traces) > n and other.compile_time > 0, changed
+        assert not np.array_equal(other.losses, first.losses), changed
+    # A new but equal user transformation is another object: it compiles again (same numbers).
+    fresh = run(optimizer=optax.sgd(1e-2))
+    assert fresh.compile_time > 0 and _same_run(fresh, run(optimizer=sgd))
+
+
+def test_config_is_frozen_hashable_and_compares_options():
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    kw = dict(steps=10, optimizer=None, learning_rate=1e-2, lr_schedule=None, clip_norm=None,
+              ema_decay=0.9, has_aux=False, steps_per_call=500, batched=False,
+              with_instances=False, mesh=None)  # fmt: skip
+    a = train.FitConfig.create("train.fit", loss, **kw)
+    b = train.FitConfig.create("train.fit", loss, **kw)
+    assert a == b and hash(a) == hash(b) and a.transformation is not b.transformation
+    assert a.chunk_len == 10  # never longer than the run
+    assert a != train.FitConfig.create("train.fit", loss, **{**kw, "learning_rate": 2e-2})
+    assert a != train.FitConfig.create("train.fit", loss, **{**kw, "ema_decay": 0.8})
+    # Without "cosine" the number of steps is not part of the program.
+    assert a == train.FitConfig.create(
+        "train.fit", loss, **{**kw, "steps": 20, "steps_per_call": 10}
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.ema_decay = 0.5
+
+
+def test_builder_is_a_thin_layer_over_optax():
+    """No options: Adam 1e-3. The builder's options equal the optax chain they describe, bit for
+    bit, whether given to fit or built by make_optimizer."""
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    kw = dict(key=jax.random.key(1), steps=12, steps_per_call=6, progress=False)
+    assert _same_run(train.fit(loss, _zeros(), **kw),
+                     train.fit(loss, _zeros(), optimizer=optax.adam(1e-3), **kw))  # fmt: skip
+    opts = dict(learning_rate=5e-2, lr_schedule="cosine", clip_norm=1.0)
+    chain = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adam(optax.cosine_decay_schedule(5e-2, 12))
+    )
+    by_options = train.fit(loss, _zeros(), **opts, **kw)
+    assert _same_run(by_options, train.fit(loss, _zeros(), optimizer=chain, **kw))
+    built = train.make_optimizer(**opts, steps=12)
+    assert _same_run(by_options, train.fit(loss, _zeros(), optimizer=built, **kw))
+
+
+def test_restore_is_pure_and_returns_state_history_and_step(tmp_path):
+    """restore reads the latest checkpoint into the structure of an initial state, without
+    changing that state: the state after step 8 (equal to an 8-step run), the loss and aux
+    history of steps 0..7, and 8. An empty directory gives back the initial state and step 0."""
+    x, y = _problem()
+    base = _minibatch_loss(x, y)
+
+    def loss(params, key):
+        return base(params, key), {"w0": params["w"][0]}
+
+    kw = dict(key=jax.random.key(0), has_aux=True, ema_decay=0.9, steps_per_call=4, progress=False)
+    ref = train.fit(
+        loss, _zeros(), steps=12, checkpoint_dir=tmp_path / "ck", checkpoint_every=8, **kw
+    )
+    eight = train.fit(loss, _zeros(), steps=8, **kw)
+    shutil.rmtree(tmp_path / "ck" / "12")  # the latest is now step 8
+
+    state0 = step.State(
+        _zeros(), optax.adam(1e-3).init(_zeros()), _zeros(), jnp.zeros((), jnp.int32)
+    )
+    before = jax.tree.map(np.array, state0)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    target = host.History(scalar, {"w0": scalar}, has_aux=True).target
+    for directory, start in ((tmp_path / "ck", 8), (tmp_path / "empty", 0)):
+        ck = checkpoint.Checkpointer(directory, 3)
+        try:
+            state, hist, got = checkpoint.restore(ck, state0, target, steps=12, resume=True)
+            if start:
+                with pytest.raises(ValueError, match="resume=True"):
+                    checkpoint.restore(ck, state0, target, steps=12, resume=False)
+        finally:
+            ck.close()
+        assert got == start == int(state.step)
+        np.testing.assert_array_equal(hist["loss"], ref.losses[:start])
+        np.testing.assert_array_equal(hist["aux"]["w0"], ref.aux["w0"][:start])
+        assert _tree_equal(state0, before)  # the input state is untouched
+    assert state is state0  # nothing to restore from the empty directory
+    state, _, _ = checkpoint.restore(checkpoint.Checkpointer(tmp_path / "ck", 3), state0, target,
+                                     steps=12, resume=True)  # fmt: skip
+    assert _tree_equal((state.params, state.opt_state, state.ema_params),
+                       (eight.params, eight.opt_state, eight.ema_params))  # fmt: skip
 
 
 def test_cosine_horizon_and_trace_config_recompile(x64):
@@ -386,20 +511,20 @@ def test_cosine_horizon_and_trace_config_recompile(x64):
     loss, traces = _counted(base)
     kw = dict(steps_per_call=10, lr_schedule="cosine", learning_rate=1e-1, progress=False)
     key, p = jax.random.key(0), _zeros()
-    train.fit(loss, p, key, steps=20, **kw)  # float32 params, x64 on
+    train.fit(loss, p, key=key, steps=20, **kw)  # float32 params, x64 on
     n = len(traces)
-    got = train.fit(loss, p, key, steps=30, **kw)
+    got = train.fit(loss, p, key=key, steps=30, **kw)
     assert len(traces) > n
-    assert _same_run(got, train.fit(lambda q, k: base(q, k), p, key, steps=30, **kw))
+    assert _same_run(got, train.fit(lambda q, k: base(q, k), p, key=key, steps=30, **kw))
     n = len(traces)
     with jax.default_matmul_precision("highest"):
-        train.fit(loss, p, key, steps=30, **kw)
+        train.fit(loss, p, key=key, steps=30, **kw)
     assert len(traces) > n
     n = len(traces)
     jax.config.update("jax_enable_x64", False)  # the fixture restores it
-    got = train.fit(loss, p, key, steps=30, **kw)
+    got = train.fit(loss, p, key=key, steps=30, **kw)
     assert len(traces) > n
-    assert _same_run(got, train.fit(lambda q, k: base(q, k), p, key, steps=30, **kw))
+    assert _same_run(got, train.fit(lambda q, k: base(q, k), p, key=key, steps=30, **kw))
 
 
 class _UnhashableLoss:
@@ -419,9 +544,9 @@ def test_unhashable_loss_compiles_every_time():
     x, y = _problem()
     loss, traces = _counted(_minibatch_loss(x, y))
     kw = dict(steps=10, progress=False)
-    a = train.fit(_UnhashableLoss(loss), _zeros(), jax.random.key(0), **kw)
+    a = train.fit(_UnhashableLoss(loss), _zeros(), key=jax.random.key(0), **kw)
     n = len(traces)
-    b = train.fit(_UnhashableLoss(loss), _zeros(), jax.random.key(0), **kw)
+    b = train.fit(_UnhashableLoss(loss), _zeros(), key=jax.random.key(0), **kw)
     assert len(traces) == 2 * n and a.compile_time > 0 and b.compile_time > 0
     assert _same_run(a, b)
 
@@ -432,17 +557,17 @@ def test_resume_reuses_the_compiled_program(tmp_path):
     x, y = _problem()
     loss, traces = _counted(_minibatch_loss(x, y))
     kw = dict(steps_per_call=5, progress=False)
-    straight = train.fit(loss, _zeros(), jax.random.key(0), steps=20, **kw)
+    straight = train.fit(loss, _zeros(), key=jax.random.key(0), steps=20, **kw)
     n = len(traces)
     ck = dict(kw, checkpoint_dir=tmp_path / "ck", checkpoint_every=10)
-    train.fit(loss, _zeros(), jax.random.key(0), steps=10, **ck)
-    resumed = train.fit(loss, _zeros(), jax.random.key(0), steps=20, **ck)
+    train.fit(loss, _zeros(), key=jax.random.key(0), steps=10, **ck)
+    resumed = train.fit(loss, _zeros(), key=jax.random.key(0), steps=20, **ck)
     assert len(traces) == n and resumed.compile_time == 0.0 and resumed.step == 20
     assert _same_run(resumed, straight)
 
 
 def test_cache_is_bounded_lru_and_bypasses_unhashable_keys():
-    lru = _cache.LRU(2)
+    lru = cache.LRU(2)
     get = lambda key, value: lru.get_or_make(lambda: key, lambda: value)  # noqa: E731
     assert get(("a",), 1) == (1, False) and get(("a",), 2) == (1, True)
     get(("b",), 3)
@@ -455,7 +580,7 @@ def test_cache_is_bounded_lru_and_bypasses_unhashable_keys():
 def test_caller_params_survive_donation():
     x, y = _problem()
     p0 = {"w": jnp.ones((D,)), "b": jnp.zeros(())}
-    train.fit(_minibatch_loss(x, y), p0, jax.random.key(0), steps=5, progress=False)
+    train.fit(_minibatch_loss(x, y), p0, key=jax.random.key(0), steps=5, progress=False)
     np.testing.assert_array_equal(p0["w"], np.ones(D))  # not deleted, not modified
 
 
@@ -492,14 +617,14 @@ def test_fit_many_equals_separate_fits():
     params = jax.vmap(lambda k: model.init(k, jnp.zeros((1,)), jnp.zeros((1, dim))))(init_keys)
     keys = jax.random.split(jax.random.key(1), n_models)
     kw = dict(steps=30, steps_per_call=12, ema_decay=0.9, progress=False, learning_rate=1e-2)
-    many = train.fit_many(cfm, params, keys, instances=data, **kw)
+    many = train.fit_many(cfm, params, keys=keys, instances=data, **kw)
     chex.assert_shape(many.losses, (n_models, 30))
     assert many.step == 30
     for m in range(n_models):
         one = train.fit(
             lambda p, k, m=m: cfm(p, k, data[m]),
             jax.tree.map(lambda a, m=m: a[m], params),
-            keys[m],
+            key=keys[m],
             **kw,
         )
         pick = lambda tree, m=m: jax.tree.map(lambda a: a[m], tree)  # noqa: E731
@@ -515,9 +640,9 @@ def test_fit_many_over_seeds_only():
     loss = _minibatch_loss(x, y)
     keys = jax.random.split(jax.random.key(2), 3)
     params = jax.tree.map(lambda a: jnp.stack([a] * 3), _zeros())
-    many = train.fit_many(loss, params, keys, steps=15, progress=False)
+    many = train.fit_many(loss, params, keys=keys, steps=15, progress=False)
     for m in range(3):
-        one = train.fit(loss, _zeros(), keys[m], steps=15, progress=False)
+        one = train.fit(loss, _zeros(), key=keys[m], steps=15, progress=False)
         # Elementwise ops only plus a (16, 3) matvec: vmap changes no reduction order that
         # matters beyond float32 round-off, measured ~1e-7.
         got = jax.tree.map(lambda a, m=m: a[m], many.params)
@@ -542,10 +667,10 @@ def test_fit_many_reuses_and_recompiles():
     keys = jax.random.split(jax.random.key(2), 4)
     stack = lambda m: jax.tree.map(lambda a: jnp.stack([a] * m), _zeros())  # noqa: E731
     kw = dict(steps=12, steps_per_call=5, ema_decay=0.9, progress=False)
-    first = train.fit_many(loss, stack(4), keys, instances=inst, **kw)
+    first = train.fit_many(loss, stack(4), keys=keys, instances=inst, **kw)
     n = len(traces)
     assert n >= 1 and first.compile_time > 0
-    again = train.fit_many(loss, stack(4), keys, instances=inst, **kw)
+    again = train.fit_many(loss, stack(4), keys=keys, instances=inst, **kw)
     assert len(traces) == n and again.compile_time == 0.0 and _same_run(first, again)
     fresh = lambda p, k, i: base(p, k, i)  # noqa: E731  (another object: cannot hit the cache)
     # Another number of models (first 2), then another instance shape (64 points per set).
@@ -556,14 +681,14 @@ def test_fit_many_reuses_and_recompiles():
     runs = []
     for params, ks, ins in variants:
         n = len(traces)
-        runs.append(train.fit_many(loss, params, ks, instances=ins, **kw))
+        runs.append(train.fit_many(loss, params, keys=ks, instances=ins, **kw))
         assert len(traces) > n and runs[-1].compile_time > 0
-        assert _same_run(runs[-1], train.fit_many(fresh, params, ks, instances=ins, **kw))
+        assert _same_run(runs[-1], train.fit_many(fresh, params, keys=ks, instances=ins, **kw))
     # All three programs stay cached side by side.
     n = len(traces)
     for (params, ks, ins), run in zip(variants, runs, strict=True):
-        assert _same_run(run, train.fit_many(loss, params, ks, instances=ins, **kw))
-    assert _same_run(first, train.fit_many(loss, stack(4), keys, instances=inst, **kw))
+        assert _same_run(run, train.fit_many(loss, params, keys=ks, instances=ins, **kw))
+    assert _same_run(first, train.fit_many(loss, stack(4), keys=keys, instances=inst, **kw))
     assert len(traces) == n
 
 
@@ -574,7 +699,7 @@ def test_aux_floor_callback_and_progress(capsys):
     res = train.fit(
         lambda p, k: (base(p, k), {"norm": jnp.sum(p["w"] ** 2)}),
         _zeros(),
-        jax.random.key(0),
+        key=jax.random.key(0),
         steps=25,
         steps_per_call=10,
         has_aux=True,
@@ -589,28 +714,62 @@ def test_aux_floor_callback_and_progress(capsys):
     assert "excess=" in err and "steps/s=" in err
 
 
-def test_validation_errors():
+def _bad_arguments():
+    """(error, message pattern, fit options): one bad argument each."""
+    return [
+        (ValueError, "train.fit: `steps` must be an int >= 0, got -1", dict(steps=-1)),
+        (TypeError, "`steps` must be an int", dict(steps=1.5)),
+        (ValueError, "`steps_per_call` must be an int >= 1", dict(steps_per_call=0)),
+        (ValueError, r"`ema_decay` must be in \[0, 1\)", dict(ema_decay=1.0)),
+        (ValueError, "`lr_schedule` must be one of", dict(lr_schedule="linear")),
+        (TypeError, "`lr_schedule` must be None, 'cosine' or a schedule", dict(lr_schedule=3)),
+        (ValueError, "`learning_rate` must be a finite number > 0", dict(learning_rate=-1.0)),
+        (ValueError, "`clip_norm` must be a finite number > 0", dict(clip_norm=0.0)),
+        (ValueError, "`learning_rate` must be None with a callable", dict(
+            lr_schedule=optax.constant_schedule(0.1), learning_rate=0.1)),
+        # The transformation is the primary path: no builder option next to it.
+        (ValueError, "`learning_rate` must be None when `optimizer` is given", dict(
+            optimizer=optax.sgd(1.0), learning_rate=0.1)),
+        (ValueError, "`clip_norm` must be None when `optimizer` is given", dict(
+            optimizer=optax.sgd(1.0), clip_norm=1.0)),
+        (TypeError, "`optimizer` must be an optax.GradientTransformation", dict(optimizer="adam")),
+        (ValueError, "`checkpoint_dir` must be given with `checkpoint_every`", dict(
+            checkpoint_every=5)),
+        (TypeError, "`checkpoint_dir` must be a path", dict(checkpoint_dir=3)),
+        (TypeError, "`has_aux` must be a bool", dict(has_aux=1)),
+        (TypeError, "`callback` must be a callable", dict(callback=3)),
+        (TypeError, "`mesh` must be a jax.sharding.Mesh", dict(mesh="data")),
+        (ValueError, "with `has_aux=True`, `loss_fn` must return", dict(has_aux=True)),
+        (ValueError, "`key` must be a single PRNG key", dict(key=jax.random.split(
+            jax.random.key(0), 2))),
+        (TypeError, "`key` must be a PRNG key", dict(key=jnp.zeros(2))),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("error, match, options", _bad_arguments())
+def test_validation_errors(error, match, options):
     x, y = _problem()
-    loss = _minibatch_loss(x, y)
-    key = jax.random.key(0)
-    with pytest.raises(ValueError, match="steps"):
-        train.fit(loss, _zeros(), key, steps=-1)
-    with pytest.raises(ValueError, match="steps_per_call"):
-        train.fit(loss, _zeros(), key, steps=1, steps_per_call=0)
-    with pytest.raises(ValueError, match="ema_decay"):
-        train.fit(loss, _zeros(), key, steps=1, ema_decay=1.0)
-    with pytest.raises(ValueError, match="lr_schedule"):
-        train.fit(loss, _zeros(), key, steps=1, lr_schedule="linear")
-    with pytest.raises(ValueError, match="learning_rate"):
-        train.fit(loss, _zeros(), key, steps=1, optimizer=optax.sgd(1.0), learning_rate=0.1)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        train.fit(loss, _zeros(), key, steps=1, checkpoint_every=5)
-    with pytest.raises(ValueError, match="scalar"):
-        train.fit(lambda p, k: p["w"], _zeros(), key, steps=1)
-    with pytest.raises(ValueError, match="has_aux"):
-        train.fit(loss, _zeros(), key, steps=1, has_aux=True)
-    with pytest.raises(ValueError, match="key"):
-        train.fit(loss, _zeros(), jax.random.split(key, 2), steps=1)
-    with pytest.raises(ValueError, match="keys"):
-        params = jax.tree.map(lambda a: jnp.stack([a] * 3), _zeros())
-        train.fit_many(loss, params, jax.random.split(key, 2), steps=1)
+    kw = dict(key=jax.random.key(0), steps=1, progress=False)
+    with pytest.raises(error, match=match):
+        train.fit(_minibatch_loss(x, y), _zeros(), **{**kw, **options})
+
+
+def test_validation_errors_of_the_loss_and_of_fit_many():
+    x, y = _problem()
+    loss, key = _minibatch_loss(x, y), jax.random.key(0)
+    with pytest.raises(ValueError, match="train.fit: `loss_fn` must return a scalar"):
+        train.fit(lambda p, k: p["w"], _zeros(), key=key, steps=1)
+    with pytest.raises(TypeError, match="`loss_fn` must be a callable"):
+        train.fit("loss", _zeros(), key=key, steps=1)
+    with pytest.raises(TypeError, match="`params` must be concrete"):
+        jax.jit(lambda p: train.fit(loss, p, key=key, steps=1, progress=False).params)(_zeros())
+    params = jax.tree.map(lambda a: jnp.stack([a] * 3), _zeros())
+    with pytest.raises(ValueError, match="train.fit_many: `keys` must be 3 PRNG keys"):
+        train.fit_many(loss, params, keys=jax.random.split(key, 2), steps=1)
+    with pytest.raises(ValueError, match="`params_batch` must be leaves with one shared"):
+        bad = {"w": params["w"], "b": params["b"][:2]}
+        train.fit_many(loss, bad, keys=jax.random.split(key, 3), steps=1)
+    with pytest.raises(TypeError, match="key"):
+        train.fit(loss, _zeros(), jax.random.key(0), steps=1)  # the key is keyword-only
+    with pytest.raises(ValueError, match="train.make_optimizer: `steps` must be given"):
+        train.make_optimizer(lr_schedule="cosine")

@@ -1,17 +1,16 @@
 """Host-side bookkeeping of a fit between its compiled chunks: the loss history, the progress
-bar and user callback, where chunks end, and opening (or resuming from) checkpoints."""
+bar and user callback, and where chunks end."""
 
 from __future__ import annotations
 
 import time
-import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checkpoint import Checkpointer
+__all__ = ["History", "Progress", "chunk_bounds"]
 
 
 class History:
@@ -23,6 +22,7 @@ class History:
         self.auxes: list[Any] = []
 
     def append(self, losses, auxes) -> None:
+        """Add the rows of some steps (``auxes`` is ignored without aux)."""
         self.losses.append(np.asarray(losses))
         if self.has_aux:
             self.auxes.append(jax.tree.map(np.asarray, auxes))
@@ -36,6 +36,7 @@ class History:
         return out
 
     def as_dict(self) -> dict:
+        """``{"loss": (steps, ...), "aux": ...}`` of every step so far (no "aux" without aux)."""
         if not self.losses:
             return self.target(0)
         out = {"loss": np.concatenate(self.losses, axis=0)}
@@ -44,37 +45,9 @@ class History:
         return out
 
 
-def open_checkpoints(directory, max_checkpoints, resume, state, steps, history: History):
-    """Open the checkpoint directory; restore the latest checkpoint if ``resume``.
-
-    Returns:
-        ``(checkpointer, state, start_step)``; restored history is appended to ``history``.
-    """
-    ckpt = Checkpointer(directory, max_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is None:
-        return ckpt, state, 0
-    try:
-        if not resume:
-            raise ValueError(
-                f"`checkpoint_dir` {ckpt.path} already holds checkpoints (latest step {latest}); "
-                "pass `resume=True` to continue from them or use an empty directory"
-            )
-        state, hist = ckpt.restore(latest, state, history.target(latest))
-    except Exception:
-        ckpt.close()
-        raise
-    history.append(hist["loss"], hist.get("aux"))
-    if latest > steps:
-        warnings.warn(
-            f"checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "
-            "returning it without training",
-            stacklevel=4,
-        )
-    return ckpt, jax.tree.map(jnp.asarray, state), latest
-
-
-def chunk_bounds(start: int, stop: int, chunk_len: int, checkpoint_every: int | None):
+def chunk_bounds(
+    start: int, stop: int, chunk_len: int, checkpoint_every: int | None
+) -> Iterator[tuple[int, int]]:
     """``(begin, end)`` of each chunk: at most ``chunk_len`` steps, cut at checkpoint steps."""
     b = start
     while b < stop:
@@ -88,7 +61,9 @@ def chunk_bounds(start: int, stop: int, chunk_len: int, checkpoint_every: int | 
 class Progress:
     """tqdm bar (loss, excess over ``floor``, steps/s) and the user callback, between chunks."""
 
-    def __init__(self, enabled: bool, start: int, steps: int, floor, callback):
+    def __init__(
+        self, enabled: bool, start: int, steps: int, floor: float | None, callback: Callable | None
+    ):
         self.bar = None
         if enabled and steps > start:
             from tqdm.auto import tqdm

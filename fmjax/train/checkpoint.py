@@ -1,14 +1,20 @@
-"""Orbax checkpoints of a train state and its loss history, with errors that name the path."""
+"""Orbax checkpoints of a train state and its loss history: saving, and restoring the latest one
+(errors name the checkpoint's path)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import warnings
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from fmjax import _checks
+from fmjax._typing import PyTree
+
+__all__ = ["Checkpointer", "restore"]
 
 
 def _short(e: Exception, limit: int = 400) -> str:
@@ -24,9 +30,10 @@ class Checkpointer:
     axis of length ``s``).
     """
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None):
-        import orbax.checkpoint as ocp
-
+    def __init__(
+        self, directory: str | os.PathLike, max_to_keep: int | None, fn: str = "train.fit"
+    ):
+        ocp = _checks.require("orbax.checkpoint", fn)
         self._ocp = ocp
         self.path = os.path.abspath(os.fspath(directory))
         try:
@@ -90,3 +97,47 @@ class Checkpointer:
         """Wait for pending writes and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore(
+    ckpt: Checkpointer,
+    state: PyTree,
+    history_target: Callable[[int], dict],
+    *,
+    steps: int,
+    resume: bool,
+    fn: str = "train.fit",
+) -> tuple[PyTree, dict, int]:
+    """The latest checkpoint of ``ckpt``: ``(state, history, start_step)``.
+
+    Reads only: ``state`` (the initial state, whose structure the checkpoint must match) is not
+    modified, and without a checkpoint it is returned with an empty history and step 0.
+
+    Args:
+        ckpt: the open checkpoint directory.
+        state: initial train state (pytree with an integer leaf ``step``).
+        history_target: ``n -> `` zeros shaped like the history of ``n`` steps.
+        steps: steps the run asks for (a later checkpoint is returned with a warning).
+        resume: continue from existing checkpoints; ``False`` refuses a non-empty directory.
+        fn: the public function named in errors.
+
+    Raises:
+        ValueError: checkpoints exist and ``resume`` is False.
+        RuntimeError: the latest checkpoint cannot be read or does not match ``state``.
+    """
+    latest = ckpt.latest_step()
+    if latest is None:
+        return state, history_target(0), 0
+    if not resume:
+        _checks.fail(
+            fn, "checkpoint_dir", "empty with `resume=False` (pass `resume=True` to continue)",
+            f"{ckpt.path} with checkpoints up to step {latest}",
+        )  # fmt: skip
+    restored, hist = ckpt.restore(latest, state, history_target(latest))
+    if latest > steps:
+        warnings.warn(
+            f"{fn}: checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "
+            "returning it without training",
+            stacklevel=5,
+        )
+    return jax.tree.map(jnp.asarray, restored), hist, latest

@@ -1,4 +1,5 @@
-"""Memo of compiled programs across calls: a bounded LRU and the abstract keys it compares."""
+"""Reuse of compiled training programs across fits: a bounded memo and the abstract
+signatures of arguments and of the JAX configuration that its keys are made of."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+
+__all__ = ["LRU", "TRACE_FLAGS", "signature", "trace_config"]
 
 # Config read while tracing: a program traced under other values computes something else
 # (dtypes, matmul precision, random bits) or would not trace at all.

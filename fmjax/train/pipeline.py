@@ -1,0 +1,433 @@
+"""Training loops: :func:`fit` minimises a loss over one model's parameters with optax, many steps
+per compiled call, with optional EMA, checkpoints, progress and data parallelism; :func:`fit_many`
+trains a batch of models (seeds or problem instances) in one compiled call with ``vmap``.
+
+A loss is any function ``loss_fn(params, key) -> scalar`` (or ``-> (scalar, aux)`` with
+``has_aux=True``) that ``jax.grad`` can differentiate, e.g. one built by ``fmjax.losses.cfm``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Float, PRNGKeyArray
+
+from fmjax import _checks
+from fmjax._typing import LossFn, PyTree
+from fmjax.sharding import batch_sharding, replicated
+from fmjax.train.cache import LRU, signature, trace_config
+from fmjax.train.checkpoint import Checkpointer, restore
+from fmjax.train.config import FitConfig, RunOptions
+from fmjax.train.host import History, Progress, chunk_bounds
+from fmjax.train.step import State, init_state, make_chunk, output_structs
+
+__all__ = ["FitResult", "fit", "fit_many"]
+
+# Compiled programs (and the loss's output shapes, one trace each) kept across calls. Their keys
+# are the FitConfig, the abstract signature of the arguments and the JAX trace configuration.
+_STRUCTS = LRU(16)
+_PROGRAMS = LRU(16)
+
+
+class FitResult(NamedTuple):
+    """What a fit returns.
+
+    Attributes:
+        params: final parameters (for :func:`fit_many`, with a leading model axis ``M``).
+        ema_params: exponential moving average of the parameters, or ``None`` without EMA.
+        opt_state: final optimizer state.
+        step: number of optimizer steps done, counting those restored from a checkpoint.
+        losses: loss of every step ``0 .. step - 1``, shape ``(step,)`` (``(M, step)`` for
+            :func:`fit_many`), on the host; includes the history restored from a checkpoint.
+        aux: with ``has_aux=True``, the aux output of every step stacked along the step axis like
+            ``losses`` (numpy pytree); else ``None``.
+        wall_time: seconds of the whole call (compilation, checkpoint I/O and logging included).
+        compile_time: seconds spent compiling; 0.0 when the compiled program of an earlier call
+            with an equal configuration and arguments of the same shapes was reused.
+        steps_per_second: steps run in this call divided by the time spent running them (wall
+            time minus compile time); ``nan`` when no step was run.
+    """
+
+    params: PyTree
+    ema_params: PyTree | None
+    opt_state: PyTree
+    step: int
+    losses: Float[np.ndarray, "*models steps"]
+    aux: PyTree | None
+    wall_time: float
+    compile_time: float
+    steps_per_second: float
+
+
+class _Placement(NamedTuple):
+    """Shardings of the state, keys, instances and per-step outputs on a mesh."""
+
+    state: Any
+    keys: Any
+    instances: Any
+    outputs: Any
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def _check_keys(fn: str, keys: Any, m: int | None) -> jax.Array:
+    """One key (``m`` None), or ``m`` keys: ``(m,)`` typed or ``(m, 2)`` uint32."""
+    if m is None:
+        return jnp.asarray(_checks.check_key(fn, "key", keys))
+    what = f"{m} PRNG keys, one per model (shape ({m},) typed or ({m}, 2) uint32)"
+    if not (hasattr(keys, "dtype") and hasattr(keys, "shape")):
+        _checks.fail(fn, "keys", what, keys, TypeError)
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if not typed and keys.dtype != np.uint32:
+        _checks.fail(fn, "keys", what, f"dtype {keys.dtype}", TypeError)
+    if keys.shape != ((m,) if typed else (m, 2)):
+        _checks.fail(fn, "keys", what, f"shape {keys.shape}")
+    return jnp.asarray(keys)
+
+
+def _models(fn: str, config: FitConfig, params: PyTree, instances: PyTree) -> int | None:
+    """The number of models ``M`` of a batched fit (None for one model); checks the leaves."""
+    name = "params_batch" if config.batched else "params"
+    if not _checks.is_concrete(params, instances):
+        _checks.fail(fn, name, "concrete arrays (call it outside jit/vmap)", "a tracer", TypeError)
+    if not jax.tree.leaves(params):
+        _checks.fail(fn, name, "a pytree with array leaves", params)
+    if not config.batched:
+        return None
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params)}
+    if len(sizes) != 1 or None in sizes:
+        _checks.fail(fn, name, "leaves with one shared leading model axis", f"sizes {sizes}")
+    m = sizes.pop()
+    for leaf in jax.tree.leaves(instances):
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != m:
+            _checks.fail(fn, "instances", f"leaves with a leading axis of {m}", np.shape(leaf))
+    if config.mesh is not None and m % config.mesh.size:
+        what = f"a number of models that is a multiple of {config.mesh.size} (the mesh's devices)"
+        _checks.fail(fn, name, what, f"{m} models")
+    return m
+
+
+def _output_structs(fn: str, config: FitConfig, params, keys, instances, m: int | None):
+    """``(loss, aux)`` shapes of one step, from one trace of the loss per configuration."""
+
+    def key() -> tuple:  # output shapes do not depend on where the inputs live
+        return config, signature((params, keys, instances), shardings=False), trace_config()
+
+    structs, _ = _STRUCTS.get_or_make(
+        key, lambda: output_structs(fn, config, params, keys, instances, m)
+    )
+    return structs
+
+
+def _placement(config: FitConfig, state: State, instances, m: int | None) -> _Placement | None:
+    """Where everything lives on ``config.mesh`` (None without a mesh).
+
+    One model: everything replicated (the loss shards its own batch). ``M`` models: the model
+    axis of state, keys and instances split across the mesh, the step counter replicated.
+    """
+    mesh = config.mesh
+    if mesh is None:
+        return None
+    rep = replicated(mesh)
+    if m is None:
+        return _Placement(jax.tree.map(lambda _: rep, state), rep, rep, rep)
+    split = batch_sharding(mesh)
+    state_sh = State(*(jax.tree.map(lambda _: split, part) for part in state[:3]), rep)
+    return _Placement(state_sh, split, jax.tree.map(lambda _: split, instances), rep)
+
+
+def _place(placement: _Placement | None, state: State, keys, instances):
+    if placement is None:
+        return state, keys, instances
+    return jax.device_put((state, keys, instances), placement[:3])
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _program(config: FitConfig, structs, placement: _Placement | None, args) -> tuple[Any, float]:
+    """The compiled chunk for ``args`` (reused when cached) and the seconds spent compiling."""
+
+    def compile_chunk():
+        chunk = make_chunk(config, *structs)
+        out = {}  # with a mesh the state keeps its placement from chunk to chunk
+        if placement is not None:
+            out["out_shardings"] = (placement.state, placement.outputs, placement.outputs)
+        return jax.jit(chunk, donate_argnums=0, **out).lower(*args).compile()
+
+    t0 = time.perf_counter()
+    compiled, hit = _PROGRAMS.get_or_make(
+        lambda: (config, signature(args), trace_config()), compile_chunk
+    )
+    return compiled, 0.0 if hit else time.perf_counter() - t0
+
+
+def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len: int,
+                options: RunOptions, history: History, report: Progress,
+                ckpt: Checkpointer | None) -> State:  # fmt: skip
+    """Run steps ``start .. options.steps`` chunk by chunk; the losses of chunk ``k`` are read
+    while chunk ``k + 1`` runs. Saves checkpoints at multiples of ``checkpoint_every`` and at the
+    end."""
+    steps, every = options.steps, options.checkpoint_every
+    pending = None  # (begin, end, losses, aux) of the chunk whose outputs are not read yet
+
+    def drain():
+        b, e, losses, auxes = pending
+        losses = np.asarray(losses)[: e - b]
+        auxes = jax.tree.map(lambda a: np.asarray(a)[: e - b], auxes)
+        history.append(losses, auxes)
+        report(e, losses, auxes if history.has_aux else None)
+
+    for b, e in chunk_bounds(start, steps, chunk_len, every):
+        state, losses, auxes = program(state, keys, jnp.asarray(e - b, jnp.int32), instances)
+        if pending is not None:
+            drain()
+        pending = (b, e, losses, auxes)
+        if ckpt is not None and (e == steps or (every and e % every == 0)):
+            drain()
+            pending = None
+            ckpt.save(e, state, history.as_dict())
+    if pending is not None:
+        drain()
+    return jax.block_until_ready(state)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, instances,
+           history: History, ckpt: Checkpointer | None, m: int | None):  # fmt: skip
+    """Restore, place, compile and run: ``(state, compile_time, steps run, run seconds)``."""
+    start = 0
+    if ckpt is not None:
+        state, restored, start = restore(
+            ckpt, state, history.target, steps=options.steps, resume=options.resume, fn=fn
+        )
+        history.append(restored["loss"], restored.get("aux"))
+    placement = _placement(config, state, instances, m)
+    state, keys, instances = _place(placement, state, keys, instances)
+    if options.steps <= start:
+        return state, 0.0, 0, 0.0
+    args = (state, keys, jnp.asarray(0, jnp.int32), instances)
+    program, compile_time = _program(
+        config, (history.loss_struct, history.aux_struct), placement, args
+    )
+    del args  # the first chunk donates the state's buffers: keep no reference to them
+    report = Progress(options.progress, start, options.steps, options.floor, options.callback)
+    t0 = time.perf_counter()
+    try:
+        state = _run_chunks(
+            program, state, keys, instances, start=start, chunk_len=config.chunk_len,
+            options=options, history=history, report=report, ckpt=ckpt,
+        )  # fmt: skip
+    finally:
+        report.close()
+    return state, compile_time, options.steps - start, time.perf_counter() - t0
+
+
+def _assemble(config: FitConfig, state: State, history: History, *, t_start: float,
+              compile_time: float, run_steps: int, run_time: float) -> FitResult:  # fmt: skip
+    """The :class:`FitResult` of a finished run (model axis first for a batch of models)."""
+    hist = history.as_dict()
+    losses, aux = hist["loss"], hist.get("aux")
+    if config.batched:  # (steps, M, ...) -> (M, steps, ...)
+        losses, aux = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), (losses, aux))
+    return FitResult(
+        params=state.params,
+        ema_params=state.ema_params,
+        opt_state=state.opt_state,
+        step=int(state.step),
+        losses=losses,
+        aux=aux,
+        wall_time=time.perf_counter() - t_start,
+        compile_time=compile_time,
+        steps_per_second=run_steps / run_time if run_steps else float("nan"),
+    )
+
+
+def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instances) -> FitResult:
+    """prepare (check, initial state, history) -> restore / run chunks -> assemble."""
+    t_start = time.perf_counter()
+    m = _models(fn, config, params, instances)
+    keys = _check_keys(fn, keys, m)
+    structs = _output_structs(fn, config, params, keys, instances, m)
+    state = init_state(config, params)
+    history = History(*structs, config.has_aux)
+    ckpt = None
+    if options.checkpoint_dir is not None:
+        ckpt = Checkpointer(options.checkpoint_dir, options.max_checkpoints, fn)
+    try:
+        state, compile_time, run_steps, run_time = _train(
+            fn, config, options, state, keys, instances, history, ckpt, m
+        )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+    return _assemble(config, state, history, t_start=t_start, compile_time=compile_time,
+                     run_steps=run_steps, run_time=run_time)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def fit(
+    loss_fn: LossFn,
+    params: PyTree,
+    *,
+    key: PRNGKeyArray,
+    steps: int,
+    optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
+    lr_schedule: str | optax.Schedule | None = None,
+    clip_norm: float | None = None,
+    ema_decay: float | None = None,
+    has_aux: bool = False,
+    steps_per_call: int = 500,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    max_checkpoints: int | None = 3,
+    resume: bool = True,
+    progress: bool = True,
+    floor: float | None = None,
+    callback: Callable[[int, np.ndarray, Any], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> FitResult:
+    """Minimise ``loss_fn`` over ``params`` with optax, many steps per compiled call.
+
+    Step ``i`` (counting from 0 over the whole run, resumed steps included) evaluates
+    ``loss_fn(params, jax.random.fold_in(key, i))``, so the result depends on ``key`` and ``steps``
+    only, not on ``steps_per_call`` or on interruptions. Steps run in a device loop of at most
+    ``steps_per_call`` steps per call; the host logs and checkpoints between calls.
+
+    The compiled program is reused by a later call with the same ``loss_fn`` object, an equal
+    configuration (optimizer, EMA, aux, chunk length, mesh) and arguments of the same structure,
+    shapes, dtypes and shardings (``compile_time`` is then 0.0). As with ``jax.jit``, ``loss_fn``
+    must be pure: Python state it reads is frozen at its first trace.
+
+    Args:
+        loss_fn: ``loss_fn(params, key) -> scalar`` (``-> (scalar, aux)`` with ``has_aux=True``);
+            must be jit- and grad-able.
+        params: initial parameters (pytree of arrays); not modified (copied before donation).
+        key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+        steps: total number of optimizer steps (a resumed run trains ``steps - restored`` more).
+        optimizer: an optax transformation (compose clipping, schedules, ... with optax). When
+            given, ``learning_rate``, ``lr_schedule`` and ``clip_norm`` must be left ``None``.
+        learning_rate: without ``optimizer``: learning rate of the default Adam (1e-3).
+        lr_schedule: without ``optimizer``: ``None``, ``"cosine"`` (decay to 0 over ``steps``) or
+            an optax schedule (then ``learning_rate`` stays ``None``).
+        clip_norm: without ``optimizer``: clip gradients to this global norm before Adam.
+        ema_decay: if given, keep ``ema <- d * ema + (1 - d) * params`` after every step,
+            starting from the initial params (no bias correction).
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; aux of every step is kept in the result.
+        steps_per_call: maximum number of steps fused in one compiled call.
+        checkpoint_dir: directory for orbax checkpoints (created if missing; needs
+            ``fmjax[checkpoint]``); ``None``: none.
+        checkpoint_every: save every that many steps (and always at the end).
+        max_checkpoints: how many checkpoints to keep (``None``: all).
+        resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one
+            (bit-identical to an uninterrupted run). With ``resume=False`` a non-empty
+            ``checkpoint_dir`` raises ``ValueError`` rather than being overwritten.
+        progress: show a tqdm progress bar with the loss and steps/s.
+        floor: a known lower bound of the loss (e.g. the CFM loss floor); the progress bar then
+            also shows the excess loss ``loss - floor``.
+        callback: ``callback(step, losses, aux)`` called on the host after every chunk with the
+            losses (and aux) of that chunk.
+        mesh: data parallelism over the devices of this mesh (``fmjax.sharding.data_mesh()``):
+            params, optimizer state and EMA are replicated on every device, and a loss whose
+            pairs come from ``fmjax.sharding.sharded_pairs(sample_pairs, mesh)`` draws and
+            processes its batch shard by shard (the batch size must divide by ``mesh.size``);
+            XLA all-reduces the gradients. Same result as ``mesh=None`` up to the summation
+            order of the batch mean (bit-identical on a 1-device mesh).
+
+    Returns:
+        A :class:`FitResult`; ``losses`` has shape ``(steps,)``.
+
+    Raises:
+        TypeError: an argument of the wrong type.
+        ValueError: a bad value, or a ``loss_fn`` that does not return a scalar.
+        RuntimeError: a checkpoint that cannot be restored (the message names its path).
+    """
+    fn = "train.fit"
+    config = FitConfig.create(
+        fn, loss_fn, steps=steps, optimizer=optimizer, learning_rate=learning_rate,
+        lr_schedule=lr_schedule, clip_norm=clip_norm, ema_decay=ema_decay, has_aux=has_aux,
+        steps_per_call=steps_per_call, batched=False, with_instances=False, mesh=mesh,
+    )  # fmt: skip
+    options = RunOptions.create(
+        fn, steps=steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        max_checkpoints=max_checkpoints, resume=resume, progress=progress, floor=floor,
+        callback=callback,
+    )  # fmt: skip
+    return _fit(fn, config, options, params, key, None)
+
+
+def fit_many(
+    loss_fn: LossFn,
+    params_batch: PyTree,
+    *,
+    keys: PRNGKeyArray,
+    steps: int,
+    instances: PyTree | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float | None = None,
+    lr_schedule: str | optax.Schedule | None = None,
+    clip_norm: float | None = None,
+    ema_decay: float | None = None,
+    has_aux: bool = False,
+    steps_per_call: int = 500,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    max_checkpoints: int | None = 3,
+    resume: bool = True,
+    progress: bool = True,
+    floor: float | None = None,
+    callback: Callable[[int, np.ndarray, Any], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> FitResult:
+    """Train ``M`` models at once (seeds and/or problem instances), ``vmap``-ed in one call.
+
+    Model ``m`` follows exactly the recipe of :func:`fit` with ``params_batch[m]`` and
+    ``keys[m]``, up to floating-point round-off of the batched computation. The compiled
+    program is reused as for :func:`fit` (a different ``M`` or instance shape compiles again).
+
+    Args:
+        loss_fn: ``loss_fn(params, key) -> scalar`` for one model, or
+            ``loss_fn(params, key, instance)`` when ``instances`` is given.
+        params_batch: initial parameters with a leading model axis ``M`` on every leaf
+            (e.g. ``jax.vmap(model.init)(keys, ...)``).
+        keys: ``M`` PRNG keys (shape ``(M,)`` typed keys or ``(M, 2)`` raw keys).
+        steps: number of optimizer steps (the same for all models).
+        instances: optional pytree with a leading axis ``M`` (e.g. a batch of mixtures) passed
+            as third argument of ``loss_fn``.
+        mesh: split the ``M`` models across the devices of this mesh (``M`` must be a
+            multiple of ``mesh.size``): model parallelism over problem instances, no
+            communication between devices but the loss history.
+        optimizer, learning_rate, lr_schedule, clip_norm, ema_decay, has_aux, steps_per_call,
+        checkpoint_dir, checkpoint_every, max_checkpoints, resume, progress, floor, callback:
+            as in :func:`fit`; the progress bar shows the mean loss over models.
+
+    Returns:
+        A :class:`FitResult` whose params, ema params and opt state have the leading axis
+        ``M`` and whose ``losses`` have shape ``(M, steps)``.
+    """
+    fn = "train.fit_many"
+    config = FitConfig.create(
+        fn, loss_fn, steps=steps, optimizer=optimizer, learning_rate=learning_rate,
+        lr_schedule=lr_schedule, clip_norm=clip_norm, ema_decay=ema_decay, has_aux=has_aux,
+        steps_per_call=steps_per_call, batched=True, with_instances=instances is not None,
+        mesh=mesh,
+    )  # fmt: skip
+    options = RunOptions.create(
+        fn, steps=steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+        max_checkpoints=max_checkpoints, resume=resume, progress=progress, floor=floor,
+        callback=callback,
+    )  # fmt: skip
+    return _fit(fn, config, options, params_batch, keys, instances)
