@@ -19,7 +19,7 @@ Data-parallel training (the gradient all-reduce is inserted by XLA)::
     mesh = sharding.data_mesh()                                   # all devices
     pairs = sharding.sharded_pairs(data.coupling_pairs(coupling), mesh)
     loss = losses.cfm(model.apply, pairs, schedules.linear(), batch_size=4096)
-    res = train.fit(loss, params, key, steps=10_000, mesh=mesh)   # params/opt state replicated
+    res = train.fit(loss, params, key=key, steps=10_000, mesh=mesh)   # params/opt state replicated
 
 The global batch ``batch_size`` is split across devices (it must divide by the device count);
 with the same key the result equals single-device training up to the summation order of the

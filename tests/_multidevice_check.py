@@ -98,9 +98,9 @@ def check_train(mesh) -> dict:
         sched = schedules.linear()
         kw = dict(steps=20, learning_rate=1e-2, ema_decay=0.9, progress=False)
         single = train.fit(losses.cfm(model.apply, pairs, sched, BATCH), params,
-                           jax.random.key(2), **kw)  # fmt: skip
+                           key=jax.random.key(2), **kw)  # fmt: skip
         loss = losses.cfm(model.apply, sharding.sharded_pairs(pairs, mesh), sched, BATCH)
-        multi = train.fit(loss, params, jax.random.key(2), mesh=mesh, **kw)
+        multi = train.fit(loss, params, key=jax.random.key(2), mesh=mesh, **kw)
     finally:
         jax.config.update("jax_enable_x64", False)
     leaf = jax.tree.leaves(multi.params)[0]
@@ -126,8 +126,8 @@ def check_many(mesh) -> dict:
         return losses.cfm(model.apply, inst.sample, schedules.linear(), 32)(p, k)
 
     kw = dict(steps=10, instances=batch_inst, learning_rate=1e-2, progress=False)
-    single = train.fit_many(loss, params, keys, **kw)
-    multi = train.fit_many(loss, params, keys, mesh=mesh, **kw)
+    single = train.fit_many(loss, params, keys=keys, **kw)
+    multi = train.fit_many(loss, params, keys=keys, mesh=mesh, **kw)
     leaf = jax.tree.leaves(multi.params)[0]
     return {
         "params_rel_err": _max_rel(single.params, multi.params),
@@ -202,7 +202,7 @@ def check_errors(mesh) -> dict:
         "sharded_pairs": _message(lambda: jax.jit(lambda k: pairs(k, 12))(jax.random.key(0))),
         "evaluate": _message(lambda: sharding.evaluate(lambda v: v, x, mesh)),
         "evaluate_output": _message(lambda: sharding.evaluate(lambda v: v[:4], x[:8], mesh)),
-        "fit_many": _message(lambda: train.fit_many(loss, params, keys, steps=1, mesh=mesh,
+        "fit_many": _message(lambda: train.fit_many(loss, params, keys=keys, steps=1, mesh=mesh,
                                                     progress=False)),
     }  # fmt: skip
 

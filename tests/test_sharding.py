@@ -39,12 +39,12 @@ def test_fit_with_one_device_mesh_is_identical_and_resumes(tmp_path):
     assert mesh.size == 1
     kw = dict(steps=14, steps_per_call=5, ema_decay=0.9, progress=False)
     plain = train.fit(losses.cfm(model.apply, pairs, schedules.linear(), 32), params,
-                      jax.random.key(2), **kw)  # fmt: skip
+                      key=jax.random.key(2), **kw)  # fmt: skip
     loss = losses.cfm(model.apply, sharding.sharded_pairs(pairs, mesh), schedules.linear(), 32)
-    meshed = train.fit(loss, params, jax.random.key(2), mesh=mesh, **kw)
+    meshed = train.fit(loss, params, key=jax.random.key(2), mesh=mesh, **kw)
     ck = dict(kw, checkpoint_dir=tmp_path / "ck", checkpoint_every=7, mesh=mesh)
-    train.fit(loss, params, jax.random.key(2), **dict(ck, steps=7))
-    resumed = train.fit(loss, params, jax.random.key(2), **ck)
+    train.fit(loss, params, key=jax.random.key(2), **dict(ck, steps=7))
+    resumed = train.fit(loss, params, key=jax.random.key(2), **ck)
     assert resumed.step == 14
     for run in (meshed, resumed):
         for a, b in zip(jax.tree.leaves((plain.params, plain.ema_params, plain.losses)),
@@ -59,8 +59,8 @@ def test_fit_with_one_device_mesh_is_identical_and_resumes(tmp_path):
 def test_fit_rejects_bad_mesh():
     pairs, model, params = _cfm_problem()
     loss = losses.cfm(model.apply, pairs, schedules.linear(), 8)
-    with pytest.raises(ValueError, match="`mesh`"):
-        train.fit(loss, params, jax.random.key(0), steps=1, mesh="data", progress=False)
+    with pytest.raises(TypeError, match="`mesh`"):
+        train.fit(loss, params, key=jax.random.key(0), steps=1, mesh="data", progress=False)
 
 
 def test_placement_and_evaluate_on_one_device():

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, exact, losses, metrics, models, plot, schedules, train
+from fmjax import _checks, exact, losses, metrics, models, schedules, train
 from fmjax._report import to_json, write_json
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 
@@ -95,31 +95,6 @@ def _finish(name: str, config, out: Path, metrics_: dict, figures: dict, t0: flo
     )
     write_json(out / "results.json", result)
     return result
-
-
-# Figures: the look of fmjax.plot for the experiments' own panels (one place to change it).
-def _figure(nrows: int, ncols: int, size: float = 3.2, extra_width: float = 0.0):
-    """A styled figure with an (nrows, ncols) array of axes; ``extra_width`` inches added."""
-    fig, axes = plot.figure(nrows, ncols, size=size)
-    if extra_width:
-        fig.set_size_inches(size * ncols + extra_width, size * nrows)
-    return fig, axes
-
-
-def _styled(fn):
-    """Decorator: draw ``fn``'s own panels in the look of fmjax.plot."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return plot.styled(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _save(fig, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` with fmjax.plot's settings; returns ``path``."""
-    plot.save(fig, path)
-    return Path(path)
 
 
 def _mlp(dim: int, width: int, depth: int, **kw) -> models.MLP:

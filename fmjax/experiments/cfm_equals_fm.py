@@ -12,18 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, losses, models
+from fmjax import _checks, losses, models, plot
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
     _f,
-    _figure,
     _finish,
     _mlp,
     _outdir,
     _resolve,
-    _save,
-    _styled,
     _train,
 )
 from fmjax.experiments.demo import demo_problem
@@ -110,9 +107,9 @@ def _cosines(model, coupling, s, params, g_ref, cfg: CFMConfig, key) -> dict:
     return cos
 
 
-@_styled
+@plot.styled
 def _cosine_figure(batch_sizes, cos: dict, cfg: CFMConfig, path: Path) -> Path:
-    fig, axes = _figure(1, 1, size=4.2)
+    fig, axes = plot.figure(1, 1, size=4.2)
     ax = axes[0, 0]
     bs = np.asarray(batch_sizes)
     for kind, label, color in (
@@ -130,7 +127,7 @@ def _cosine_figure(batch_sizes, cos: dict, cfg: CFMConfig, path: Path) -> Path:
     ax.set_title(f"CFM and FM gradients agree (mean ± std, {cfg.repeats} batches)")
     ax.axhline(1.0, color="0.6", linewidth=0.8, linestyle="--")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return plot.save(fig, path)
 
 
 def _cosine(a, b) -> float:

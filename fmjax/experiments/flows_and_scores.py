@@ -19,13 +19,10 @@ from fmjax.experiments._common import (
     _diag_gmm,
     _energy,
     _exact_field,
-    _figure,
     _finish,
     _mlp,
     _outdir,
     _resolve,
-    _save,
-    _styled,
     _times,
     _train,
 )
@@ -57,10 +54,10 @@ def flows_scores_target() -> GaussianMixture:
     return _diag_gmm([0.5, 0.5], [[-1.0, -0.5, 1.5], [1.0, 1.5, 0.25]], [0.25, 0.25, 0.15])
 
 
-@_styled
+@plot.styled
 def _x1_histograms(runs: dict, pdf, path: Path, show_ts=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)):
     """Rows: runs (name -> (ts, x_hat (T, N, d))); columns: times; first coordinate of x_hat."""
-    fig, axes = _figure(len(runs), len(show_ts), size=2.3, extra_width=0.5)
+    fig, axes = plot.figure(len(runs), len(show_ts), size=2.3, extra_width=0.5)
     edges = np.linspace(-2.2, 2.2, 56)
     grid = np.linspace(-2.2, 2.2, 300)
     ref = pdf(grid)
@@ -82,12 +79,12 @@ def _x1_histograms(runs: dict, pdf, path: Path, show_ts=(0.0, 0.2, 0.4, 0.6, 0.8
         r"Predicted target $\hat x_1 = E[X_1 | x_t]$ along the learned ODE (RK4) and "
         "SDE (Euler-Maruyama) paths"
     )
-    return _save(fig, path)
+    return plot.save(fig, path)
 
 
-@_styled
+@plot.styled
 def _settling_figure(fracs: dict, x_hats: dict, settle: dict, level: float, path: Path):
-    fig, axes = _figure(1, 1, size=4.4)
+    fig, axes = plot.figure(1, 1, size=4.4)
     ax = axes[0, 0]
     styles = {"learned ODE": "-", "learned SDE": "-", "exact ODE": "--", "exact SDE": "--"}
     for name, frac in fracs.items():
@@ -99,7 +96,7 @@ def _settling_figure(fracs: dict, x_hats: dict, settle: dict, level: float, path
     ax.set_ylabel(r"fraction of $\hat x_1$ within 3 std of a mode")
     ax.set_title("When the predicted target settles on the modes")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return plot.save(fig, path)
 
 
 def _settled(x_hat, means, stds):

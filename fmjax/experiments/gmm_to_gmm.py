@@ -23,12 +23,10 @@ from fmjax.experiments._common import (
     _diag_gmm,
     _energy,
     _exact_field,
-    _figure,
     _finish,
     _mlp,
     _outdir,
     _resolve,
-    _save,
     _times,
     _train,
     _velocity_errors,
@@ -107,10 +105,10 @@ def _field_figures(problems: dict, s: schedules.Schedule, cfg: GMMConfig, out: P
     for cname, c in problems.items():
         fig = plot.density_and_velocity(c, s, _PANEL_TS, lim=_LIM, n_grid=cfg.n_grid, ncols=5)
         fig.suptitle(f"{cname} coupling, {s.name} schedule: exact log p_t and u_t")
-        figures[f"velocity_{cname}"] = _save(fig, out / f"velocity_{cname}_{s.name}.png")
+        figures[f"velocity_{cname}"] = plot.save(fig, out / f"velocity_{cname}_{s.name}.png")
         fig = plot.responsibilities(c, s, _PANEL_TS, lim=_LIM, n_grid=cfg.n_grid, ncols=5)
         fig.suptitle(f"{cname} coupling: posterior P(component | x_t)")
-        figures[f"responsibilities_{cname}"] = _save(
+        figures[f"responsibilities_{cname}"] = plot.save(
             fig, out / f"responsibilities_{cname}_{s.name}.png"
         )
     return figures
@@ -124,7 +122,7 @@ def _exact_paths(problems: dict, scheds: dict, cfg: GMMConfig, key, out: Path):
     """
     k_paths, k_ref = jax.random.split(key)
     nfe, energy = {}, {}
-    fig, axes = _figure(len(problems), len(scheds), size=3.4)
+    fig, axes = plot.figure(len(problems), len(scheds), size=3.4)
     for i, (cname, c) in enumerate(problems.items()):
         nfe[cname], energy[cname] = {}, {}
         x_ref = c.target().sample(k_ref, cfg.n_eval)
@@ -136,7 +134,7 @@ def _exact_paths(problems: dict, scheds: dict, cfg: GMMConfig, key, out: Path):
             title = f"{cname}, {sname}: NFE {int(sol.nfe)}"
             plot.trajectories(sol.xs[:, : cfg.n_paths], ax=axes[i, j], lim=_LIM, title=title)
     fig.suptitle("Exact ODE trajectories over each schedule's valid interval")
-    return nfe, energy, _save(fig, out / "trajectories.png")
+    return nfe, energy, plot.save(fig, out / "trajectories.png")
 
 
 def _learned_errors(problems: dict, s, cfg: GMMConfig, key, progress: bool, out: Path) -> dict:
@@ -173,7 +171,7 @@ def _one_d(scheds: dict, cfg: GMMConfig, key, out: Path) -> dict:
     x_ref = p1.sample(k_ref, cfg.n_eval)
     modes = np.asarray(p1.means)[:, 0]
     fractions, energy = {}, {}
-    fig, axes = _figure(1, len(scheds), size=3.6, extra_width=1.5)
+    fig, axes = plot.figure(1, len(scheds), size=3.6, extra_width=1.5)
     for j, (sname, s) in enumerate(scheds.items()):
         ax = axes[0, j]
         plot.density_over_time(
@@ -193,7 +191,7 @@ def _one_d(scheds: dict, cfg: GMMConfig, key, out: Path) -> dict:
         "mode_fractions_1d": fractions,
         "mode_weights_1d": np.asarray(p1.weights),
         "energy_1d": energy,
-        "figure": _save(fig, out / "density_1d.png"),
+        "figure": plot.save(fig, out / "density_1d.png"),
     }
 
 

@@ -18,12 +18,10 @@ from fmjax.experiments._common import (
     _Config,
     _energy,
     _exact_field,
-    _figure,
     _finish,
     _mlp,
     _outdir,
     _resolve,
-    _save,
     _times,
     _train,
 )
@@ -105,12 +103,12 @@ def _dataset(dname: str, paths: dict, cfg: OTvsVPConfig, key, progress: bool, ou
         title=f"{dname}: samples x_t of the learned flow (top: OT path, bottom: VP path)",
         path=figures[f"samples_{dname}"],
     )  # fmt: skip
-    fig, axes = _figure(1, len(trajs), size=4.0)
+    fig, axes = plot.figure(1, len(trajs), size=4.0)
     for ax, (pname, tr) in zip(axes[0], trajs.items(), strict=True):
         title = f"{pname} path: NFE {nfe[pname]} (Tsit5, tol {cfg.tol:g})"
         plot.trajectories(tr, ax=ax, lim=(-5.0, 5.0), title=title)
     fig.suptitle(f"{dname}: {cfg.n_paths} trajectories")
-    _save(fig, figures[f"trajectories_{dname}"])
+    plot.save(fig, figures[f"trajectories_{dname}"])
     return nfe, energy, figures
 
 
