@@ -22,3 +22,26 @@ from fmjax.train import fit as fit
 from fmjax.train import fit_many as fit_many
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "FitResult",
+    "GaussianMixture",
+    "JointGaussianMixture",
+    "convert",
+    "data",
+    "exact",
+    "fit",
+    "fit_many",
+    "independent_coupling",
+    "likelihood",
+    "losses",
+    "metrics",
+    "models",
+    "random_gaussian_mixture",
+    "random_joint_mixture",
+    "sample",
+    "schedules",
+    "sharding",
+    "standard_normal",
+    "train",
+]

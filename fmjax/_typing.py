@@ -14,6 +14,7 @@ __all__ = [
     "PairSampler",
     "Precision",
     "PyTree",
+    "Sampler",
     "TimeSampler",
     "Velocity",
 ]
@@ -29,6 +30,9 @@ ApplyFn = Callable[..., Float[Array, "n d"]]
 
 LossFn = Callable[..., Any]
 """``loss_fn(params, key) -> scalar`` or ``-> (scalar, aux)``; ``(params, key, inst)`` too."""
+
+Sampler = Callable[[PRNGKeyArray, int], Float[Array, "n d"]]
+"""``(key, n) -> (n, d)``: draws points of one distribution."""
 
 PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
 """``(key, n) -> (x0 (n, d), x1 (n, d))``: draws coupled pairs."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from fmjax import _checks
+from fmjax._typing import PairSampler, Sampler
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 
 __all__ = [
@@ -35,9 +35,6 @@ __all__ = [
     "independent_pairs",
     "coupling_pairs",
 ]
-
-Sampler = Callable[[PRNGKeyArray, int], Float[Array, "n d"]]
-PairSampler = Callable[[PRNGKeyArray, int], tuple[Float[Array, "n d"], Float[Array, "n d"]]]
 
 
 def _dtype(dtype):

@@ -65,6 +65,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fmjax._typing import PyTree
+
 __all__ = [
     "DistributedConfig",
     "data_mesh",
@@ -77,8 +79,6 @@ __all__ = [
     "evaluate",
     "initialize_distributed",
 ]
-
-PyTree = Any
 
 
 # ----------------------------------------------------------------------------- meshes
