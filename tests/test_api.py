@@ -30,7 +30,9 @@ PUBLIC_MODULES = [
     "fmjax.train",
 ]
 SUBPACKAGES = ["sample", "train", "metrics", "plot"]
-SHARED_ALIASES = {"PyTree", "Velocity", "LossFn", "PairSampler", "Precision", "TimeSampler", "Sampler"}
+SHARED_ALIASES = {
+    "PyTree", "Velocity", "LossFn", "PairSampler", "Precision", "TimeSampler", "Sampler"
+}  # fmt: skip
 
 
 def _public_objects():
@@ -153,7 +155,8 @@ def test_no_private_module_crosses_groups():
                 private = [p for p in t if p.startswith("_") and p not in shared]
                 if private and (len(t) < 2 or t[0] != _group(path)):
                     if not (len(t) == 1 and _group(path) == "<flat>" and t[0] in shared):
-                        bad.append(f"{path.relative_to(PACKAGE)}: from {node.module} import {names}")
+                        where = path.relative_to(PACKAGE)
+                        bad.append(f"{where}: from {node.module} import {names}")
     assert not bad, bad
 
 
