@@ -1,0 +1,194 @@
+"""The documented contracts, over every hot-path entry point.
+
+* Compiled once per shapes: a second eager call with new arrays of the same shapes compiles
+  nothing (XLA compilations counted through ``jax.monitoring``, so eager recompiles of a scan
+  are caught, not only retraces).
+* Works under the caller's ``jax.jit``: traced once (``chex.assert_max_traces``) for two calls
+  with new arrays, with the eager answer.
+* Works under ``jax.vmap`` over a leading batch axis of the points (and of the keys): the answer
+  of a Python loop of eager calls.
+
+Each entry is ``f(params, x, key) -> array``: params of a small MLP (the learned field), points
+x (N, d), a PRNG key; entries that do not use one of them ignore it.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import exact, likelihood, losses, models, sample, schedules
+
+MODEL = models.MLP(2, width=16, depth=2)
+COUPLING = fmjax.random_joint_mixture(jax.random.key(0), 3, 2)
+COSINE = schedules.cosine()
+N = 32
+
+
+def _learned(params):
+    return functools.partial(MODEL.apply, params)
+
+
+def _exact(name):
+    def entry(params, x, key):
+        del params, key
+        return getattr(exact, name)(COUPLING, COSINE, 0.3, x)
+
+    entry.__name__ = f"exact_{name}"
+    return entry
+
+
+def exact_evaluate(params, x, key):
+    del params, key
+    out = exact.evaluate(COUPLING, COSINE, 0.3, x, ("velocity", "log_prob", "divergence"))
+    return out.velocity.sum(-1) + out.log_prob + out.divergence
+
+
+def exact_field(params, x, key):
+    del params, key
+    return exact.velocity_field(COUPLING, COSINE)(jnp.full(x.shape[:-1], 0.7), x)
+
+
+def ode_fixed(params, x, key):
+    del key
+    return sample.ode(_learned(params), x, solver="midpoint", steps=4).x
+
+
+def ode_adaptive(params, x, key):
+    del key
+    return sample.ode(_learned(params), x, rtol=1e-3, atol=1e-3).x
+
+
+def ode_exact_vp(params, x, key):
+    """The exact field of the vp schedule: its interval's end is the default t1."""
+    del params, key
+    field = exact.velocity_field(COUPLING, schedules.vp())
+    return sample.ode(field, x, solver="rk4", steps=8).x
+
+
+def sde(params, x, key):
+    return sample.sde(_learned(params), schedules.linear(), x, key=key, steps=4).x
+
+
+def sde_callable_diffusion(params, x, key):
+    g = lambda t: 0.5 * (1.0 - t)  # noqa: E731
+    return sample.sde(_learned(params), schedules.linear(), x, key=key, diffusion=g, steps=4).x
+
+
+def log_likelihood(params, x, key):
+    del key
+    return likelihood.log_likelihood(_learned(params), x, solver="midpoint", steps=4).log_prob
+
+
+def log_likelihood_hutchinson(params, x, key):
+    return likelihood.log_likelihood(
+        _learned(params), x, method="hutchinson", key=key, solver="midpoint", steps=4
+    ).log_prob
+
+
+def sample_and_log_prob(params, x, key):
+    del key
+    return likelihood.sample_and_log_prob(_learned(params), x, solver="euler", steps=4).log_prob
+
+
+def autodiff_divergence(params, x, key):
+    del key
+    return likelihood.autodiff_divergence(_learned(params), 0.4, x)
+
+
+_CFM = losses.cfm(MODEL.apply, fmjax.data.coupling_pairs(COUPLING), COSINE, N)
+_MFM = losses.marginal_fm(MODEL.apply, COUPLING, COSINE, N)
+
+
+def cfm(params, x, key):
+    del x
+    return _CFM(params, key)
+
+
+def cfm_grad(params, x, key):
+    del x
+    return jax.grad(_CFM)(params, key)["params"]["out"]["bias"]
+
+
+def marginal_fm(params, x, key):
+    del x
+    return _MFM(params, key)
+
+
+def loss_floor(params, x, key):
+    del params, x
+    return losses.loss_floor(COUPLING, COSINE, 64, key=key).mean
+
+
+EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "responsibilities")]
+ENTRIES = [
+    *EXACT,
+    exact_evaluate,
+    exact_field,
+    ode_fixed,
+    ode_adaptive,
+    ode_exact_vp,
+    sde,
+    sde_callable_diffusion,
+    log_likelihood,
+    log_likelihood_hutchinson,
+    sample_and_log_prob,
+    autodiff_divergence,
+    cfm,
+    cfm_grad,
+    marginal_fm,
+    loss_floor,
+]
+ids = [f.__name__ for f in ENTRIES]
+
+
+def _inputs(seed):
+    params = models.init(MODEL, jax.random.key(seed))
+    x = jax.random.normal(jax.random.key(seed + 100), (N, 2))
+    return params, x, jax.random.key(seed + 200)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids)
+def test_second_eager_call_compiles_nothing(entry, count_compiles):
+    first_in, second_in = _inputs(0), _inputs(1)
+    with count_compiles() as first:
+        jax.block_until_ready(entry(*first_in))
+    with count_compiles() as second:
+        jax.block_until_ready(entry(*second_in))
+    assert first.n > 0  # the counter sees compiles at all
+    assert second.n == 0
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids)
+def test_under_outer_jit_traced_once(entry):
+    jitted = jax.jit(chex.assert_max_traces(entry, n=1))
+    for seed in (0, 1):
+        got = jitted(*_inputs(seed))
+        want = entry(*_inputs(seed))
+        # Same program up to XLA's fusion of the outer jit: float32 round-off only.
+        chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
+        assert np.all(np.isfinite(np.asarray(got)))
+
+
+def test_trace_counting_can_fail():
+    """Control: a new shape retraces, and assert_max_traces says so."""
+    jitted = jax.jit(chex.assert_max_traces(_exact("velocity"), n=1))
+    params, x, key = _inputs(0)
+    jitted(params, x, key)
+    with pytest.raises(AssertionError):
+        jitted(params, x[:16], key)
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=ids)
+def test_under_vmap(entry):
+    """vmap over a leading axis of points and keys equals a loop of eager calls."""
+    params = _inputs(0)[0]
+    xs = jax.random.normal(jax.random.key(5), (2, N, 2))
+    keys = jax.random.split(jax.random.key(6), 2)
+    got = jax.vmap(entry, in_axes=(None, 0, 0))(params, xs, keys)
+    want = jnp.stack([entry(params, xs[i], keys[i]) for i in range(2)])
+    chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
