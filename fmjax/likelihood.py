@@ -174,7 +174,10 @@ def _prepare(fn, velocity, x, name, t, schedule, source_log_prob):
     _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
     x = _solve.check_x(fn, x, name)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
-    t_min, t = _solve.resolve_times(fn, None, t, schedule)
+    t_min, t_max = (0.0, 1.0) if schedule is None else schedule.interval
+    t = t_max if t is None else _solve.check_time(fn, "t", t, schedule)
+    if t == t_min:
+        _checks.fail(fn, "t", f"after the start of the valid interval, {t_min:g}", t)
     return x, schedule, t_min, t, _source_log_prob(fn, source_log_prob)
 
 
