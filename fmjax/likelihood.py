@@ -1,19 +1,17 @@
 """Log-likelihood of a flow by the augmented ODE (instantaneous change of variables).
 
-Along a trajectory of dx/dt = u_t(x), d/dt log p_t(x_t) = -div u_t(x_t). So for data x at time t,
+Along a trajectory of dx/dt = u_t(x), d/dt log p_t(x_t) = -div u_t(x_t), so for data x at time t
 
-    log p_t(x) = log p_0(x_0) - int_0^t div u_s(x_s) ds,
+    log p_t(x) = log p_{t_min}(x_{t_min}) - int_{t_min}^t div u_s(x_s) ds,
 
-where x_0 is x carried back to the source. ``log_likelihood`` integrates the state and
-l(s) = int_t^s div u dr backwards from t to 0 in one diffrax solve, so that
-log p_t(x) = log p_0(x_0) + l(0);
-``sample_and_log_prob`` integrates forwards from source samples and returns the samples with their
-log-density in one pass. The divergence is exact (d forward-mode Jacobian-vector products along the
-basis vectors; fine for small d) or Hutchinson's unbiased estimate E[e^T J e] with Rademacher or
-Gaussian probes e drawn once per solve from an explicit key (FFJORD); the trajectory does not depend
-on the probes, so the log-likelihood estimate is unbiased too. Reverse-mode gradients through the
-solve (e.g. with respect to model parameters closed over by the velocity) work through diffrax's
-``RecursiveCheckpointAdjoint``.
+with x_{t_min} the point x carried back to the start of the valid interval (0 unless the schedule
+starts later); the source law is taken as p_{t_min}, exact when t_min = 0. ``log_likelihood``
+integrates the state and the divergence integral backwards in one diffrax solve;
+``sample_and_log_prob`` integrates forwards from source samples. The divergence is exact (d
+forward-mode JVPs; fine for small d) or Hutchinson's unbiased estimate E[e^T J e] with Rademacher
+or Gaussian probes drawn once per solve from an explicit key (FFJORD); the trajectory does not
+depend on the probes, so the log-likelihood estimate is unbiased too. Reverse-mode gradients
+through the solve work through diffrax's ``RecursiveCheckpointAdjoint``.
 """
 
 from __future__ import annotations
@@ -27,13 +25,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
-from fmjax._ode import _integrate
-from fmjax._sample_common import Velocity, _as_pytree, _check_time, _check_x
+from fmjax import _checks, _solve
+from fmjax._typing import Velocity
 from fmjax.mixtures import GaussianMixture
+from fmjax.schedules import Schedule
 
 __all__ = [
     "LikelihoodResult",
-    "divergence",
+    "autodiff_divergence",
     "log_likelihood",
     "sample_and_log_prob",
     "standard_normal_log_prob",
@@ -42,6 +41,8 @@ __all__ = [
 _METHODS = ("exact", "hutchinson")
 _PROBES = ("rademacher", "gaussian")
 
+SourceLogProb = GaussianMixture | Callable[[Float[Array, "... d"]], Float[Array, "..."]] | None
+
 
 class LikelihoodResult(NamedTuple):
     """Result of ``log_likelihood`` and ``sample_and_log_prob``.
@@ -49,20 +50,20 @@ class LikelihoodResult(NamedTuple):
     Attributes:
         x: the data points (``log_likelihood``: as given; ``sample_and_log_prob``: the samples).
         log_prob: log-density of ``x`` under the flow, shape (...).
-        x0: the matching source points, (..., d).
+        x0: the matching source points (at the start of the valid interval), (..., d).
         nfe: number of (batched) augmented-field evaluations, int scalar.
         num_steps: solver steps, int scalar.
     """
 
     x: Float[Array, "... d"]
-    log_prob: Float[Array, ...]
+    log_prob: Float[Array, "..."]
     x0: Float[Array, "... d"]
     nfe: Int[Array, ""]
     num_steps: Int[Array, ""]
 
 
-def standard_normal_log_prob(x: Float[ArrayLike, "... d"]) -> Float[Array, ...]:
-    """log N(x; 0, I) for x (..., d)."""
+def standard_normal_log_prob(x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
+    """log N(x; 0, I) for x (..., d), in closed form."""
     x = jnp.asarray(x)
     return -0.5 * jnp.sum(x * x, axis=-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
@@ -81,7 +82,22 @@ def _velocity_and_divergence(velocity: Velocity, t, x, probes):
     return u, jnp.mean(jnp.sum(probes * jv, axis=-1), axis=0)
 
 
-def divergence(
+def _probes(fn: str, method, key, probe, n_probes, x):
+    """None for the exact divergence, else (n_probes, ..., d) Hutchinson probes from ``key``."""
+    _checks.check_choice(fn, "method", method, _METHODS)
+    if method == "exact":
+        return None
+    if key is None:
+        _checks.fail(fn, "key", "a PRNG key for method='hutchinson'", key, TypeError)
+    key = _checks.check_key(fn, "key", key)
+    _checks.check_choice(fn, "probe", probe, _PROBES)
+    shape = (_checks.check_int(fn, "n_probes", n_probes),) + x.shape
+    if probe == "rademacher":
+        return jax.random.rademacher(key, shape, x.dtype)
+    return jax.random.normal(key, shape, x.dtype)
+
+
+def autodiff_divergence(
     velocity: Velocity,
     t: Float[ArrayLike, ""],
     x: Float[ArrayLike, "... d"],
@@ -90,41 +106,29 @@ def divergence(
     key: PRNGKeyArray | None = None,
     probe: str = "rademacher",
     n_probes: int = 1,
-) -> Float[Array, ...]:
-    """Divergence of a velocity field at one time: exact (Jacobian trace) or Hutchinson.
+) -> Float[Array, "..."]:
+    """Divergence of any velocity field at one time by autodiff: Jacobian trace or Hutchinson.
+
+    Unlike ``fmjax.exact.divergence`` (the closed form of the exact mixture field), this works
+    for any differentiable callable, e.g. a learned model.
 
     Args:
         velocity: ``(t, x) -> (..., d)``.
         t: scalar time.
         x: points (..., d).
-        method: "exact" or "hutchinson".
-        key: PRNG key of the probes (Hutchinson only).
+        method: "exact" (d forward-mode JVPs) or "hutchinson".
+        key: PRNG key of the probes (Hutchinson only; keyword-only).
         probe: "rademacher" or "gaussian".
         n_probes: probes per point, averaged.
 
     Returns:
         div u_t(x), shape (...).
     """
-    x = _check_x("divergence", x, "x")
-    probes = _probes("divergence", method, key, probe, n_probes, x)
+    fn = "likelihood.autodiff_divergence"
+    _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
+    x = _solve.check_x(fn, x, "x")
+    probes = _probes(fn, method, key, probe, n_probes, x)
     return _velocity_and_divergence(velocity, jnp.asarray(t, x.dtype), x, probes)[1]
-
-
-def _probes(fn: str, method, key, probe, n_probes, x):
-    if method not in _METHODS:
-        raise ValueError(f"{fn}: `method` must be one of {_METHODS}, got {method!r}")
-    if method == "exact":
-        return None
-    if key is None:
-        raise ValueError(f"{fn}: `key` is required for method='hutchinson'")
-    if probe not in _PROBES:
-        raise ValueError(f"{fn}: `probe` must be one of {_PROBES}, got {probe!r}")
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"{fn}: `n_probes` must be a positive int, got {n_probes!r}")
-    shape = (n_probes,) + x.shape
-    if probe == "rademacher":
-        return jax.random.rademacher(key, shape, x.dtype)
-    return jax.random.normal(key, shape, x.dtype)
 
 
 def _source_log_prob(fn: str, source) -> Callable[[Array], Array]:
@@ -132,12 +136,8 @@ def _source_log_prob(fn: str, source) -> Callable[[Array], Array]:
         return standard_normal_log_prob
     if isinstance(source, GaussianMixture):
         return source.log_prob
-    if callable(source):
-        return source
-    raise ValueError(
-        f"{fn}: `source_log_prob` must be None (N(0, I)), a GaussianMixture or a callable "
-        f"x (..., d) -> (...), got {source!r}"
-    )
+    what = "None (N(0, I)), a GaussianMixture or a callable x (..., d) -> (...)"
+    return _checks.check_callable(fn, "source_log_prob", source, what)
 
 
 class _AugArgs(NamedTuple):
@@ -147,40 +147,53 @@ class _AugArgs(NamedTuple):
 
 def _augmented_field(t, y, args: _AugArgs):
     x, _ = y
-    u, div = _velocity_and_divergence(args.velocity, t, x, args.probes)
-    return u, div
+    return _velocity_and_divergence(args.velocity, t, x, args.probes)
 
 
-def _solve(fn, velocity, x, t_from, t_to, method, key, probe, n_probes, solve_kw):
-    x = _check_x(fn, x, "x")
-    if not callable(velocity):
-        raise ValueError(f"{fn}: `velocity` must be a callable (t, x) -> x-shaped")
-    probes = _probes(fn, method, key, probe, n_probes, x)
+def _augmented_solve(fn, velocity, x, t_from, t_to, schedule, probe_kw, solve_kw):
+    """One solve of (x, int_{t_from}^s div u) from t_from to t_to; returns (x_end, l_end, out)."""
+    probes = _probes(fn, x=x, **probe_kw)
     y0 = (x, jnp.zeros(x.shape[:-1], x.dtype))
-    (x_end, l_end), _, _, nfe, num_steps = _integrate(
+    out = _solve.solve(
         fn,
         _augmented_field,
         y0,
-        _AugArgs(_as_pytree(velocity), probes),
+        _AugArgs(_solve.as_pytree(velocity), probes),
         t0=t_from,
         t1=t_to,
         save_ts=None,
+        schedule=schedule,
         **solve_kw,
     )
-    return x_end, l_end, nfe, num_steps
+    x_end, l_end = out.y1
+    return x_end, l_end, out
+
+
+def _prepare(fn, velocity, x, name, t, schedule, source_log_prob):
+    """Checked inputs: (x, schedule, t_min, t, log p_{t_min})."""
+    _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
+    x = _solve.check_x(fn, x, name)
+    schedule = _solve.resolve_schedule(fn, schedule, velocity)
+    t_min, t_max = (0.0, 1.0) if schedule is None else schedule.interval
+    t = t_max if t is None else _solve.check_time(fn, "t", t, schedule)
+    if t == t_min:
+        _checks.fail(fn, "t", f"after the start of the valid interval, {t_min:g}", t)
+    return x, schedule, t_min, t, _source_log_prob(fn, source_log_prob)
 
 
 def log_likelihood(
     velocity: Velocity,
     x: Float[ArrayLike, "... d"],
     *,
-    t: float = 1.0,
-    method: str = "exact",
+    t: float | None = None,
     key: PRNGKeyArray | None = None,
+    schedule: Schedule | None = None,
+    method: str = "exact",
     probe: str = "rademacher",
     n_probes: int = 1,
-    source_log_prob: GaussianMixture | Callable[[Array], Array] | None = None,
-    solver: str = "tsit5",
+    source_log_prob: SourceLogProb = None,
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     steps: int | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -189,73 +202,90 @@ def log_likelihood(
 ) -> LikelihoodResult:
     """log p_t(x) under the flow of ``velocity``, by one backward solve of the augmented ODE.
 
+    The solve runs from ``t`` back to t_min, the start of the valid interval, and takes
+    ``source_log_prob`` as the law p_{t_min} there (exact when t_min = 0).
+
     Args:
         velocity: ``(t, x) -> (..., d)``.
         x: data points (..., d) at time ``t``.
-        t: time of the data (default 1, the target).
+        t: time of the data (default: the end of the valid interval, 1 without a schedule).
+        key: PRNG key of the Hutchinson probes (drawn once per solve, per point; keyword-only).
+        schedule: the velocity's schedule (default ``velocity.schedule`` if it has one): its
+            valid interval bounds ``t`` and gives t_min and the default ``t``.
         method: "exact" divergence (d JVPs, for small d) or "hutchinson" (one JVP per probe).
-        key: PRNG key of the Hutchinson probes (drawn once per solve, per point).
         probe: "rademacher" or "gaussian".
         n_probes: Hutchinson probes per point, averaged at each evaluation.
-        source_log_prob: log p_0: None for N(0, I), a GaussianMixture, or ``x -> (...)``.
-        solver, steps, rtol, atol, max_steps, adjoint: as in ``fmjax.sample.ode`` (adaptive
-            Tsit5 by default; the error control covers the log-density too).
+        source_log_prob: log p_{t_min}: None for N(0, I), a GaussianMixture, or ``x -> (...)``.
+        solver, stepsize_controller, steps, rtol, atol, max_steps, adjoint: as in
+            ``fmjax.sample.ode`` (adaptive Tsit5 by default; the error control covers the
+            log-density too).
 
     Returns:
         ``LikelihoodResult(x, log_prob, x0, nfe, num_steps)``.
 
     Raises:
-        ValueError: naming the argument, for bad method, probes, key, solver or shapes.
+        TypeError: for a velocity, key, solver, controller or source of the wrong type.
+        ValueError: naming the argument, for bad method, probes, times, solver options or shapes.
     """
-    fn = "log_likelihood"
-    t = _check_time(fn, "t", t)
-    log_p0 = _source_log_prob(fn, source_log_prob)
-    x = _check_x(fn, x, "x")
+    fn = "likelihood.log_likelihood"
+    x, schedule, t_min, t, log_p0 = _prepare(fn, velocity, x, "x", t, schedule, source_log_prob)
+    probe_kw = dict(method=method, key=key, probe=probe, n_probes=n_probes)
     solve_kw = dict(
-        solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, adjoint=adjoint
+        solver=solver,
+        stepsize_controller=stepsize_controller,
+        steps=steps,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        adjoint=adjoint,
     )
-    x0, l0, nfe, num_steps = _solve(fn, velocity, x, t, 0.0, method, key, probe, n_probes, solve_kw)
-    # l(0) = int_t^0 div = -int_0^t div, so log p_t(x) = log p_0(x_0) + l(0).
-    return LikelihoodResult(x, log_p0(x0) + l0, x0, nfe, num_steps)
+    x0, l0, out = _augmented_solve(fn, velocity, x, t, t_min, schedule, probe_kw, solve_kw)
+    # l(t_min) = int_t^{t_min} div = -int_{t_min}^t div, so log p_t(x) = log p(x0) + l(t_min).
+    return LikelihoodResult(x, log_p0(x0) + l0, x0, out.nfe, out.num_steps)
 
 
 def sample_and_log_prob(
     velocity: Velocity,
     x0: Float[ArrayLike, "... d"],
     *,
-    t: float = 1.0,
-    method: str = "exact",
+    t: float | None = None,
     key: PRNGKeyArray | None = None,
+    schedule: Schedule | None = None,
+    method: str = "exact",
     probe: str = "rademacher",
     n_probes: int = 1,
-    source_log_prob: GaussianMixture | Callable[[Array], Array] | None = None,
-    solver: str = "tsit5",
+    source_log_prob: SourceLogProb = None,
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     steps: int | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int | None = None,
     adjoint: diffrax.AbstractAdjoint | None = None,
 ) -> LikelihoodResult:
-    """Push source samples forward to time ``t`` and return them with their log p_t, in one solve.
+    """Push source samples from t_min forward to ``t``; return them with their log p_t.
 
     Args:
         velocity: ``(t, x) -> (..., d)``.
-        x0: source samples (..., d), e.g. from ``fmjax.sample.draw_source``.
-        t: end time (default 1).
+        x0: source samples (..., d) at t_min, e.g. from ``fmjax.sample.draw_source``.
+        t: end time (default: the end of the valid interval, 1 without a schedule).
         Others: as in ``log_likelihood``.
 
     Returns:
         ``LikelihoodResult(x, log_prob, x0, nfe, num_steps)`` with ``x`` the samples at ``t``.
     """
-    fn = "sample_and_log_prob"
-    t = _check_time(fn, "t", t)
-    log_p0 = _source_log_prob(fn, source_log_prob)
-    x0 = _check_x(fn, x0, "x0")
+    fn = "likelihood.sample_and_log_prob"
+    x0, schedule, t_min, t, log_p0 = _prepare(fn, velocity, x0, "x0", t, schedule, source_log_prob)
+    probe_kw = dict(method=method, key=key, probe=probe, n_probes=n_probes)
     solve_kw = dict(
-        solver=solver, steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, adjoint=adjoint
+        solver=solver,
+        stepsize_controller=stepsize_controller,
+        steps=steps,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        adjoint=adjoint,
     )
-    x1, l1, nfe, num_steps = _solve(
-        fn, velocity, x0, 0.0, t, method, key, probe, n_probes, solve_kw
-    )
-    # l(t) = int_0^t div, so log p_t(x_t) = log p_0(x_0) - l(t).
-    return LikelihoodResult(x1, log_p0(x0) - l1, x0, nfe, num_steps)
+    x1, l1, out = _augmented_solve(fn, velocity, x0, t_min, t, schedule, probe_kw, solve_kw)
+    # l(t) = int_{t_min}^t div, so log p_t(x_t) = log p(x0) - l(t).
+    return LikelihoodResult(x1, log_p0(x0) - l1, x0, out.nfe, out.num_steps)

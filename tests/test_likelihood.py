@@ -1,21 +1,24 @@
-"""Tests of fmjax.likelihood: exact GMM log-densities and divergences, gradients vs FD."""
+"""Tests of fmjax.likelihood: exact GMM log-densities and divergences, gradients vs FD, solver
+objects, the schedule's valid interval, and the keyword-only key."""
 
 import functools
 
+import chex
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix
 import pytest
 
 import fmjax
-from fmjax import likelihood, sample, schedules
+from fmjax import likelihood, mixtures, sample, schedules
 
 D = 2
 
 
 def _coupling(key, source=None, k=3, dtype=jnp.float64):
-    eye = jnp.eye(D, dtype=dtype)[None]
-    p0 = source or fmjax.GaussianMixture(jnp.ones(1, dtype), jnp.zeros((1, D), dtype), eye)
+    p0 = source or mixtures.standard_normal(D, dtype)
     p1 = fmjax.random_gaussian_mixture(key, k, D, mean_scale=2.0, eps=0.3, dtype=dtype)
     return fmjax.independent_coupling(p0, p1), p0, p1
 
@@ -55,15 +58,17 @@ def test_sample_and_log_prob_matches_exact(x64):
     assert int(out.nfe) == 1 + 6 * int(out.num_steps)  # Tsit5 is FSAL with 7 stages
 
 
-def test_exact_divergence_matches_closed_form(x64):
+def test_autodiff_divergence_matches_closed_form(x64):
     c, _, _ = _coupling(jax.random.key(4))
     s = schedules.linear()
     v = functools.partial(fmjax.exact.velocity, c, s)
     x = jax.random.normal(jax.random.key(5), (3, 4, D), jnp.float64) * 2.0
-    got = likelihood.divergence(v, 0.3, x)
+    got = likelihood.autodiff_divergence(v, 0.3, x)
     want = fmjax.exact.divergence(c, s, 0.3, x)
     # Forward-mode JVPs and the closed form agree to float64 round-off on O(10) values.
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    # Control: the divergence at another time differs by far more than the tolerance.
+    assert float(jnp.max(jnp.abs(fmjax.exact.divergence(c, s, 0.6, x) - got))) > 1e-3
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
@@ -75,7 +80,7 @@ def test_hutchinson_divergence_is_unbiased(x64, probe):
     x = jax.random.normal(jax.random.key(7), (5, D), jnp.float64) * 2.0
     keys = jax.random.split(jax.random.key(8), 4000)
     est = jax.vmap(
-        lambda k: likelihood.divergence(v, 0.6, x, method="hutchinson", key=k, probe=probe)
+        lambda k: likelihood.autodiff_divergence(v, 0.6, x, method="hutchinson", key=k, probe=probe)
     )(keys)  # (M, 5)
     exact = fmjax.exact.divergence(c, s, 0.6, x)
     se = est.std(axis=0) / np.sqrt(est.shape[0])
@@ -132,13 +137,107 @@ def test_gradient_matches_finite_differences(x64, method):
 def test_likelihood_validation():
     v = lambda t, x: -x  # noqa: E731
     x = jnp.ones((3, D))
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match=r"likelihood.log_likelihood: `method`"):
         likelihood.log_likelihood(v, x, method="skilling")
-    with pytest.raises(ValueError, match="key"):
+    with pytest.raises(TypeError, match="`key`"):
         likelihood.log_likelihood(v, x, method="hutchinson")
-    with pytest.raises(ValueError, match="probe"):
+    with pytest.raises(ValueError, match="`probe`"):
         likelihood.log_likelihood(v, x, method="hutchinson", key=jax.random.key(0), probe="x")
-    with pytest.raises(ValueError, match="source_log_prob"):
+    with pytest.raises(ValueError, match="`n_probes`"):
+        likelihood.log_likelihood(v, x, method="hutchinson", key=jax.random.key(0), n_probes=0)
+    with pytest.raises(TypeError, match="`source_log_prob`"):
         likelihood.log_likelihood(v, x, source_log_prob="normal")
     with pytest.raises(ValueError, match="`t`"):
         likelihood.log_likelihood(v, x, t=2.0)
+    with pytest.raises(ValueError, match="`t`"):
+        likelihood.sample_and_log_prob(v, x, t=0.0)
+    with pytest.raises(ValueError, match=r"`t` must be in \[0, 0.999\]"):
+        likelihood.log_likelihood(v, x, t=1.0, schedule=schedules.vp())
+    with pytest.raises(ValueError, match="`stepsize_controller`"):
+        likelihood.log_likelihood(
+            v, x, solver="rk4", stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)
+        )
+    with pytest.raises(ValueError, match=r"likelihood.autodiff_divergence: `method`"):
+        likelihood.autodiff_divergence(v, 0.5, x, method="trace")
+
+
+def test_key_is_keyword_only():
+    v = lambda t, x: -x  # noqa: E731
+    x, key = jnp.ones((3, D)), jax.random.key(0)
+    with pytest.raises(TypeError):
+        likelihood.log_likelihood(v, x, key)
+    with pytest.raises(TypeError):
+        likelihood.sample_and_log_prob(v, x, key)
+    with pytest.raises(TypeError):
+        likelihood.autodiff_divergence(v, 0.5, x, "hutchinson", key)
+
+
+def test_solver_and_controller_objects_match_names(x64):
+    """A diffrax solver / controller object gives exactly the solve of the matching names."""
+    c, _, p1 = _coupling(jax.random.key(16))
+    v = functools.partial(fmjax.exact.velocity, c, schedules.linear())
+    x = p1.sample(jax.random.key(17), 4)
+    by_name = likelihood.log_likelihood(v, x, rtol=1e-6, atol=1e-6)
+    pid = diffrax.PIDController(rtol=1e-6, atol=1e-6, norm=optimistix.max_norm)
+    by_object = likelihood.log_likelihood(v, x, solver=diffrax.Tsit5(), stepsize_controller=pid)
+    np.testing.assert_array_equal(by_object.log_prob, by_name.log_prob)
+    assert int(by_object.nfe) == int(by_name.nfe)
+    fwd = likelihood.sample_and_log_prob(v, x, solver=sample.RK4(), steps=6)
+    fwd_name = likelihood.sample_and_log_prob(v, x, solver="rk4", steps=6)
+    np.testing.assert_array_equal(fwd.log_prob, fwd_name.log_prob)
+    assert int(fwd.nfe) == 24
+
+
+def test_integrates_back_to_the_start_of_the_interval(x64):
+    """With a schedule starting at t_min > 0 the solve stops there and p_{t_min} is the source.
+
+    polynomial(0.5) is valid on [1e-3, 1] (da_t infinite at 0). Taking the exact p_{t_min} as
+    ``source_log_prob`` makes the result exact again (Tsit5 at 1e-7: ~1e-6 nats); x0 is the
+    backward ODE solution to t_min. The velocity's ``.schedule`` supplies the interval.
+    """
+    s = schedules.polynomial(0.5)
+    c, _, p1 = _coupling(jax.random.key(18))
+
+    class Field:
+        schedule = s
+
+        def __call__(self, t, x):
+            return fmjax.exact.velocity(c, s, t, x)
+
+    x = p1.sample(jax.random.key(19), 4)
+    src = functools.partial(fmjax.exact.log_prob, c, s, s.t_min)
+    out = likelihood.log_likelihood(Field(), x, source_log_prob=src, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(out.log_prob, p1.log_prob(x), atol=1e-4)
+    back = sample.ode(Field(), x, t0=1.0, t1=s.t_min, rtol=1e-7, atol=1e-7).x
+    np.testing.assert_allclose(out.x0, back, atol=1e-5)
+
+
+def test_vp_likelihood_defaults_to_valid_interval(x64):
+    """On vp the data time defaults to t_max = 0.999 and the result is exact log p_{0.999}.
+
+    The vp path starts at a_0 = 6.6e-3, not exactly at N(0, I): the exact p_0 as the source.
+    """
+    s = schedules.vp()
+    c, _, p1 = _coupling(jax.random.key(20))
+    v = functools.partial(fmjax.exact.velocity, c, s)
+    x = p1.sample(jax.random.key(21), 4)
+    src = functools.partial(fmjax.exact.log_prob, c, s, 0.0)
+    out = likelihood.log_likelihood(v, x, schedule=s, source_log_prob=src, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(out.log_prob, fmjax.exact.log_prob(c, s, s.t_max, x), atol=1e-4)
+
+
+def test_log_likelihood_under_jit_matches_eager():
+    chex.clear_trace_counter()
+    c, _, p1 = _coupling(jax.random.key(22), dtype=jnp.float32)
+    v = functools.partial(fmjax.exact.velocity, c, schedules.linear())
+    x = p1.sample(jax.random.key(23), 4)
+    kw = dict(solver="rk4", steps=8, method="hutchinson")
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def jitted(x, key):
+        return likelihood.log_likelihood(v, x, key=key, **kw).log_prob
+
+    eager = likelihood.log_likelihood(v, x, key=jax.random.key(0), **kw).log_prob
+    np.testing.assert_allclose(jitted(x, jax.random.key(0)), eager, rtol=1e-5)
+    jitted(x + 0.5, jax.random.key(1))  # new values: no retrace

@@ -1,27 +1,39 @@
-"""Tests of fmjax.sample: ODE solver orders, NFE, round trip, score from velocity, SDE marginals.
+"""Tests of fmjax.sample: ODE solver orders, NFE, round trip, score from velocity, SDE marginals,
+solver and controller objects, schedule intervals, and the jit / vmap contract of ``sde``.
 
 Ground truth is the exact velocity and score of a Gaussian-mixture path (fmjax.exact) with source
-p0 = N(0, I) (a one-component mixture) and a small random GMM target, d = 2.
+p0 = N(0, I) (``mixtures.standard_normal``) and a small random GMM target, d = 2.
 """
 
 import functools
 
+import chex
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix
 import pytest
 from jax.experimental import io_callback
 
 import fmjax
-from fmjax import sample, schedules
+from fmjax import mixtures, sample, schedules
 
 D = 2
 
 
+class _Field:
+    """Stand-in for ``fmjax.exact.VelocityField``: the exact field with a ``.schedule``."""
+
+    def __init__(self, coupling, schedule):
+        self.coupling, self.schedule = coupling, schedule
+
+    def __call__(self, t, x):
+        return fmjax.exact.velocity(self.coupling, self.schedule, t, x)
+
+
 def _problem(key, k=2, mean_scale=1.5, eps=0.5, dtype=jnp.float64):
-    p0 = fmjax.GaussianMixture(
-        jnp.ones(1, dtype), jnp.zeros((1, D), dtype), jnp.eye(D, dtype=dtype)[None]
-    )
+    p0 = mixtures.standard_normal(D, dtype)
     p1 = fmjax.random_gaussian_mixture(key, k, D, mean_scale=mean_scale, eps=eps, dtype=dtype)
     return fmjax.independent_coupling(p0, p1), p1
 
@@ -148,18 +160,44 @@ def test_new_partial_with_new_arrays_does_not_retrace():
 def test_ode_validation():
     v = lambda t, x: -x  # noqa: E731
     x0 = jnp.ones((3, D))
-    with pytest.raises(ValueError, match="solver"):
+    with pytest.raises(ValueError, match=r"sample.ode: `solver`"):
         sample.ode(v, x0, solver="rk45")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(TypeError, match="`solver`"):
+        sample.ode(v, x0, solver=3)
+    with pytest.raises(ValueError, match="`steps`"):
         sample.ode(v, x0, solver="euler")
-    with pytest.raises(ValueError, match="t0"):
+    with pytest.raises(ValueError, match="`t0`"):
         sample.ode(v, x0, t0=1.5, steps=4, solver="euler")
-    with pytest.raises(ValueError, match="save_ts"):
+    with pytest.raises(ValueError, match="`save_ts`"):
         sample.ode(v, x0, save_ts=[0.5, 0.2])
-    with pytest.raises(ValueError, match="rtol"):
+    with pytest.raises(ValueError, match="`rtol`"):
         sample.ode(v, x0, rtol=0.0)
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(TypeError, match="`steps`"):
+        sample.ode(v, x0, solver="rk4", steps=4.0)
+    with pytest.raises(TypeError, match="`velocity`"):
+        sample.ode("v", x0)
+    with pytest.raises(TypeError, match="`schedule`"):
+        sample.ode(v, x0, schedule="linear")
+    with pytest.raises(ValueError, match="`dim`"):
         sample.draw_source(jax.random.key(0), 4)
+
+
+def test_controller_validation():
+    """Controllers that do not fit the solver or ``steps`` are clear ValueErrors."""
+    v = lambda t, x: -x  # noqa: E731
+    x0 = jnp.ones((3, D))
+    pid = diffrax.PIDController(rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="`steps`"):  # steps and a controller
+        sample.ode(v, x0, steps=4, stepsize_controller=pid)
+    for fixed in ("euler", "rk4", diffrax.Euler(), sample.RK4()):  # adaptive with fixed-step
+        with pytest.raises(ValueError, match="`stepsize_controller`"):
+            sample.ode(v, x0, solver=fixed, stepsize_controller=pid)
+    with pytest.raises(ValueError, match="`stepsize_controller`"):
+        sample.ode(v, x0, stepsize_controller=diffrax.ConstantStepSize())
+    with pytest.raises(TypeError, match="`stepsize_controller`"):
+        sample.ode(v, x0, stepsize_controller="pid")
+    with pytest.raises(TypeError, match="`solver`"):  # NFE unknown for implicit solvers
+        sample.ode(v, x0, solver=diffrax.Kvaerno5())
 
 
 def test_draw_source_deterministic():
@@ -184,7 +222,7 @@ def test_sde_zero_diffusion_is_the_ode(x64):
         v,
         s,
         x0,
-        jax.random.key(8),
+        key=jax.random.key(8),
         diffusion=0.0,
         steps=40,
         save_trajectory=True,
@@ -192,7 +230,7 @@ def test_sde_zero_diffusion_is_the_ode(x64):
     )
     ode = sample.ode(v, x0, solver="euler", steps=40)
     np.testing.assert_allclose(sde.x, ode.x, atol=1e-12)
-    assert sde.xs.shape == (41, 32, D) and int(sde.nfe) == 40
+    assert sde.xs.shape == (41, 32, D) and int(sde.nfe) == 40 and int(sde.num_steps) == 40
     np.testing.assert_allclose(sde.ts, np.linspace(0, 1, 41), atol=1e-12)
 
 
@@ -241,7 +279,7 @@ def test_sde_samples_match_target(x64, sde_problem, diffusion, solver, eps, brow
         v,
         s,
         x0,
-        jax.random.key(15),
+        key=jax.random.key(15),
         diffusion=diffusion,
         solver=solver,
         eps=eps,
@@ -250,7 +288,9 @@ def test_sde_samples_match_target(x64, sde_problem, diffusion, solver, eps, brow
     )
     assert float(_energy_distance(out.x, ref)) < 2 * null_max
     if diffusion == 1.0:
-        wrong = sample.sde(v, schedules.cosine(), x0, jax.random.key(15), diffusion=1.0, steps=100)
+        wrong = sample.sde(
+            v, schedules.cosine(), x0, key=jax.random.key(15), diffusion=1.0, steps=100
+        )
         assert float(_energy_distance(wrong.x, ref)) > 10 * null_max
 
 
@@ -258,7 +298,7 @@ def test_reversed_time_gives_same_samples(x64):
     """Data at s=0, noise at s=1 (flipped coupling, velocity dx/ds) gives the same samples."""
     c, p1 = _problem(jax.random.key(16), k=2)
     s = schedules.cosine()
-    p0 = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, D)), jnp.eye(D)[None])
+    p0 = mixtures.standard_normal(D, jnp.float64)
     v_fwd = functools.partial(fmjax.exact.velocity, c, s)
     # Reversed convention built independently: "x0" = data, "x1" = noise,
     # x_s = b_s data + a_s noise.
@@ -267,8 +307,8 @@ def test_reversed_time_gives_same_samples(x64):
     x0 = sample.draw_source(jax.random.key(17), 64, D, dtype=jnp.float64)
     key = jax.random.key(18)
     kw = dict(steps=30, save_trajectory=True, brownian="unsafe")
-    fwd = sample.sde(v_fwd, s, x0, key, diffusion=lambda t: 0.5 + t, **kw)
-    rev = sample.sde(v_rev, s, x0, key, diffusion=lambda s_: 1.5 - s_, time="reversed", **kw)
+    fwd = sample.sde(v_fwd, s, x0, key=key, diffusion=lambda t: 0.5 + t, **kw)
+    rev = sample.sde(v_rev, s, x0, key=key, diffusion=lambda s_: 1.5 - s_, time="reversed", **kw)
     # Same Brownian path and grid; the two exact fields agree to round-off, so do the samples.
     np.testing.assert_allclose(rev.x, fwd.x, atol=1e-9)
     np.testing.assert_allclose(rev.ts, 1.0 - fwd.ts, atol=1e-12)
@@ -279,13 +319,172 @@ def test_sde_validation():
     s = schedules.linear()
     x0 = jnp.ones((3, D))
     k = jax.random.key(0)
-    with pytest.raises(ValueError, match="diffusion"):
-        sample.sde(v, s, x0, k, diffusion=1.0, eps=0.0)  # g(1) != 0 with eps = 0
-    with pytest.raises(ValueError, match="diffusion"):
-        sample.sde(v, s, x0, k, diffusion=lambda t: t - 0.5)
-    with pytest.raises(ValueError, match="solver"):
-        sample.sde(v, s, x0, k, solver="milstein")
-    with pytest.raises(ValueError, match="time"):
-        sample.sde(v, s, x0, k, time="backward")
-    with pytest.raises(ValueError, match="schedule"):
-        sample.sde(v, "linear", x0, k)
+    with pytest.raises(ValueError, match=r"sample.sde: `diffusion`"):
+        sample.sde(v, s, x0, key=k, diffusion=1.0, eps=0.0)  # g(1) != 0 with eps = 0
+    with pytest.raises(ValueError, match="`diffusion`"):
+        sample.sde(v, s, x0, key=k, diffusion=lambda t: t - 0.5)
+    with pytest.raises(ValueError, match="`diffusion`"):
+        sample.sde(v, s, x0, key=k, diffusion=-1.0)
+    with pytest.raises(TypeError, match="`diffusion`"):
+        sample.sde(v, s, x0, key=k, diffusion="brownian")
+    with pytest.raises(ValueError, match="`solver`"):
+        sample.sde(v, s, x0, key=k, solver="milstein")
+    with pytest.raises(ValueError, match="`time`"):
+        sample.sde(v, s, x0, key=k, time="backward")
+    with pytest.raises(ValueError, match="`eps`"):
+        sample.sde(v, s, x0, key=k, eps=1.0)
+    with pytest.raises(TypeError, match="`schedule`"):
+        sample.sde(v, "linear", x0, key=k)
+    with pytest.raises(TypeError, match="`key`"):
+        sample.sde(v, s, x0, key=0)
+
+
+def test_sde_key_is_keyword_only():
+    v = lambda t, x: -x  # noqa: E731
+    with pytest.raises(TypeError):
+        sample.sde(v, schedules.linear(), jnp.ones((3, D)), jax.random.key(0))
+
+
+def test_sde_num_steps_and_interval(x64):
+    """num_steps counts the SDE steps and the denoising step; the grid spans the interval.
+
+    The vp schedule's interval is [0, 0.999]: the grid ends there, not at the singular t = 1.
+    """
+    c, _ = _problem(jax.random.key(20))
+    s = schedules.vp()
+    out = sample.sde(
+        _Field(c, s),
+        s,
+        jnp.zeros((4, D)),
+        key=jax.random.key(0),
+        steps=10,
+        solver="heun",
+        save_trajectory=True,
+    )
+    assert int(out.num_steps) == 10 and int(out.nfe) == 2 * 9 + 1
+    np.testing.assert_allclose(out.ts, np.linspace(0.0, s.t_max, 11), atol=1e-12)
+    assert out.xs.shape == (11, 4, D) and bool(jnp.all(jnp.isfinite(out.x)))
+    no_denoise = sample.sde(
+        _Field(c, s),
+        s,
+        jnp.zeros((4, D)),
+        key=jax.random.key(0),
+        steps=10,
+        diffusion=lambda t: s.t_max - t,
+        eps=0.0,
+    )
+    assert int(no_denoise.num_steps) == 10 and int(no_denoise.nfe) == 10
+
+
+@pytest.mark.parametrize("diffusion", [1.0, lambda t: jnp.sqrt(2.0 * (1.0 - t))])
+def test_sde_under_jit_and_vmap_matches_eager(diffusion):
+    """``sde`` runs inside an outer jit and vmap; the same key gives the same samples as eagerly.
+
+    One trace of the jitted function serves new x0 and keys (``chex.assert_max_traces``).
+    """
+    chex.clear_trace_counter()
+    c, _ = _problem(jax.random.key(21), dtype=jnp.float32)
+    s = schedules.linear()
+    v = functools.partial(fmjax.exact.velocity, c, s)
+    kw = dict(diffusion=diffusion, steps=8)
+    x0 = sample.draw_source(jax.random.key(22), 12, D).reshape(3, 4, D)
+    keys = jax.random.split(jax.random.key(23), 3)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def jitted(x, key):
+        return sample.sde(v, s, x, key=key, **kw).x
+
+    eager = sample.sde(v, s, x0[0], key=keys[0], **kw).x
+    # float32 in and out: the compiled and the eager solve differ by round-off only.
+    np.testing.assert_allclose(jitted(x0[0], keys[0]), eager, atol=1e-5)
+    jitted(2.0 * x0[1], keys[1])  # new values: no retrace
+    batched = jax.jit(jax.vmap(lambda x, k: sample.sde(v, s, x, key=k, **kw).x))(x0, keys)
+    for i in range(3):  # same key, same samples
+        np.testing.assert_allclose(
+            batched[i], sample.sde(v, s, x0[i], key=keys[i], **kw).x, atol=1e-5
+        )
+    # Control: a different key moves the samples (the comparisons above are not vacuous).
+    other = sample.sde(v, s, x0[0], key=keys[1], **kw).x
+    assert float(jnp.max(jnp.abs(other - eager))) > 1e-2
+
+
+def test_ode_under_jit_matches_eager():
+    chex.clear_trace_counter()
+    c, _ = _problem(jax.random.key(24), dtype=jnp.float32)
+    v = functools.partial(fmjax.exact.velocity, c, schedules.cosine())
+    x0 = sample.draw_source(jax.random.key(25), 6, D)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def jitted(x):
+        return sample.ode(v, x, rtol=1e-4, atol=1e-4).x
+
+    eager = sample.ode(v, x0, rtol=1e-4, atol=1e-4).x
+    np.testing.assert_allclose(jitted(x0), eager, atol=1e-5)
+    jitted(x0 + 1.0)
+
+
+# ----------------------------------------------------------------------------- objects, intervals
+
+
+def test_solver_and_controller_objects_match_names(x64):
+    """A diffrax solver / controller object gives exactly the solve of the matching names."""
+    c, _ = _problem(jax.random.key(26))
+    v = functools.partial(fmjax.exact.velocity, c, schedules.linear())
+    x0 = sample.draw_source(jax.random.key(27), 8, D, dtype=jnp.float64)
+    by_name = sample.ode(v, x0, rtol=1e-6, atol=1e-6)
+    pid = diffrax.PIDController(rtol=1e-6, atol=1e-6, norm=optimistix.max_norm)
+    by_object = sample.ode(v, x0, solver=diffrax.Tsit5(), stepsize_controller=pid)
+    np.testing.assert_array_equal(by_object.x, by_name.x)
+    assert int(by_object.nfe) == int(by_name.nfe) == 1 + 6 * int(by_name.num_steps)
+    rk4 = sample.ode(v, x0, solver="rk4", steps=8)
+    rk4_obj = sample.ode(v, x0, solver=sample.RK4(), steps=8)
+    np.testing.assert_array_equal(rk4_obj.x, rk4.x)
+    assert int(rk4_obj.nfe) == 32
+    # A StepTo controller on the same grid is the same fixed-step solve.
+    grid = diffrax.StepTo(ts=jnp.linspace(0.0, 1.0, 9))
+    step_to = sample.ode(v, x0, solver=sample.RK4(), stepsize_controller=grid)
+    np.testing.assert_allclose(step_to.x, rk4.x, atol=1e-14)
+    # Another ERK from its tableau: Bosh3 is FSAL with 4 stages.
+    bosh = sample.ode(v, x0, solver=diffrax.Bosh3(), stepsize_controller=pid)
+    assert int(bosh.nfe) == 1 + 3 * int(bosh.num_steps)
+    np.testing.assert_allclose(bosh.x, by_name.x, atol=1e-4)
+
+
+def test_vp_exact_field_defaults_to_valid_interval(x64):
+    """On the vp schedule (singular at t = 1) the default end time is t_max = 0.999.
+
+    A velocity with ``.schedule`` (or ``schedule=``) gives finite samples equal to an explicit
+    t1 = 0.999 solve, with RK4 and with the adaptive default; t1 = 1 is refused up front.
+    """
+    c, _ = _problem(jax.random.key(28))
+    s = schedules.vp()
+    field = _Field(c, s)
+    x0 = sample.draw_source(jax.random.key(29), 8, D, dtype=jnp.float64)
+    for kw in (dict(solver="rk4", steps=50), dict()):
+        out = sample.ode(field, x0, **kw)
+        assert bool(jnp.all(jnp.isfinite(out.x)))
+        explicit = sample.ode(field.__call__, x0, t1=s.t_max, **kw)
+        np.testing.assert_allclose(out.x, explicit.x, atol=1e-12)
+        with_arg = sample.ode(field.__call__, x0, schedule=s, **kw)
+        np.testing.assert_allclose(with_arg.x, explicit.x, atol=1e-12)
+    with pytest.raises(ValueError, match=r"sample.ode: `t1` must be in \[0, 0.999\]"):
+        sample.ode(field, x0, t1=1.0)
+    with pytest.raises(ValueError, match="`t1`"):
+        sample.ode(functools.partial(fmjax.exact.velocity, c, s), x0, t1=1.0, schedule=s)
+
+
+@pytest.mark.parametrize("kw", [dict(solver="rk4", steps=20), dict()])
+def test_singular_end_is_a_clear_error(x64, kw):
+    """Without a schedule, solving the vp field to t = 1 eagerly is a ValueError naming t1.
+
+    Before: RK4 returned non-finite samples silently and Tsit5 an opaque EquinoxRuntimeError.
+    """
+    c, _ = _problem(jax.random.key(30))
+    v = functools.partial(fmjax.exact.velocity, c, schedules.vp())
+    x0 = sample.draw_source(jax.random.key(31), 8, D, dtype=jnp.float64)
+    with pytest.raises(ValueError, match=r"sample.ode: `t1` must be .*vp schedule at t = 1"):
+        sample.ode(v, x0, **kw)
+    # Control: the same field stopped inside its interval solves cleanly.
+    assert bool(jnp.all(jnp.isfinite(sample.ode(v, x0, t1=0.999, **kw).x)))

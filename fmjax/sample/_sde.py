@@ -1,0 +1,316 @@
+"""SDE sampling with the marginals p_t of the flow: the velocity plus a score term and noise.
+
+For an affine schedule x_t = b_t x0 + a_t x1 with Gaussian source x0 ~ N(0, I), the score follows
+from the velocity, score_t(x) = (a_t u_t(x) - da_t x) / (b_t (da_t b_t - a_t db_t)), and for any
+diffusion g(t) >= 0 the SDE
+
+    dX = [u_t(X) + g(t)^2 / 2 * score_t(X)] dt + g(t) dW
+
+has the same marginals p_t as the ODE dx/dt = u_t(x) (its Fokker-Planck equation reduces to the
+continuity equation). The score is singular where b_t = 0 (the data end), so the SDE runs on
+[t_min, t_max - eps] of the schedule's valid interval and one Euler step of the ODE (g = 0), the
+denoising step, covers [t_max - eps, t_max].
+
+Reversed time (data at s = 0, noise at s = 1): the velocity is v_s = dx/ds, the schedule reads
+x_s = b_s x_data + a_s x_noise and g is a function of s. With t = 1 - s this is the forward
+problem u_t(x) = -v_{1-t}(x), a_t = b_{1-t}, b_t = a_{1-t}, g(t) <- g(1 - t), on the flipped
+interval, so both clocks give the same samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import lineax
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
+
+from fmjax import _checks, _solve, convert
+from fmjax._typing import Velocity
+from fmjax.schedules import Schedule
+
+__all__ = ["SDE_SOLVERS", "SDESolution", "sde"]
+
+
+# SDE solvers for additive noise (g depends on t only, so Ito = Stratonovich): Euler-Maruyama,
+# Heun (strong order 1 for additive noise) and ShARK (strong order 1.5, uses space-time Levy area).
+SDE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
+    "euler": diffrax.Euler,
+    "heun": diffrax.Heun,
+    "shark": diffrax.ShARK,
+}
+_SDE_DRIFT_EVALS = {"euler": 1, "heun": 2, "shark": 2}
+_LEVY = {"shark": diffrax.SpaceTimeLevyArea}
+
+
+class SDESolution(NamedTuple):
+    """Result of ``sde``.
+
+    Attributes:
+        x: samples at the data end (t_max, or s = 1 - t_max in reversed time), shape of ``x0``.
+        ts: the step grid in the caller's clock (steps + 1,), if ``save_trajectory``, else None.
+        xs: states on that grid, (steps + 1, ..., d), or None.
+        nfe: number of (batched) velocity evaluations, int scalar.
+        num_steps: number of steps, the denoising step included, int scalar.
+    """
+
+    x: Float[Array, "... d"]
+    ts: Float[Array, " T"] | None
+    xs: Float[Array, "T ... d"] | None
+    nfe: Int[Array, ""]
+    num_steps: Int[Array, ""]
+
+
+# ----------------------------------------------------------------------------- reversed clock
+
+
+def _flipped_coeffs(t, schedule):
+    a, b, da, db = schedule(1.0 - t)
+    return b, a, -db, -da
+
+
+def _flip_schedule(schedule: Schedule) -> Schedule:
+    """Forward-clock schedule of a reversed-time one: x_t = x_{s=1-t}, on the flipped interval."""
+    interval = (1.0 - schedule.t_max, 1.0 - schedule.t_min)
+    return Schedule(f"flip({schedule.name})", _flipped_coeffs, (schedule,), interval)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["velocity"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _Flipped:
+    """Forward-clock velocity u_t(x) = -v_{1-t}(x) of a reversed-time velocity v."""
+
+    velocity: Velocity
+
+    def __call__(self, t, x):
+        return -self.velocity(1.0 - t, x)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["g"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _FlipG:
+    """Diffusion coefficient in the forward clock: g_fwd(t) = g(1 - t)."""
+
+    g: Callable
+
+    def __call__(self, t):
+        return self.g(1.0 - t)
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["value"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _Constant:
+    """g(t) = value; the value is a pytree leaf, so a new constant does not recompile."""
+
+    value: Array
+
+    def __call__(self, t):
+        return jnp.broadcast_to(self.value, jnp.shape(t)).astype(jnp.result_type(t))
+
+
+def _as_diffusion(fn: str, diffusion) -> Callable[[Array], Array]:
+    """A callable g; a number becomes ``_Constant`` (checked >= 0 when concrete)."""
+    if callable(diffusion):
+        return diffusion
+    if isinstance(diffusion, jax.Array) and not _checks.is_concrete(diffusion):
+        if diffusion.ndim != 0:
+            _checks.fail(fn, "diffusion", "a scalar", f"shape {diffusion.shape}", TypeError)
+        return _Constant(diffusion)
+    if isinstance(diffusion, bool) or not isinstance(diffusion, int | float | np.number | Array):
+        what = "a number >= 0 or a callable t -> g(t)"
+        _checks.fail(fn, "diffusion", what, diffusion, TypeError)
+    g = _checks.check_positive(fn, "diffusion", diffusion, allow_zero=True)
+    return _Constant(jnp.asarray(g))
+
+
+def _check_diffusion(fn: str, g, eps: float, interval: tuple[float, float], *inputs) -> None:
+    """g must be finite, >= 0 and scalar on the interval, and vanish at its end when eps = 0.
+
+    Runs only when everything is concrete (never under a trace): a probe of g on 33 times.
+    """
+    if not _checks.is_concrete(g, *inputs):
+        return
+    probe = np.linspace(*interval, 33)
+    try:
+        vals = jax.vmap(g)(jnp.asarray(probe))
+    except Exception as e:  # noqa: BLE001 - report any failure of a user callable
+        got = f"{type(e).__name__}: {e}"
+        _checks.fail(fn, "diffusion", "a callable of scalar times t -> g(t)", got)
+    if not _checks.is_concrete(vals):
+        return
+    vals = np.asarray(vals, dtype=np.float64)
+    where = f"[{interval[0]:g}, {interval[1]:g}]"
+    if vals.shape != probe.shape:
+        _checks.fail(fn, "diffusion", "a scalar g(t)", f"shape {vals.shape[1:]}")
+    if not np.all(np.isfinite(vals) & (vals >= 0)):
+        bad = float(vals[~(np.isfinite(vals) & (vals >= 0))][0])
+        _checks.fail(fn, "diffusion", f"finite and >= 0 on {where}", bad)
+    if eps == 0 and vals[-1] != 0:
+        _checks.fail(
+            fn,
+            "diffusion",
+            f"0 at t={interval[1]:g} with eps=0 (the score is singular at the "
+            "data end; use eps > 0, the default)",
+            float(vals[-1]),
+        )
+
+
+# ----------------------------------------------------------------------------- the solve
+
+
+class _SDEArgs(NamedTuple):
+    velocity: Velocity
+    schedule: Schedule
+    diffusion: Callable
+
+
+def _sde_drift(t, x, args: _SDEArgs):
+    u = args.velocity(t, x)
+    g = args.diffusion(t)
+    g2 = g * g
+    s = convert.velocity_to_score(args.schedule, t, x, u)
+    # Where g = 0 (e.g. g(t_max) = 0 with eps = 0) drop the score term: it may be inf there.
+    return jnp.where(g2 > 0, u + 0.5 * g2 * s, u)
+
+
+def _sde_diffusion(t, x, args: _SDEArgs):
+    return lineax.DiagonalLinearOperator(jnp.broadcast_to(args.diffusion(t), x.shape))
+
+
+def _brownian(name: str, brownian: str, t0: float, t1: float, n: int, x0: Array, key):
+    shape = jax.ShapeDtypeStruct(x0.shape, x0.dtype)
+    levy = _LEVY.get(name, diffrax.BrownianIncrement)
+    if brownian == "virtual":
+        tol = 0.25 * (t1 - t0) / n
+        return diffrax.VirtualBrownianTree(t0, t1, tol=tol, shape=shape, key=key, levy_area=levy)
+    return diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy)
+
+
+def _solve_sde(name, brownian, args: _SDEArgs, x0, key, t0, t1, n, save_trajectory: bool):
+    """Euler-Maruyama / Heun / ShARK on n equal steps from t0 to t1."""
+    grid = jnp.linspace(t0, t1, n + 1, dtype=x0.dtype)
+    bm = _brownian(name, brownian, t0, t1, n, x0, key)
+    terms = diffrax.MultiTerm(diffrax.ODETerm(_sde_drift), diffrax.ControlTerm(_sde_diffusion, bm))
+    saveat = diffrax.SaveAt(t0=True, steps=True) if save_trajectory else diffrax.SaveAt(t1=True)
+    return diffrax.diffeqsolve(
+        terms,
+        SDE_SOLVERS[name](),
+        t0=t0,
+        t1=t1,
+        dt0=None,
+        y0=x0,
+        args=args,
+        saveat=saveat,
+        stepsize_controller=diffrax.StepTo(ts=grid),
+        max_steps=n,
+        # UnsafeBrownianPath cannot be replayed for a backward pass: forward-mode autodiff only.
+        adjoint=diffrax.ForwardMode()
+        if brownian == "unsafe"
+        else diffrax.RecursiveCheckpointAdjoint(),
+    )
+
+
+def _check_eps(fn: str, eps, steps: int, interval: tuple[float, float]) -> float:
+    length = interval[1] - interval[0]
+    if eps is None:
+        return length / steps
+    eps = _checks.check_positive(fn, "eps", eps, allow_zero=True)
+    if eps >= length:
+        _checks.fail(fn, "eps", f"in [0, {length:g}), below the length of the valid interval", eps)
+    if eps > 0 and steps < 2:
+        _checks.fail(fn, "steps", ">= 2 with eps > 0 (one SDE step and the denoising step)", steps)
+    return eps
+
+
+def sde(
+    velocity: Velocity,
+    schedule: Schedule,
+    x0: Float[ArrayLike, "... d"],
+    *,
+    key: PRNGKeyArray,
+    diffusion: float | Callable[[Array], Array] = 1.0,
+    steps: int = 100,
+    solver: str = "euler",
+    eps: float | None = None,
+    brownian: str = "virtual",
+    time: str = "forward",
+    save_trajectory: bool = False,
+) -> SDESolution:
+    """Sample with the Ito SDE dX = [u + g^2/2 score] dt + g dW, which keeps the marginals p_t.
+
+    The score comes from the velocity (module docstring), valid for Gaussian x0 ~ N(0, I) and
+    the affine ``schedule`` the velocity was built with. ``diffusion = 0`` gives the ODE. Works
+    under an outer ``jax.jit`` and ``jax.vmap`` (over ``x0`` and ``key``); the diffusion is checked
+    only when it can be evaluated concretely.
+
+    Args:
+        velocity: ``(t, x) -> (..., d)`` (in the caller's clock, see ``time``).
+        schedule: the affine schedule of the velocity; its valid interval [t_min, t_max] is the
+            time span of the solve.
+        x0: source samples from N(0, I) at t_min, shape (..., d).
+        key: PRNG key of the Brownian motion (keyword-only).
+        diffusion: g(t) >= 0, a number or an elementwise callable of the caller's time.
+        steps: total number of equal steps, including the final denoising ODE step.
+        solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise).
+        eps: the SDE runs on [t_min, t_max - eps], then one Euler ODE step covers the rest.
+            Default (t_max - t_min) / steps (the last step of the grid); 0 requires g(t_max) = 0
+            (no denoising step).
+        brownian: "virtual" (``diffrax.VirtualBrownianTree``) or "unsafe"
+            (``diffrax.UnsafeBrownianPath``, faster, fixed forward steps only). Different paths.
+        time: "forward" (t = 0 noise, t = 1 data) or "reversed" (s = 0 data, s = 1 noise;
+            the velocity is dx/ds and the schedule reads x_s = b_s x_data + a_s x_noise).
+        save_trajectory: also return the states on the step grid.
+
+    Returns:
+        ``SDESolution(x, ts, xs, nfe, num_steps)``.
+
+    Raises:
+        TypeError: for a velocity, schedule, key or diffusion of the wrong type.
+        ValueError: naming the argument, for bad solver, steps, eps, diffrax or shapes.
+    """
+    fn = "sample.sde"
+    _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
+    _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
+    x0 = _solve.check_x(fn, x0)
+    key = _checks.check_key(fn, "key", key)
+    name = _checks.check_choice(fn, "solver", solver, tuple(SDE_SOLVERS))
+    steps = _checks.check_int(fn, "steps", steps)
+    _checks.check_choice(fn, "brownian", brownian, ("virtual", "unsafe"))
+    _checks.check_choice(fn, "time", time, ("forward", "reversed"))
+    velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
+    if time == "reversed":
+        velocity, schedule, g = _Flipped(velocity), _flip_schedule(schedule), _FlipG(g)
+    eps = _check_eps(fn, eps, steps, schedule.interval)
+    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity)
+
+    t_min, t_max = schedule.interval
+    n_sde = steps - 1 if eps > 0 else steps
+    args = _SDEArgs(velocity, schedule, g)
+    sol = _solve_sde(name, brownian, args, x0, key, t_min, t_max - eps, n_sde, save_trajectory)
+    x, num_steps = sol.ys[-1], sol.stats["num_steps"]
+    nfe = _SDE_DRIFT_EVALS[name] * num_steps
+    if eps > 0:  # denoising step: Euler step of the probability-flow ODE to t_max
+        x = x + eps * velocity(jnp.asarray(t_max - eps, x0.dtype), x)
+        nfe, num_steps = nfe + 1, num_steps + 1
+    if not save_trajectory:
+        return SDESolution(x, None, None, nfe, num_steps)
+    return SDESolution(x, *_trajectory(sol, x, eps, t_min, t_max, n_sde, time), nfe, num_steps)
+
+
+def _trajectory(sol, x, eps, t_min, t_max, n_sde, time):
+    """Step grid in the caller's clock and the states on it, the denoised end included."""
+    ts = jnp.linspace(t_min, t_max - eps, n_sde + 1, dtype=x.dtype)
+    xs = sol.ys
+    if eps > 0:
+        ts = jnp.concatenate([ts, jnp.full((1,), t_max, x.dtype)])
+        xs = jnp.concatenate([xs, x[None]], axis=0)
+    return (1.0 - ts if time == "reversed" else ts), xs
