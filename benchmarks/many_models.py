@@ -96,7 +96,7 @@ def _setup(a, cfg: dict) -> _Setup:
     model = models.MLP(dim=a.dim, width=cfg["width"], depth=cfg["depth"])
     k_prob, k_init, k_train = jax.random.split(jax.random.key(a.seed), 3)
     couplings, instances = _problems(k_prob, cfg["models"], a.components, a.dim)
-    params = jax.vmap(lambda k: models.init(model, k))(jax.random.split(k_init, cfg["models"]))
+    params = jax.vmap(lambda k: models.init(model, key=k))(jax.random.split(k_init, cfg["models"]))
     keys = jax.random.split(k_train, cfg["models"])
     return _Setup(model, couplings, instances, params, keys, cfg["batch"])
 

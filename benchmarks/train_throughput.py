@@ -60,7 +60,7 @@ def run_fmjax(args, precision, eval_set):
 
 def _run_fmjax(args, eval_set):
     model, loss_fn = _model_and_loss(args)
-    params = models.init(model, jax.random.key(args.seed))
+    params = models.init(model, key=jax.random.key(args.seed))
     seg = args.steps // args.segments
     stamps = []
     res = train.fit(

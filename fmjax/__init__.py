@@ -21,7 +21,7 @@ from fmjax.train import FitResult as FitResult
 from fmjax.train import fit as fit
 from fmjax.train import fit_many as fit_many
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "FitResult",

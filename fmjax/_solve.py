@@ -319,7 +319,8 @@ def solve(
         throw=False,
     )
     y1 = jax.tree.map(lambda a: a[-1], sol.ys)
-    if sol.result.is_traced():  # under a trace: diffrax's runtime error, as with throw=True
+    # Under jit or vmap (traced result or states): diffrax's runtime error, as with throw=True.
+    if sol.result.is_traced() or not _checks.is_concrete(y1):
         sol = sol.result.error_if(sol, sol.result != diffrax.RESULTS.successful)
         y1 = jax.tree.map(lambda a: a[-1], sol.ys)
     else:

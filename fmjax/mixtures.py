@@ -147,22 +147,30 @@ class _MixtureBase:
         )
 
     def _sample_full(self, key: PRNGKeyArray, n: int) -> Float[Array, "n D"]:
-        k_comp, k_noise = jax.random.split(key)
-        comp = jax.random.categorical(k_comp, jnp.log(self.weights), shape=(n,))
-        chol = jnp.linalg.cholesky(self.covs)
-        dim = self.means.shape[-1]
-        eps = jax.random.normal(k_noise, (n, dim), dtype=self.means.dtype)
-        # Gather one factor per sample in chunks: memory O(chunk d^2), not O(n d^2).
-        chunk = max(1, min(n, (1 << 22) // (dim * dim)))
-        noise = jax.lax.map(
-            lambda ce: jnp.matmul(chol[ce[0]], ce[1], precision=_HIGHEST),
-            (comp, eps),
-            batch_size=chunk,
-        )
-        return self.means[comp] + noise
+        return _sample_jit(self.weights, self.means, self.covs, key, n)
 
     def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
+
+
+def _sample_impl(weights, means, covs, key, n: int):
+    k_comp, k_noise = jax.random.split(key)
+    comp = jax.random.categorical(k_comp, jnp.log(weights), shape=(n,))
+    chol = jnp.linalg.cholesky(covs)
+    dim = means.shape[-1]
+    eps = jax.random.normal(k_noise, (n, dim), dtype=means.dtype)
+    # Gather one factor per sample in chunks: memory O(chunk d^2), not O(n d^2).
+    chunk = max(1, min(n, (1 << 22) // (dim * dim)))
+    noise = jax.lax.map(
+        lambda ce: jnp.matmul(chol[ce[0]], ce[1], precision=_HIGHEST),
+        (comp, eps),
+        batch_size=chunk,
+    )
+    return means[comp] + noise
+
+
+# Compiled once per shapes and n: an eager lax.map would otherwise compile on every call.
+_sample_jit = jax.jit(_sample_impl, static_argnums=4)
 
 
 def _mixture_log_prob(weights, means, covs, x):

@@ -1,7 +1,7 @@
 """Flax (linen) velocity networks ``apply(params, t, x) -> (..., d)`` and time embeddings.
 
 A model becomes a velocity field by ``functools.partial(model.apply, params)``; parameters come
-from ``init(model, key)`` (or ``model.init(key, t, x)`` with any t and x of shape (..., d)).
+from ``init(model, key=key)`` (or ``model.init(key, t, x)`` with any t and x of shape (..., d)).
 
 Meta's ``flow_matching`` 2-D example network (input [x, t], 4 hidden layers of 512, Swish) is
 ``MLP(dim=2, width=512, depth=4, activation="swish", time_embedding="raw")``.
@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from fmjax import _checks
+from fmjax._typing import PyTree
 
 __all__ = ["ACTIVATIONS", "TIME_EMBEDDINGS", "TimeEmbedding", "MLP", "init"]
 
@@ -139,7 +140,7 @@ class MLP(nn.Module):
         return nn.Dense(features, param_dtype=self.param_dtype, precision=self.precision, name=name)
 
 
-def init(model: nn.Module, key: PRNGKeyArray, dim: int | None = None):
+def init(model: nn.Module, *, key: PRNGKeyArray, dim: int | None = None) -> PyTree:
     """Initialise ``model``'s parameters with dummy inputs t = 0, x = zeros((1, dim)).
 
     Args:

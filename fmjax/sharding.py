@@ -14,44 +14,9 @@ fmjax uses ``jax.sharding`` (a :class:`~jax.sharding.Mesh`, ``NamedSharding`` an
 * :func:`evaluate` runs ``fn(x)`` under ``jit`` with the batch of ``x`` sharded and returns a
   sharded result: exact quantities on 10^6 points, ODE sampling from sharded x0, metrics.
 
-Data-parallel training (the gradient all-reduce is inserted by XLA)::
-
-    mesh = sharding.data_mesh()                                   # all devices
-    pairs = sharding.sharded_pairs(data.coupling_pairs(coupling), mesh)
-    loss = losses.cfm(model.apply, pairs, schedules.linear(), batch_size=4096)
-    res = train.fit(loss, params, key=key, steps=10_000, mesh=mesh)   # params/opt state replicated
-
-The global batch ``batch_size`` is split across devices (it must divide by the device count);
-with the same key the result equals single-device training up to the summation order of the
-mean over the batch (float32 round-off; see tests/test_sharding.py).
-
-Sharded exact evaluation and sampling::
-
-    u = sharding.evaluate(functools.partial(exact.velocity, coupling, sched, 0.5), x, mesh)
-    x1 = sharding.evaluate(lambda x0: sample.ode(velocity, x0, solver="rk4", steps=64).x,
-                           x0, mesh)
-
-Multi-host (several processes, e.g. one per GPU node): call :func:`initialize_distributed`
-first thing in every process, then build ``data_mesh()`` -- ``jax.devices()`` then lists the
-devices of all processes and every process runs the same program. Data drawn on device by
-:func:`sharded_pairs` needs no host input; host data must be assembled per process with
-``jax.make_array_from_process_local_data`` (``device_put`` of a host array is single-process).
-Launch with SLURM (one task per node, or per GPU)::
-
-    #!/bin/bash
-    #SBATCH --nodes=4 --ntasks-per-node=1 --gpus-per-node=8
-    srun python train.py          # initialize_distributed() reads SLURM_* itself
-
-or with plain environment variables on each host (process 0 runs the coordinator)::
-
-    FMJAX_COORDINATOR=host0:1234 FMJAX_NUM_PROCESSES=2 FMJAX_PROCESS_ID=0 python train.py  # host0
-    FMJAX_COORDINATOR=host0:1234 FMJAX_NUM_PROCESSES=2 FMJAX_PROCESS_ID=1 python train.py  # host1
-
-and in ``train.py``::
-
-    from fmjax import sharding
-    sharding.initialize_distributed()   # no-op for a single process
-    mesh = sharding.data_mesh()
+With the same key, sharded training equals single-device training up to the summation order of
+the batch mean. Worked examples, and the multi-host launch (SLURM or environment variables),
+are in the README's "Many devices" section.
 """
 
 from __future__ import annotations
@@ -65,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fmjax import _checks
 from fmjax._typing import PyTree
 
 __all__ = [
@@ -95,33 +61,35 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -
     Returns:
         ``Mesh(devices, (axis,))``.
     """
-    if not isinstance(axis, str) or not axis:
-        raise ValueError(f"data_mesh: `axis` must be a non-empty string, got {axis!r}")
+    fn = "sharding.data_mesh"
+    _checks.check_instance(fn, "axis", axis, str, "a non-empty string")
+    if not axis:
+        _checks.fail(fn, "axis", "a non-empty string", axis)
     devs = jax.devices() if devices is None else list(devices)
     if not devs:
-        raise ValueError("data_mesh: `devices` is empty")
+        _checks.fail(fn, "devices", "a non-empty sequence of jax devices", devs)
     if not all(isinstance(d, jax.Device) for d in devs):
-        raise ValueError(f"data_mesh: `devices` must be jax devices, got {devs!r}")
+        _checks.fail(fn, "devices", "a sequence of jax devices", devs, TypeError)
     if len(set(devs)) != len(devs):
-        raise ValueError(f"data_mesh: `devices` has repeated devices: {devs!r}")
+        _checks.fail(fn, "devices", "distinct devices", devs)
     return Mesh(np.asarray(devs, dtype=object), (axis,))
 
 
 def _check_mesh(fn: str, mesh) -> Mesh:
-    if not isinstance(mesh, Mesh):
-        raise ValueError(f"{fn}: `mesh` must be a jax.sharding.Mesh (see data_mesh), got {mesh!r}")
-    return mesh
+    return _checks.check_instance(
+        fn, "mesh", mesh, Mesh, "a jax.sharding.Mesh (see sharding.data_mesh)"
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading axis split over all axes of ``mesh``, other axes whole: ``P(mesh.axis_names)``."""
-    _check_mesh("batch_sharding", mesh)
+    _check_mesh("sharding.batch_sharding", mesh)
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of ``mesh``: ``NamedSharding(mesh, P())``."""
-    _check_mesh("replicated", mesh)
+    _check_mesh("sharding.replicated", mesh)
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -130,7 +98,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Copy every array leaf of ``tree`` to all devices of ``mesh`` (parameters, opt state)."""
-    return jax.device_put(tree, replicated(_check_mesh("replicate", mesh)))
+    return jax.device_put(tree, replicated(_check_mesh("sharding.replicate", mesh)))
 
 
 def _check_divisible(fn: str, name: str, tree: PyTree, n_devices: int) -> None:
@@ -161,8 +129,8 @@ def shard_batch(x: PyTree, mesh: Mesh) -> PyTree:
     Raises:
         ValueError: naming ``x`` (and the leaf) when a batch size does not divide the device count.
     """
-    _check_mesh("shard_batch", mesh)
-    _check_divisible("shard_batch", "x", x, mesh.size)
+    _check_mesh("sharding.shard_batch", mesh)
+    _check_divisible("sharding.shard_batch", "x", x, mesh.size)
     return jax.device_put(x, batch_sharding(mesh))
 
 
@@ -174,8 +142,8 @@ def constrain_batch(x: PyTree, mesh: Mesh) -> PyTree:
     :func:`shard_batch`. Leading sizes must be multiples of the device count (checked on shapes,
     so also while tracing).
     """
-    _check_mesh("constrain_batch", mesh)
-    _check_divisible("constrain_batch", "x", x, mesh.size)
+    _check_mesh("sharding.constrain_batch", mesh)
+    _check_divisible("sharding.constrain_batch", "x", x, mesh.size)
     return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
@@ -208,15 +176,14 @@ def sharded_pairs(sample_pairs: Callable, mesh: Mesh) -> Callable:
     Returns:
         A pair sampler with the same signature, for ``losses.cfm`` and friends.
     """
-    if not callable(sample_pairs):
-        raise ValueError("sharded_pairs: `sample_pairs` must be a callable (key, n)")
-    _check_mesh("sharded_pairs", mesh)
-    _check_partitionable("sharded_pairs")
+    _checks.check_callable("sharding.sharded_pairs", "sample_pairs", sample_pairs, "a callable")
+    _check_mesh("sharding.sharded_pairs", mesh)
+    _check_partitionable("sharding.sharded_pairs")
 
     def sample(key, n):
         if isinstance(n, int) and n % mesh.size:
             raise ValueError(
-                f"sharded_pairs: the batch size n={n} must be a multiple of the number of "
+                f"sharding.sharded_pairs: the batch size n={n} must be a multiple of the number of "
                 f"devices {mesh.size}"
             )
         return constrain_batch(sample_pairs(key, n), mesh)
@@ -255,8 +222,7 @@ def evaluate(fn: Callable[..., PyTree], x: PyTree, mesh: Mesh, *args: Any) -> Py
         ValueError: naming ``x`` when its batch size does not divide the device count, or
             ``fn`` if an output leaf lacks that leading axis.
     """
-    if not callable(fn):
-        raise ValueError(f"sharding.evaluate: `fn` must be callable, got {fn!r}")
+    _checks.check_callable("sharding.evaluate", "fn", fn)
     _check_mesh("sharding.evaluate", mesh)
     _check_divisible("sharding.evaluate", "x", x, mesh.size)
     out_struct = jax.eval_shape(fn, x, *args)
@@ -290,6 +256,9 @@ class DistributedConfig(NamedTuple):
 _ENV = ("FMJAX_COORDINATOR", "FMJAX_NUM_PROCESSES", "FMJAX_PROCESS_ID")
 
 
+_DIST = "sharding.initialize_distributed"
+
+
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -297,19 +266,17 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"initialize_distributed: environment variable {name}={raw!r} is not an "
+        raise ValueError(f"{_DIST}: environment variable {name}={raw!r} is not an "
                          "integer") from None  # fmt: skip
 
 
 def _check_address(address) -> str:
     if not isinstance(address, str) or address.count(":") < 1:
-        raise ValueError(
-            f"initialize_distributed: `coordinator_address` must be 'host:port', got {address!r}"
-        )
+        raise ValueError(f"{_DIST}: `coordinator_address` must be 'host:port', got {address!r}")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(
-            f"initialize_distributed: `coordinator_address` must be 'host:port' with a port in "
+            f"{_DIST}: `coordinator_address` must be 'host:port' with a port in "
             f"1..65535, got {address!r}"
         )
     return address
@@ -324,7 +291,7 @@ def _resolve_distributed(
     """Validate the arguments, filling the missing ones from ``env``; no side effect."""
     for name, v in (("num_processes", num_processes), ("process_id", process_id)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | np.integer)):
-            raise ValueError(f"initialize_distributed: `{name}` must be an integer, got {v!r}")
+            raise ValueError(f"{_DIST}: `{name}` must be an integer, got {v!r}")
     given = (coordinator_address, num_processes, process_id)
     source = "arguments" if any(v is not None for v in given) else None
     if coordinator_address is None:
@@ -345,31 +312,23 @@ def _resolve_distributed(
 
     if num_processes is None:
         raise ValueError(
-            "initialize_distributed: `num_processes` is missing (pass it or set "
-            "FMJAX_NUM_PROCESSES)"
+            f"{_DIST}: `num_processes` is missing (pass it or set FMJAX_NUM_PROCESSES)"
         )
     if num_processes < 1:
-        raise ValueError(
-            f"initialize_distributed: `num_processes` must be >= 1, got {num_processes}"
-        )
+        raise ValueError(f"{_DIST}: `num_processes` must be >= 1, got {num_processes}")
     if process_id is None:
         if num_processes > 1:
-            raise ValueError(
-                "initialize_distributed: `process_id` is missing (pass it or set FMJAX_PROCESS_ID)"
-            )
+            raise ValueError(f"{_DIST}: `process_id` is missing (pass it or set FMJAX_PROCESS_ID)")
         process_id = 0
     if not 0 <= process_id < num_processes:
-        raise ValueError(
-            f"initialize_distributed: `process_id` must be in [0, {num_processes}), "
-            f"got {process_id}"
-        )
+        raise ValueError(f"{_DIST}: `process_id` must be in [0, {num_processes}), got {process_id}")
     if num_processes == 1:
         if coordinator_address is not None:
             _check_address(coordinator_address)
         return DistributedConfig(coordinator_address, 1, 0, "single process")
     if coordinator_address is None:
         raise ValueError(
-            f"initialize_distributed: {num_processes} processes need a `coordinator_address` "
+            f"{_DIST}: {num_processes} processes need a `coordinator_address` "
             "'host:port' reachable by all of them (pass it or set FMJAX_COORDINATOR)"
         )
     return DistributedConfig(_check_address(coordinator_address), num_processes, process_id,

@@ -61,7 +61,7 @@ def _sharded_over(x, n: int) -> bool:
 def _problem(dtype):
     coupling = mixtures.random_joint_mixture(jax.random.key(0), 3, 2, dtype=dtype)
     model = models.MLP(dim=2, width=WIDTH, depth=1, time_embedding="raw")
-    params = jax.tree.map(lambda p: p.astype(dtype), models.init(model, jax.random.key(1)))
+    params = jax.tree.map(lambda p: p.astype(dtype), models.init(model, key=jax.random.key(1)))
     return coupling, model, params
 
 
@@ -120,7 +120,7 @@ def check_many(mesh) -> dict:
     batch_inst = jax.tree.map(lambda *a: jnp.stack(a), *instances)
     model = models.MLP(dim=2, width=WIDTH, depth=1, time_embedding="raw")
     keys = jax.random.split(jax.random.key(5), N_DEV)
-    params = jax.vmap(lambda k: models.init(model, k))(keys)
+    params = jax.vmap(lambda k: models.init(model, key=k))(keys)
 
     def loss(p, k, inst):
         return losses.cfm(model.apply, inst.sample, schedules.linear(), 32)(p, k)
@@ -192,7 +192,7 @@ def check_errors(mesh) -> dict:
     x = jnp.ones((12, 2))
     model = models.MLP(dim=2, width=4, depth=1)
     keys = jax.random.split(jax.random.key(0), 4)
-    params = jax.vmap(lambda k: models.init(model, k))(keys)
+    params = jax.vmap(lambda k: models.init(model, key=k))(keys)
     pairs = sharding.sharded_pairs(lambda k, n: (jnp.zeros((n, 2)), jnp.zeros((n, 2))), mesh)
     loss = losses.cfm(model.apply, lambda k, n: (jnp.zeros((n, 2)), jnp.zeros((n, 2))),
                       schedules.linear(), 8)  # fmt: skip

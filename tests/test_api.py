@@ -174,11 +174,8 @@ def test_shared_aliases_are_defined_once():
 
 def test_nothing_matches_schedule_names():
     """The valid interval is a property of the schedule, never rediscovered from its name."""
-    needles = ('name.startswith("vp', "== \"vp\"", "== 'vp'", "vp_eps")
+    needles = ('name.startswith("vp', '== "vp"', "== 'vp'", "vp_eps")
     found = [
-        f"{p.relative_to(PACKAGE)}: {n}"
-        for p in _modules()
-        for n in needles
-        if n in p.read_text()
+        f"{p.relative_to(PACKAGE)}: {n}" for p in _modules() for n in needles if n in p.read_text()
     ]
     assert not found, found

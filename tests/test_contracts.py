@@ -74,9 +74,13 @@ def sde(params, x, key):
     return sample.sde(_learned(params), schedules.linear(), x, key=key, steps=4).x
 
 
+def _diffusion(t):
+    return 0.5 * (1.0 - t)
+
+
 def sde_callable_diffusion(params, x, key):
-    g = lambda t: 0.5 * (1.0 - t)  # noqa: E731
-    return sample.sde(_learned(params), schedules.linear(), x, key=key, diffusion=g, steps=4).x
+    s = schedules.linear()
+    return sample.sde(_learned(params), s, x, key=key, diffusion=_diffusion, steps=4).x
 
 
 def log_likelihood(params, x, key):
@@ -147,7 +151,7 @@ ids = [f.__name__ for f in ENTRIES]
 
 
 def _inputs(seed):
-    params = models.init(MODEL, jax.random.key(seed))
+    params = models.init(MODEL, key=jax.random.key(seed))
     x = jax.random.normal(jax.random.key(seed + 100), (N, 2))
     return params, x, jax.random.key(seed + 200)
 

@@ -85,7 +85,7 @@ def _problem():
     """A dependent 2-D Gaussian-mixture coupling (float64) and a small float64 MLP."""
     coupling = fmjax.random_joint_mixture(jax.random.key(0), 2, 2, mean_scale=2.0)
     model = models.MLP(dim=2, width=16, depth=2, n_frequencies=2, param_dtype=jnp.float64)
-    return coupling, model, models.init(model, jax.random.key(1))
+    return coupling, model, models.init(model, key=jax.random.key(1))
 
 
 def _grad_batches(loss_fn, params, keys):
@@ -222,7 +222,7 @@ def test_ot_pairs_straighten_paths(ot_samplers):
 
 def test_ot_cfm_loss_jit_grad_no_retrace(key):
     model = models.MLP(dim=2, width=8, depth=1)
-    params = models.init(model, key)
+    params = models.init(model, key=key)
     traces = []
 
     def apply_fn(p, t, x):

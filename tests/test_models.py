@@ -39,7 +39,7 @@ def _np_forward(params, t, x, depth, act, freqs=None):
 def test_meta_checkerboard_config(key):
     """Input [x, t], 4 hidden layers of 512, Swish: the parameter count of Meta's torch MLP."""
     model = models.MLP(dim=2, width=512, depth=4, activation="swish", time_embedding="raw")
-    params = models.init(model, key)
+    params = models.init(model, key=key)
     n_params = sum(a.size for a in jax.tree.leaves(params))
     # Linear(3, 512) + 3 x Linear(512, 512) + Linear(512, 2), weights and biases
     assert n_params == (3 * 512 + 512) + 3 * (512 * 512 + 512) + (512 * 2 + 2)
@@ -56,7 +56,7 @@ def test_meta_checkerboard_config(key):
 @pytest.mark.parametrize("act", ["silu", "relu", "elu"])
 def test_fourier_forward_matches_numpy(x64, key, act):
     model = models.MLP(dim=3, width=16, depth=2, activation=act, n_frequencies=4, max_frequency=8.0)
-    params = models.init(model, key)
+    params = models.init(model, key=key)
     x = np.asarray(jax.random.normal(jax.random.key(2), (5, 3)))
     t = np.linspace(0.0, 1.0, 5)
     got = model.apply(params, t, x)
@@ -68,7 +68,7 @@ def test_fourier_forward_matches_numpy(x64, key, act):
 
 def test_t_broadcasting_and_batch_shapes(key):
     model = models.MLP(dim=2, width=8, depth=2)
-    params = models.init(model, key)
+    params = models.init(model, key=key)
     x = jax.random.normal(key, (4, 3, 2))
     scalar = model.apply(params, 0.3, x)
     full = model.apply(params, jnp.full((4, 3), 0.3), x)
@@ -86,7 +86,7 @@ def test_t_broadcasting_and_batch_shapes(key):
 
 def test_velocity_field_under_jit_and_vmap(key):
     model = models.MLP(dim=2, width=8, depth=1)
-    params = models.init(model, key)
+    params = models.init(model, key=key)
     vel = functools.partial(model.apply, params)
     x = jax.random.normal(key, (6, 2))
     t = jnp.linspace(0, 1, 6)
@@ -96,10 +96,10 @@ def test_velocity_field_under_jit_and_vmap(key):
 
 
 def test_learned_frequencies_are_trained(key):
-    fixed = models.init(models.MLP(dim=2, width=8, depth=1, n_frequencies=3), key)
+    fixed = models.init(models.MLP(dim=2, width=8, depth=1, n_frequencies=3), key=key)
     assert "time" not in fixed["params"]
     model = models.MLP(dim=2, width=8, depth=1, n_frequencies=3, learned_frequencies=True)
-    params = models.init(model, key)
+    params = models.init(model, key=key)
     np.testing.assert_allclose(params["params"]["time"]["frequencies"], [1.0, 8.0, 64.0], rtol=1e-6)
     x = jax.random.normal(key, (5, 2))
     grads = jax.grad(lambda p: jnp.sum(model.apply(p, jnp.linspace(0, 1, 5), x) ** 2))(params)
@@ -128,4 +128,4 @@ def test_time_embedding_values():
 )
 def test_invalid_settings_raise(key, kwargs, error, match):
     with pytest.raises(error, match=match):
-        models.init(models.MLP(dim=2, **kwargs), key)
+        models.init(models.MLP(dim=2, **kwargs), key=key)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _cfm_problem():
     coupling = mixtures.random_joint_mixture(jax.random.key(0), 3, 2)
     model = models.MLP(dim=2, width=8, depth=1, time_embedding="raw")
-    return data.coupling_pairs(coupling), model, models.init(model, jax.random.key(1))
+    return data.coupling_pairs(coupling), model, models.init(model, key=jax.random.key(1))
 
 
 def test_fit_with_one_device_mesh_is_identical_and_resumes(tmp_path):
@@ -95,10 +95,12 @@ def test_data_mesh_validation():
         sharding.data_mesh(devices=[])
     with pytest.raises(ValueError, match="`devices`"):
         sharding.data_mesh(devices=jax.devices() * 2)
-    with pytest.raises(ValueError, match="`mesh`"):
+    with pytest.raises(TypeError, match="sharding.shard_batch: `mesh` must be a jax.sharding"):
         sharding.shard_batch(jnp.ones((4, 2)), mesh=None)
-    with pytest.raises(ValueError, match="`sample_pairs`"):
+    with pytest.raises(TypeError, match="sharding.sharded_pairs: `sample_pairs`"):
         sharding.sharded_pairs(None, mesh)
+    with pytest.raises(TypeError, match="sharding.data_mesh: `axis`"):
+        sharding.data_mesh(axis=3)
 
 
 def test_sharded_pairs_warns_without_partitionable_threefry():

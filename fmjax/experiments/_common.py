@@ -103,7 +103,7 @@ def _mlp(dim: int, width: int, depth: int, **kw) -> models.MLP:
 
 def _train(model, loss_fn, key, steps: int, lr: float, progress: bool, floor=None):
     """Adam with cosine decay from a fresh initialisation; returns the FitResult."""
-    params = models.init(model, jax.random.fold_in(key, 0))
+    params = models.init(model, key=jax.random.fold_in(key, 0))
     return train.fit(
         loss_fn,
         params,

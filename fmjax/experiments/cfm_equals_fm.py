@@ -84,7 +84,7 @@ def _check_sizes(sizes) -> None:
 def _start_params(model, coupling, s, cfg: CFMConfig, key, progress: bool):
     """Parameters after ``pretrain_steps`` of CFM (a fresh initialisation if 0)."""
     if not cfg.pretrain_steps:
-        return models.init(model, jax.random.fold_in(key, 0))
+        return models.init(model, key=jax.random.fold_in(key, 0))
     loss = losses.cfm(model.apply, coupling.sample, s, 256)
     return _train(model, loss, key, cfg.pretrain_steps, cfg.learning_rate, progress).params
 

@@ -177,6 +177,6 @@ def load_model(folder: str | os.PathLike) -> TrainedModel:
     spec = json.loads((folder / "model.json").read_text())["config"]
     cfg = TrainConfig(**spec)
     model = _model(cfg)
-    template = models.init(model, jax.random.key(0))
+    template = models.init(model, key=jax.random.key(0))
     params = flax.serialization.from_bytes(template, (folder / "params.msgpack").read_bytes())
     return TrainedModel(cfg, model, params, SCHEDULES[cfg.schedule]())
