@@ -48,6 +48,11 @@ def exact_evaluate(params, x, key):
     return out.velocity.sum(-1) + out.log_prob + out.divergence
 
 
+def exact_marginal(params, x, key):
+    del params, key
+    return exact.marginal(COUPLING, COSINE, 0.3).log_prob(x)
+
+
 def exact_field(params, x, key):
     del params, key
     return exact.velocity_field(COUPLING, COSINE)(jnp.full(x.shape[:-1], 0.7), x)
@@ -132,6 +137,7 @@ EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "res
 ENTRIES = [
     *EXACT,
     exact_evaluate,
+    exact_marginal,
     exact_field,
     ode_fixed,
     ode_adaptive,
