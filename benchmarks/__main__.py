@@ -123,7 +123,7 @@ def _json_safe(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="issue-sized workloads (GPU)")
@@ -138,36 +138,53 @@ def main(argv=None) -> int:
         help="folder for each benchmark's JSON (default: each script's own path)",
     )
     p.add_argument("--out", default=None, help="summary JSON path")
-    args = p.parse_args(argv)
-    sizes = "full" if args.full else "tiny" if args.tiny else "default"
-    tiny = TINY_RATES if args.tiny else {}
+    return p
 
-    mach = machine()
+
+def _rate_args(args) -> tuple:
+    """(matmul size, copy bytes) for ``machine_rates``: the flags, else the tiny sizes or None."""
+    tiny = TINY_RATES if args.tiny else {}
+    return args.matmul_n or tiny.get("matmul_n"), args.copy_bytes or tiny.get("copy_bytes")
+
+
+def _measure_start(mach: dict, rate_args: tuple) -> dict:
+    """Print the machine, measure its rates (timed) and print them."""
     print(f"machine: {mach['backend']} ({mach['device']}), {mach['cpu_count']} CPUs", flush=True)
     start = time.perf_counter()
-    rate_args = (args.matmul_n or tiny.get("matmul_n"), args.copy_bytes or tiny.get("copy_bytes"))
     rates = machine_rates(*rate_args)
     print(f"measured in {time.perf_counter() - start:.1f} s: {rates_line(rates)}", flush=True)
+    return rates
 
+
+def _benchmark_argv(name: str, sizes: str, args) -> list[str]:
+    argv_b = list(BENCHMARKS[name][sizes])
+    if args.no_peer and name in WITH_PEER:
+        argv_b.append("--no-peer")
+    if args.results_dir:
+        argv_b += ["--out", str(Path(args.results_dir) / f"{name}.json")]
+    return argv_b
+
+
+def _call_main(module, argv_b: list[str], rates: dict) -> dict:
+    """A benchmark's ``main``, given the measured rates when it takes them."""
+    kwargs = {"rates": rates} if "rates" in inspect.signature(module.main).parameters else {}
+    return module.main(argv_b, **kwargs)
+
+
+def _run_all(names, sizes: str, args, rates: dict) -> tuple[list, list, dict, list]:
+    """Run each benchmark in turn; returns (raw rows, failed names, elapsed s by name, memory)."""
     raw, failed, elapsed, memory = [], [], {}, []
-    for name in args.only or BENCHMARKS:
+    for name in names:
         try:
             module = importlib.import_module(f"benchmarks.{name}")
         except ModuleNotFoundError:
             print(f"\n=== {name}: not available in this checkout, skipped")
             continue
-        argv_b = list(BENCHMARKS[name][sizes])
-        if args.no_peer and name in WITH_PEER:
-            argv_b.append("--no-peer")
-        if args.results_dir:
-            argv_b += ["--out", str(Path(args.results_dir) / f"{name}.json")]
+        argv_b = _benchmark_argv(name, sizes, args)
         print(f"\n=== {name} {' '.join(argv_b)}", flush=True)
         t0 = time.perf_counter()
         try:
-            kwargs = (
-                {"rates": rates} if "rates" in inspect.signature(module.main).parameters else {}
-            )
-            result = module.main(argv_b, **kwargs)
+            result = _call_main(module, argv_b, rates)
             raw += module.summary_rows(result)
             memory += result.get("memory", [])
         except (Exception, SystemExit):  # one broken benchmark must not hide the others' numbers
@@ -175,9 +192,15 @@ def main(argv=None) -> int:
             failed.append(name)
         elapsed[name] = time.perf_counter() - t0
         print(f"=== {name}: {elapsed[name]:.1f} s", flush=True)
+    return raw, failed, elapsed, memory
 
-    # Measured again at the end; the roofline uses the better of the two (a shared machine's
-    # load can change during the run: a low first reading would overstate the fractions).
+
+def _measure_end(rates: dict, rate_args: tuple) -> tuple[dict, dict]:
+    """Measure the rates again; returns (the better reading of each, the end reading).
+
+    A shared machine's load can change during the run: a low first reading would overstate the
+    fractions, so the roofline uses the better of the two.
+    """
     rates_end = machine_rates(*rate_args)
     best = _best_rates(rates, rates_end)
     print(f"\nmeasured again: {rates_line(rates_end)}")
@@ -186,7 +209,10 @@ def main(argv=None) -> int:
         print(
             f"note: {', '.join(changed)} changed by more than 20% during the run (shared machine?)"
         )
-    rows = [_with_roofline(r, best) for r in raw]
+    return best, rates_end
+
+
+def _print_summary(mach: dict, rows: list[dict], memory: list[dict], failed: list[str]) -> None:
     print(
         f"\nsummary, {mach['backend']} ({mach['device']}): median after warm-up; roofline = "
         "max(flops / matmul rate, bytes / copy bandwidth), the better of the two measurements; "
@@ -201,6 +227,18 @@ def main(argv=None) -> int:
         )
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    sizes = "full" if args.full else "tiny" if args.tiny else "default"
+    rate_args = _rate_args(args)
+    mach = machine()
+    rates = _measure_start(mach, rate_args)
+    raw, failed, elapsed, memory = _run_all(args.only or BENCHMARKS, sizes, args, rates)
+    best, rates_end = _measure_end(rates, rate_args)
+    rows = [_with_roofline(r, best) for r in raw]
+    _print_summary(mach, rows, memory, failed)
     summary = {
         "machine": mach,
         "sizes": sizes,

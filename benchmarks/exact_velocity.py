@@ -337,7 +337,7 @@ def _triples(values):
     return [tuple(int(v) for v in s.split(",")) for s in values]
 
 
-def main(argv=None, rates: dict | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="*", help="d,K,N triples (default: the issue's three)")
     p.add_argument(
@@ -372,30 +372,48 @@ def main(argv=None, rates: dict | None = None) -> dict:
     )
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
     p.add_argument("--out", default=None, help="JSON path")
-    args = p.parse_args(argv)
+    return p
+
+
+def _main_memory_only(args, backend: str) -> dict:
+    """``--memory-only``: compile the given configs abstractly, print and save their memory."""
+    result = {
+        "machine": machine(),
+        "memory": [memory_only(*cfg) for cfg in _triples(args.memory_only)],
+    }
+    print_memory(result["memory"])
+    save_results(result, args.out, f"exact_velocity_memory_{backend}.json")
+    return result
+
+
+def _scale(args) -> float:
+    """--scale, else 1 with --full or on an accelerator, 0.05 on a CPU."""
+    if args.scale is not None:
+        return args.scale
+    return 1.0 if args.full or not on_cpu() else 0.05
+
+
+def _memory_configs(args):
+    """--memory-configs, else the issue's memory config with --full, else none."""
+    if args.memory_configs is not None:
+        return _triples(args.memory_configs)
+    return MEMORY_CONFIGS if args.full else ()
+
+
+def main(argv=None, rates: dict | None = None) -> dict:
+    args = _parser().parse_args(argv)
     backend = jax.default_backend()
     if args.memory_only:
-        result = {
-            "machine": machine(),
-            "memory": [memory_only(*cfg) for cfg in _triples(args.memory_only)],
-        }
-        print_memory(result["memory"])
-        save_results(result, args.out, f"exact_velocity_memory_{backend}.json")
-        return result
+        return _main_memory_only(args, backend)
     configs = _triples(args.configs) if args.configs else CONFIGS
-    scale = args.scale
-    if scale is None:
-        scale = 1.0 if args.full or not on_cpu() else 0.05
     modes = args.modes or (list(MODES) if args.full else ["highest"])
     result = run(
         configs,
-        scale,
+        _scale(args),
         args.repeats,
         not args.no_peer,
         modes,
-        _triples(args.memory_configs)
-        if args.memory_configs is not None
-        else (MEMORY_CONFIGS if args.full else ()),
+        _memory_configs(args),
         rates,
     )
     print_tables(result)

@@ -129,6 +129,26 @@ def torch_model(weights):
     return model.eval()
 
 
+def _peer_sampling(weights, x0, repeats):
+    """Meta's ``ODESolver.sample`` from the same x0, timed: (``time_calls``' result, NFE)."""
+    vf = torch_model(weights)
+    calls = [0]
+
+    def velocity(x, t):
+        calls[0] += 1
+        return vf(x, t)
+
+    solver = ODESolver(velocity_model=velocity)
+    x0_t = torch.from_numpy(x0).to(_torch_device())
+    with torch.no_grad():
+        tp = time_calls(
+            lambda: solver.sample(x_init=x0_t, step_size=STEP, method="midpoint"),
+            repeats=repeats,
+            sync=_torch_sync,
+        )
+    return tp, calls[0] // (repeats + 2)  # NFE per call: first + warm-up + timed calls
+
+
 def bench_mlp_sampling(n, weights, repeats, peer, seed):
     model = checkerboard_mlp()
     params = flax_params(weights)
@@ -154,38 +174,28 @@ def bench_mlp_sampling(n, weights, repeats, peer, seed):
         "bytes": int(nfe) * nbytes,
     }
     if peer:
-        vf = torch_model(weights)
-        calls = [0]
-
-        def velocity(x, t):
-            calls[0] += 1
-            return vf(x, t)
-
-        solver = ODESolver(velocity_model=velocity)
-        x0_t = torch.from_numpy(x0).to(_torch_device())
-        with torch.no_grad():
-            tp = time_calls(
-                lambda: solver.sample(x_init=x0_t, step_size=STEP, method="midpoint"),
-                repeats=repeats,
-                sync=_torch_sync,
-            )
-            tfirst, tmed, xt = tp.first_s, tp.median_s, tp.out
+        tp, peer_nfe = _peer_sampling(weights, x0, repeats)
+        tfirst, tmed, xt = tp.first_s, tp.median_s, tp.out
         row.update(
             peer_s=tmed,
             peer_first_s=tfirst,
             peer_per_s=n / tmed,
-            peer_nfe=calls[0] // (repeats + 2),  # first + warm-up + timed calls
+            peer_nfe=peer_nfe,
             max_abs_diff=float(np.max(np.abs(np.asarray(xs) - xt.cpu().numpy()))),
         )
     return row
 
 
-def bench_mlp_likelihood(grid, weights, repeats, peer):
+def _grid_points(grid: int) -> np.ndarray:
+    """The grid x grid points of [-4, 4]^2, shape (grid^2, 2)."""
+    g = np.linspace(-4, 4, grid, dtype=np.float32)
+    return np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, DIM)
+
+
+def _fmjax_likelihood(weights, pts, repeats):
+    """fmjax exact-divergence log-likelihood of ``pts``, timed; ``time_calls``' result."""
     model = checkerboard_mlp()
     params = flax_params(weights)
-    g = np.linspace(-4, 4, grid, dtype=np.float32)
-    pts = np.stack(np.meshgrid(g, g, indexing="ij"), axis=-1).reshape(-1, DIM)
-    n = pts.shape[0]
 
     @jax.jit
     def run(p, x):
@@ -194,8 +204,31 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         )
         return out.log_prob, out.nfe
 
-    pts_j = jnp.asarray(pts)
-    t = time_calls(run, params, pts_j, repeats=repeats)
+    return time_calls(run, params, jnp.asarray(pts), repeats=repeats)
+
+
+def _peer_likelihood(weights, pts, repeats):
+    """Meta's ``ODESolver.compute_likelihood`` (exact divergence), timed; ``time_calls``' result."""
+    vf = torch_model(weights)
+    solver = ODESolver(velocity_model=lambda x, t: vf(x, t))
+
+    def log_p0(x):
+        return -0.5 * (x * x).sum(-1) - 0.5 * DIM * math.log(2 * math.pi)
+
+    x1 = torch.from_numpy(pts).to(_torch_device())
+    return time_calls(
+        lambda: solver.compute_likelihood(
+            x_1=x1, log_p0=log_p0, step_size=STEP, method="midpoint", exact_divergence=True
+        ),
+        repeats=repeats,
+        sync=_torch_sync,
+    )
+
+
+def bench_mlp_likelihood(grid, weights, repeats, peer):
+    pts = _grid_points(grid)
+    n = pts.shape[0]
+    t = _fmjax_likelihood(weights, pts, repeats)
     first, med, (lp, nfe) = t.first_s, t.median_s, t.out
     flops, nbytes = dense_flops_bytes(mlp_layers(SIZES), n)
     row = {
@@ -210,20 +243,7 @@ def bench_mlp_likelihood(grid, weights, repeats, peer):
         "bytes": int(nfe) * (1 + DIM) * nbytes,
     }
     if peer:
-        vf = torch_model(weights)
-        solver = ODESolver(velocity_model=lambda x, t: vf(x, t))
-
-        def log_p0(x):
-            return -0.5 * (x * x).sum(-1) - 0.5 * DIM * math.log(2 * math.pi)
-
-        x1 = torch.from_numpy(pts).to(_torch_device())
-        tp = time_calls(
-            lambda: solver.compute_likelihood(
-                x_1=x1, log_p0=log_p0, step_size=STEP, method="midpoint", exact_divergence=True
-            ),
-            repeats=repeats,
-            sync=_torch_sync,
-        )
+        tp = _peer_likelihood(weights, pts, repeats)
         tfirst, tmed, (_, tlp) = tp.first_s, tp.median_s, tp.out
         row.update(
             peer_s=tmed,
@@ -262,7 +282,7 @@ def bench_gmm_sampling(n, d, k, repeats, seed):
     }
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n-samples", type=int, default=10_000, help="MLP samples (full: 1e6)")
     ap.add_argument("--grid", type=int, default=40, help="likelihood grid side (full: 200)")
@@ -274,17 +294,22 @@ def main(argv=None):
     ap.add_argument("--no-peer", action="store_true", help="skip Meta's flow_matching")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/sampling.json")
-    args = ap.parse_args(argv)
-    if args.full:
-        args.n_samples, args.grid, args.gmm_samples = 1_000_000, 200, 1_000_000
+    return ap
 
-    peer = not args.no_peer and PEER_ERROR is None
-    if not args.no_peer and not peer:
+
+def _setup_peer(no_peer: bool) -> bool:
+    """Whether the peer runs; says why not when it was asked for, and turns TF32 off for it."""
+    peer = not no_peer and PEER_ERROR is None
+    if not no_peer and not peer:
         print(f"peer unavailable ({PEER_ERROR})")
     if peer:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    env = {
+    return peer
+
+
+def _env(peer: bool) -> dict:
+    return {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(dv) for dv in jax.devices()],
@@ -296,6 +321,10 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads() if peer else None,
         "torch_device": _torch_device() if peer else None,
     }
+
+
+def _run_workloads(args, peer: bool) -> list[dict]:
+    """The three workloads, with fmjax's speedup over the peer where it ran."""
     weights = random_weights(args.seed)
     rows = [
         bench_mlp_sampling(args.n_samples, weights, args.repeats, peer, args.seed),
@@ -304,10 +333,13 @@ def main(argv=None):
             args.gmm_samples, args.gmm_dim, args.gmm_components, args.repeats, args.seed
         ),
     ]
-
     for r in rows:
         if "peer_per_s" in r:
             r["speedup"] = r["fmjax_per_s"] / r["peer_per_s"]
+    return rows
+
+
+def _print_table(env: dict, rows: list[dict]) -> None:
     print(f"backend {env['backend']}, {env['cpu_count']} CPUs, {env['matmul_precision']}")
     print(
         format_table(
@@ -324,6 +356,16 @@ def main(argv=None):
             ],
         )
     )
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if args.full:
+        args.n_samples, args.grid, args.gmm_samples = 1_000_000, 200, 1_000_000
+    peer = _setup_peer(args.no_peer)
+    env = _env(peer)
+    rows = _run_workloads(args, peer)
+    _print_table(env, rows)
     result = {"env": env, "args": vars(args), "results": rows}
     save_results(result, args.out, "sampling.json")
     return result

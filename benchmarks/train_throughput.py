@@ -97,15 +97,8 @@ def _run_fmjax(args, eval_set):
 # ----------------------------------------------------------------------------- Meta's side
 
 
-def run_peer(args, eval_set):
-    import torch
-    from flow_matching.path import AffineProbPath
-    from flow_matching.path.scheduler import CondOTScheduler
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    torch.manual_seed(args.seed)
+def _torch_mlp(torch, args, device):
+    """Meta's MLP in torch: [x, t] -> depth x (Linear(width), swish) -> Linear(2)."""
 
     class Swish(torch.nn.Module):
         def forward(self, x):
@@ -115,18 +108,22 @@ def run_peer(args, eval_set):
     for _ in range(args.depth):
         layers += [torch.nn.Linear(d_in, args.width), Swish()]
         d_in = args.width
-    mlp = torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2)).to(device)
+    return torch.nn.Sequential(*layers, torch.nn.Linear(d_in, 2)).to(device)
 
-    def vf(x, t):
-        return mlp(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1)], dim=1))
 
+def _checkerboard_sampler(torch, device):
     def inf_train_gen(n):  # verbatim from Meta's example
         x1 = torch.rand(n, device=device) * 4 - 2
         x2_ = torch.rand(n, device=device) - torch.randint(high=2, size=(n,), device=device) * 2
         x2 = x2_ + (torch.floor(x1) % 2)
         return (1.0 * torch.cat([x1[:, None], x2[:, None]], dim=1) / 0.45).float()
 
-    path = AffineProbPath(scheduler=CondOTScheduler())
+    return inf_train_gen
+
+
+def _train_peer(torch, args, device, mlp, vf, path):
+    """Meta's training loop in ``args.segments`` segments: (losses per segment, timed durations)."""
+    inf_train_gen = _checkerboard_sampler(torch, device)
     optim = torch.optim.Adam(mlp.parameters(), lr=args.lr)
     seg = args.steps // args.segments
     losses, durations = [], []
@@ -153,16 +150,39 @@ def run_peer(args, eval_set):
         sync()
         if s > 0:  # the first segment warms up the allocator / kernels
             durations.append(time.perf_counter() - t0)
+    return losses, durations
+
+
+def _peer_eval_loss(torch, vf, eval_set, device) -> float:
     with torch.no_grad():
         te, x0, x1 = (torch.as_tensor(a, device=device) for a in eval_set)
         xt = te[:, None] * x1 + (1 - te[:, None]) * x0
-        eval_loss = float(torch.mean((vf(xt, te) - (x1 - x0)) ** 2))
+        return float(torch.mean((vf(xt, te) - (x1 - x0)) ** 2))
+
+
+def run_peer(args, eval_set):
+    import torch
+    from flow_matching.path import AffineProbPath
+    from flow_matching.path.scheduler import CondOTScheduler
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(args.seed)
+    mlp = _torch_mlp(torch, args, device)
+
+    def vf(x, t):
+        return mlp(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1)], dim=1))
+
+    path = AffineProbPath(scheduler=CondOTScheduler())
+    losses, durations = _train_peer(torch, args, device, mlp, vf, path)
+    seg = args.steps // args.segments
     return {
         "steps": seg * args.segments,
         "steps_per_s_median": seg / statistics.median(durations),
         "steps_per_s_segments": [seg / d for d in durations],
         "final_train_loss": float(np.mean(losses[-1])),
-        "final_eval_loss": eval_loss,
+        "final_eval_loss": _peer_eval_loss(torch, vf, eval_set, device),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
@@ -182,7 +202,7 @@ def _peer_available() -> bool:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--full", action="store_true", help="Meta's configuration: batch 4096, 20000 steps"
@@ -210,23 +230,35 @@ def main(argv=None):
     )
     p.add_argument("--no-peer", action="store_true", help="skip Meta's flow_matching")
     p.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    return p
+
+
+def _parse_args(argv):
+    """The flags, with the batch, steps and segments defaults of the CPU or --full sizes."""
+    p = _parser()
     args = p.parse_args(argv)
     args.batch = args.batch or (4096 if args.full else 1024)
     args.steps = args.steps or (20000 if args.full else 200)
     args.segments = args.segments or (20 if args.full else 5)
     if args.segments < 3 or args.steps < args.segments:
         p.error("need --segments >= 3 and --steps >= --segments")
+    return args
 
-    rng = np.random.default_rng(1234)  # one fixed evaluation set for both frameworks
-    n = args.eval_size
+
+def _eval_set(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One fixed evaluation set (t, x0, x1) for both frameworks, x1 from the checkerboard."""
+    rng = np.random.default_rng(1234)
     a = rng.random(n) * 4 - 2
     b = rng.random(n) - rng.integers(0, 2, n) * 2 + np.floor(a) % 2
-    eval_set = (
+    return (
         rng.random(n).astype(np.float32),
         rng.standard_normal((n, 2)).astype(np.float32),
         (np.stack([a, b], axis=1) / 0.45).astype(np.float32),
     )
 
+
+def _run_all(args, eval_set) -> tuple[list, dict]:
+    """fmjax at each precision, then the peer; returns (table rows (name, result), results)."""
     rows, results = [], {}
     precisions = ["default", "highest"] if args.precision == "both" else [args.precision]
     for prec in precisions:
@@ -248,8 +280,10 @@ def main(argv=None):
         )
     else:
         print("peer unavailable (torch / flow_matching not importable)")
+    return rows, results
 
-    dev = jax.devices()[0]
+
+def _print_table(args, dev, rows) -> None:
     print(
         f"\n2-D checkerboard CFM, MLP {args.depth}x{args.width} swish, batch {args.batch}, "
         f"{args.steps} steps ({args.segments} segments, first dropped), Adam {args.lr}\n"
@@ -268,6 +302,13 @@ def main(argv=None):
             ],
         )
     )
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    rows, results = _run_all(args, _eval_set(args.eval_size))
+    dev = jax.devices()[0]
+    _print_table(args, dev, rows)
     out = {
         "config": vars(args),
         "jax": jax.__version__,
