@@ -33,7 +33,7 @@ test | bench)
         | tee "$OUT/versions.log"
     if [ "$1" = test ]; then
         timeout 540 python3 -m pytest -q -x -p no:cacheprovider tests/test_exact.py \
-            tests/test_contracts.py tests/test_likelihood.py tests/test_sample.py 2>            tests/test_contracts.py tests/test_likelihood.py tests/test_sample.py 2>&1 \1 \
+            tests/test_contracts.py tests/test_likelihood.py tests/test_sample.py 2>&1 \
             | tee "$OUT/gpu_tests.log"
     else
         timeout 560 python3 -m benchmarks --full 2>&1 | tee "$OUT/benchmarks.log"
