@@ -23,6 +23,9 @@ __all__ = [
     "check_interval_time",
     "check_key",
     "check_positive",
+    "check_real_array",
+    "check_float_dtype",
+    "SUPPORTED_FLOATS",
     "fail",
     "is_concrete",
     "require",
@@ -77,6 +80,8 @@ def as_float(fn: str, name: str, value: Any) -> float:
         fail(fn, name, "a concrete number (not traced)", value, TypeError)
     if np.ndim(value) != 0:
         fail(fn, name, "a scalar", f"shape {np.shape(value)}", TypeError)
+    if np.iscomplexobj(value):  # float() of a NumPy complex drops the imaginary part
+        fail(fn, name, "a real number", value, TypeError)
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -147,3 +152,46 @@ def check_interval_time(
     if not (lo <= t <= hi):
         fail(fn, name, f"in [{lo:g}, {hi:g}], the valid interval of {owner}", t)
     return t
+
+
+# Floating dtypes the library computes in; float16 / bfloat16 break the factorisations.
+SUPPORTED_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_float_dtype(fn: str, name: str, dtype: Any) -> np.dtype:
+    """``dtype`` if it is float32 or float64, else ``TypeError`` naming the supported dtypes."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        fail(fn, name, "a float dtype, float32 or float64", dtype, TypeError)
+    if dt not in SUPPORTED_FLOATS:
+        fail(fn, name, "of dtype float32 or float64", f"dtype {dt}", TypeError)
+    return dt
+
+
+def check_real_array(
+    fn: str, name: str, x: Any, default_dtype: Any = None, *, any_float: bool = False
+) -> jax.Array:
+    """``x`` as a real floating JAX array (float32 or float64); works on traced values too.
+
+    Integers and bools are cast to ``default_dtype`` (JAX's default float when None). Complex
+    values are a ``TypeError`` (casting would drop the imaginary part), and so are other
+    floating dtypes (float16, bfloat16: not supported; allowed with ``any_float``) and
+    non-numeric input.
+    """
+    try:
+        arr = jax.numpy.asarray(x)
+    except TypeError as e:
+        fail(fn, name, "an array of real numbers", f"{type(x).__name__} ({e})", TypeError)
+    dt = arr.dtype
+    if jax.numpy.issubdtype(dt, jax.numpy.complexfloating):
+        fail(fn, name, "real (float32 or float64)", f"complex dtype {dt}", TypeError)
+    if jax.numpy.issubdtype(dt, jax.numpy.integer) or dt == np.bool_:
+        return arr.astype(jax.numpy.result_type(float) if default_dtype is None else default_dtype)
+    if not jax.numpy.issubdtype(dt, jax.numpy.floating):
+        fail(fn, name, "an array of real numbers", f"dtype {dt}", TypeError)
+    if dt not in SUPPORTED_FLOATS:
+        fail(
+            fn, name, "of dtype float32 or float64 (or an integer dtype)", f"dtype {dt}", TypeError
+        )
+    return arr

@@ -85,12 +85,16 @@ class Solved(NamedTuple):
 
 
 def check_x(fn: str, x: Float[ArrayLike, "... d"], name: str = "x0") -> Float[Array, "... d"]:
-    """States as a float array of shape (..., d) (integers are cast to the default float)."""
-    x = jnp.asarray(x)
+    """States as a float32 / float64 array of shape (..., d) with d >= 1.
+
+    Integers are cast to the default float; complex and other float dtypes (float16, bfloat16)
+    are a ``TypeError``.
+    """
+    x = _checks.check_real_array(fn, name, x)
     if x.ndim < 1:
         _checks.fail(fn, name, "an array of shape (..., d)", "a scalar")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
+    if x.shape[-1] < 1:
+        _checks.fail(fn, name, "an array of shape (..., d) with d >= 1", f"shape {x.shape}")
     return x
 
 

@@ -131,13 +131,33 @@ def autodiff_divergence(
     return _velocity_and_divergence(velocity, jnp.asarray(t, x.dtype), x, probes)[1]
 
 
-def _source_log_prob(fn: str, source) -> Callable[[Array], Array]:
+def _source_log_prob(fn: str, source, x: Array) -> Callable[[Array], Array]:
+    """log p_{t_min} as a callable, checked to map points shaped like ``x`` to ``x.shape[:-1]``."""
+    d = x.shape[-1]
     if source is None:
         return standard_normal_log_prob
     if isinstance(source, GaussianMixture):
+        if source.dim != d:
+            _checks.fail(
+                fn, "source_log_prob", f"a GaussianMixture of the data's dimension d={d}",
+                f"dim {source.dim}",
+            )  # fmt: skip
         return source.log_prob
     what = "None (N(0, I)), a GaussianMixture or a callable x (..., d) -> (...)"
-    return _checks.check_callable(fn, "source_log_prob", source, what)
+    source = _checks.check_callable(fn, "source_log_prob", source, what)
+    # Shapes only (no computation): a callable for another d fails here, not in a reshape later.
+    want = x.shape[:-1]
+    try:
+        out = jax.eval_shape(source, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    except Exception as e:  # noqa: BLE001 - report any failure of a user callable
+        _checks.fail(
+            fn, "source_log_prob", f"a callable x {x.shape} -> {want}",
+            f"{type(e).__name__}: {e}",
+        )  # fmt: skip
+    shape = getattr(out, "shape", None)
+    if shape != want:
+        _checks.fail(fn, "source_log_prob", f"a callable x {x.shape} -> {want}", f"shape {shape}")
+    return source
 
 
 class _AugArgs(NamedTuple):
@@ -178,7 +198,7 @@ def _prepare(fn, velocity, x, name, t, schedule, source_log_prob):
     t = t_max if t is None else _solve.check_time(fn, "t", t, schedule)
     if t == t_min:
         _checks.fail(fn, "t", f"after the start of the valid interval, {t_min:g}", t)
-    return x, schedule, t_min, t, _source_log_prob(fn, source_log_prob)
+    return x, schedule, t_min, t, _source_log_prob(fn, source_log_prob, x)
 
 
 def log_likelihood(

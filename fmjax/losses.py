@@ -153,7 +153,11 @@ def _draw(fn, sample_pairs, times, schedule, key, n):
             f"losses.{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "
             f"arrays, got {x0.shape} and {x1.shape}"
         )
-    t = jnp.asarray(times(k_time, n)).astype(x0.dtype)
+    x0 = _checks.check_real_array(f"losses.{fn}", "sample_pairs", x0, any_float=True)
+    x1 = _checks.check_real_array(f"losses.{fn}", "sample_pairs", x1, x0.dtype, any_float=True)
+    t = times(k_time, n)
+    t = _checks.check_real_array(f"losses.{fn}", "time_sampler", t, x0.dtype, any_float=True)
+    t = t.astype(x0.dtype)
     if t.shape != (n,):
         raise ValueError(
             f"losses.{fn}: `time_sampler(key, {n})` must return shape ({n},), got {t.shape}"

@@ -10,6 +10,7 @@ from leaves (inside JAX transformations) skips validation.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,8 @@ __all__ = [
     "random_spd",
     "random_gaussian_mixture",
     "random_joint_mixture",
+    "IllConditionedWarning",
+    "cond_warn",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -36,13 +39,8 @@ def _is_concrete(*xs) -> bool:
 
 
 def _as_float(owner: str, x, name: str) -> Array:
-    try:
-        arr = jnp.asarray(x)
-    except TypeError as e:
-        _checks.fail(owner, name, "an array of numbers", f"{type(x).__name__} ({e})", TypeError)
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(jnp.result_type(float))
-    return arr
+    """A real float32 / float64 array (integers cast to the default float), else TypeError."""
+    return _checks.check_real_array(owner, name, x)
 
 
 def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
@@ -55,6 +53,11 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
     if means.ndim != 2 or means.shape[0] != k:
         raise ValueError(f"{owner}: `means` must have shape (K={k}, {dim_name}), got {means.shape}")
     n = means.shape[1]
+    if n < 1:
+        raise ValueError(
+            f"{owner}: `means` must have shape (K={k}, {dim_name}) with {dim_name} >= 1, "
+            f"got {means.shape}"
+        )
     if covs.shape != (k, n, n):
         raise ValueError(
             f"{owner}: `covs` must have shape (K={k}, {n}, {n}) to match `means`, got {covs.shape}"
@@ -70,16 +73,50 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
     # float32 sums of K weights carry ~K * 6e-8 error; 1e-5 admits that and rejects real mistakes.
     if abs(w.sum() - 1.0) > 1e-5:
         raise ValueError(f"{owner}: `weights` must sum to 1 (within 1e-5), got {w.sum():.8g}")
-    tol_sym = 1e-5 if covs.dtype == jnp.float32 else 1e-10
+    dtype = np.dtype(jnp.result_type(weights, means, covs))
+    tol_sym = 1e-5 if dtype == np.float32 else 1e-10
     # Covariances are checked in chunks of components so a large K x n x n array is never
     # copied whole to float64 (eager validation must not be what runs out of memory).
     step = max(1, (1 << 24) // (n * n))
+    worst = (1.0, 0)
     for lo in range(0, k, step):
-        _validate_covs(owner, np.asarray(covs[lo : lo + step], np.float64), lo, tol_sym)
+        cond, j = _validate_covs(
+            owner, np.asarray(covs[lo : lo + step], np.float64), lo, tol_sym, dtype
+        )
+        worst = max(worst, (cond, j))
+    cond, j = worst
+    if cond > cond_warn(dtype):
+        warnings.warn(
+            f"{owner}: `covs[{j}]` has condition number {cond:.3g}, above {cond_warn(dtype):.3g} "
+            f"(0.01 / eps of {dtype}): quantities where this component dominates may lose two or "
+            "more significant digits in this dtype (use float64 or regularise the covariance)",
+            IllConditionedWarning,
+            stacklevel=3,
+        )
 
 
-def _validate_covs(owner: str, c: np.ndarray, offset: int, tol_sym: float) -> None:
-    """Finite, symmetric (relative tolerance) and positive definite (Cholesky succeeds)."""
+class IllConditionedWarning(UserWarning):
+    """A covariance is valid but so ill-conditioned that results in its dtype lose accuracy."""
+
+
+def cond_warn(dtype) -> float:
+    """Condition number above which a covariance warns: 0.01 / eps (8.4e4 float32, 4.5e13 float64).
+
+    Relative errors of the factorisation-based quantities grow like cond * eps, so beyond this
+    they can exceed 1%. At 1 / eps (8.4e6 in float32) the covariance is numerically singular in
+    that dtype and is refused.
+    """
+    return 0.01 / float(np.finfo(dtype).eps)
+
+
+def _validate_covs(
+    owner: str, c: np.ndarray, offset: int, tol_sym: float, dtype
+) -> tuple[float, int]:
+    """Finite, symmetric (relative tolerance), positive definite (Cholesky succeeds), and
+    factorisable in ``dtype`` (condition number below 1 / eps, Cholesky succeeds in ``dtype``).
+
+    Returns the largest condition number in the chunk and its component index.
+    """
     if not np.all(np.isfinite(c)):
         raise ValueError(f"{owner}: `covs` contains NaN or inf")
     scale = np.maximum(np.abs(c).max(axis=(1, 2)), np.finfo(np.float64).tiny)
@@ -99,6 +136,31 @@ def _validate_covs(owner: str, c: np.ndarray, offset: int, tol_sym: float) -> No
             f"{owner}: `covs[{offset + j}]` is not positive definite "
             f"(smallest eigenvalue {eig_min[j]:.3g})"
         ) from None
+    eig = np.linalg.eigvalsh(c)  # ascending, all > 0 here up to rounding
+    cond = eig[:, -1] / np.maximum(eig[:, 0], np.finfo(np.float64).tiny)
+    cond = np.where(eig[:, 0] > 0, cond, np.inf)
+    j = int(np.argmax(cond))
+    eps = float(np.finfo(dtype).eps)
+    low = np.dtype(dtype) != np.float64
+    chol_ok = True
+    if low:
+        cd = c.astype(dtype)
+        try:
+            chol = np.linalg.cholesky(cd)
+            ok = np.all(np.isfinite(chol), axis=(1, 2)) & np.all(
+                np.diagonal(chol, axis1=1, axis2=2) > 0, axis=1
+            )
+            if not np.all(ok):
+                chol_ok, j = False, int(np.argmin(ok))
+        except np.linalg.LinAlgError:
+            chol_ok = False
+    if not chol_ok or cond[j] * eps >= 1:
+        raise ValueError(
+            f"{owner}: `covs[{offset + j}]` must be positive definite in {np.dtype(dtype)} "
+            f"(condition number < 1 / eps = {1 / eps:.3g}, Cholesky factorisable in that "
+            f"dtype), got condition number {cond[j]:.3g} (use float64 or regularise the covariance)"
+        )
+    return float(cond[j]), offset + j
 
 
 class _MixtureBase:
@@ -336,7 +398,9 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
         dtype: float dtype (default: JAX's default float, float64 under ``jax_enable_x64``).
     """
     dim = _checks.check_int("mixtures.standard_normal", "dim", dim, 1)
-    dtype = dtype or jnp.result_type(float)
+    dtype = _checks.check_float_dtype(
+        "mixtures.standard_normal", "dtype", dtype or jnp.result_type(float)
+    )
     return GaussianMixture._from_leaves(
         jnp.ones((1,), dtype), jnp.zeros((1, dim), dtype), jnp.eye(dim, dtype=dtype)[None]
     )
@@ -346,14 +410,19 @@ def random_spd(
     key: PRNGKeyArray, n: int, dim: int, eps: float = 0.1, dtype=None
 ) -> Float[Array, "n dim dim"]:
     """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim)."""
-    c = jax.random.normal(key, (n, dim, dim), dtype=dtype or jnp.result_type(float))
+    dtype = _checks.check_float_dtype(
+        "mixtures.random_spd", "dtype", dtype or jnp.result_type(float)
+    )
+    c = jax.random.normal(key, (n, dim, dim), dtype=dtype)
     eye = jnp.eye(dim, dtype=c.dtype)[None]
     return jnp.einsum("nij,nkj->nik", c, c, precision=_HIGHEST) / dim + eps * eye
 
 
 def _random_parts(key, n_components, dim, mean_scale, eps, dtype):
     kw, km, kc = jax.random.split(key, 3)
-    dtype = dtype or jnp.result_type(float)
+    dtype = _checks.check_float_dtype(
+        "mixtures.random_gaussian_mixture", "dtype", dtype or jnp.result_type(float)
+    )
     w = jax.nn.softmax(jax.random.normal(kw, (n_components,), dtype))
     m = mean_scale * jax.random.normal(km, (n_components, dim), dtype)
     c = random_spd(kc, n_components, dim, eps, dtype)

@@ -32,6 +32,8 @@ _Coeffs = tuple[Float[Array, "..."], Float[Array, "..."], Float[Array, "..."], F
 
 # Slack when comparing a time with an interval end: float32(0.999) > 0.999 in float64.
 _SLACK = 4 * float(np.finfo(np.float32).eps)
+# A custom schedule with max(|a_t|, |b_t|) at or below this on its interval is refused.
+_DEGENERATE = 1e-12
 
 
 def _check_interval(fn: str, interval) -> tuple[float, float]:
@@ -101,9 +103,7 @@ class Schedule:
 
     def __call__(self, t: Float[ArrayLike, "..."]) -> _Coeffs:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""
-        t = jnp.asarray(t)
-        if not jnp.issubdtype(t.dtype, jnp.floating):
-            t = t.astype(jnp.result_type(float))
+        t = _checks.check_real_array("schedules.Schedule", "t", t, any_float=True)
         return self.coeffs(t, *self.params)
 
 
@@ -217,8 +217,9 @@ def custom(
 
     Raises:
         TypeError: if ``a`` or ``b`` is not callable.
-        ValueError: if an endpoint condition fails, a(t), b(t) are not elementwise, or the
-            coefficients are not finite on ``interval``.
+        ValueError: if an endpoint condition fails, a(t), b(t) are not elementwise, the
+            coefficients are not finite on ``interval``, or a_t = b_t = 0 at some t of it
+            (checked on a grid of ~2000 times, endpoints included).
     """
     _checks.check_callable("schedules.custom", "a", a, "a callable t -> a_t")
     _checks.check_callable("schedules.custom", "b", b, "a callable t -> b_t")
@@ -228,13 +229,25 @@ def custom(
     vals = [np.asarray(v) for v in sched(probe)]
     if any(v.shape != probe.shape for v in vals):
         _checks.fail("schedules.custom", "a", "elementwise (output shaped like t)", vals[0].shape)
-    grid = np.linspace(*interval, 65)
-    if not all(np.all(np.isfinite(np.asarray(v))) for v in sched(grid)):
+    # 1025 dyadic and 1001 decimal points: catches singular or degenerate times such as 0.5, 0.3.
+    grid = np.unique(np.concatenate([np.linspace(*interval, 1025), np.linspace(*interval, 1001)]))
+    coeffs = [np.asarray(v, np.float64) for v in sched(grid)]
+    finite = np.all([np.isfinite(v) for v in coeffs], axis=0)
+    if not np.all(finite):
         _checks.fail(
             "schedules.custom",
             "interval",
             "a range where a, b and their derivatives are finite",
-            interval,
+            f"{interval} (not finite at t={grid[np.argmin(finite)]:g})",
+        )
+    # a_t = b_t = 0 collapses x_t to a point: the path's density, velocity and score are NaN.
+    degenerate = np.maximum(np.abs(coeffs[0]), np.abs(coeffs[1])) <= _DEGENERATE
+    if np.any(degenerate):
+        _checks.fail(
+            "schedules.custom",
+            "b",
+            f"nonzero where a is zero (max(|a_t|, |b_t|) > {_DEGENERATE:g} on {interval})",
+            f"a_t = b_t = 0 at t={grid[np.argmax(degenerate)]:g}",
         )
     if check_endpoints:
         got = {"a(0)": vals[0][0], "a(1)": vals[0][1], "b(0)": vals[1][0], "b(1)": vals[1][1]}

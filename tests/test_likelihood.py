@@ -241,3 +241,31 @@ def test_log_likelihood_under_jit_matches_eager():
     eager = likelihood.log_likelihood(v, x, key=jax.random.key(0), **kw).log_prob
     np.testing.assert_allclose(jitted(x, jax.random.key(0)), eager, rtol=1e-5)
     jitted(x + 0.5, jax.random.key(1))  # new values: no retrace
+
+
+def test_source_of_the_wrong_dimension_names_source_log_prob():
+    """A source of another d used to crash inside a JAX reshape."""
+    v = lambda t, x: -x  # noqa: E731
+    x = jnp.ones((3, D))
+    p3 = mixtures.standard_normal(D + 1)
+    for f in (likelihood.log_likelihood, likelihood.sample_and_log_prob):
+        with pytest.raises(ValueError, match=r"`source_log_prob` must be a GaussianMixture of the"):
+            f(v, x, source_log_prob=p3, steps=2, solver="euler")
+        with pytest.raises(ValueError, match=r"`source_log_prob` must be a callable x \(3, 2\)"):
+            f(v, x, source_log_prob=p3.log_prob, steps=2, solver="euler")  # raises inside
+        with pytest.raises(ValueError, match=r"`source_log_prob` must be .*got 'shape \(3, 1\)'"):
+            f(v, x, source_log_prob=lambda y: y[..., :1], steps=2, solver="euler")
+    # controls: a source of the right dimension, as a mixture or as a callable
+    p2 = mixtures.standard_normal(D)
+    a = likelihood.log_likelihood(v, x, source_log_prob=p2, steps=2, solver="euler")
+    b = likelihood.log_likelihood(v, x, source_log_prob=p2.log_prob, steps=2, solver="euler")
+    np.testing.assert_allclose(a.log_prob, b.log_prob)
+
+
+def test_complex_points_are_a_type_error():
+    v = lambda t, x: -x  # noqa: E731
+    with pytest.raises(TypeError, match=r"likelihood.log_likelihood: `x` must be real"):
+        likelihood.log_likelihood(v, jnp.ones((3, D)) + 0j, steps=2, solver="euler")
+    with pytest.raises(TypeError, match=r"likelihood.autodiff_divergence: `x` must be"):
+        likelihood.autodiff_divergence(v, 0.5, jnp.ones((3, D), jnp.float16))
+    assert likelihood.autodiff_divergence(v, 0.5, jnp.ones((3, D))).shape == (3,)  # control

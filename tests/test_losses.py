@@ -322,3 +322,20 @@ def test_invalid_arguments():
     loss_fn = losses.cfm(apply_fn, lambda k, n: (jnp.zeros((n, 2)), jnp.zeros((n, 3))), sched, 4)
     with pytest.raises(ValueError, match="sample_pairs"):
         loss_fn(None, jax.random.key(0))
+
+
+def test_complex_pairs_and_times_are_a_type_error():
+    """Complex samples or times used to lose their imaginary part with only a warning."""
+    apply_fn, sched = functools.partial(_linear_apply), schedules.linear()
+    params = {"w": jnp.eye(2), "c": jnp.zeros(2), "b": jnp.zeros(2)}
+    x = jnp.ones((4, 2))
+    bad_pairs = losses.cfm(apply_fn, lambda k, n: (x[:n] + 1j, x[:n]), sched, 4)
+    with pytest.raises(TypeError, match=r"losses.cfm: `sample_pairs` must be real"):
+        bad_pairs(params, jax.random.key(0))
+    bad_times = losses.cfm(
+        apply_fn, lambda k, n: (x[:n], x[:n]), sched, 4, time_sampler=lambda k, n: jnp.full(n, 0.5j)
+    )
+    with pytest.raises(TypeError, match=r"losses.cfm: `time_sampler` must be real"):
+        bad_times(params, jax.random.key(0))
+    good = losses.cfm(apply_fn, lambda k, n: (x[:n], x[:n]), sched, 4)  # control
+    assert np.isfinite(float(good(params, jax.random.key(0))))

@@ -458,3 +458,14 @@ def test_optional_ott_names_its_extra(monkeypatch, key):
     with pytest.raises(ImportError, match=r"metrics.sliced_wasserstein needs ott-jax"):
         metrics.sliced_wasserstein(x, x, key=key)
     assert float(metrics.energy_distance(x, x + 1.0)) > 0  # control: the kernels need no ott
+
+
+def test_complex_points_are_a_type_error(key):
+    """Complex point clouds used to be accepted (a complex or real-part-only distance)."""
+    x = jnp.zeros((3, 2))
+    with pytest.raises(TypeError, match=r"metrics.energy_distance: `y` must be real"):
+        metrics.energy_distance(x, x + 1j)
+    with pytest.raises(TypeError, match=r"metrics.nll: `samples` must be real"):
+        metrics.nll(lambda a: a[:, 0], x + 1j)
+    assert float(metrics.energy_distance(x, x + 1.0)) > 0  # control
+    assert float(metrics.nll(lambda a: a[:, 0], x)) == 0.0

@@ -158,3 +158,87 @@ def test_standard_normal_is_the_one_source(x64):
 def test_wrong_array_type_is_a_type_error():
     with pytest.raises(TypeError, match="mixtures.GaussianMixture: `weights` must be an array"):
         fmjax.GaussianMixture(object(), np.zeros((1, 2)), np.eye(2)[None])
+
+
+# ----------------------------------------------------------------------------- issue 14 inputs
+
+
+@pytest.mark.parametrize("cls", [fmjax.GaussianMixture, fmjax.JointGaussianMixture])
+@pytest.mark.parametrize("which", ["weights", "means", "covs"])
+def test_complex_arrays_are_a_type_error(cls, which):
+    """Complex input used to lose its imaginary part with only a warning."""
+    d = 2 if cls is fmjax.JointGaussianMixture else 1
+    args = {"weights": np.ones(1), "means": np.zeros((1, d)), "covs": np.eye(d)[None]}
+    args[which] = args[which] + 1j
+    with pytest.raises(TypeError, match=rf"mixtures.{cls.__name__}: `{which}` must be real"):
+        cls(**args)
+    args[which] = args[which].real  # control: the real part alone is valid
+    cls(**args)
+
+
+@pytest.mark.parametrize("cls,dim", [(fmjax.GaussianMixture, 0), (fmjax.JointGaussianMixture, 0)])
+def test_zero_dimension_is_a_value_error(cls, dim):
+    """d = 0 used to raise ZeroDivisionError inside validation."""
+    with pytest.raises(ValueError, match=rf"mixtures.{cls.__name__}: `means` must have shape"):
+        cls(np.ones(1), np.zeros((1, dim)), np.zeros((1, dim, dim)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_unsupported_float_dtypes_are_refused(dtype):
+    """float16 used to be accepted and to fail later inside jaxlib's Cholesky."""
+    with pytest.raises(TypeError, match="`means` must be of dtype float32 or float64"):
+        fmjax.GaussianMixture(np.ones(1), jnp.zeros((1, 2), dtype), np.eye(2)[None])
+    with pytest.raises(TypeError, match="mixtures.standard_normal: `dtype` must be"):
+        fmjax.standard_normal(2, dtype)
+    with pytest.raises(TypeError, match="mixtures.random_gaussian_mixture: `dtype` must be"):
+        random_gaussian_mixture(jax.random.key(0), 2, 2, dtype=dtype)
+    # control: float32 and integer inputs (cast to the default float) are fine
+    p = fmjax.GaussianMixture(
+        np.ones(1), jnp.zeros((1, 2), jnp.float32), np.eye(2, dtype=int)[None]
+    )
+    assert p.means.dtype == jnp.float32 and fmjax.standard_normal(2, jnp.float32).dim == 2
+
+
+def _cond_cov(cond):
+    """A 2x2 rotated diagonal covariance with the given condition number (not axis-aligned)."""
+    r = np.array([[0.6, -0.8], [0.8, 0.6]])
+    return (r @ np.diag([1.0, 1.0 / cond]) @ r.T)[None]
+
+
+def test_float32_refuses_a_covariance_it_cannot_factorise():
+    """cond 1e8 passed float64 validation and gave NaN for every quantity in float32."""
+    import warnings
+
+    from fmjax.mixtures import IllConditionedWarning, cond_warn
+
+    with pytest.raises(ValueError, match=r"`covs\[0\]` must be positive definite in float32"):
+        fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2), np.float32), _cond_cov(1e8))
+    with pytest.raises(ValueError, match=r"`covs\[0\]` must be positive definite in float32"):
+        fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2), np.float32), _cond_cov(1e7))
+    # cond 1e6: valid, but warned (relative errors ~ cond * eps in float32)
+    assert 1e4 < cond_warn(np.float32) < 1e6 < 1 / np.finfo(np.float32).eps
+    with pytest.warns(
+        IllConditionedWarning, match=r"`covs\[0\]` has condition number [0-9.e+]+, above 8.39e\+04"
+    ):
+        p = fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2), np.float32), _cond_cov(1e6))
+    assert np.all(np.isfinite(p.log_prob(jnp.ones((3, 2), jnp.float32))))
+    # controls: cond 1e3 is silent in float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2), np.float32), _cond_cov(1e3))
+    # the joint mixture checks the dtype too
+    joint = np.zeros((1, 4, 4))
+    joint[0, :2, :2], joint[0, 2:, 2:] = np.eye(2), _cond_cov(1e8)[0]
+    with pytest.raises(ValueError, match="JointGaussianMixture: `covs.0.` must be positive defin"):
+        fmjax.JointGaussianMixture(np.ones(1), np.zeros((1, 4), np.float32), joint)
+
+
+def test_float64_accepts_what_float32_refuses(x64):
+    """Control: the same cond 1e8 covariance is fine in float64 (below 4.5e13, no warning)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2)), _cond_cov(1e8))
+    assert p.covs.dtype == jnp.float64
+    assert np.all(np.isfinite(p.log_prob(jnp.ones((3, 2)))))

@@ -488,3 +488,38 @@ def test_singular_end_is_a_clear_error(x64, kw):
         sample.ode(v, x0, **kw)
     # Control: the same field stopped inside its interval solves cleanly.
     assert bool(jnp.all(jnp.isfinite(sample.ode(v, x0, t1=0.999, **kw).x)))
+
+
+def test_sde_one_step_names_steps():
+    """steps=1 (with the default eps) used to raise ZeroDivisionError."""
+    v = lambda t, x: -x  # noqa: E731
+    s, x0, k = schedules.linear(), jnp.ones((3, D)), jax.random.key(0)
+    with pytest.raises(ValueError, match=r"sample.sde: `steps` must be >= 2"):
+        sample.sde(v, s, x0, key=k, steps=1)
+    # controls: two steps, or one step without the denoising step (eps = 0, g(1) = 0)
+    assert sample.sde(v, s, x0, key=k, steps=2).x.shape == (3, D)
+    out = sample.sde(v, s, x0, key=k, steps=1, eps=0.0, diffusion=lambda t: 1.0 - t)
+    assert out.num_steps == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.float16, jnp.bfloat16])
+def test_unsupported_x0_dtypes_are_a_type_error(dtype):
+    """Complex x0 lost its imaginary part; float16 x0 failed in diffrax's scan carry."""
+    v = lambda t, x: -x  # noqa: E731
+    x0 = jnp.ones((3, D), dtype)
+    with pytest.raises(TypeError, match=r"sample.ode: `x0` must be"):
+        sample.ode(v, x0, steps=2, solver="euler")
+    with pytest.raises(TypeError, match=r"sample.sde: `x0` must be"):
+        sample.sde(v, schedules.linear(), x0, key=jax.random.key(0))
+    # control: float32 and integer states
+    for ok in (jnp.ones((3, D), jnp.float32), jnp.ones((3, D), jnp.int32)):
+        assert sample.ode(v, ok, steps=2, solver="euler").x.dtype == jnp.float32
+
+
+def test_complex_and_empty_times_and_states():
+    v = lambda t, x: -x  # noqa: E731
+    with pytest.raises(TypeError, match=r"sample.ode: `t1` must be a real number"):
+        sample.ode(v, jnp.ones((3, D)), steps=2, solver="euler", t1=np.complex128(0.5 + 1j))
+    with pytest.raises(ValueError, match=r"sample.ode: `x0` must be an array of shape \(..., d\) "):
+        sample.ode(v, jnp.ones((3, 0)), steps=2, solver="euler")
+    assert sample.ode(v, jnp.ones((3, D)), steps=2, solver="euler", t1=np.float64(0.5)).x.shape

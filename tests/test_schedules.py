@@ -131,3 +131,31 @@ def test_equal_schedules_hash_equal():
 def test_integer_time_is_promoted():
     a, *_ = schedules.linear()(1)
     assert jnp.issubdtype(a.dtype, jnp.floating)
+
+
+def _vanishing_at(t0):
+    """Both coefficients times (t - t0)^2: a_t = b_t = 0 at t0 only."""
+    return (lambda t: t * (t - t0) ** 2, lambda t: (1 - t) * (t - t0) ** 2)
+
+
+def test_custom_refuses_a_and_b_both_zero():
+    """a_t = b_t = 0 at t = 0.5 (and at 0.3) used to be accepted and to give NaN there."""
+    for t0 in (0.5, 0.3):
+        with pytest.raises(ValueError, match=rf"schedules.custom: `b` must be nonzero .*t={t0:g}"):
+            schedules.custom(*_vanishing_at(t0), check_endpoints=False)
+    # control: a schedule where only one coefficient vanishes inside is fine
+    s = schedules.custom(lambda t: t**2, lambda t: (1 - t) ** 2, check_endpoints=False)
+    assert np.all(np.isfinite(np.asarray(s(np.linspace(0, 1, 11)))))
+
+
+def test_custom_reports_where_the_coefficients_are_not_finite():
+    with pytest.raises(ValueError, match=r"`interval` must be a range where .*t=0\.5"):
+        schedules.custom(lambda t: t + 0.0 / (t - 0.5), lambda t: 1 - t)
+
+
+def test_complex_times_are_a_type_error():
+    s = schedules.linear()
+    with pytest.raises(TypeError, match="schedules.Schedule: `t` must be real"):
+        s(jnp.asarray([0.5 + 0.1j]))
+    a, b, _, _ = s(jnp.asarray([0.5]))  # control
+    np.testing.assert_allclose([a[0], b[0]], [0.5, 0.5])

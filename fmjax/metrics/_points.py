@@ -12,7 +12,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def two_clouds(fn: str, x, y, min_points: int = 1):
     """``x`` (n, d) and ``y`` (m, d) as arrays of one floating dtype, or ``ValueError``."""
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x = _checks.check_real_array(fn, "x", x, any_float=True)
+    y = _checks.check_real_array(fn, "y", y, any_float=True)
     for name, a in (("x", x), ("y", y)):
         if a.ndim != 2:
             _checks.fail(fn, name, "an array of shape (n, d)", f"shape {a.shape}")

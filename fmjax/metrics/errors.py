@@ -74,9 +74,7 @@ def velocity_error(
 
 def _times(fn: str, ts, schedule: Schedule, dtype) -> Array:
     """``ts`` as a floating (T,) array with T >= 1, inside the schedule's valid interval."""
-    ts = jnp.asarray(ts)
-    if not jnp.issubdtype(ts.dtype, jnp.floating):
-        ts = ts.astype(dtype)
+    ts = _checks.check_real_array(fn, "ts", ts, dtype)
     if ts.ndim != 1 or ts.shape[0] == 0:
         _checks.fail(fn, "ts", "a non-empty array of shape (T,)", f"shape {ts.shape}")
     schedule.check_times(fn, "ts", ts)
@@ -102,7 +100,7 @@ def nll(
     """
     fn = "metrics.nll"
     _checks.check_callable(fn, "target_log_prob", target_log_prob)
-    samples = jnp.asarray(samples)
+    samples = _checks.check_real_array(fn, "samples", samples, any_float=True)
     if samples.ndim != 2:
         _checks.fail(fn, "samples", "an array of shape (n, d)", f"shape {samples.shape}")
     lp = target_log_prob(samples)

@@ -222,6 +222,13 @@ def _solve_sde(name, brownian, args: _SDEArgs, x0, key, t0, t1, n, save_trajecto
 def _check_eps(fn: str, eps, steps: int, interval: tuple[float, float]) -> float:
     length = interval[1] - interval[0]
     if eps is None:
+        if steps < 2:
+            _checks.fail(
+                fn,
+                "steps",
+                ">= 2 (one SDE step and the denoising step; eps=0 allows steps=1)",
+                steps,
+            )
         return length / steps
     eps = _checks.check_positive(fn, "eps", eps, allow_zero=True)
     if eps >= length:
