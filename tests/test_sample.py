@@ -523,3 +523,9 @@ def test_complex_and_empty_times_and_states():
     with pytest.raises(ValueError, match=r"sample.ode: `x0` must be an array of shape \(..., d\) "):
         sample.ode(v, jnp.ones((3, 0)), steps=2, solver="euler")
     assert sample.ode(v, jnp.ones((3, D)), steps=2, solver="euler", t1=np.float64(0.5)).x.shape
+
+
+def test_draw_source_refuses_float16():
+    with pytest.raises(TypeError, match=r"sample.draw_source: `dtype` must be of dtype float32"):
+        sample.draw_source(jax.random.key(0), 4, 2, dtype=jnp.float16)
+    assert sample.draw_source(jax.random.key(0), 4, 2, dtype=jnp.float32).dtype == jnp.float32

@@ -36,7 +36,8 @@ def draw_source(
         (n, d) samples.
 
     Raises:
-        TypeError: for a source of the wrong type or a non-integer ``n`` / ``dim``.
+        TypeError: for a source of the wrong type, a non-integer ``n`` / ``dim``, or a
+            ``dtype`` other than float32 / float64.
         ValueError: for ``n`` or ``dim`` < 1, a missing ``dim``, or a source of the wrong shape.
     """
     fn = "sample.draw_source"
@@ -46,7 +47,8 @@ def draw_source(
     if source is None:
         if dim is None:
             _checks.fail(fn, "dim", "given for the default N(0, I) source", dim)
-        return jax.random.normal(key, (n, dim), dtype or jnp.result_type(float))
+        dtype = _checks.check_float_dtype(fn, "dtype", dtype or jnp.result_type(float))
+        return jax.random.normal(key, (n, dim), dtype)
     if isinstance(source, GaussianMixture):
         x = source.sample(key, n)
     else:
