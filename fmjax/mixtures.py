@@ -260,8 +260,16 @@ class GaussianMixture(_MixtureBase):
         covs: (K, d, d) symmetric positive-definite component covariances.
 
     Raises:
-        ValueError: naming the argument, for bad shapes, NaN/inf, negative weights, weights not
-            summing to 1 (within 1e-5), or a non-symmetric or non-positive-definite covariance.
+        TypeError: naming the argument, for complex arrays or a dtype other than float32 /
+            float64 (integers are cast to the default float).
+        ValueError: naming the argument, for bad shapes (d >= 1), NaN/inf, negative weights,
+            weights not summing to 1 (within 1e-5), a non-symmetric or non-positive-definite
+            covariance, or one that cannot be factorised in the mixture's dtype (condition number
+            >= 1 / eps, 8.4e6 in float32).
+
+    Warns:
+        IllConditionedWarning: for a covariance with condition number above ``cond_warn(dtype)``
+            = 0.01 / eps (8.4e4 in float32, 4.5e13 in float64).
     """
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
@@ -310,7 +318,8 @@ class JointGaussianMixture(_MixtureBase):
             S01 = Cov(X0, X1) = S10^T.
 
     Raises:
-        ValueError: as for ``GaussianMixture``, and if the joint dimension is odd.
+        TypeError, ValueError: as for ``GaussianMixture`` (the checks apply to the full 2d x 2d
+            covariances), and ``ValueError`` if the joint dimension is odd.
     """
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
