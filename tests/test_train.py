@@ -218,6 +218,7 @@ def test_resume_is_bit_identical(tmp_path):
         checkpoint_every=20,
         **kw,
     )
+    assert first.resumed_from is None and resumed.resumed_from == 20
     for r in (first, resumed):
         assert r.step == 40
         assert _tree_equal(r.params, straight.params)
@@ -271,6 +272,8 @@ def test_corrupt_checkpoint_raises_and_overwrites_nothing(tmp_path, damage):
 
 
 def test_checkpoint_of_other_model_raises(tmp_path):
+    """Another model's checkpoint is refused by its fingerprint (ValueError naming what differs),
+    and with ``resume="force"`` by the restore itself (RuntimeError naming the step)."""
     x, y = _problem()
     ckpt = tmp_path / "ckpt"
     train.fit(
@@ -282,15 +285,179 @@ def test_checkpoint_of_other_model_raises(tmp_path):
         progress=False,
     )
     x4, y4 = _problem(d=4)
-    with pytest.raises(RuntimeError, match=str(ckpt / "5")):
-        train.fit(
-            _minibatch_loss(x4, y4),
-            _zeros(4),
-            key=jax.random.key(0),
-            steps=10,
-            checkpoint_dir=ckpt,
-            progress=False,
-        )
+    kw = dict(key=jax.random.key(0), steps=10, checkpoint_dir=ckpt, progress=False)
+    with pytest.raises(ValueError, match=f"`checkpoint_dir`.*{ckpt / '5'}.*differs in params"):
+        train.fit(_minibatch_loss(x4, y4), _zeros(4), **kw)
+    with pytest.warns(UserWarning, match="resume='force'"):
+        with pytest.raises(RuntimeError, match=str(ckpt / "5")):
+            train.fit(_minibatch_loss(x4, y4), _zeros(4), resume="force", **kw)
+
+
+def _largest_file(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_bit_flip_and_truncation_are_refused(tmp_path, damage):
+    """64 bytes flipped in the largest file of the latest step directory (its size unchanged),
+    or that file cut in half: the resume fails naming the step directory (it restored the flipped
+    state silently, and trained on with NaN, before the checksum); the undamaged copy resumes."""
+    d = 512  # large enough that an array data file is the largest file of the step
+    x, y = _problem(d=d)
+    loss = _minibatch_loss(x, y)
+    ckpt, good = tmp_path / "ckpt", tmp_path / "good"
+    kw = dict(key=jax.random.key(0), checkpoint_every=5, progress=False)
+    train.fit(loss, _zeros(d), steps=10, checkpoint_dir=ckpt, **kw)
+    shutil.copytree(ckpt, good)
+    big = _largest_file(ckpt / "10")
+    assert os.sep + "d" + os.sep in big  # an array data file, not JSON metadata
+    size = os.path.getsize(big)
+    with open(big, "r+b") as fh:
+        if damage == "flip":
+            fh.seek(size // 2)
+            chunk = fh.read(64)
+            fh.seek(size // 2)
+            fh.write(bytes(b ^ 0xFF for b in chunk))
+        else:
+            fh.truncate(size // 2)
+    assert (os.path.getsize(big) == size) == (damage == "flip")
+    before = _digest(ckpt)
+    with pytest.raises(RuntimeError, match=f"checkpoint {ckpt / '10'} is corrupt"):
+        train.fit(loss, _zeros(d), steps=20, checkpoint_dir=ckpt, **kw)
+    assert _digest(ckpt) == before  # nothing saved over, nothing rotated out
+    # Control: the same checkpoint, undamaged, resumes and trains on with finite losses.
+    res = train.fit(loss, _zeros(d), steps=20, checkpoint_dir=good, **kw)
+    assert res.resumed_from == 10 and np.isfinite(res.losses).all()
+
+
+def _nan_after(k, lr=1e-2):
+    """SGD whose update of step ``k`` (counting from 0) makes every parameter NaN."""
+
+    def init(params):
+        return jnp.zeros((), jnp.int32)
+
+    def update(grads, count, params=None):
+        bad = count >= k
+        return jax.tree.map(lambda g: jnp.where(bad, jnp.nan, -lr * g), grads), count + 1
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    """Params turn NaN in the update of step 7, so the loss of step 8 is NaN: the save due at
+    step 10 is refused with FloatingPointError naming step 8 and the kept step 5 (with
+    max_checkpoints=1 it used to replace step 5, the last good checkpoint). NaN params with
+    finite losses so far (update of step 9) are refused too; a finite run saves (control)."""
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    kw = dict(key=jax.random.key(0), steps=20, checkpoint_every=5, max_checkpoints=1,
+              progress=False)  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(FloatingPointError, match=r"non-finite at step 8 .*kept at step 5"):
+        train.fit(loss, _zeros(), optimizer=_nan_after(7), checkpoint_dir=ckpt, **kw)
+    assert os.listdir(ckpt) == ["5"]
+    with pytest.raises(FloatingPointError, match=r"state .* non-finite by step 10.*kept at step 5"):
+        train.fit(loss, _zeros(), optimizer=_nan_after(9), checkpoint_dir=tmp_path / "b", **kw)
+    assert os.listdir(tmp_path / "b") == ["5"]
+    with pytest.raises(FloatingPointError, match="at step 1 .*no checkpoint was written"):
+        train.fit(loss, _zeros(), optimizer=_nan_after(0), checkpoint_dir=tmp_path / "c", **kw)
+    res = train.fit(loss, _zeros(), optimizer=_nan_after(100), checkpoint_dir=tmp_path / "d", **kw)
+    assert res.step == 20 and os.listdir(tmp_path / "d") == ["20"]
+    # The error released the directory: the kept checkpoint resumes, with a finite optimizer
+    # (a new configuration, so `resume="force"`), as if nothing had gone wrong.
+    with pytest.warns(UserWarning, match="resume='force'"):
+        good = train.fit(loss, _zeros(), optimizer=_nan_after(100), checkpoint_dir=ckpt,
+                         resume="force", **kw)  # fmt: skip
+    assert good.resumed_from == 5 and _same_run(good, res)
+
+
+def test_changed_fingerprint_is_refused_unless_forced(tmp_path):
+    """Resuming another run's checkpoint (other learning rate, optimizer, EMA, key or loss) is a
+    ValueError naming the directory and what differs (it silently mixed the runs before);
+    ``resume="force"`` continues with the new settings; the same run resumes (control)."""
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    ckpt = tmp_path / "ckpt"
+    kw = dict(steps=20, checkpoint_dir=ckpt, progress=False)
+    key = jax.random.key(0)
+    first = train.fit(loss, _zeros(), key=key, steps=10, checkpoint_dir=ckpt, progress=False)
+    before = _digest(ckpt)
+    changes = [
+        ("learning_rate=0.001", dict(key=key, learning_rate=2e-3)),
+        ("optimizer", dict(key=key, optimizer=optax.sgd(1e-3))),
+        ("ema_decay", dict(key=key, ema_decay=0.9)),
+        ("key", dict(key=jax.random.key(1))),
+    ]
+    for what, change in changes:
+        with pytest.raises(ValueError, match=f"`checkpoint_dir`.*{ckpt / '10'}.*{what}"):
+            train.fit(loss, _zeros(), **change, **kw)
+    with pytest.raises(ValueError, match="loss_fn: saved"):
+        train.fit(lambda p, k: loss(p, k), _zeros(), key=key, **kw)
+    assert _digest(ckpt) == before
+    with pytest.warns(UserWarning, match="resume='force'.*learning_rate"):
+        forced = train.fit(loss, _zeros(), key=key, learning_rate=2e-3, resume="force", **kw)
+    assert forced.resumed_from == 10 and forced.step == 20
+    np.testing.assert_array_equal(forced.losses[:10], first.losses)
+    # Its checkpoints now carry the new fingerprint: the new settings resume, the old do not.
+    kw["steps"] = 25
+    assert train.fit(loss, _zeros(), key=key, learning_rate=2e-3, **kw).resumed_from == 20
+    with pytest.raises(ValueError, match="learning_rate=0.002"):
+        train.fit(loss, _zeros(), key=key, **kw)
+    # A user's optax transformation is compared by its configuration, not by identity.
+    other = tmp_path / "sgd"
+    kw = dict(key=key, checkpoint_dir=other, progress=False)
+    train.fit(loss, _zeros(), optimizer=optax.sgd(0.1), steps=5, **kw)
+    assert train.fit(loss, _zeros(), optimizer=optax.sgd(0.1), steps=8, **kw).resumed_from == 5
+    with pytest.raises(ValueError, match="differs in optimizer"):
+        train.fit(loss, _zeros(), optimizer=optax.sgd(0.2), steps=10, **kw)
+
+
+def test_second_writer_is_refused(tmp_path):
+    """While a directory is locked (by this test, or by an open Checkpointer seen from another
+    process) a fit on it raises RuntimeError naming it and writes nothing; unlocked, it runs."""
+    import fcntl
+    import subprocess
+
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    kw = dict(key=jax.random.key(0), steps=5, checkpoint_dir=ckpt, progress=False)
+    fd = os.open(ckpt, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RuntimeError, match=f"checkpoint directory {ckpt} is in use"):
+            train.fit(loss, _zeros(), **kw)
+        assert os.listdir(ckpt) == []
+    finally:
+        os.close(fd)
+    assert train.fit(loss, _zeros(), **kw).step == 5  # control: the lock was the only obstacle
+    probe = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    )
+    ck = checkpoint.Checkpointer(ckpt, 3)
+    try:
+        held = subprocess.run([sys.executable, "-c", probe, str(ckpt)], capture_output=True)
+    finally:
+        ck.close()
+    free = subprocess.run([sys.executable, "-c", probe, str(ckpt)], capture_output=True)
+    assert held.returncode != 0 and b"BlockingIOError" in held.stderr and free.returncode == 0
+
+
+def test_resume_says_so(tmp_path, capsys):
+    """A resumed fit reports the step and directory it resumed from, in its result and on the
+    progress line; a fresh one does not."""
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    ckpt = tmp_path / "ckpt"
+    kw = dict(key=jax.random.key(0), checkpoint_dir=ckpt, progress=True)
+    fresh = train.fit(loss, _zeros(), steps=10, **kw)
+    assert fresh.resumed_from is None and "resumed" not in capsys.readouterr().err
+    resumed = train.fit(loss, _zeros(), steps=20, **kw)
+    assert resumed.resumed_from == 10
+    assert f"resumed from step 10 of {ckpt}" in capsys.readouterr().err
 
 
 def test_missing_orbax_names_the_extra(tmp_path, monkeypatch):
@@ -737,6 +904,8 @@ def _bad_arguments():
             checkpoint_every=5)),
         (TypeError, "`checkpoint_dir` must be a path", dict(checkpoint_dir=3)),
         (TypeError, "`has_aux` must be a bool", dict(has_aux=1)),
+        (TypeError, "`resume` must be True, False or 'force'", dict(resume=1)),
+        (ValueError, r"`resume` must be one of \('force',\)", dict(resume="yes")),
         (TypeError, "`callback` must be a callable", dict(callback=3)),
         (TypeError, "`mesh` must be a jax.sharding.Mesh", dict(mesh="data")),
         (ValueError, "with `has_aux=True`, `loss_fn` must return", dict(has_aux=True)),

@@ -1,8 +1,10 @@
-"""Orbax checkpoints of a train state and its loss history: saving, and restoring the latest one
-(errors name the checkpoint's path)."""
+"""Orbax checkpoints of a train state and its loss history: saving with a checksum and the run's
+fingerprint, restoring the latest one after verifying both (errors name the checkpoint's path),
+and an exclusive lock on the directory while a run uses it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Callable
@@ -14,7 +16,14 @@ import numpy as np
 from fmjax import _checks
 from fmjax._typing import PyTree
 
-__all__ = ["Checkpointer", "restore"]
+try:  # POSIX; elsewhere the directory is not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+__all__ = ["Checkpointer", "checksum", "restore"]
+
+_FORMAT = 1  # version of the "meta" item
 
 
 def _short(e: Exception, limit: int = 400) -> str:
@@ -22,40 +31,111 @@ def _short(e: Exception, limit: int = 400) -> str:
     return msg if len(msg) <= limit else msg[:limit] + " ..."
 
 
-class Checkpointer:
-    """Thin wrapper over ``orbax.checkpoint.CheckpointManager``.
+def checksum(tree: PyTree) -> str:
+    """sha256 over the dtype, shape and bytes of every leaf of ``tree`` (host copies), in order."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{arr.dtype.str}{arr.shape};".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
-    A checkpoint at step ``s`` lives in ``<directory>/<s>`` and holds two items: ``state`` (any
-    pytree with an integer leaf ``step``) and ``history`` (a dict of arrays with a leading step
-    axis of length ``s``).
+
+class Checkpointer:
+    """Thin wrapper over ``orbax.checkpoint.CheckpointManager`` that locks its directory.
+
+    A checkpoint at step ``s`` lives in ``<directory>/<s>`` and holds three items: ``state`` (any
+    pytree with an integer leaf ``step``), ``history`` (a dict of arrays with a leading step
+    axis of length ``s``) and ``meta`` (JSON: the sha256 :func:`checksum` of state and history,
+    and the fingerprint of the run that wrote it). While open, the directory is locked
+    (``flock``, exclusive): a second ``Checkpointer`` on it, in this process or another, raises
+    ``RuntimeError``; :meth:`close` releases it.
     """
 
     def __init__(
         self, directory: str | os.PathLike, max_to_keep: int | None, fn: str = "train.fit"
     ):
         ocp = _checks.require("orbax.checkpoint", fn)
-        self._ocp = ocp
+        self._ocp, self.fn, self._lock = ocp, fn, None
         self.path = os.path.abspath(os.fspath(directory))
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"{fn}: cannot create checkpoint directory {self.path}: {e}") from e
+        self._acquire()
         try:
             self.manager = ocp.CheckpointManager(
                 self.path,
                 options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
             )
         except Exception as e:  # noqa: BLE001 - re-raised with the path
+            self._release()
             raise RuntimeError(f"cannot open checkpoint directory {self.path}: {e}") from e
+
+    def _acquire(self) -> None:
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            raise RuntimeError(
+                f"{self.fn}: checkpoint directory {self.path} is in use by another run (it holds "
+                "an exclusive lock on it); wait until that run ends, or give this run another "
+                "`checkpoint_dir`"
+            ) from e
+        self._lock = fd
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            fd, self._lock = self._lock, None
+            os.close(fd)  # closing the descriptor releases the flock
 
     def latest_step(self) -> int | None:
         """The latest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def restore(self, step: int, state_target: PyTree, hist_target: dict) -> tuple[PyTree, dict]:
-        """Restore ``(state, history)`` of ``step`` into the structures of the targets.
+    def _where(self, step: int) -> str:
+        return os.path.join(self.path, str(step))
+
+    def _corrupt(self, step: int, e: Exception) -> RuntimeError:
+        return RuntimeError(
+            f"checkpoint {self._where(step)} is corrupt, incomplete or from a different "
+            f"model/optimizer and cannot be restored ({type(e).__name__}: {_short(e)}). Nothing "
+            "was overwritten; delete that step directory to fall back to an earlier "
+            "checkpoint, or pass `resume=False` with an empty `checkpoint_dir`."
+        )
+
+    def read_meta(self, step: int) -> dict | None:
+        """The ``meta`` item of ``step`` (checksum, fingerprint), or None for a checkpoint
+        written without one. ``RuntimeError`` naming the step directory if it is unreadable."""
+        where = self._where(step)
+        if not os.path.isdir(os.path.join(where, "meta")):
+            return None
+        try:
+            out = self.manager.restore(
+                step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore())
+            )
+            meta = out["meta"]
+            if not isinstance(meta, dict) or "checksum" not in meta:
+                raise ValueError(f"malformed metadata {meta!r:.200}")
+        except Exception as e:  # noqa: BLE001 - reported with the path
+            raise self._corrupt(step, e) from e
+        return meta
+
+    def restore(
+        self, step: int, state_target: PyTree, hist_target: dict, meta: dict | None = None
+    ) -> tuple[PyTree, dict]:
+        """Restore ``(state, history)`` of ``step`` into the structures of the targets and check
+        them against the checksum of ``meta`` (the :meth:`read_meta` of that step).
 
         Raises:
-            RuntimeError: naming the step directory, when it cannot be read or does not match.
+            RuntimeError: naming the step directory, when it cannot be read, does not match
+                the targets, or its arrays do not match their checksum.
         """
         ocp = self._ocp
-        where = os.path.join(self.path, str(step))
+        where = self._where(step)
         try:
             out = self.manager.restore(
                 step,
@@ -67,36 +147,49 @@ class Checkpointer:
             state, hist = out["state"], out["history"]
             restored_step = int(np.asarray(state.step))
         except Exception as e:  # noqa: BLE001 - any failure to read is reported with the path
-            raise RuntimeError(
-                f"checkpoint {where} is corrupt, incomplete or from a different model/optimizer "
-                f"and cannot be restored ({type(e).__name__}: {_short(e)}). Nothing was "
-                "overwritten; delete that step directory to fall back to an earlier "
-                "checkpoint, or pass `resume=False` with an empty `checkpoint_dir`."
-            ) from e
+            raise self._corrupt(step, e) from e
         if restored_step != step:
             raise RuntimeError(
                 f"checkpoint {where} holds step {restored_step}, expected {step}; it is corrupt"
             )
+        if meta is not None and checksum((state, hist)) != meta["checksum"]:
+            raise RuntimeError(
+                f"checkpoint {where} is corrupt: its arrays do not match the sha256 checksum "
+                "saved with them. Nothing was overwritten; delete that step directory to fall "
+                "back to an earlier checkpoint, or pass `resume=False` with an empty "
+                "`checkpoint_dir`."
+            )
         return state, hist
 
-    def save(self, step: int, state: PyTree, hist: dict) -> None:
-        """Save ``(state, history)`` as ``step`` (no-op if that step is already saved)."""
+    def save(self, step: int, state: PyTree, hist: dict, fingerprint: dict | None = None) -> None:
+        """Save ``(state, history)`` as ``step`` with their checksum and the run's
+        ``fingerprint`` (no-op if that step is already saved)."""
         ocp = self._ocp
         if self.manager.latest_step() == step:
             return
         # Host copies: the device buffers are donated to the next chunk while orbax writes.
         state, hist = jax.device_get((state, hist))
+        meta = {"format": _FORMAT, "checksum": checksum((state, hist)),
+                "fingerprint": fingerprint or {}}  # fmt: skip
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), history=ocp.args.StandardSave(hist)
+                state=ocp.args.StandardSave(state),
+                history=ocp.args.StandardSave(hist),
+                meta=ocp.args.JsonSave(meta),
             ),
         )
 
     def close(self) -> None:
-        """Wait for pending writes and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending writes, release the manager and the directory's lock."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        finally:
+            self._release()
 
 
 def restore(
@@ -105,25 +198,32 @@ def restore(
     history_target: Callable[[int], dict],
     *,
     steps: int,
-    resume: bool,
+    resume: bool | str,
+    fingerprint: dict | None = None,
     fn: str = "train.fit",
 ) -> tuple[PyTree, dict, int]:
     """The latest checkpoint of ``ckpt``: ``(state, history, start_step)``.
 
     Reads only: ``state`` (the initial state, whose structure the checkpoint must match) is not
-    modified, and without a checkpoint it is returned with an empty history and step 0.
+    modified, and without a checkpoint it is returned with an empty history and step 0. The
+    checkpoint's arrays are verified against the checksum saved with them.
 
     Args:
         ckpt: the open checkpoint directory.
         state: initial train state (pytree with an integer leaf ``step``).
         history_target: ``n -> `` zeros shaped like the history of ``n`` steps.
         steps: steps the run asks for (a later checkpoint is returned with a warning).
-        resume: continue from existing checkpoints; ``False`` refuses a non-empty directory.
+        resume: ``True``: continue from the latest checkpoint if the run's ``fingerprint``
+            matches the saved one; ``"force"``: continue even if it differs (with a warning);
+            ``False``: refuse a non-empty directory.
+        fingerprint: the run's fingerprint (``None``: not compared).
         fn: the public function named in errors.
 
     Raises:
-        ValueError: checkpoints exist and ``resume`` is False.
-        RuntimeError: the latest checkpoint cannot be read or does not match ``state``.
+        ValueError: checkpoints exist and ``resume`` is False, or their fingerprint differs
+            and ``resume`` is not ``"force"``.
+        RuntimeError: the latest checkpoint cannot be read, does not match ``state`` or its
+            checksum.
     """
     latest = ckpt.latest_step()
     if latest is None:
@@ -133,7 +233,32 @@ def restore(
             fn, "checkpoint_dir", "empty with `resume=False` (pass `resume=True` to continue)",
             f"{ckpt.path} with checkpoints up to step {latest}",
         )  # fmt: skip
-    restored, hist = ckpt.restore(latest, state, history_target(latest))
+    where = os.path.join(ckpt.path, str(latest))
+    meta = ckpt.read_meta(latest)
+    if meta is None:
+        warnings.warn(
+            f"{fn}: checkpoint {where} has no checksum or fingerprint (written by an older "
+            "fmjax); restoring it unverified",
+            stacklevel=5,
+        )
+    elif fingerprint is not None:
+        from fmjax.train.fingerprint import differences
+
+        diff = differences(meta.get("fingerprint", {}), fingerprint)
+        if diff and resume != "force":
+            raise ValueError(
+                f"{fn}: `checkpoint_dir` must hold checkpoints of the same run to resume it "
+                "(same loss_fn, optimizer, ema_decay, has_aux, params and key; pass "
+                "`resume='force'` to continue it with the new settings, or another directory to "
+                f"start over), got {where}, which differs in " + "; ".join(diff)
+            )
+        if diff:
+            warnings.warn(
+                f"{fn}: resume='force': continuing {where} with new settings ("
+                + "; ".join(diff) + ")",
+                stacklevel=5,
+            )  # fmt: skip
+    restored, hist = ckpt.restore(latest, state, history_target(latest), meta)
     if latest > steps:
         warnings.warn(
             f"{fn}: checkpoint in {ckpt.path} is at step {latest} > steps={steps}; "

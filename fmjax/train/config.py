@@ -219,7 +219,7 @@ class RunOptions:
     checkpoint_dir: str | None
     checkpoint_every: int | None
     max_checkpoints: int | None
-    resume: bool
+    resume: bool | str  # True, False or "force"
     progress: bool
     floor: float | None
     callback: Callable[[int, Any, Any], None] | None
@@ -233,7 +233,7 @@ class RunOptions:
         checkpoint_dir: str | os.PathLike | None,
         checkpoint_every: int | None,
         max_checkpoints: int | None,
-        resume: bool,
+        resume: bool | str,
         progress: bool,
         floor: float | None,
         callback: Callable[[int, Any, Any], None] | None,
@@ -253,7 +253,12 @@ class RunOptions:
         if callback is not None:
             _checks.check_callable(fn, "callback", callback)
         floor = None if floor is None else _checks.as_float(fn, "floor", floor)
-        resume, progress = _check_bool(fn, "resume", resume), _check_bool(fn, "progress", progress)
+        if isinstance(resume, str):
+            _checks.check_choice(fn, "resume", resume, ("force",))
+        else:
+            what = "True, False or 'force'"
+            resume = _checks.check_instance(fn, "resume", resume, bool, what)
+        progress = _check_bool(fn, "progress", progress)
         return cls(
             steps,
             checkpoint_dir,

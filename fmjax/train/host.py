@@ -62,13 +62,19 @@ class Progress:
     """tqdm bar (loss, excess over ``floor``, steps/s) and the user callback, between chunks."""
 
     def __init__(
-        self, enabled: bool, start: int, steps: int, floor: float | None, callback: Callable | None
+        self,
+        enabled: bool,
+        start: int,
+        steps: int,
+        floor: float | None,
+        callback: Callable | None,
+        desc: str = "fit",
     ):
         self.bar = None
         if enabled and steps > start:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=steps, initial=start, desc="fit", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
         self.start, self.floor, self.callback = start, floor, callback
         self.t0 = time.perf_counter()
 

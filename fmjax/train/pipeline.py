@@ -25,6 +25,7 @@ from fmjax.sharding import batch_sharding, replicated
 from fmjax.train.cache import LRU, signature, trace_config
 from fmjax.train.checkpoint import Checkpointer, restore
 from fmjax.train.config import FitConfig, RunOptions
+from fmjax.train.fingerprint import fingerprint
 from fmjax.train.host import History, Progress, chunk_bounds
 from fmjax.train.step import State, init_state, make_chunk, output_structs
 
@@ -53,6 +54,9 @@ class FitResult(NamedTuple):
             with an equal configuration and arguments of the same shapes was reused.
         steps_per_second: steps run in this call divided by the time spent running them (wall
             time minus compile time); ``nan`` when no step was run.
+        resumed_from: the step of the checkpoint this call resumed from, or ``None`` when it
+            started from ``params`` (the progress bar then reads "resumed from step N of
+            <checkpoint_dir>").
     """
 
     params: PyTree
@@ -64,6 +68,7 @@ class FitResult(NamedTuple):
     wall_time: float
     compile_time: float
     steps_per_second: float
+    resumed_from: int | None = None
 
 
 class _Placement(NamedTuple):
@@ -170,12 +175,39 @@ def _program(config: FitConfig, structs, placement: _Placement | None, args) -> 
     return compiled, 0.0 if hit else time.perf_counter() - t0
 
 
+def _check_finite(fn: str, state, hist: dict, *, start: int, end: int, ckpt: Checkpointer):
+    """``FloatingPointError`` if the losses of steps ``start .. end - 1`` or the (host) state
+    are not finite: such a state is never saved, so no finite checkpoint is rotated out."""
+    losses = np.asarray(hist["loss"])[start:end]
+    bad = ~np.isfinite(losses.reshape(len(losses), -1)).all(axis=1)
+    floats = [np.asarray(a) for a in jax.tree.leaves(state)]
+    state_ok = all(np.isfinite(a).all() for a in floats if np.issubdtype(a.dtype, np.inexact))
+    if not bad.any() and state_ok:
+        return
+    last = ckpt.latest_step()
+    kept = (
+        f"the last finite checkpoint is kept at step {last} in {ckpt.path}"
+        if last is not None
+        else f"no checkpoint was written to {ckpt.path}"
+    )
+    if bad.any():
+        first = start + int(np.argmax(bad))
+        what = f"the loss became non-finite at step {first} ({losses[first - start]})"
+    else:
+        what = f"the train state (params / optimizer state) became non-finite by step {end}"
+    raise FloatingPointError(
+        f"{fn}: {what}; the state of step {end} was not saved and {kept}. Lower the learning "
+        "rate, clip the gradients or check `loss_fn`."
+    )
+
+
 def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len: int,
                 options: RunOptions, history: History, report: Progress,
-                ckpt: Checkpointer | None) -> State:  # fmt: skip
+                ckpt: Checkpointer | None, run_fingerprint: dict | None,
+                fn: str) -> State:  # fmt: skip
     """Run steps ``start .. options.steps`` chunk by chunk; the losses of chunk ``k`` are read
     while chunk ``k + 1`` runs. Saves checkpoints at multiples of ``checkpoint_every`` and at the
-    end."""
+    end, unless the losses or the state are not finite (``FloatingPointError``)."""
     steps, every = options.steps, options.checkpoint_every
     pending = None  # (begin, end, losses, aux) of the chunk whose outputs are not read yet
 
@@ -194,7 +226,9 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
         if ckpt is not None and (e == steps or (every and e % every == 0)):
             drain()
             pending = None
-            ckpt.save(e, state, history.as_dict())
+            hist, host_state = history.as_dict(), jax.device_get(state)
+            _check_finite(fn, host_state, hist, start=start, end=e, ckpt=ckpt)
+            ckpt.save(e, host_state, hist, run_fingerprint)
     if pending is not None:
         drain()
     return jax.block_until_ready(state)
@@ -204,37 +238,45 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
 
 
 def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, instances,
-           history: History, ckpt: Checkpointer | None, m: int | None):  # fmt: skip
-    """Restore, place, compile and run: ``(state, compile_time, steps run, run seconds)``."""
+           history: History, ckpt: Checkpointer | None, m: int | None,
+           run_fingerprint: dict | None):  # fmt: skip
+    """Restore, place, compile and run: ``(state, compile_time, steps run, run seconds,
+    start)``."""
     start = 0
     if ckpt is not None:
         state, restored, start = restore(
-            ckpt, state, history.target, steps=options.steps, resume=options.resume, fn=fn
-        )
+            ckpt, state, history.target, steps=options.steps, resume=options.resume,
+            fingerprint=run_fingerprint, fn=fn,
+        )  # fmt: skip
         history.append(restored["loss"], restored.get("aux"))
     placement = _placement(config, state, instances, m)
     state, keys, instances = _place(placement, state, keys, instances)
     if options.steps <= start:
-        return state, 0.0, 0, 0.0
+        return state, 0.0, 0, 0.0, start
     args = (state, keys, jnp.asarray(0, jnp.int32), instances)
     program, compile_time = _program(
         config, (history.loss_struct, history.aux_struct), placement, args
     )
     del args  # the first chunk donates the state's buffers: keep no reference to them
-    report = Progress(options.progress, start, options.steps, options.floor, options.callback)
+    desc = f"fit (resumed from step {start} of {ckpt.path})" if start else "fit"
+    report = Progress(
+        options.progress, start, options.steps, options.floor, options.callback, desc=desc
+    )
     t0 = time.perf_counter()
     try:
         state = _run_chunks(
             program, state, keys, instances, start=start, chunk_len=config.chunk_len,
             options=options, history=history, report=report, ckpt=ckpt,
+            run_fingerprint=run_fingerprint, fn=fn,
         )  # fmt: skip
     finally:
         report.close()
-    return state, compile_time, options.steps - start, time.perf_counter() - t0
+    return state, compile_time, options.steps - start, time.perf_counter() - t0, start
 
 
 def _assemble(config: FitConfig, state: State, history: History, *, t_start: float,
-              compile_time: float, run_steps: int, run_time: float) -> FitResult:  # fmt: skip
+              compile_time: float, run_steps: int, run_time: float,
+              start: int) -> FitResult:  # fmt: skip
     """The :class:`FitResult` of a finished run (model axis first for a batch of models)."""
     hist = history.as_dict()
     losses, aux = hist["loss"], hist.get("aux")
@@ -250,6 +292,7 @@ def _assemble(config: FitConfig, state: State, history: History, *, t_start: flo
         wall_time=time.perf_counter() - t_start,
         compile_time=compile_time,
         steps_per_second=run_steps / run_time if run_steps else float("nan"),
+        resumed_from=start or None,
     )
 
 
@@ -261,18 +304,19 @@ def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instance
     structs = _output_structs(fn, config, params, keys, instances, m)
     state = init_state(config, params)
     history = History(*structs, config.has_aux)
-    ckpt = None
+    ckpt, run_fingerprint = None, None
     if options.checkpoint_dir is not None:
+        run_fingerprint = fingerprint(config, params, keys)
         ckpt = Checkpointer(options.checkpoint_dir, options.max_checkpoints, fn)
     try:
-        state, compile_time, run_steps, run_time = _train(
-            fn, config, options, state, keys, instances, history, ckpt, m
+        state, compile_time, run_steps, run_time, start = _train(
+            fn, config, options, state, keys, instances, history, ckpt, m, run_fingerprint
         )
     finally:
         if ckpt is not None:
             ckpt.close()
     return _assemble(config, state, history, t_start=t_start, compile_time=compile_time,
-                     run_steps=run_steps, run_time=run_time)  # fmt: skip
+                     run_steps=run_steps, run_time=run_time, start=start)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API
@@ -294,7 +338,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     max_checkpoints: int | None = 3,
-    resume: bool = True,
+    resume: bool | str = True,
     progress: bool = True,
     floor: float | None = None,
     callback: Callable[[int, np.ndarray, Any], None] | None = None,
@@ -329,12 +373,23 @@ def fit(
         has_aux: ``loss_fn`` returns ``(loss, aux)``; aux of every step is kept in the result.
         steps_per_call: maximum number of steps fused in one compiled call.
         checkpoint_dir: directory for orbax checkpoints (created if missing; needs
-            ``fmjax[checkpoint]``); ``None``: none.
-        checkpoint_every: save every that many steps (and always at the end).
+            ``fmjax[checkpoint]``); ``None``: none. Each checkpoint stores a sha256 checksum of
+            its arrays and the run's fingerprint (the loss function's name, the optimizer's
+            configuration, ``ema_decay``, ``has_aux``, the params' structure, shapes and dtypes,
+            the key). The directory is locked while the fit runs: a second fit on it raises
+            ``RuntimeError``.
+        checkpoint_every: save every that many steps (and always at the end). A state whose
+            losses since the last save or whose params / optimizer state are not finite is
+            never saved: the fit stops with ``FloatingPointError`` naming the step where the
+            loss became non-finite, and the last finite checkpoint is kept.
         max_checkpoints: how many checkpoints to keep (``None``: all).
-        resume: continue from the latest checkpoint in ``checkpoint_dir`` if there is one
-            (bit-identical to an uninterrupted run). With ``resume=False`` a non-empty
-            ``checkpoint_dir`` raises ``ValueError`` rather than being overwritten.
+        resume: ``True``: continue from the latest checkpoint in ``checkpoint_dir`` if there is
+            one (bit-identical to an uninterrupted run); its checksum must verify (else
+            ``RuntimeError`` naming the step directory) and its fingerprint must equal this
+            run's (else ``ValueError`` saying what differs). ``"force"``: continue it even with
+            a different fingerprint, i.e. with new hyperparameters (a warning says what
+            differs). ``False``: a non-empty ``checkpoint_dir`` raises ``ValueError`` rather
+            than being overwritten.
         progress: show a tqdm progress bar with the loss and steps/s.
         floor: a known lower bound of the loss (e.g. the CFM loss floor); the progress bar then
             also shows the excess loss ``loss - floor``.
@@ -352,8 +407,11 @@ def fit(
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: a bad value, or a ``loss_fn`` that does not return a scalar.
-        RuntimeError: a checkpoint that cannot be restored (the message names its path).
+        ValueError: a bad value, a ``loss_fn`` that does not return a scalar, or a checkpoint
+            of another run (different fingerprint) without ``resume="force"``.
+        RuntimeError: a checkpoint that cannot be restored or fails its checksum (the message
+            names its path), or a ``checkpoint_dir`` locked by another fit.
+        FloatingPointError: the loss or state became non-finite before a checkpoint was due.
     """
     fn = "train.fit"
     config = FitConfig.create(
@@ -386,7 +444,7 @@ def fit_many(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     max_checkpoints: int | None = 3,
-    resume: bool = True,
+    resume: bool | str = True,
     progress: bool = True,
     floor: float | None = None,
     callback: Callable[[int, np.ndarray, Any], None] | None = None,
