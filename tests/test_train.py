@@ -1,5 +1,7 @@
 """Tests of fmjax.train: convergence to a closed form, exact agreement with a hand-rolled optax
-loop and EMA, invariance to chunking, bit-identical resume and a pure restore, checkpoint errors,
+loop and EMA, invariance to chunking, bit-identical resume and a pure restore, checkpoint errors
+(bit flips and truncation caught by the checksum, no non-finite state saved, a changed run
+fingerprint refused unless forced, a locked directory, a resume that says so),
 no recompilation across chunks or across calls with an equal configuration and shapes (and
 recompilation when the program changes, optimizer hyperparameters included), vmapped training
 equal to separate runs, and argument validation in the one error format."""
@@ -458,6 +460,10 @@ def test_resume_says_so(tmp_path, capsys):
     resumed = train.fit(loss, _zeros(), steps=20, **kw)
     assert resumed.resumed_from == 10
     assert f"resumed from step 10 of {ckpt}" in capsys.readouterr().err
+    # A checkpoint without the meta item (an older fmjax) resumes unverified, with a warning.
+    shutil.rmtree(ckpt / "20" / "meta")
+    with pytest.warns(UserWarning, match=f"{ckpt / '20'} has no checksum"):
+        assert train.fit(loss, _zeros(), steps=25, **kw).resumed_from == 20
 
 
 def test_missing_orbax_names_the_extra(tmp_path, monkeypatch):
@@ -942,3 +948,42 @@ def test_validation_errors_of_the_loss_and_of_fit_many():
         train.fit(loss, _zeros(), jax.random.key(0), steps=1)  # the key is keyword-only
     with pytest.raises(ValueError, match="train.make_optimizer: `steps` must be given"):
         train.make_optimizer(lr_schedule="cosine")
+
+
+_KILLED_RUN = """
+import os, signal, sys
+sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "tests")]
+import jax
+from fmjax import train
+from fmjax.train import checkpoint
+from test_train import _minibatch_loss, _problem, _zeros
+save = checkpoint.Checkpointer.save
+def killing_save(self, step, *args):
+    save(self, step, *args)  # starts orbax's asynchronous write of `step`
+    if step == 10:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies while that write is in flight
+checkpoint.Checkpointer.save = killing_save
+x, y = _problem()
+train.fit(_minibatch_loss(x, y), _zeros(), key=jax.random.key(0), steps=20, checkpoint_every=5,
+          checkpoint_dir=sys.argv[1], progress=False)
+"""
+
+
+def test_sigkill_mid_save_resumes_bit_identically(tmp_path):
+    """A run killed (SIGKILL) while its step-10 checkpoint is being written leaves a directory
+    that the next run resumes (from step 10 if the write had committed, else from step 5),
+    unlocked, and finishes bit-identical to an uninterrupted run."""
+    import signal
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(ckpt), root], cwd=root,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    kw = dict(key=jax.random.key(0), steps=20, progress=False)
+    resumed = train.fit(loss, _zeros(), checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+    assert resumed.resumed_from in (5, 10) and resumed.step == 20
+    assert _same_run(resumed, train.fit(loss, _zeros(), **kw))

@@ -20,12 +20,15 @@ _DEPTH = 8  # how deep the closures of a user's optax transformation are describ
 
 
 def _name(f) -> str:
-    """``module.qualname`` of a callable (the wrapped function of a ``functools.partial``)."""
+    """``module.qualname`` of a callable (the wrapped function of a ``functools.partial``), with
+    the module's last component only: the same file imported as ``pkg.mod`` or ``mod`` (a script
+    run from another folder) names the same function."""
     while isinstance(f, functools.partial):
         f = f.func
     if not hasattr(f, "__qualname__"):
         f = type(f)
-    return f"{getattr(f, '__module__', '?')}.{f.__qualname__}"
+    module = str(getattr(f, "__module__", None) or "?").rsplit(".", 1)[-1]
+    return f"{module}.{f.__qualname__}"
 
 
 def _describe(obj, depth: int = 0) -> str:
