@@ -400,7 +400,7 @@ def _responsibilities_free(f: _Pencil, sched: Schedule, t, x, precision):
     data_fields=["coupling", "factors"],
     meta_fields=["independent"],
 )
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, as the mixtures are
 class PreparedCoupling:
     """A coupling with its time-free factorisation, made by ``prepare``.
 
