@@ -5,6 +5,8 @@
     python -m benchmarks.exact_velocity --configs 2,8,1000000 --modes highest default bf16
     python -m benchmarks.exact_velocity --memory-only 1024,256,100000   # compile only, no run
     python -m benchmarks.exact_velocity --full          # N x 1, all modes, + (1024, 256, 1e5)
+    python -m benchmarks.exact_velocity --coupling independent --scale 1 \
+        --configs 2,8,20000 16,16,4000 64,16,500       # time-free path, + one t per point
 
 Work per timed call (``fmjax.exact.velocity`` at one t on N points, K components, dimension d):
   flops = 4 N K d^2: z = W (x - mu) and v = M z, two d x d matrix-vector products per point and
@@ -20,6 +22,13 @@ float32), "default" (TF32 on NVIDIA GPUs; plain float32 on a CPU) and "bf16"
 ``precision=`` to ``fmjax.exact.velocity``. Each is timed and its error is measured against the
 float64 engine (itself checked against NumPy to 1e-10): max |u - u64| / max |u64| on at most
 2000 points. A mode the backend cannot compile is printed as "unsupported".
+
+Couplings (``--coupling``): "joint" (default; random cross-covariances, the per-time Cholesky
+path) or "independent" (the same mixture with S01 = S10 = 0, passed as
+``fmjax.exact.prepare(c)``, the time-free path; the one-off ``prepare`` time is reported apart).
+Per-point times (``--per-point``, on by default for independent couplings): the same call with
+one t per point (t of shape (N,), uniform on [0, 1]), timed next to the shared t; for joint
+couplings this is the vmapped per-point factorisation, K d^3 work per point.
 
 Memory: the temp bytes of the compiled executable (XLA's memory analysis) next to the naive
 (N, K, d) float32 intermediate, 4 N K d bytes, that a direct batched version allocates.
@@ -74,12 +83,22 @@ def work(d: int, k: int, n: int) -> tuple[float, float]:
     return 4.0 * n * k * d * d, 4.0 * (2 * n * d + k * (1 + 2 * d + 4 * d * d))
 
 
-def _problem(d: int, k: int, n: int, t: float, dtype):
+def _independent(c):
+    """The same mixture with its cross-covariances S01 = S10 set to zero."""
+    m0, m1, s00, s01, s10, s11 = c.blocks()
+    z = jnp.zeros_like(s01)
+    covs = jnp.concatenate([jnp.concatenate([s00, z], -1), jnp.concatenate([z, s11], -1)], -2)
+    return fmjax.JointGaussianMixture._from_leaves(c.weights, c.means, covs)
+
+
+def _problem(d: int, k: int, n: int, t: float, dtype, independent: bool = False):
     """A random joint GMM and N points drawn from its p_t, built on the device (jitted)."""
 
     @jax.jit
     def make(key_c, key_x):
         c = fmjax.random_joint_mixture(key_c, k, d, mean_scale=2.0, dtype=dtype)
+        if independent:
+            c = _independent(c)
         return c, fmjax.exact.marginal(c, SCHED, t).sample(key_x, n)
 
     return make(jax.random.key(d * 1000 + k), jax.random.key(1))
@@ -178,23 +197,32 @@ def _time_torch(c, x, t, repeats):
     return res.median_s, np.asarray(res.out.cpu()), f"torch {torch.__version__} ({dev})"
 
 
-def _run_config(d, k, n, modes, repeats, peer, rates) -> list[dict]:
-    c, x = _problem(d, k, n, T, jnp.float32)
+def _run_config(
+    d, k, n, modes, repeats, peer, rates, coupling="joint", per_point=False
+) -> list[dict]:
+    c, x = _problem(d, k, n, T, jnp.float32, coupling == "independent")
     t32 = jnp.float32(T)
+    ts = jax.random.uniform(jax.random.key(2), (n,), jnp.float32)
+    arg, prepare_s = c, None
+    if coupling == "independent":
+        t0 = time.perf_counter()
+        arg = jax.block_until_ready(fmjax.exact.prepare(c))
+        prepare_s = time.perf_counter() - t0
     m = min(n, ACCURACY_POINTS)
     v64 = _reference(c, x, m)
     flops, nbytes = work(d, k, n)
     rows = []
     for mode in modes:
-        row = {"d": d, "K": k, "N": n, "mode": mode, "flops": flops, "bytes": nbytes}
+        row = {"d": d, "K": k, "N": n, "mode": mode, "flops": flops, "bytes": nbytes,
+               "coupling": coupling, "prepare_s": prepare_s}  # fmt: skip
         try:
-            compiled, compile_s = _compile(mode, c, t32, x)
+            compiled, compile_s = _compile(mode, arg, t32, x)
         except Exception as e:  # noqa: BLE001 - e.g. a dot algorithm this backend lacks
             row.update(status="unsupported", error=f"{type(e).__name__}: {e}"[:300])
             rows.append(row)
             print(f"  d={d} K={k} N={n} {mode}: unsupported", flush=True)
             continue
-        res = time_calls(compiled, c, t32, x, repeats=repeats)
+        res = time_calls(compiled, arg, t32, x, repeats=repeats)
         v = np.asarray(res.out[:m], np.float64)
         row.update(
             status="ok",
@@ -207,6 +235,10 @@ def _run_config(d, k, n, modes, repeats, peer, rates) -> list[dict]:
             **_memory(compiled, d, k, n),
             **roofline_fraction(res.median_s, flops, nbytes, rates, mode),
         )
+        if per_point:
+            pp, _ = _compile(mode, arg, ts, x)
+            pp_s = time_calls(pp, arg, ts, x, repeats=repeats).median_s
+            row.update(per_point_median_s=pp_s, per_point_ratio=pp_s / res.median_s)
         if peer and mode == "highest":
             got = _time_torch(c, x, T, repeats)
             if got is not None:
@@ -222,15 +254,28 @@ def _run_config(d, k, n, modes, repeats, peer, rates) -> list[dict]:
     return rows
 
 
-def run(configs, scale, repeats, peer, modes=("highest",), memory_configs=(), rates=None):
+def run(
+    configs,
+    scale,
+    repeats,
+    peer,
+    modes=("highest",),
+    memory_configs=(),
+    rates=None,
+    coupling="joint",
+    per_point=None,
+):
     """Time ``configs`` (N scaled) in each mode; ``memory_configs`` are run on an accelerator
-    and only compiled (abstractly) on a CPU."""
+    and only compiled (abstractly) on a CPU. ``per_point`` (default: for independent couplings)
+    adds the one-t-per-point timing."""
+    per_point = coupling == "independent" if per_point is None else per_point
     rates = machine_rates() if rates is None else rates
     if "bf16" in modes:
         add_bf16_rate(rates)
     rows, memory = [], []
     for d, k, n_full in configs:
-        rows += _run_config(d, k, max(1, int(n_full * scale)), modes, repeats, peer, rates)
+        n = max(1, int(n_full * scale))
+        rows += _run_config(d, k, n, modes, repeats, peer, rates, coupling, per_point)
     for d, k, n in memory_configs:
         memory.append(memory_only(d, k, n))
         if not on_cpu():
@@ -247,7 +292,8 @@ def summary_rows(result: dict) -> list[dict]:
             continue
         row = {
             "benchmark": "exact_velocity",
-            "workload": f"d={r['d']} K={r['K']} N={r['N']} {r['mode']}",
+            "workload": f"d={r['d']} K={r['K']} N={r['N']} {r['mode']}"
+            + (" independent" if r.get("coupling") == "independent" else ""),
             "precision": r["mode"],
             "median_s": r["median_s"],
             "compile_s": r["compile_s"],
@@ -258,6 +304,8 @@ def summary_rows(result: dict) -> list[dict]:
             "rel_err_vs_f64": r["rel_err_vs_f64"],
             "temp_bytes": r.get("temp_bytes"),
         }
+        if "per_point_median_s" in r:
+            row["per_point_median_s"] = r["per_point_median_s"]
         if "torch_median_s" in r:
             row.update(
                 peer=r["peer"],
@@ -296,6 +344,8 @@ def print_tables(result: dict) -> None:
                 ("mode", "mode", ""),
                 ("compile_s", "compile s", ".2f"),
                 ("median_s", "median s", ".4g"),
+                ("per_point_median_s", "t per point s", ".4g"),
+                ("per_point_ratio", "per-point / shared", ".2f"),
                 ("points_per_s", "points/s", ".3g"),
                 ("bound", "bound", ""),
                 ("roofline_frac", "of roofline", ".1%"),
@@ -371,6 +421,18 @@ def _parser() -> argparse.ArgumentParser:
         help="N x 1, all modes, and --memory-configs 1024,256,100000",
     )
     p.add_argument("--no-peer", action="store_true", help="skip the PyTorch peer")
+    p.add_argument(
+        "--coupling",
+        choices=("joint", "independent"),
+        default="joint",
+        help="joint (cross-covariances, per-time path) or independent (prepared, time-free)",
+    )
+    p.add_argument(
+        "--per-point",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time one t per point (default: on for independent couplings)",
+    )
     p.add_argument("--out", default=None, help="JSON path")
     return p
 
@@ -415,6 +477,8 @@ def main(argv=None, rates: dict | None = None) -> dict:
         modes,
         _memory_configs(args),
         rates,
+        args.coupling,
+        args.per_point,
     )
     print_tables(result)
     save_results(result, args.out, f"exact_velocity_{backend}.json")

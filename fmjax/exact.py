@@ -22,7 +22,23 @@ scalar or an array broadcastable against ``x.shape[:-1]``. They are pure and jit
 (traced ``t`` and ``x``; ``precision`` is static), e.g. ``jax.jit(fmjax.exact.velocity)`` or
 ``functools.partial(fmjax.exact.velocity, coupling, schedule)`` as a velocity field ``(t, x)``.
 With one scalar ``t`` the Cholesky factors are computed once for all points; with one ``t`` per
-point they are computed per point (K d^3 work each).
+point they are computed per point (K d^3 work each), except for independent couplings (below).
+
+Independent couplings (S01 = S10 = 0 in every component, e.g. every ``independent_coupling``)
+have a time-free form: S_t = b^2 S00 + a^2 S11 is a pencil of two fixed SPD matrices. Once per
+coupling, S00 = L L^T, L^{-1} S11 L^{-T} = U diag(lam) U^T and V = L^{-T} U (so V^T S00 V = I,
+V^T S11 V = diag(lam), S00 V = L U). Then for any t, with den = b^2 + a^2 lam,
+    y = V^T (x - mu_t),  log N = -sum(y^2 / den) / 2 + log|det V| - sum(log den) / 2 - ...,
+    v = dmu_t + (S00 V) (r y),  r = (b db + a da lam) / den,  score = -V (y / den),
+    div v = sum(r),
+elementwise scalings between two time-free products per block of components: x @ [V_1..V_B]
+and the responsibility-weighted r y @ the stacked (S00 V)^T. One t per point then costs about
+what one shared t does. ``prepare(coupling)`` computes this factorisation once and returns a
+``PreparedCoupling``, a pytree accepted by every function here in place of the coupling (also
+under jit and vmap), so an ODE solve with ``velocity_field(prepare(c), s)`` factors nothing per
+step. Without ``prepare``, a concrete (not traced) independent coupling evaluated with one t
+per point is detected and factored at call time; a traced coupling, or one with any
+cross-covariance, keeps the per-time Cholesky path.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from fmjax import _checks
@@ -43,6 +60,8 @@ from fmjax.schedules import Schedule
 
 __all__ = [
     "Evaluation",
+    "PreparedCoupling",
+    "prepare",
     "VelocityField",
     "velocity",
     "velocity_field",
@@ -147,13 +166,14 @@ def _point_terms(f: _Factors, x, need_v: bool, need_s: bool, precision):
     return logp, v, s
 
 
-def _block_size(n: int, k: int, d: int) -> int:
-    """Components per scan step: (N, B, 3d) point terms and ~8 (B, 2d, 2d) factor-sized arrays.
+def _block_size(n: int, k: int, d: int, arrays: int = 3) -> int:
+    """Components per scan step: ``arrays`` (N, B, d) point terms (3 by default) and ~8
+    (B, 2d, 2d) factor-sized arrays.
 
     The fewest blocks under the memory budget, balanced: K is then padded up to a multiple of B
     with zero-weight components (``_pad``), so a prime K costs no more scan steps than K + 1.
     """
-    limit = max(1, _BLOCK_BUDGET // max(1, 3 * n * d + 32 * d * d))
+    limit = max(1, _BLOCK_BUDGET // max(1, arrays * n * d + 32 * d * d))
     n_blocks = -(-k // min(limit, k))
     return -(-k // n_blocks)
 
@@ -214,7 +234,13 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
         zero_vec,
         jnp.zeros((n,), x.dtype),
     )
-    (mx, tot, acc_v, acc_s, acc_div), _ = jax.lax.scan(step, init, blocks)
+    carry, _ = jax.lax.scan(step, init, blocks)
+    return _finish(carry, want)
+
+
+def _finish(carry, want: frozenset) -> dict:
+    """Normalise the online log-sum-exp accumulators into the requested quantities."""
+    mx, tot, acc_v, acc_s, acc_div = carry
     shift = jnp.where(jnp.isfinite(mx), mx, 0.0)
     out = {}
     u = acc_v / tot[:, None]
@@ -236,18 +262,226 @@ def _responsibilities(c: JointGaussianMixture, sched: Schedule, t, x, precision)
     return {"responsibilities": jax.nn.softmax(logp, axis=-1)}
 
 
+class _Pencil(NamedTuple):
+    """Time-free factors of an independent coupling (leading axis K); see the module docstring."""
+
+    log_w: Float[Array, " K"]  # log pi_k + log|det V_k| - d/2 log(2 pi)
+    m0: Float[Array, "K d"]
+    m1: Float[Array, "K d"]
+    p0: Float[Array, "K d"]  # V^T m0
+    p1: Float[Array, "K d"]  # V^T m1
+    v: Float[Array, "K d d"]  # V = L^{-T} U: V^T S00 V = I, V^T S11 V = diag(lam)
+    s00v: Float[Array, "K d d"]  # S00 V = L U = V^{-T}
+    lam: Float[Array, "K d"]
+
+
+def _pencil(c: JointGaussianMixture) -> _Pencil:
+    """Generalised eigendecomposition of (S11, S00) per component, O(K d^3) once per coupling."""
+    m0, m1, s00, _, _, s11 = c.blocks()
+    d = m0.shape[-1]
+    chol = jnp.linalg.cholesky(s00)
+    half = jax.scipy.linalg.solve_triangular(chol, s11, lower=True)  # L^{-1} S11
+    whitened = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(half, -1, -2), lower=True)
+    lam, u = jnp.linalg.eigh(0.5 * (whitened + jnp.swapaxes(whitened, -1, -2)))
+    v = jax.scipy.linalg.solve_triangular(jnp.swapaxes(chol, -1, -2), u, lower=False)
+    s00v = jnp.matmul(chol, u, precision="highest")
+    log_det_v = -jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    log_w = jnp.log(c.weights) + log_det_v - 0.5 * d * math.log(2 * math.pi)
+    p0 = jnp.einsum("kij,ki->kj", v, m0, precision="highest")
+    p1 = jnp.einsum("kij,ki->kj", v, m1, precision="highest")
+    return _Pencil(log_w, m0, m1, p0, p1, v, s00v, lam)
+
+
+def _pad_pencil(f: _Pencil, k_pad: int) -> _Pencil:
+    """Zero-weight padding components (log-weight -inf, identity factors), as ``_pad``."""
+    k, d = f.m0.shape
+    extra = k_pad - k
+    if extra == 0:
+        return f
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=f.v.dtype), (extra, d, d))
+    zeros = jnp.zeros((extra, d), f.m0.dtype)
+    cat = jnp.concatenate
+    return _Pencil(
+        cat([f.log_w, jnp.full((extra,), -jnp.inf, f.log_w.dtype)]),
+        cat([f.m0, zeros]),
+        cat([f.m1, zeros]),
+        cat([f.p0, zeros]),
+        cat([f.p1, zeros]),
+        cat([f.v, eye]),
+        cat([f.s00v, eye]),
+        cat([f.lam, jnp.ones((extra, d), f.lam.dtype)]),
+    )
+
+
+def _coeffs(sched: Schedule, t):
+    """a, b, da, db shaped (1, 1, 1) for a scalar t or (N, 1, 1) for one t per point."""
+    return tuple(jnp.reshape(u, (-1, 1, 1)) for u in sched(t))
+
+
+def _free_terms(f: _Pencil, coeffs, x, precision):
+    """Whitened coordinates y (N, B, d), 1 / den (N or 1, B, d) and log pi N (N, B)."""
+    n, d = x.shape
+    bsz = f.m0.shape[0]
+    a, b, _, _ = coeffs
+    vs = jnp.transpose(f.v, (1, 0, 2)).reshape(d, bsz * d)  # column (k, j) = V_k[:, j]
+    y = jnp.matmul(x, vs, precision=precision).reshape(n, bsz, d)
+    y = y - (b * f.p0[None] + a * f.p1[None])
+    den = b * b + a * a * f.lam[None]
+    inv = 1.0 / den
+    logp = f.log_w[None] - 0.5 * (jnp.sum(y * y * inv, -1) + jnp.sum(jnp.log(den), -1))
+    return y, inv, logp
+
+
+def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precision):
+    """``_accumulate`` on time-free factors; t a scalar or one time per point (N,)."""
+    n, d = x.shape
+    k = f.m0.shape[0]
+    # One t per point makes the scalings (N, B, d) too (den, r): more live point terms.
+    bsz = _block_size(n, k, d, 3 if jnp.ndim(t) == 0 else 6)
+    n_blocks = -(-k // bsz)
+    blocks = jax.tree.map(
+        lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad_pencil(f, n_blocks * bsz)
+    )
+    coeffs = _coeffs(sched, t)
+    a, b, da, db = coeffs
+    need_v = bool(want & {"velocity", "divergence"})
+    need_s = bool(want & {"score", "divergence"})
+    zero_vec = jnp.zeros((n, d), x.dtype)
+
+    def step(carry, fb):
+        mx, tot, acc_v, acc_s, acc_div = carry
+        y, inv, logp = _free_terms(fb, coeffs, x, precision)
+        new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
+        shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
+        scale = jnp.exp(mx - shift)
+        p = jnp.exp(logp - shift[:, None])  # (N, B)
+        tot = tot * scale + jnp.sum(p, axis=1)
+        if need_v:
+            r = (b * db + a * da * fb.lam[None]) * inv
+            q = (p[:, :, None] * r * y).reshape(n, bsz * d)
+            back = jnp.swapaxes(fb.s00v, -1, -2).reshape(bsz * d, d)  # row (k, j) = (S00 V)_k[:, j]
+            means = db[:, 0] * jnp.matmul(p, fb.m0, precision=precision) + da[:, 0] * jnp.matmul(
+                p, fb.m1, precision=precision
+            )
+            vel = means + jnp.matmul(q, back, precision=precision)
+            acc_v = acc_v * scale[:, None] + vel
+        if need_s:
+            w = y * inv
+            qs = (p[:, :, None] * w).reshape(n, bsz * d)
+            sc = -jnp.matmul(
+                qs, jnp.swapaxes(fb.v, -1, -2).reshape(bsz * d, d), precision=precision
+            )
+            acc_s = acc_s * scale[:, None] + sc
+        if "divergence" in want:
+            # s_k . v_k = -w . V^T dmu - w . (r y), V^T dmu = db p0 + da p1; div v_k = sum r.
+            vt_dmu = db * fb.p0[None] + da * fb.p1[None]
+            dk = jnp.sum(r, -1) - jnp.sum(w * vt_dmu, -1) - jnp.sum(w * r * y, -1)
+            acc_div = acc_div * scale + jnp.sum(p * dk, axis=1)
+        return (new_mx, tot, acc_v, acc_s, acc_div), None
+
+    init = (
+        jnp.full((n,), -jnp.inf, x.dtype),
+        jnp.zeros((n,), x.dtype),
+        zero_vec,
+        zero_vec,
+        jnp.zeros((n,), x.dtype),
+    )
+    carry, _ = jax.lax.scan(step, init, blocks)
+    return _finish(carry, want)
+
+
+def _responsibilities_free(f: _Pencil, sched: Schedule, t, x, precision):
+    _, _, logp = _free_terms(f, _coeffs(sched, t), x, precision)
+    return {"responsibilities": jax.nn.softmax(logp, axis=-1)}
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["coupling", "factors"],
+    meta_fields=["independent"],
+)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, as the mixtures are
+class PreparedCoupling:
+    """A coupling with its time-free factorisation, made by ``prepare``.
+
+    A pytree (the coupling's and the factors' arrays are leaves, ``independent`` is static),
+    accepted by every ``exact`` function in place of the coupling and passing through ``jit``
+    and ``vmap``.
+
+    Attributes:
+        coupling: the joint mixture of (X0, X1).
+        factors: the per-component time-free factors (private layout), ``None`` when the
+            coupling is not independent.
+        independent: whether the time-free path is taken (static).
+    """
+
+    coupling: JointGaussianMixture
+    factors: _Pencil | None
+    independent: bool
+
+    @property
+    def dim(self) -> int:
+        """Dimension d of each of X0 and X1."""
+        return self.coupling.dim
+
+    @property
+    def n_components(self) -> int:
+        """Number of components K."""
+        return self.coupling.n_components
+
+
+def _is_independent(c: JointGaussianMixture) -> bool | None:
+    """Whether every component has S01 = S10 = 0; ``None`` for a traced coupling."""
+    if isinstance(c.covs, jax.core.Tracer):
+        return None
+    covs = np.asarray(c.covs)
+    d = c.dim
+    return bool(not np.any(covs[:, :d, d:]) and not np.any(covs[:, d:, :d]))
+
+
+def prepare(coupling: JointGaussianMixture, *, independent: bool | None = None) -> PreparedCoupling:
+    """Factor a coupling once for all times: pass the result wherever a coupling is taken.
+
+    For an independent coupling (S01 = S10 = 0 in every component) the factorisation is
+    time-free (see the module docstring): any pattern of times, one shared or one per point,
+    then costs two large matrix products per block of components and no factorisation. Other
+    couplings are wrapped as they are and keep the per-time Cholesky path.
+
+    Args:
+        coupling: the joint mixture of (X0, X1).
+        independent: ``None`` (default) detects independence on a concrete coupling (a traced
+            one is taken as not independent); ``True`` or ``False`` decides without looking,
+            e.g. under ``jit``. ``True`` on a coupling with cross-covariance drops it (wrong
+            answers).
+
+    Returns:
+        A ``PreparedCoupling``.
+
+    Raises:
+        TypeError: for a coupling of the wrong type or a non-bool ``independent``.
+    """
+    _checks.check_instance(
+        "exact.prepare", "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture"
+    )
+    if independent is not None and not isinstance(independent, bool):
+        _checks.fail("exact.prepare", "independent", "None, True or False", independent, TypeError)
+    if independent is None:
+        independent = bool(_is_independent(coupling))
+    factors = _pencil_jit(coupling) if independent else None
+    return PreparedCoupling(coupling, factors, independent)
+
+
 # Compiled once per shapes and static options, so eager callers do not recompile the component
 # scan on every call (an eager lax.scan is compiled anew per call); inlined under an outer jit.
 _accumulate_jit = jax.jit(_accumulate, static_argnames=("want", "precision"))
 _responsibilities_jit = jax.jit(_responsibilities, static_argnames=("precision",))
+_accumulate_free_jit = jax.jit(_accumulate_free, static_argnames=("want", "precision"))
+_responsibilities_free_jit = jax.jit(_responsibilities_free, static_argnames=("precision",))
+_pencil_jit = jax.jit(_pencil)
 
 
 def _check_inputs(fn: str, c, sched, t, x):
     fn = f"exact.{fn}"
-    _checks.check_instance(
-        fn, "coupling", c, JointGaussianMixture,
-        "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two GaussianMixtures)",
-    )  # fmt: skip
     _checks.check_instance(fn, "schedule", sched, Schedule, "an fmjax Schedule")
     if x.ndim < 1 or x.shape[-1] != c.dim:
         _checks.fail(fn, "x", f"of shape (..., d={c.dim})", f"shape {x.shape}")
@@ -260,8 +494,27 @@ def _check_inputs(fn: str, c, sched, t, x):
     sched.check_times(fn, "t", t)
 
 
-def _run(fn, kernel, c, sched, t, x):
-    """Validate, flatten the batch, and apply ``kernel(c, sched, t, x (N, d)) -> dict``."""
+def _unwrap(fn: str, c) -> tuple[JointGaussianMixture, _Pencil | None]:
+    """The coupling and its time-free factors (``None``: the per-time path)."""
+    _checks.check_instance(
+        f"exact.{fn}", "coupling", c, (JointGaussianMixture, PreparedCoupling),
+        "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two GaussianMixtures)"
+        " or an exact.prepare(...) of one",
+    )  # fmt: skip
+    if isinstance(c, PreparedCoupling):
+        return c.coupling, c.factors
+    return c, None
+
+
+def _run(fn, want: frozenset, c, sched, t, x, precision):
+    """Validate, flatten the batch, and evaluate ``want`` on the points x (N, d).
+
+    Paths: time-free factors (a ``PreparedCoupling`` of an independent coupling, or a concrete
+    independent coupling with one t per point, factored here); else with one t the per-time
+    Cholesky factors once for all points; else per point, vmapped.
+    """
+    prepared = isinstance(c, PreparedCoupling)
+    c, factors = _unwrap(fn, c)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(c.means.dtype)
@@ -272,15 +525,29 @@ def _run(fn, kernel, c, sched, t, x):
     d = c.dim
     batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
     xf = jnp.broadcast_to(x, batch + (d,)).reshape(-1, d)
-    if t.size == 1:  # one time for all points: factor once
-        out = kernel(c, sched, t.reshape(()), xf)
-    else:  # one time per point: factor per point, vmapped
-        tf = jnp.broadcast_to(t, batch).reshape(-1)
+    if not prepared and t.size > 1 and _is_independent(c):
+        factors = _pencil_jit(c)
+    resp = want == {"responsibilities"}
+    if factors is not None:  # time-free: any pattern of times in the same two products
+        tf = t.reshape(()) if t.size == 1 else jnp.broadcast_to(t, batch).reshape(-1)
+        if resp:
+            out = _responsibilities_free_jit(factors, sched, tf, xf, precision=precision)
+        else:
+            out = _accumulate_free_jit(factors, sched, tf, xf, want=want, precision=precision)
+    else:
+        if resp:
+            kernel = functools.partial(_responsibilities_jit, precision=precision)
+        else:
+            kernel = functools.partial(_accumulate_jit, want=want, precision=precision)
+        if t.size == 1:  # one time for all points: factor once
+            out = kernel(c, sched, t.reshape(()), xf)
+        else:  # one time per point: factor per point, vmapped
+            tf = jnp.broadcast_to(t, batch).reshape(-1)
 
-        def one(ti, xi):
-            return jax.tree.map(lambda a: a[0], kernel(c, sched, ti, xi[None]))
+            def one(ti, xi):
+                return jax.tree.map(lambda a: a[0], kernel(c, sched, ti, xi[None]))
 
-        out = jax.vmap(one)(tf, xf)
+            out = jax.vmap(one)(tf, xf)
     return {k: v.reshape(batch + v.shape[1:]) for k, v in out.items()}
 
 
@@ -296,7 +563,8 @@ def evaluate(
     """Several exact quantities in one pass over the components.
 
     Args:
-        coupling: the joint mixture of (X0, X1), K components on R^{2d}.
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
         schedule: affine schedule (a_t, b_t).
         t: time(s) in the schedule's valid interval (``schedule.interval``), scalar or
             broadcastable against ``x.shape[:-1]``.
@@ -323,21 +591,11 @@ def evaluate(
         _checks.fail(
             "exact.evaluate", "quantities", f"a non-empty subset of {_QUANTITIES}", quantities
         )
-    return Evaluation(
-        **_run(
-            "evaluate",
-            functools.partial(_accumulate_jit, want=want, precision=precision),
-            coupling,
-            schedule,
-            t,
-            x,
-        )
-    )
+    return Evaluation(**_run("evaluate", want, coupling, schedule, t, x, precision))
 
 
 def _one(name: str, coupling, schedule, t, x, precision) -> Array:
-    kernel = functools.partial(_accumulate_jit, want=frozenset({name}), precision=precision)
-    return _run(name, kernel, coupling, schedule, t, x)[name]
+    return _run(name, frozenset({name}), coupling, schedule, t, x, precision)[name]
 
 
 def velocity(
@@ -397,8 +655,8 @@ def responsibilities(
     precision: Precision = "highest",
 ) -> Float[Array, "... K"]:
     """Posterior component probabilities P(K = k | X_t = x): x (..., d) -> (..., K)."""
-    kernel = functools.partial(_responsibilities_jit, precision=precision)
-    return _run("responsibilities", kernel, coupling, schedule, t, x)["responsibilities"]
+    want = frozenset({"responsibilities"})
+    return _run("responsibilities", want, coupling, schedule, t, x, precision)["responsibilities"]
 
 
 @functools.partial(
@@ -420,7 +678,7 @@ class VelocityField:
         precision: matmul precision of the engine.
     """
 
-    coupling: JointGaussianMixture
+    coupling: JointGaussianMixture | PreparedCoupling
     schedule: Schedule
     precision: Precision = "highest"
 
@@ -432,17 +690,19 @@ class VelocityField:
 
 
 def velocity_field(
-    coupling: JointGaussianMixture, schedule: Schedule, *, precision: Precision = "highest"
+    coupling: JointGaussianMixture | PreparedCoupling,
+    schedule: Schedule,
+    *,
+    precision: Precision = "highest",
 ) -> VelocityField:
     """The exact velocity as a field ``(t, x) -> (..., d)`` that knows its schedule.
+
+    ``coupling`` may be an ``exact.prepare(...)``: the field then factors nothing per call.
 
     Raises:
         TypeError: for a coupling or schedule of the wrong type.
     """
-    _checks.check_instance(
-        "exact.velocity_field", "coupling", coupling, JointGaussianMixture,
-        "a JointGaussianMixture",
-    )  # fmt: skip
+    _unwrap("velocity_field", coupling)
     _checks.check_instance(
         "exact.velocity_field", "schedule", schedule, Schedule, "an fmjax Schedule"
     )
@@ -453,6 +713,7 @@ def marginal(
     coupling: JointGaussianMixture, schedule: Schedule, t: Float[ArrayLike, ""]
 ) -> GaussianMixture:
     """The law p_t of X_t at one scalar time t, as a K-component GaussianMixture on R^d."""
+    coupling, _ = _unwrap("marginal", coupling)
     t = jnp.asarray(t)
     if t.ndim != 0:
         _checks.fail("exact.marginal", "t", "a scalar", f"shape {t.shape}")

@@ -58,6 +58,36 @@ def exact_field(params, x, key):
     return exact.velocity_field(COUPLING, COSINE)(jnp.full(x.shape[:-1], 0.7), x)
 
 
+_INDEPENDENT = fmjax.independent_coupling(
+    fmjax.random_gaussian_mixture(jax.random.key(1), 2, 2),
+    fmjax.random_gaussian_mixture(jax.random.key(2), 2, 2),
+)
+_PREPARED = exact.prepare(_INDEPENDENT)
+
+
+def _times(x):
+    """One time per point, in (0.2, 0.8), from the points themselves."""
+    return 0.5 + 0.3 * jnp.tanh(x[..., 0])
+
+
+def exact_prepared(params, x, key):
+    """The time-free path of a prepared independent coupling, one t per point."""
+    del params, key
+    out = exact.evaluate(_PREPARED, COSINE, _times(x), x, ("velocity", "log_prob", "divergence"))
+    return out.velocity.sum(-1) + out.log_prob + out.divergence
+
+
+def exact_independent_per_point(params, x, key):
+    """A concrete independent coupling with one t per point: detected, factored at call time."""
+    del params, key
+    return exact.velocity(_INDEPENDENT, COSINE, _times(x), x)
+
+
+def exact_prepared_responsibilities(params, x, key):
+    del params, key
+    return exact.responsibilities(_PREPARED, COSINE, _times(x), x)
+
+
 def ode_fixed(params, x, key):
     del key
     return sample.ode(_learned(params), x, solver="midpoint", steps=4).x
@@ -139,6 +169,9 @@ ENTRIES = [
     exact_evaluate,
     exact_marginal,
     exact_field,
+    exact_prepared,
+    exact_independent_per_point,
+    exact_prepared_responsibilities,
     ode_fixed,
     ode_adaptive,
     ode_exact_vp,

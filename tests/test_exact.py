@@ -409,3 +409,168 @@ def test_velocity_field_is_a_pytree_field_that_knows_its_schedule(x64):
         )
     with pytest.raises(TypeError, match="exact.velocity_field: `schedule`"):
         exact.velocity_field(c1, None)
+
+
+def _independent(key, k, d, dtype=None):
+    """A random joint mixture with its cross-covariances S01 = S10 set to zero."""
+    kw = {} if dtype is None else {"dtype": dtype}
+    c = random_joint_mixture(key, k, d, mean_scale=2.0, **kw)
+    m0, m1, s00, s01, s10, s11 = c.blocks()
+    z = jnp.zeros_like(s01)
+    covs = jnp.concatenate([jnp.concatenate([s00, z], -1), jnp.concatenate([z, s11], -1)], -2)
+    return fmjax.JointGaussianMixture(c.weights, c.means, covs)
+
+
+_QS = ("velocity", "log_prob", "score", "divergence")
+TIME_FREE_SCHEDULES = ["linear", "cosine", "vp", "polynomial3"]
+
+
+@pytest.mark.parametrize("name", TIME_FREE_SCHEDULES)
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.5, "t_max"])
+def test_time_free_path_matches_per_time_path(x64, name, t):
+    """prepare(c) of an independent coupling (generalised eigenvectors, no factor per time)
+    against the per-time Cholesky path: two different algebras, float64 round-off through d x d
+    factors of condition < ~1e3: 1e-10 on every quantity."""
+    sched = SCHEDULES[name]
+    t = sched.t_max if t == "t_max" else t
+    c = _independent(jax.random.key(12), 5, 3)
+    prepared = exact.prepare(c)
+    assert prepared.independent and prepared.factors is not None
+    x = _points(c, sched, t, jax.random.key(3))
+    got = exact.evaluate(prepared, sched, t, x, _QS)
+    want = exact.evaluate(c, sched, t, x, _QS)  # one shared t on a raw coupling: per-time path
+    for q in _QS:
+        assert _rel(getattr(got, q), getattr(want, q)) < 1e-10, q
+    np.testing.assert_allclose(
+        exact.responsibilities(prepared, sched, t, x),
+        exact.responsibilities(c, sched, t, x),
+        rtol=1e-10,
+        atol=1e-14,
+    )
+
+
+@pytest.mark.parametrize("name", TIME_FREE_SCHEDULES)
+def test_time_free_path_with_one_time_per_point(x64, name, monkeypatch):
+    """One t per point: a concrete independent coupling takes the time-free path by itself, and
+    agrees with the vmapped per-point Cholesky path (``prepare(c, independent=False)``)."""
+    sched = SCHEDULES[name]
+    c = _independent(jax.random.key(13), 6, 4)
+    n = 48
+    ts = jnp.concatenate(
+        [jnp.array([0.0, 1e-3, 0.5, sched.t_max]), jax.random.uniform(jax.random.key(1), (n - 4,))]
+    ) * (sched.t_max / 1.0)
+    x = 3.0 * jax.random.normal(jax.random.key(2), (n, 4))
+    calls = []
+    free = exact._accumulate_free_jit
+    monkeypatch.setattr(
+        exact, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
+    )
+    got = exact.evaluate(c, sched, ts, x, _QS)
+    assert calls  # the time-free path was taken
+    via_prepare = exact.evaluate(exact.prepare(c), sched, ts, x, _QS)
+    calls.clear()
+    want = exact.evaluate(exact.prepare(c, independent=False), sched, ts, x, _QS)
+    assert not calls  # ... and not here
+    for q in _QS:
+        assert _rel(getattr(got, q), getattr(want, q)) < 1e-10, q
+        np.testing.assert_array_equal(getattr(got, q), getattr(via_prepare, q))
+    for i in (0, 3, 17):  # one point at a time against the shared-t path
+        one = exact.evaluate(c, sched, ts[i], x[i : i + 1], _QS)
+        for q in _QS:
+            scale = np.max(np.abs(getattr(got, q)))  # relative to the whole batch: a
+            err = np.max(np.abs(getattr(got, q)[i] - getattr(one, q)[0]))  # value may be ~0
+            assert err < 1e-10 * scale, q
+    np.testing.assert_allclose(
+        exact.responsibilities(c, sched, ts, x),
+        exact.responsibilities(exact.prepare(c, independent=False), sched, ts, x),
+        rtol=1e-10,
+        atol=1e-14,
+    )
+
+
+def test_cross_covariance_keeps_the_per_time_path(x64):
+    """Control: a small cross-covariance is detected (no time-free path), and forcing the
+    time-free path on it (``independent=True`` drops S01) gives a visibly wrong answer."""
+    sched = schedules.linear()
+    ind = _independent(jax.random.key(14), 4, 3)
+    d = 3
+    cross = (
+        jnp.zeros_like(ind.covs)
+        .at[:, :d, d:]
+        .set(0.05 * jnp.eye(d))
+        .at[:, d:, :d]
+        .set(0.05 * jnp.eye(d))
+    )
+    c = fmjax.JointGaussianMixture(ind.weights, ind.means, ind.covs + cross)
+    assert exact._is_independent(ind) and not exact._is_independent(c)
+    assert not exact.prepare(c).independent and exact.prepare(c).factors is None
+    ts = jax.random.uniform(jax.random.key(0), (30,))
+    x = jax.random.normal(jax.random.key(1), (30, d))
+    per_time = jax.vmap(lambda t, x: exact.velocity(c, sched, t, x))(ts, x)
+    np.testing.assert_allclose(exact.velocity(c, sched, ts, x), per_time, rtol=1e-12)
+    np.testing.assert_allclose(exact.velocity(exact.prepare(c), sched, ts, x), per_time, rtol=1e-12)
+    forced = exact.velocity(exact.prepare(c, independent=True), sched, ts, x)
+    assert _rel(forced, per_time) > 1e-3
+
+
+def test_time_free_float32_close_to_float64():
+    """float32 time-free path within the tolerance of the per-time path (1e-4 of float64)."""
+    c32 = _independent(jax.random.key(6), 8, 4, dtype=jnp.float32)
+    sched = schedules.linear()
+    x32 = _points(c32, sched, 0.5, jax.random.key(3), n=200)
+    prepared = exact.prepare(c32)
+    v32 = exact.velocity(prepared, sched, 0.5, x32)
+    lp32 = exact.log_prob(prepared, sched, 0.5, x32)
+    assert v32.dtype == jnp.float32
+    want_v, want_lp, _, _ = reference(c32.weights, c32.means, c32.covs, sched, 0.5, x32)
+    assert _rel(v32, want_v) < 1e-4
+    np.testing.assert_allclose(lp32, want_lp, rtol=1e-4, atol=1e-4)
+    ts = jnp.full((x32.shape[0],), 0.5, jnp.float32)
+    assert _rel(exact.velocity(c32, sched, ts, x32), want_v) < 1e-4
+
+
+def test_prepared_coupling_through_jit_new_times_no_retrace(x64):
+    c = _independent(jax.random.key(1), 3, 2)
+    sched = schedules.cosine()
+    prepared = exact.prepare(c)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def field(p, t, x):
+        return exact.velocity(p, sched, t, x)
+
+    x = jax.random.normal(jax.random.key(0), (16, 2))
+    for seed in range(3):
+        ts = jax.random.uniform(jax.random.key(seed), (16,))
+        np.testing.assert_allclose(
+            field(prepared, ts, x), exact.velocity(c, sched, ts, x), rtol=1e-12
+        )
+    # prepare under jit (independence declared: a traced coupling cannot be inspected).
+    p2 = jax.jit(lambda c: exact.prepare(c, independent=True))(c)
+    np.testing.assert_allclose(field(p2, ts, x), exact.velocity(c, sched, ts, x), rtol=1e-12)
+    assert not jax.jit(exact.prepare)(c).independent  # traced and undeclared: per-time path
+    f = exact.velocity_field(prepared, sched)
+    np.testing.assert_allclose(f(0.4, x), exact.velocity(c, sched, 0.4, x), rtol=1e-12)
+    chex.assert_shape(exact.marginal(prepared, sched, 0.4).means, (3, 2))
+    with pytest.raises(TypeError, match="exact.prepare: `coupling` must be a JointGaussianMix"):
+        exact.prepare(fmjax.random_gaussian_mixture(jax.random.key(0), 2, 2))
+
+
+@pytest.mark.parametrize("quantities", [("velocity",), _QS])
+def test_time_free_memory_does_not_grow_with_components(quantities):
+    """The time-free path streams too: one t per point, 8x more components, same temp bytes."""
+    sched = schedules.linear()
+    n, d = 20_000, 8
+    x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    ts = jax.ShapeDtypeStruct((n,), jnp.float32)
+    temp = {}
+    for k in (64, 512):
+        prepared = exact.prepare(_independent(jax.random.key(0), k, d, dtype=jnp.float32))
+        f = jax.jit(lambda p, t, x: exact.evaluate(p, sched, t, x, quantities))
+        analysis = f.lower(prepared, ts, x).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        temp[k] = analysis.temp_size_in_bytes
+    naive = 4 * n * 512 * d
+    assert temp[512] <= 1.1 * temp[64], temp
+    assert temp[512] < naive / 4, (temp, naive)
