@@ -515,12 +515,9 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
     """
     prepared = isinstance(c, PreparedCoupling)
     c, factors = _unwrap(fn, c)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(c.means.dtype)
-    t = jnp.asarray(t)
-    if not jnp.issubdtype(t.dtype, jnp.floating):
-        t = t.astype(x.dtype)
+    # Complex or half-precision points and times are refused (a cast would lose information).
+    x = _checks.check_real_array(f"exact.{fn}", "x", x, c.means.dtype)
+    t = _checks.check_real_array(f"exact.{fn}", "t", t, x.dtype)
     _check_inputs(fn, c, sched, t, x)
     d = c.dim
     batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
@@ -714,7 +711,7 @@ def marginal(
 ) -> GaussianMixture:
     """The law p_t of X_t at one scalar time t, as a K-component GaussianMixture on R^d."""
     coupling, _ = _unwrap("marginal", coupling)
-    t = jnp.asarray(t)
+    t = _checks.check_real_array("exact.marginal", "t", t, coupling.means.dtype)
     if t.ndim != 0:
         _checks.fail("exact.marginal", "t", "a scalar", f"shape {t.shape}")
     _check_inputs("marginal", coupling, schedule, t, coupling.means[:1, : coupling.dim])

@@ -574,3 +574,24 @@ def test_time_free_memory_does_not_grow_with_components(quantities):
     naive = 4 * n * 512 * d
     assert temp[512] <= 1.1 * temp[64], temp
     assert temp[512] < naive / 4, (temp, naive)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda c, s: exact.velocity(c, s, 0.5, jnp.zeros((2, 2), jnp.complex64)),
+         "exact.velocity: `x` must be real"),
+        (lambda c, s: exact.velocity(c, s, 0.5 + 0.1j, jnp.zeros((2, 2))),
+         "exact.velocity: `t` must be real"),
+        (lambda c, s: exact.velocity(c, s, 0.5, jnp.zeros((2, 2), jnp.float16)),
+         "`x` must be of dtype float32 or float64"),
+        (lambda c, s: exact.marginal(c, s, 0.5 + 0.1j), "exact.marginal: `t` must be real"),
+    ],
+)  # fmt: skip
+def test_complex_and_half_precision_inputs_are_refused(make, match):
+    """A cast would drop the imaginary part or the precision: TypeError naming the argument."""
+    c = random_joint_mixture(jax.random.key(1), 2, 2)
+    with pytest.raises(TypeError, match=match):
+        make(c, schedules.linear())
+    # control: integer points are cast, real ones pass
+    assert exact.velocity(c, schedules.linear(), 0.5, jnp.zeros((2, 2), jnp.int32)).shape == (2, 2)
