@@ -191,6 +191,26 @@ def _pad(c: JointGaussianMixture, k_pad: int) -> JointGaussianMixture:
     return JointGaussianMixture._from_leaves(w, m, jnp.concatenate([c.covs, eye]))
 
 
+def _lse_init(n: int, d: int, dtype):
+    """Empty running sums of the online log-sum-exp: (max, total, sum v, sum s, sum div)."""
+    zeros_n, zeros_nd = jnp.zeros((n,), dtype), jnp.zeros((n, d), dtype)
+    return jnp.full((n,), -jnp.inf, dtype), zeros_n, zeros_nd, zeros_nd, zeros_n
+
+
+def _lse_block(mx, tot, logp):
+    """One block of the online log-sum-exp over components (logp (N, B)).
+
+    Returns the new running max, the factor that rescales the running sums to it, the block's
+    weights p = exp(logp - max) (N, B), and the new total.
+    """
+    new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
+    # Zero weights give -inf everywhere: keep the shift finite so no inf - inf appears.
+    shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
+    scale = jnp.exp(mx - shift)
+    p = jnp.exp(logp - shift[:, None])
+    return new_mx, scale, p, tot * scale + jnp.sum(p, axis=1)
+
+
 def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset, precision):
     """Stream over component blocks with an online log-sum-exp; x is (N, d), t a scalar.
 
@@ -205,18 +225,12 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
     )
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
-    zero_vec = jnp.zeros((n, d), x.dtype)
 
     def step(carry, cb):
         mx, tot, acc_v, acc_s, acc_div = carry
         fb = _factors(cb, sched, t, precision)
         logp, v, sk = _point_terms(fb, x, need_v, need_s, precision)
-        new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
-        # Zero weights give -inf everywhere: keep the shift finite so no inf - inf appears.
-        shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
-        scale = jnp.exp(mx - shift)
-        p = jnp.exp(logp - shift[:, None])  # (N, B)
-        tot = tot * scale + jnp.sum(p, axis=1)
+        new_mx, scale, p, tot = _lse_block(mx, tot, logp)
         # Weighted sums over the block as multiply-and-reduce (fused), not as tiny dots.
         if need_v:
             acc_v = acc_v * scale[:, None] + jnp.sum(p[:, :, None] * v, axis=1)
@@ -227,14 +241,7 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
             acc_div = acc_div * scale + jnp.sum(p * dk, axis=1)
         return (new_mx, tot, acc_v, acc_s, acc_div), None
 
-    init = (
-        jnp.full((n,), -jnp.inf, x.dtype),
-        jnp.zeros((n,), x.dtype),
-        zero_vec,
-        zero_vec,
-        jnp.zeros((n,), x.dtype),
-    )
-    carry, _ = jax.lax.scan(step, init, blocks)
+    carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
     return _finish(carry, want)
 
 
@@ -346,16 +353,11 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
     a, b, da, db = coeffs
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
-    zero_vec = jnp.zeros((n, d), x.dtype)
 
     def step(carry, fb):
         mx, tot, acc_v, acc_s, acc_div = carry
         y, inv, logp = _free_terms(fb, coeffs, x, precision)
-        new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
-        shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
-        scale = jnp.exp(mx - shift)
-        p = jnp.exp(logp - shift[:, None])  # (N, B)
-        tot = tot * scale + jnp.sum(p, axis=1)
+        new_mx, scale, p, tot = _lse_block(mx, tot, logp)
         if need_v:
             r = (b * db + a * da * fb.lam[None]) * inv
             q = (p[:, :, None] * r * y).reshape(n, bsz * d)
@@ -379,14 +381,7 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
             acc_div = acc_div * scale + jnp.sum(p * dk, axis=1)
         return (new_mx, tot, acc_v, acc_s, acc_div), None
 
-    init = (
-        jnp.full((n,), -jnp.inf, x.dtype),
-        jnp.zeros((n,), x.dtype),
-        zero_vec,
-        zero_vec,
-        jnp.zeros((n,), x.dtype),
-    )
-    carry, _ = jax.lax.scan(step, init, blocks)
+    carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
     return _finish(carry, want)
 
 
