@@ -26,9 +26,24 @@ from jaxtyping import Array, ArrayLike, Float
 
 from fmjax import _checks
 
-__all__ = ["Schedule", "linear", "cosine", "vp", "polynomial", "custom", "sigma_min_schedule"]
+__all__ = [
+    "Schedule",
+    "Noise",
+    "linear",
+    "cosine",
+    "vp",
+    "polynomial",
+    "custom",
+    "sigma_min_schedule",
+    "brownian",
+    "bsquared",
+    "sinesquared",
+    "custom_noise",
+    "trig",
+]
 
 _Coeffs = tuple[Float[Array, "..."], Float[Array, "..."], Float[Array, "..."], Float[Array, "..."]]
+_NoiseCoeffs = tuple[Float[Array, "..."], Float[Array, "..."], Float[Array, "..."]]
 
 # Slack when comparing a time with an interval end: float32(0.999) > 0.999 in float64.
 _SLACK = 4 * float(np.finfo(np.float32).eps)
@@ -59,15 +74,53 @@ class Schedule:
             so jitted functions do not retrace for a schedule rebuilt with the same parameters.
         interval: ``(t_min, t_max)``, the closed interval of times where the coefficients and
             their derivatives are finite; defaults of sampling, likelihood, losses and metrics.
+        noise: the latent-noise term gamma_t of a stochastic interpolant
+            x_t = b_t x0 + a_t x1 + gamma_t z (``None``: gamma = 0, a deterministic interpolant).
+            Add one with ``schedule.with_noise(noise)``.
     """
 
     name: str
     coeffs: Callable[..., _Coeffs] = dataclasses.field(repr=False)
     params: tuple = ()
     interval: tuple[float, float] = (0.0, 1.0)
+    noise: Noise | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "interval", _check_interval("schedules.Schedule", self.interval))
+        if self.noise is not None and not isinstance(self.noise, Noise):
+            _checks.fail(
+                "schedules.Schedule", "noise", "None or a schedules.Noise", self.noise, TypeError
+            )
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether the interpolant carries a latent-noise term gamma_t z (static)."""
+        return self.noise is not None
+
+    def with_noise(self, noise: Noise | None) -> Schedule:
+        """This schedule with latent noise gamma_t z added (or removed, for ``None``).
+
+        The name becomes ``"<schedule>+<noise>"``; equal schedules with equal noise hash equal.
+        """
+        if noise is not None and not isinstance(noise, Noise):
+            _checks.fail("schedules.Schedule.with_noise", "noise", "a schedules.Noise", noise,
+                         TypeError)  # fmt: skip
+        base = self.name.split("+", 1)[0] if self.noise is not None else self.name
+        name = base if noise is None else f"{base}+{noise.name}"
+        return dataclasses.replace(self, name=name, noise=noise)
+
+    def gamma(self, t: Float[ArrayLike, "..."]) -> _NoiseCoeffs:
+        """Latent-noise coefficients at ``t``: ``(gamma, dgamma, gamma * dgamma)``, each shaped
+        like ``t``; zeros without noise.
+
+        The exact quantities use only gamma^2 and gamma * dgamma, which stay finite at t = 0, 1
+        (for ``brownian``, dgamma itself is infinite there): use the product, never dgamma.
+        """
+        t = _checks.check_real_array("schedules.Schedule.gamma", "t", t, any_float=True)
+        if self.noise is None:
+            zero = jnp.zeros_like(t)
+            return zero, zero, zero
+        return self.noise(t)
 
     @property
     def t_min(self) -> float:
@@ -105,6 +158,136 @@ class Schedule:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""
         t = _checks.check_real_array("schedules.Schedule", "t", t, any_float=True)
         return self.coeffs(t, *self.params)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """Latent noise gamma_t of a stochastic interpolant: ``noise(t) -> (gamma, dgamma, g_dg)``.
+
+    g_dg = gamma * dgamma; gamma_0 = gamma_1 = 0, gamma_t >= 0. Static, hashable like ``Schedule``.
+
+    Attributes:
+        name: human-readable name ("brownian(1)", ...).
+        fn: module-level function ``(t, *params) -> (gamma, dgamma, gamma * dgamma)``,
+            elementwise; the product is computed in a form that stays finite at the ends.
+        params: static parameters passed to ``fn``.
+    """
+
+    name: str
+    fn: Callable[..., _NoiseCoeffs] = dataclasses.field(repr=False)
+    params: tuple = ()
+
+    def __call__(self, t: Float[ArrayLike, "..."]) -> _NoiseCoeffs:
+        """``(gamma, dgamma, gamma * dgamma)`` at ``t`` (any shape), each shaped like ``t``."""
+        t = _checks.check_real_array("schedules.Noise", "t", t, any_float=True)
+        return self.fn(t, *self.params)
+
+
+def _brownian(t, sigma):
+    u = t * (1.0 - t)
+    g = sigma * jnp.sqrt(u)
+    # dgamma = sigma (1 - 2t) / (2 sqrt(t (1 - t))) is infinite at the ends; the product is not.
+    dg = sigma * (1.0 - 2.0 * t) / (2.0 * jnp.sqrt(u))
+    return g, dg, 0.5 * sigma * sigma * (1.0 - 2.0 * t)
+
+
+def brownian(sigma: float = 1.0) -> Noise:
+    """Brownian-bridge noise gamma_t = sigma sqrt(t (1 - t)) (the Schrodinger-bridge interpolant).
+
+    dgamma is infinite at t = 0 and 1; gamma * dgamma = sigma^2 (1 - 2t) / 2 is finite.
+    """
+    sigma = _checks.check_positive("schedules.brownian", "sigma", sigma)
+    return Noise(f"brownian({sigma:g})", _brownian, (sigma,))
+
+
+def _bsquared(t, scale):
+    g = scale * t * (1.0 - t)
+    dg = scale * (1.0 - 2.0 * t)
+    return g, dg, g * dg
+
+
+def bsquared(scale: float = 1.0) -> Noise:
+    """Noise gamma_t = scale * t (1 - t) (smooth at the ends)."""
+    scale = _checks.check_positive("schedules.bsquared", "scale", scale)
+    return Noise(f"bsquared({scale:g})", _bsquared, (scale,))
+
+
+def _sinesquared(t, scale):
+    g = scale * jnp.sin(jnp.pi * t) ** 2
+    dg = scale * jnp.pi * jnp.sin(2.0 * jnp.pi * t)
+    return g, dg, g * dg
+
+
+def sinesquared(scale: float = 1.0) -> Noise:
+    """Noise gamma_t = scale * sin^2(pi t)."""
+    scale = _checks.check_positive("schedules.sinesquared", "scale", scale)
+    return Noise(f"sinesquared({scale:g})", _sinesquared, (scale,))
+
+
+def _custom_noise(t, gamma):
+    g, dg = jax.jvp(gamma, (t,), (jnp.ones_like(t),))
+    return g, dg, g * dg
+
+
+def custom_noise(gamma: Callable[[Array], Array], name: str = "custom_noise") -> Noise:
+    """Noise from an elementwise, differentiable function gamma(t) with finite derivative.
+
+    Checked now on a grid of [0, 1]: gamma_0 = gamma_1 = 0 (to 1e-6), gamma >= 0, and gamma and
+    its derivative finite. (For a derivative infinite at the ends, as Brownian noise has, write
+    a ``Noise`` whose function returns the finite product gamma * dgamma.)
+
+    Raises:
+        TypeError: if ``gamma`` is not callable.
+        ValueError: if one of the conditions above fails (the time is named).
+    """
+    _checks.check_callable("schedules.custom_noise", "gamma", gamma, "a callable t -> gamma_t")
+    noise = Noise(name, _custom_noise, (gamma,))
+    grid = np.unique(np.concatenate([np.linspace(0, 1, 1025), np.linspace(0, 1, 1001)]))
+    g, dg, _ = (np.asarray(v, np.float64) for v in noise(grid))
+    if g.shape != grid.shape:
+        _checks.fail("schedules.custom_noise", "gamma", "elementwise (output shaped like t)",
+                     g.shape)  # fmt: skip
+    bad = ~(np.isfinite(g) & np.isfinite(dg))
+    if np.any(bad):
+        _checks.fail("schedules.custom_noise", "gamma", "finite with a finite derivative on [0, 1]",
+                     f"not finite at t={grid[np.argmax(bad)]:g}")  # fmt: skip
+    if abs(g[0]) > 1e-6 or abs(g[-1]) > 1e-6:
+        _checks.fail("schedules.custom_noise", "gamma", "zero at t = 0 and t = 1",
+                     f"gamma(0)={g[0]:g}, gamma(1)={g[-1]:g}")  # fmt: skip
+    if np.any(g < -1e-12):
+        _checks.fail("schedules.custom_noise", "gamma", "nonnegative",
+                     f"gamma={g.min():g} at t={grid[np.argmin(g)]:g}")  # fmt: skip
+    return noise
+
+
+def _trig(t, noise):
+    g, _, g_dg = noise(t)
+    h = 0.5 * jnp.pi
+    r = jnp.sqrt(1.0 - g * g)
+    dr = -g_dg / r  # d/dt sqrt(1 - gamma^2), finite wherever gamma * dgamma is
+    s, c = jnp.sin(h * t), jnp.cos(h * t)
+    return r * s, r * c, dr * s + r * h * c, dr * c - r * h * s
+
+
+def trig(noise: Noise) -> Schedule:
+    """The "trig" stochastic interpolant of Albergo, Boffi & Vanden-Eijnden, with noise gamma_t z:
+    a_t = sqrt(1 - gamma_t^2) sin(pi t / 2), b_t = sqrt(1 - gamma_t^2) cos(pi t / 2).
+
+    Args:
+        noise: the latent noise gamma_t, with gamma_t < 1 on [0, 1] (checked on a grid).
+
+    Raises:
+        TypeError: if ``noise`` is not a ``schedules.Noise``.
+        ValueError: if gamma_t >= 1 somewhere on [0, 1].
+    """
+    _checks.check_instance("schedules.trig", "noise", noise, Noise, "a schedules.Noise")
+    grid = np.linspace(0.0, 1.0, 1025)
+    g = np.asarray(noise(grid)[0], np.float64)
+    if np.any(g >= 1.0):
+        _checks.fail("schedules.trig", "noise", "gamma_t < 1 on [0, 1]",
+                     f"gamma={g.max():g} at t={grid[np.argmax(g)]:g}")  # fmt: skip
+    return Schedule(f"trig+{noise.name}", _trig, (noise,), noise=noise)
 
 
 def _linear(t):

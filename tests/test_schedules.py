@@ -159,3 +159,89 @@ def test_complex_times_are_a_type_error():
         s(jnp.asarray([0.5 + 0.1j]))
     a, b, _, _ = s(jnp.asarray([0.5]))  # control
     np.testing.assert_allclose([a[0], b[0]], [0.5, 0.5])
+
+
+NOISES = [
+    schedules.brownian(1.0),
+    schedules.brownian(0.3),
+    schedules.bsquared(2.0),
+    schedules.sinesquared(0.5),
+    schedules.custom_noise(lambda t: 0.2 * jnp.sin(jnp.pi * t) ** 2, "custom"),
+]
+
+
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: n.name)
+def test_noise_derivative_and_product(x64, noise):
+    """dgamma matches autodiff inside (0, 1); gamma * dgamma is finite at both ends."""
+    t = jnp.linspace(0.01, 0.99, 17)
+    g, dg, g_dg = noise(t)
+    np.testing.assert_allclose(dg, jax.vmap(jax.grad(lambda s: noise(s)[0]))(t), rtol=1e-10)
+    np.testing.assert_allclose(g_dg, g * dg, rtol=1e-12, atol=1e-15)
+    g_end, _, g_dg_end = noise(jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(g_end, 0.0, atol=1e-15)
+    assert np.all(np.isfinite(g_dg_end))
+
+
+def test_brownian_product_at_the_ends(x64):
+    """The product is sigma^2 (1 - 2t) / 2, the limit of gamma * dgamma (dgamma alone is inf)."""
+    g, dg, g_dg = schedules.brownian(2.0)(jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(g_dg, [2.0, -2.0], rtol=1e-15)
+    assert np.all(np.isinf(dg))  # control: the naive product would be 0 * inf = nan
+    assert np.all(np.isnan(g * dg))
+
+
+def test_trig_derivatives_and_endpoints(x64):
+    s = schedules.trig(schedules.brownian(0.5))
+    t = jnp.linspace(0.01, 0.99, 17)
+    a, b, da, db = s(t)
+    np.testing.assert_allclose(da, jax.vmap(jax.grad(lambda u: s(u)[0]))(t), rtol=1e-10)
+    np.testing.assert_allclose(db, jax.vmap(jax.grad(lambda u: s(u)[1]))(t), rtol=1e-10)
+    a, b, da, db = s(jnp.array([0.0, 1.0]))
+    np.testing.assert_allclose(a, [0.0, 1.0], atol=1e-15)
+    np.testing.assert_allclose(b, [1.0, 0.0], atol=1e-15)
+    assert np.all(np.isfinite(da)) and np.all(np.isfinite(db))
+    assert s.has_noise and s.noise == schedules.brownian(0.5)
+
+
+def test_with_noise_hashes_and_round_trips():
+    s1 = schedules.linear().with_noise(schedules.brownian(0.5))
+    s2 = schedules.linear().with_noise(schedules.brownian(0.5))
+    assert s1 == s2 and hash(s1) == hash(s2) and s1.name == "linear+brownian(0.5)"
+    assert s1 != schedules.linear().with_noise(schedules.brownian(0.6))
+    assert s1.with_noise(None) == schedules.linear()
+    assert not schedules.linear().has_noise
+    g, dg, g_dg = schedules.linear().gamma(jnp.array([0.0, 0.5]))
+    assert not np.any(g) and not np.any(g_dg)
+
+
+def test_noise_no_retrace():
+    calls = []
+
+    @jax.jit
+    def f(s, t):
+        calls.append(1)
+        return s.gamma(t)[0]
+
+    f(schedules.linear().with_noise(schedules.bsquared()), 0.3)
+    f(schedules.linear().with_noise(schedules.bsquared()), 0.4)
+    assert len(calls) == 1
+    f(schedules.linear().with_noise(schedules.bsquared(2.0)), 0.4)  # control: new noise retraces
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: schedules.brownian(0.0), ValueError, "schedules.brownian: `sigma` must be"),
+        (lambda: schedules.bsquared(-1.0), ValueError, "schedules.bsquared: `scale`"),
+        (lambda: schedules.custom_noise(0.3), TypeError, "schedules.custom_noise: `gamma`"),
+        (lambda: schedules.custom_noise(lambda t: 0.1 + 0 * t), ValueError, "zero at t = 0"),
+        (lambda: schedules.custom_noise(lambda t: -t * (1 - t)), ValueError, "nonnegative"),
+        (lambda: schedules.trig(schedules.bsquared(5.0)), ValueError, "gamma_t < 1"),
+        (lambda: schedules.trig(0.5), TypeError, "schedules.trig: `noise`"),
+        (lambda: schedules.linear().with_noise("brownian"), TypeError, "`noise`"),
+    ],
+)  # fmt: skip
+def test_noise_validation(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
