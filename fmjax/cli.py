@@ -7,11 +7,16 @@
     fmjax bench builtin                                # a timing that runs anywhere
     fmjax bench [all|exact_velocity|...] [ARGS]        # benchmarks/ of a source checkout
 
-Every subcommand takes ``--config FILE``: a JSON or TOML file of option values; flags given on
-the command line win over the file. For ``demo``, ``experiment`` and ``train`` the keys are the
-fields of the config dataclass (``fmjax.experiments.DemoConfig``, ``TrainConfig``, ...); for
-``sample`` the long options with underscores (``n = 5000``). Results are written as
-``results.json`` next to the PNG figures in ``--out``.
+``demo``, ``experiment``, ``train`` and ``sample`` take ``--config FILE``: a JSON or TOML file of
+option values; flags given on the command line win over the file. For ``demo``, ``experiment``
+and ``train`` the keys are the fields of the config dataclass (``fmjax.experiments.DemoConfig``,
+``TrainConfig``, ...); for ``sample`` the long options with underscores (``n = 5000``). A value
+of the wrong type is refused like a wrong flag. Results are written as ``results.json`` next to
+the PNG figures in ``--out``; an output folder that is not empty is refused without
+``--overwrite`` (``train`` resumes the run whose checkpoints it holds instead), and one that
+another fmjax run is writing to is refused. ``train`` checkpoints into ``--out``/checkpoints
+and, on SIGINT (Ctrl-C) or SIGTERM, saves a checkpoint and exits with status 130 / 143; the same
+command continues the run.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import os
+import shutil
+import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -73,7 +82,6 @@ def _dataclass_config(cls, args, flags: dict, quick: bool = False):
     if unknown:
         raise SystemExit(f"cli: `--config` has unknown keys for {cls.__name__}: {unknown}")
     values.update({k: v for k, v in flags.items() if v is not None})
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls.quick(**values) if quick else cls(**values)
     except (TypeError, ValueError) as e:
@@ -85,55 +93,90 @@ def _dataclass_config(cls, args, flags: dict, quick: bool = False):
 
 def _common(p, out_default: str) -> None:
     p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it is not empty")  # fmt: skip
     p.add_argument("--config", help="JSON or TOML file of option values (flags win)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or status lines (stderr)")  # fmt: skip
+
+
+def _default(cls, name: str, text: str) -> str:
+    """``text`` followed by the default of field ``name`` of the config dataclass ``cls``."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f"{text} (default {field.default})"
 
 
 def _add_demo(sub) -> None:
+    from fmjax.experiments.demo import DemoConfig
+
     p = sub.add_parser(
         "demo",
         help="2-D GMM demo: train, compare with the exact velocity, sample, table + figures",
         description="N(0, I) -> 5-component GMM in 2-D: exact density, velocity and "
         "trajectories; a short CFM training; ODE and SDE sampling; a table of loss, loss floor, "
-        "velocity error, energy distances and NLL for the learned model and the exact field.",
+        "velocity error, energy distances and NLL for the learned model and the exact field. "
+        "A progress bar for training and a status line for each other phase (stderr).",
     )
     _common(p, "outputs/demo")
-    p.add_argument("--quick", action="store_true", help="tiny settings (CI, a few seconds)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 3000)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings (CI; about 20-30 s on 2 CPU cores, mostly compilation)",
+    )
+    p.add_argument("--steps", type=int, default=None,
+                   help=_default(DemoConfig, "steps", "training steps"))  # fmt: skip
 
 
 def _add_experiment(sub) -> None:
     p = sub.add_parser(
         "experiment",
         help="run one seed experiment (figures + results.json)",
-        description="Run one of the experiments of fmjax.experiments.",
+        description="Run one of the experiments of fmjax.experiments: a progress bar for each "
+        "training, and a status line when the experiment starts and ends (stderr).",
     )
     p.add_argument("name", choices=_EXPERIMENTS)
     _common(p, "outputs/<name>")
     p.add_argument("--quick", action="store_true", help="the small CI configuration")
 
 
+#: ``fmjax train`` options: TrainConfig field -> (flags, type, help text before the default).
+_TRAIN_OPTIONS = {
+    "data": (("--data",), str, "target: gmm (the demo mixture, with exact scores), "
+             "checkerboard, moons, eight_gaussians, rings or swiss_roll"),
+    "schedule": (("--schedule",), str, "linear, cosine or vp"),
+    "steps": (("--steps",), int, "optimizer steps"),
+    "batch_size": (("--batch-size",), int, "pairs per step"),
+    "width": (("--width",), int, "hidden width"),
+    "depth": (("--depth",), int, "hidden layers"),
+    "learning_rate": (("--lr", "--learning-rate"), float, "peak learning rate, cosine decay"),
+    "time_embedding": (("--time-embedding",), str, "raw or fourier"),
+}  # fmt: skip
+_CHECKPOINT_EVERY = 500
+
+
 def _add_train(sub) -> None:
+    from fmjax.experiments.train_model import TrainConfig
+
     p = sub.add_parser(
         "train",
-        help="train a velocity MLP by conditional flow matching",
+        help="train a velocity MLP by conditional flow matching (checkpointed, resumable)",
         description="Train an MLP velocity field by CFM from N(0, I) to a 2-D target "
         "(fmjax.experiments.train_model) and save params.msgpack + model.json (for `fmjax "
         "sample --model`), a loss figure and results.json. With --data gmm (the demo mixture) "
-        "the exact loss floor and velocity error are reported too.",
+        "the exact loss floor and velocity error are reported too. Checkpoints go to "
+        "OUT/checkpoints every --checkpoint-every steps; rerunning the same command resumes "
+        "from the latest one (a run with other settings is refused: pass --overwrite to start "
+        "over). SIGINT (Ctrl-C) or SIGTERM saves a checkpoint at the end of the current chunk "
+        "of steps and exits with status 130 / 143 (a second signal stops at once, losing the "
+        "steps since the last checkpoint).",
     )
     _common(p, "outputs/train")
-    p.add_argument("--data", default=None, help="gmm (default), checkerboard, moons, "
-                   "eight_gaussians, rings or swiss_roll")  # fmt: skip
-    p.add_argument("--schedule", default=None, help="linear (default), cosine or vp")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 3000)")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 256)")
-    p.add_argument("--width", type=int, default=None, help="hidden width (default 128)")
-    p.add_argument("--depth", type=int, default=None, help="hidden layers (default 3)")
-    p.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=None,
-                   help="peak learning rate, cosine decay (default 3e-3)")  # fmt: skip
-    p.add_argument("--time-embedding", choices=("raw", "fourier"), default=None)
+    for name, (flags, kind, text) in _TRAIN_OPTIONS.items():
+        p.add_argument(*flags, dest=name, type=kind, default=None,
+                       help=_default(TrainConfig, name, text))  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=_CHECKPOINT_EVERY,
+                   help=f"steps between checkpoints (default {_CHECKPOINT_EVERY})")  # fmt: skip
 
 
 def _add_sample(sub) -> None:
@@ -142,18 +185,20 @@ def _add_sample(sub) -> None:
         help="sample a trained model (or the exact GMM velocity) by ODE or SDE",
         description="Draw samples by the flow ODE (adaptive Tsit5 or fixed steps) or the "
         "marginal-preserving SDE over the schedule's valid interval; write samples.npy, "
-        "samples.png and results.json (NFE, energy distance to fresh target samples).",
+        "samples.png and results.json (NFE, energy distance to fresh target samples). A status "
+        "line for each phase (stderr).",
     )
     _common(p, "outputs/sample")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="folder written by `fmjax train`")
     src.add_argument("--exact", action="store_true", help="exact velocity of the demo GMM")
-    p.add_argument("--method", choices=("ode", "sde"), default="ode")
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--method", choices=("ode", "sde"), default="ode", help="(default ode)")
+    p.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
     p.add_argument("--solver", default=None, help="ODE: tsit5 (default), dopri5, rk4, midpoint, "
                    "heun, euler; SDE: euler (default), heun, shark")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="fixed steps (SDE default 200)")
-    p.add_argument("--diffusion", type=float, default=1.0, help="SDE noise scale g")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fixed steps (default: ODE adaptive, SDE 200)")  # fmt: skip
+    p.add_argument("--diffusion", type=float, default=1.0, help="SDE noise scale g (default 1.0)")
 
 
 def _add_bench(sub) -> None:
@@ -212,6 +257,51 @@ def _subparser(parser, name):
     return action.choices[name]
 
 
+# ----------------------------------------------------------------------------- output folders
+
+_LOCKS: list[int] = []  # descriptors holding the output folders' locks until the process ends
+
+
+def _claim(args, keep: tuple[str, ...] = ()) -> Path:
+    """Create and lock ``args.out``; refuse it if another run holds it, or if it is not empty
+    and neither ``--overwrite`` is given nor everything in it is in ``keep``."""
+    from fmjax.train.checkpoint import lock_directory
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"cli: `--out` must be a folder that can be created, got {str(out)!r}: "
+                         f"{e.strerror}") from None  # fmt: skip
+    try:
+        _LOCKS.append(lock_directory(out, ""))
+    except RuntimeError:
+        raise SystemExit(
+            f"cli: `--out` {str(out)!r} is in use by another fmjax run (it holds a lock on the "
+            "folder); wait until that run ends, or pass another --out"
+        ) from None
+    others = sorted(set(os.listdir(out)) - set(keep))
+    if others and not args.overwrite:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise SystemExit(
+            f"cli: `--out` {str(out)!r} is not empty (it holds {shown}); pass --overwrite to "
+            "write over it, or another --out"
+        )
+    return out
+
+
+class _Progress:
+    """Status lines (stderr) around phases without a progress bar, unless ``--no-progress``."""
+
+    def __init__(self, args):
+        self.enabled = not args.no_progress
+
+    def __call__(self, what: str):
+        from fmjax.experiments._common import _phase
+
+        return _phase(what, self.enabled)
+
+
 # ----------------------------------------------------------------------------- demo, experiment
 
 
@@ -227,7 +317,9 @@ def _cmd_demo(args) -> int:
 
     flags = {"steps": args.steps, "seed": args.seed}
     cfg = _dataclass_config(experiments.DemoConfig, args, flags, quick=args.quick)
-    print(f"fmjax demo: N(0, I) -> 5-component GMM in 2-D, {cfg.steps} training steps ...")
+    _claim(args)
+    print(f"fmjax demo: N(0, I) -> 5-component GMM in 2-D, {cfg.steps} training steps ...",
+          flush=True)  # fmt: skip
     result = experiments.demo(cfg, out=args.out, progress=not args.no_progress)
     ref = result.metrics["reference"]
     print()
@@ -248,37 +340,128 @@ def _cmd_experiment(args) -> int:
 
     cls = experiments.CONFIGS[args.name]
     cfg = _dataclass_config(cls, args, {"seed": args.seed}, quick=args.quick)
-    out = f"outputs/{args.name}" if args.out == "outputs/<name>" else args.out
-    print(f"fmjax experiment {args.name} ({'quick' if args.quick else 'full'}) ...")
-    result = experiments.EXPERIMENTS[args.name](cfg, out=out, progress=not args.no_progress)
+    args.out = f"outputs/{args.name}" if args.out == "outputs/<name>" else args.out
+    _claim(args)
+    mode = "quick" if args.quick else "full"
+    print(f"fmjax experiment {args.name} ({mode}) ...", flush=True)
+    with _Progress(args)(f"experiment {args.name} ({mode}): training, sampling, metrics, figures"):
+        result = experiments.EXPERIMENTS[args.name](cfg, out=args.out,
+                                                    progress=not args.no_progress)  # fmt: skip
     summary = {k: v for k, v in result.metrics.items() if not k.endswith(("_curve", "_ts"))}
     print(json.dumps(summary, indent=1))
-    _print_outputs(result, out)
+    _print_outputs(result, args.out)
     return 0
 
 
-# ----------------------------------------------------------------------------- train, sample
+# ----------------------------------------------------------------------------- train
 
 
-def _cmd_train(args) -> int:
-    from fmjax import experiments
-    from fmjax.experiments.train_model import save_model
+class _Signals:
+    """SIGINT and SIGTERM set ``received`` (the fit then checkpoints and stops at the end of its
+    chunk); a second one raises ``KeyboardInterrupt`` at once. Restores the old handlers."""
 
-    fields = ("data", "schedule", "steps", "batch_size", "width", "depth", "learning_rate",
-              "time_embedding", "seed")  # fmt: skip
-    flags = {f: getattr(args, f) for f in fields}
+    def __init__(self):
+        self.received: int | None = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False
+
+
+def _latest_checkpoint(ckpt: Path) -> int | None:
+    steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit() and p.is_dir()]
+    return max(steps) if steps else None
+
+
+def _stopped(signum: int, step: int, cfg, ckpt: Path, trained: bool) -> int:
+    """The one line of a run stopped by ``signum``; returns the exit status 128 + signum."""
+    where = f"checkpoint at step {step} of {cfg.steps} saved in {ckpt}"
+    if trained:
+        where += " (training done; the model files were not written)"
+    print(f"fmjax train: stopped by {signal.Signals(signum).name}: {where}; run the same command "
+          "again to continue", file=sys.stderr)  # fmt: skip
+    return 128 + signum
+
+
+def _train_flags(args) -> dict:
+    flags = {f: getattr(args, f) for f in (*_TRAIN_OPTIONS, "seed")}
     for name in ("steps", "batch_size", "width", "depth"):
         if flags[name] is not None:
             _check("check_int", f"--{name.replace('_', '-')}", flags[name])
     if flags["learning_rate"] is not None:
         _check("check_positive", "--lr", flags["learning_rate"])
-    cfg = _dataclass_config(experiments.TrainConfig, args, flags)
-    print(f"fmjax train: {cfg.data}, {cfg.schedule} schedule, {cfg.steps} steps")
-    trained = experiments.train_model(cfg, progress=not args.no_progress)
-    results = save_model(trained, args.out)
+    _check("check_int", "--checkpoint-every", args.checkpoint_every)
+    return flags
+
+
+def _train_error(e: Exception, out: Path) -> str:
+    """One line for a failed ``train``: a checkpoint of another run or a broken one says what
+    to do on the command line (``--overwrite``), not in ``fit``'s arguments."""
+    msg = str(e)
+    if isinstance(e, ValueError) and "which differs in " in msg:
+        diff = msg.split("which differs in ", 1)[1]
+        return (
+            f"cli: `--out` {str(out)!r} holds checkpoints of a run with other settings (they "
+            f"differ in {diff}); rerun with those settings to continue it, pass --overwrite to "
+            "start over, or another --out"
+        )
+    if isinstance(e, RuntimeError) and "checkpoint" in msg:
+        return f"{msg} (fmjax train: or pass --overwrite to start over in {out})"
+    return msg
+
+
+def _cmd_train(args) -> int:
+    from fmjax import experiments
+    from fmjax.experiments.train_model import MODEL_FILES
+
+    cfg = _dataclass_config(experiments.TrainConfig, args, _train_flags(args))
+    out = _claim(args, keep=("checkpoints", *MODEL_FILES) if not args.overwrite else ())
+    ckpt = out / "checkpoints"
+    if args.overwrite:  # start over: only this command's own files are removed
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for name in MODEL_FILES:
+            (out / name).unlink(missing_ok=True)
+    with _Signals() as signals:
+        print(f"fmjax train: {cfg.data}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
+              flush=True)  # fmt: skip
+        try:
+            trained = experiments.train_model(
+                cfg, out=out, progress=not args.no_progress, checkpoint_dir=ckpt,
+                checkpoint_every=args.checkpoint_every, stop=signals,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            step = _latest_checkpoint(ckpt)
+            kept = f"the last checkpoint is step {step}" if step else "no checkpoint was saved"
+            print(f"fmjax train: stopped at once by a second signal; {kept} in {ckpt}; run the "
+                  "same command again to continue", file=sys.stderr)  # fmt: skip
+            return 128 + (signals.received or signal.SIGINT)
+        except (ValueError, RuntimeError, FloatingPointError) as e:
+            raise SystemExit(_train_error(e, out)) from None
+    fit = trained.fit
+    if signals.received is not None:
+        return _stopped(signals.received, fit.step, cfg, ckpt, fit.step == cfg.steps)
+    if fit.resumed_from is not None:
+        print(f"resumed from step {fit.resumed_from} of {ckpt}")
+    results = json.loads((out / "results.json").read_text())
     print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=1))
-    print(f"model: {Path(args.out) / 'params.msgpack'} + {Path(args.out) / 'model.json'}")
+    print(f"model: {out / 'params.msgpack'} + {out / 'model.json'}")
     return 0
+
+
+# ----------------------------------------------------------------------------- sample
 
 
 def _velocity_and_target(args):
@@ -330,26 +513,33 @@ def _cmd_sample(args) -> int:
         _check("check_int", "--steps", args.steps)
     _check("check_positive", "--diffusion", args.diffusion, allow_zero=True)
     velocity, s, target, label = _velocity_and_target(args)
+    out = _claim(args)
+    phase = _Progress(args)
     key = jax.random.key(args.seed or 0)
-    timing = _draw(args, velocity, s, key)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    x = np.asarray(timing.out.x)
-    ref = np.asarray(target(jax.random.fold_in(key, 2), args.n))
-    np.save(out / "samples.npy", x)
     method = args.method.upper()
-    plot.samples_grid({"target samples": ref, f"{method} samples": x},
-                      title=f"{method} sampling, {label}", path=out / "samples.png")  # fmt: skip
-    res = {
-        "options": {k: v for k, v in vars(args).items() if k != "command"},
-        "nfe": int(timing.out.nfe),
-        "energy_distance": float(metrics.energy_distance(x[:4000], ref[:4000])),
-        "first_call_s": timing.first_s,
-        "run_time_s": timing.median_s,
-        "samples": out / "samples.npy",
-        "figures": {"samples": out / "samples.png"},
-    }
-    write_json(out / "results.json", res)
+    solver = args.solver or ("tsit5" if args.method == "ode" else "euler")
+    with phase(f"sampling {args.n} points by {method} ({solver}; a first call with compilation, "
+               "then a timed one)"):  # fmt: skip
+        timing = _draw(args, velocity, s, key)
+    x = np.asarray(timing.out.x)
+    n_ref = min(args.n, 4000)
+    with phase(f"energy distance of {n_ref} samples to {n_ref} target samples"):
+        ref = np.asarray(target(jax.random.fold_in(key, 2), args.n))
+        energy = float(metrics.energy_distance(x[:n_ref], ref[:n_ref]))
+    with phase(f"writing samples.npy, samples.png and results.json to {out}"):
+        np.save(out / "samples.npy", x)
+        figure = {"target samples": ref, f"{method} samples": x}
+        plot.samples_grid(figure, title=f"{method} sampling, {label}", path=out / "samples.png")
+        res = {
+            "options": {k: v for k, v in vars(args).items() if k != "command"},
+            "nfe": int(timing.out.nfe),
+            "energy_distance": energy,
+            "first_call_s": timing.first_s,
+            "run_time_s": timing.median_s,
+            "samples": out / "samples.npy",
+            "figures": {"samples": out / "samples.png"},
+        }
+        write_json(out / "results.json", res)
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in res.items()
                       if k not in ("options", "figures")}, indent=1))  # fmt: skip
     return 0
@@ -431,10 +621,17 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fmjax`` console script; returns the exit status."""
+    """Entry point of the ``fmjax`` console script; returns the exit status (130 after Ctrl-C,
+    143 after SIGTERM for ``train``, which checkpoints first)."""
     parser = _parser()
     args = _parse(parser, argv)
-    return _COMMANDS[args.command](args)
+    t0 = time.perf_counter()
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\nfmjax {args.command}: interrupted after {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 if __name__ == "__main__":

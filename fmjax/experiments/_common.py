@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,6 +49,24 @@ class ExperimentResult(NamedTuple):
 _MAY_BE_ZERO = ("seed", "pretrain_steps")
 
 
+def _check_field(fn: str, name: str, kind: str, v):
+    """``v`` checked (and normalised) against the field type ``kind`` (a string annotation)."""
+    if kind == "int":
+        return _checks.check_int(fn, name, v, minimum=0 if name in _MAY_BE_ZERO else 1)
+    if kind == "float":
+        return _checks.check_positive(fn, name, v)
+    if kind in ("str", "bool"):
+        if not isinstance(v, str if kind == "str" else bool):
+            _checks.fail(fn, name, f"a {kind}", v, TypeError)
+        return v
+    if kind.startswith("tuple[") and kind.endswith(", ...]"):
+        inner = kind[len("tuple[") : -len(", ...]")]
+        if not isinstance(v, tuple | list):
+            _checks.fail(fn, name, f"a tuple of {inner}", v, TypeError)
+        return tuple(_check_field(fn, f"{name}[{i}]", inner, x) for i, x in enumerate(v))
+    return v
+
+
 class _Config:
     """Mixin for the experiment configs: quick() preset and validation of sizes."""
 
@@ -58,13 +78,15 @@ class _Config:
         return cls(**{**cls._QUICK, **overrides})
 
     def __post_init__(self):
+        """Check every field against its declared type (``int``, ``float``, ``str``, ``bool``,
+        ``tuple[X, ...]``): a value of another type (``steps = 1.5`` in a config file) is a
+        ``TypeError`` naming the field; ints are >= 1 (>= 0 for seeds), floats finite > 0.
+        Ints given for floats become floats, lists given for tuples become tuples."""
         fn = f"experiments.{type(self).__name__}"
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, int) and not isinstance(v, bool):
-                _checks.check_int(fn, f.name, v, minimum=0 if f.name in _MAY_BE_ZERO else 1)
-            elif isinstance(v, float):
-                _checks.check_positive(fn, f.name, v)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+            value = _check_field(fn, f.name, kind, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -101,9 +123,13 @@ def _mlp(dim: int, width: int, depth: int, **kw) -> models.MLP:
     return models.MLP(dim=dim, width=width, depth=depth, **kw)
 
 
-def _train(model, loss_fn, key, steps: int, lr: float, progress: bool, floor=None):
-    """Adam with cosine decay from a fresh initialisation; returns the FitResult."""
+def _train(model, loss_fn, key, steps: int, lr: float, progress: bool, floor=None, **checkpoint):
+    """Adam with cosine decay from a fresh initialisation; returns the FitResult.
+
+    ``checkpoint``: ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``stop`` of ``fit``
+    (chunks then end at every checkpoint, so that ``stop`` is seen at least that often)."""
     params = models.init(model, key=jax.random.fold_in(key, 0))
+    chunk = max(1, min(steps, 1000, checkpoint.get("checkpoint_every") or 1000))
     return train.fit(
         loss_fn,
         params,
@@ -111,10 +137,26 @@ def _train(model, loss_fn, key, steps: int, lr: float, progress: bool, floor=Non
         steps=steps,
         learning_rate=lr,
         lr_schedule="cosine",
-        steps_per_call=max(1, min(steps, 1000)),
+        steps_per_call=chunk,
         progress=progress,
         floor=floor,
+        **checkpoint,
     )
+
+
+@contextlib.contextmanager
+def _phase(what: str, enabled: bool = True):
+    """A status line on stderr for a phase without a progress bar: ``what ...`` when it starts,
+    `` 1.2 s`` when it ends (nothing when not ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    print(f"{what} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _f(x) -> float:

@@ -30,6 +30,7 @@ from fmjax.experiments._common import (
     _finish,
     _mlp,
     _outdir,
+    _phase,
     _resolve,
     _times,
     _train,
@@ -46,7 +47,7 @@ from fmjax.mixtures import (
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig(_Config):
-    """Settings of :func:`demo` (defaults: the ``fmjax demo`` run, ~20 s on 2 CPU cores)."""
+    """Settings of :func:`demo` (defaults: the ``fmjax demo`` run, ~25-35 s on 2 CPU cores)."""
 
     steps: int = 3000
     batch_size: int = 256
@@ -111,19 +112,26 @@ def _train_model(coupling, s, cfg: DemoConfig, keys: _Keys, progress: bool) -> _
     so the exact row's held-out loss equals the floor up to float round-off."""
     model = _mlp(2, cfg.width, cfg.depth)
     loss_fn = losses.cfm(model.apply, coupling.sample, s, cfg.batch_size)
-    floor = _f(losses.loss_floor(coupling, s, cfg.n_eval, key=keys.eval).mean)
+    with _phase(f"exact CFM loss floor ({cfg.n_eval} points)", progress):
+        floor = _f(losses.loss_floor(coupling, s, cfg.n_eval, key=keys.eval).mean)
     fit = _train(model, loss_fn, keys.train, cfg.steps, cfg.learning_rate, progress, floor)
     return _Trained(model, fit, floor)
 
 
-def _row(v, loss: float, vel_err: float, coupling, s, cfg: DemoConfig, keys: _Keys, x0, x_ref):
+def _row(v, loss: float, vel_err: float, coupling, s, cfg: DemoConfig, keys: _Keys, x0, x_ref,
+         phase=None):  # fmt: skip
     """The table row of field ``v`` (``loss_floor`` left to the caller), its ODE solution and
-    its ``n_eval`` SDE samples."""
-    ode_sol = sample.ode(v, x0, schedule=s, save_ts=_times(s, 41))
-    sde_sol = sample.sde(
-        v, s, x0, key=keys.sde, diffusion=cfg.diffusion, steps=cfg.sde_steps, brownian="unsafe"
-    )
-    ll = log_likelihood(v, x_ref, schedule=s)
+    its ``n_eval`` SDE samples; ``phase(what)`` is a status-line context (or None)."""
+    phase = phase or (lambda what: _phase(what, False))
+    with phase(f"ODE sampling of {len(x0)} points (Tsit5, adaptive)"):
+        ode_sol = jax.block_until_ready(sample.ode(v, x0, schedule=s, save_ts=_times(s, 41)))
+    with phase(f"SDE sampling of {len(x0)} points ({cfg.sde_steps} Euler-Maruyama steps)"):
+        sde_sol = jax.block_until_ready(sample.sde(
+            v, s, x0, key=keys.sde, diffusion=cfg.diffusion, steps=cfg.sde_steps,
+            brownian="unsafe",
+        ))  # fmt: skip
+    with phase(f"log-likelihood of {len(x_ref)} points (augmented ODE)"):
+        ll = jax.block_until_ready(log_likelihood(v, x_ref, schedule=s))
     row = {
         "loss": loss,
         "loss_floor": None,  # filled by the caller
@@ -174,7 +182,8 @@ def demo(
     ``velocity_error`` (E|v - u|^2 averaged over 21 times in [0, 1]), ``energy_ode`` /
     ``energy_sde`` (energy distance of ``n_eval`` ODE (Tsit5) / SDE (Euler-Maruyama) samples to
     exact target samples), ``nll`` (mean -log p(x) of exact target samples under the flow,
-    augmented ODE). ``reference`` holds the energy distance between two exact target samples
+    augmented ODE). With ``progress``, a bar for training and a status line on stderr for every
+    other phase. ``reference`` holds the energy distance between two exact target samples
     (the noise level) and the exact target entropy estimate -E log p1(X1). ``demo_table``
     formats the rows.
     """
@@ -185,25 +194,31 @@ def demo(
     keys = _Keys(*jax.random.split(jax.random.key(cfg.seed), 7))
     tr = _train_model(coupling, s, cfg, keys, progress)
     ts = _times(s, 21)
-    errors = _velocity_errors(tr.model, tr.fit.params, coupling, s, keys.err, jnp.asarray(ts), 1000)
+    with _phase("velocity error against the exact field (21 times x 1000 points)", progress):
+        errors = jax.block_until_ready(
+            _velocity_errors(tr.model, tr.fit.params, coupling, s, keys.err, jnp.asarray(ts), 1000)
+        )
 
     x_ref = coupling.target().sample(keys.ref, cfg.n_eval)
     x0 = sample.draw_source(keys.x0, max(cfg.n_eval, cfg.n_paths), 2)
-    held_out = jax.jit(losses.cfm(tr.model.apply, coupling.sample, s, cfg.n_eval))
-    fields = {
-        "learned": (functools.partial(tr.model.apply, tr.fit.params),
-                    _f(held_out(tr.fit.params, keys.eval)), float(jnp.mean(errors["model"]))),
-        "exact": (_exact_field(coupling, s),
-                  _f(_exact_cfm_terms(coupling, s, keys.eval, cfg.n_eval)), 0.0),
-    }  # fmt: skip
+    with _phase(f"held-out CFM loss ({cfg.n_eval} pairs)", progress):
+        held_out = jax.jit(losses.cfm(tr.model.apply, coupling.sample, s, cfg.n_eval))
+        fields = {
+            "learned": (functools.partial(tr.model.apply, tr.fit.params),
+                        _f(held_out(tr.fit.params, keys.eval)), float(jnp.mean(errors["model"]))),
+            "exact": (_exact_field(coupling, s),
+                      _f(_exact_cfm_terms(coupling, s, keys.eval, cfg.n_eval)), 0.0),
+        }  # fmt: skip
     rows, samples, paths = {}, {"exact target samples": x_ref}, {}
     for name, (v, loss, err) in fields.items():
+        phase = lambda what, name=name: _phase(f"{name} field: {what}", progress)  # noqa: E731
         rows[name], ode_sol, samples[f"{name} SDE"] = _row(
-            v, loss, err, coupling, s, cfg, keys, x0, x_ref
+            v, loss, err, coupling, s, cfg, keys, x0, x_ref, phase
         )
         rows[name]["loss_floor"] = tr.floor
         samples[f"{name} ODE"], paths[name] = ode_sol.x[: cfg.n_eval], ode_sol.xs
-    figures = _figures(coupling, s, cfg, out, samples, paths["exact"], errors, ts, tr)
+    with _phase(f"figures (5 PNG files in {out})", progress):
+        figures = _figures(coupling, s, cfg, out, samples, paths["exact"], errors, ts, tr)
     metrics_ = {
         "rows": rows,
         "reference": _reference(coupling, cfg, keys, x_ref, errors),

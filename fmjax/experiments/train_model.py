@@ -23,7 +23,7 @@ import numpy as np
 from fmjax import _checks, data, losses, metrics, models, plot, schedules, train
 from fmjax._report import write_json
 from fmjax._typing import PyTree
-from fmjax.experiments._common import _Config, _mlp, _times, _train
+from fmjax.experiments._common import _Config, _mlp, _phase, _times, _train
 from fmjax.experiments.demo import demo_problem
 from fmjax.experiments.ot_vs_vp import DATASETS
 from fmjax.mixtures import JointGaussianMixture
@@ -121,11 +121,19 @@ def train_model(
     *,
     out: str | os.PathLike | None = None,
     progress: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool | str = True,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainedModel:
     """Train an MLP velocity by CFM from N(0, I) to ``config.data``; save it to ``out`` if given.
 
     With the "gmm" target (the demo mixture) the exact loss floor and the velocity error are
-    computed too. Training: Adam with cosine decay (``fmjax.fit``).
+    computed too. Training: Adam with cosine decay (``fmjax.fit``), checkpointed into
+    ``checkpoint_dir`` every ``checkpoint_every`` steps and resumed from there (``resume``) if
+    given. When ``stop()`` turns true the fit saves a checkpoint and returns early: the result's
+    ``fit.step < config.steps``, and then no scores are computed and nothing is saved to ``out``.
+    With ``progress``, a bar for training and a status line on stderr for each other phase.
     """
     cfg = TrainConfig() if config is None else config
     _checks.check_instance(_FN, "config", cfg, TrainConfig, "a TrainConfig")
@@ -135,17 +143,36 @@ def train_model(
     pairs = data.independent_pairs(data.gaussian_source(2), sampler)
     loss_fn = losses.cfm(model.apply, pairs, s, cfg.batch_size)
     key = jax.random.key(cfg.seed)
-    fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress)
+    ckpt = {}
+    if checkpoint_dir is not None:
+        ckpt = dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                    resume=resume)  # fmt: skip
+    if stop is not None:
+        ckpt["stop"] = stop
+    fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress, **ckpt)
     trained = TrainedModel(cfg, model, fit.params, s, fit)
+    if fit.step < cfg.steps:  # stopped early
+        return trained
     if coupling is not None:
-        trained = _exact_scores(trained, coupling, jax.random.fold_in(key, 2))
+        with _phase("exact loss floor and velocity error (20000 + 21 x 1000 points)", progress):
+            trained = _exact_scores(trained, coupling, jax.random.fold_in(key, 2))
     if out is not None:
-        save_model(trained, out)
+        with _phase(f"writing the model, results.json and training_loss.png to {out}", progress):
+            save_model(trained, out)
     return trained
 
 
+#: Files :func:`save_model` writes.
+MODEL_FILES = ("params.msgpack", "model.json", "results.json", "training_loss.png")
+
+
 def save_model(trained: TrainedModel, out: str | os.PathLike) -> dict:
-    """Write the model folder (parameters, config, loss figure, results); returns the results."""
+    """Write the model folder (parameters, config, loss figure, results); returns the results.
+
+    ``final_loss`` in the results is the mean per-step training loss (the CFM loss of each
+    step's minibatch) over the last 10% of steps, ``final_loss_steps`` those steps; the
+    progress bar shows the same per-step loss, averaged over the steps of its last update.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(trained.params))
@@ -156,27 +183,83 @@ def save_model(trained: TrainedModel, out: str | os.PathLike) -> dict:
     if fit is not None:
         path = out / "training_loss.png"
         plot.training_loss(fit.losses, floor=trained.loss_floor, path=path)
-        tail = max(1, len(fit.losses) // 10)
+        n = len(fit.losses)
+        tail = max(1, n // 10)
         results.update(
             final_loss=float(np.mean(np.asarray(fit.losses)[-tail:])),
+            final_loss_steps=[n - tail, n],
             steps_per_second=fit.steps_per_second,
             wall_time_s=fit.wall_time,
             compile_time_s=fit.compile_time,
+            resumed_from=fit.resumed_from,
             figures={"training_loss": str(path)},
         )
     write_json(out / "results.json", results)
     return results
 
 
+def _bad(path: Path, what: str) -> ValueError:
+    return ValueError(f"experiments.load_model: {path}: {what}")
+
+
+def _read_config(folder: Path) -> TrainConfig:
+    path = folder / "model.json"
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise _bad(path, f"cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise _bad(path, f"is not valid JSON ({e})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        raise _bad(path, 'must be a JSON object {"config": {...}} as written by train_model')
+    try:
+        return TrainConfig(**spec["config"])
+    except (TypeError, ValueError) as e:
+        raise _bad(path, f"holds an invalid config: {e}") from None
+
+
+def _read_params(folder: Path, cfg: TrainConfig, template: PyTree) -> PyTree:
+    path = folder / "params.msgpack"
+    if not path.is_file():
+        raise _bad(path, "is missing (the parameters of the model; rerun `fmjax train`)")
+    raw = path.read_bytes()
+    try:
+        state = flax.serialization.msgpack_restore(raw)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several types for broken input
+        raise _bad(path, f"is truncated or not a msgpack file ({type(e).__name__}: {e})") from None
+    want = jax.tree_util.tree_flatten_with_path(flax.serialization.to_state_dict(template))[0]
+    try:
+        got = dict(jax.tree_util.tree_flatten_with_path(state)[0])
+    except Exception:  # noqa: BLE001
+        got = {}
+    what = f"the MLP of model.json (width {cfg.width}, depth {cfg.depth}, {cfg.time_embedding})"
+    for p, leaf in want:
+        name = jax.tree_util.keystr(p)
+        if p not in got:
+            raise _bad(path, f"does not hold parameters of {what}: {name} is missing")
+        if np.shape(got[p]) != np.shape(leaf):
+            raise _bad(path, f"does not hold parameters of {what}: {name} has shape "
+                       f"{np.shape(got[p])}, expected {np.shape(leaf)}")  # fmt: skip
+    if len(got) != len(want):
+        raise _bad(path, f"does not hold parameters of {what}: {len(got)} arrays, expected "
+                   f"{len(want)}")  # fmt: skip
+    return flax.serialization.from_state_dict(template, state)
+
+
 def load_model(folder: str | os.PathLike) -> TrainedModel:
-    """The model saved by ``train_model(..., out=folder)`` (``fit`` and scores None)."""
+    """The model saved by ``train_model(..., out=folder)`` (``fit`` and scores None).
+
+    Raises:
+        ValueError: one line naming the file and what is wrong: no folder or ``model.json``,
+            ``model.json`` unreadable or holding an invalid config, ``params.msgpack`` missing,
+            truncated, or holding parameters of another shape (e.g. another width).
+    """
     folder = Path(folder)
     if not (folder / "model.json").is_file():
         _checks.fail("experiments.load_model", "folder", "a folder written by train_model "
                      "(with model.json)", str(folder))  # fmt: skip
-    spec = json.loads((folder / "model.json").read_text())["config"]
-    cfg = TrainConfig(**spec)
+    cfg = _read_config(folder)
     model = _model(cfg)
     template = models.init(model, key=jax.random.key(0))
-    params = flax.serialization.from_bytes(template, (folder / "params.msgpack").read_bytes())
+    params = _read_params(folder, cfg, template)
     return TrainedModel(cfg, model, params, SCHEDULES[cfg.schedule]())

@@ -21,7 +21,7 @@ try:  # POSIX; elsewhere the directory is not locked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["Checkpointer", "checksum", "restore"]
+__all__ = ["Checkpointer", "checksum", "lock_directory", "restore", "unlock_directory"]
 
 _FORMAT = 1  # version of the "meta" item
 
@@ -39,6 +39,28 @@ def checksum(tree: PyTree) -> str:
         h.update(f"{arr.dtype.str}{arr.shape};".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def lock_directory(path: str | os.PathLike, message: str) -> int | None:
+    """Take an exclusive ``flock`` on the existing directory ``path``; returns the descriptor
+    that holds it (``None`` where ``fcntl`` is missing: not locked). ``RuntimeError(message)``
+    if another open descriptor, in this process or another, holds it. The lock ends with
+    :func:`unlock_directory` or when the process dies (SIGKILL included)."""
+    if fcntl is None:
+        return None
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        raise RuntimeError(message) from e
+    return fd
+
+
+def unlock_directory(fd: int | None) -> None:
+    """Release a lock of :func:`lock_directory` (no-op for ``None``)."""
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 class Checkpointer:
@@ -73,24 +95,16 @@ class Checkpointer:
             raise RuntimeError(f"cannot open checkpoint directory {self.path}: {e}") from e
 
     def _acquire(self) -> None:
-        if fcntl is None:
-            return
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            raise RuntimeError(
-                f"{self.fn}: checkpoint directory {self.path} is in use by another run (it holds "
-                "an exclusive lock on it); wait until that run ends, or give this run another "
-                "`checkpoint_dir`"
-            ) from e
-        self._lock = fd
+        self._lock = lock_directory(
+            self.path,
+            f"{self.fn}: checkpoint directory {self.path} is in use by another run (it holds "
+            "an exclusive lock on it); wait until that run ends, or give this run another "
+            "`checkpoint_dir`",
+        )
 
     def _release(self) -> None:
-        if self._lock is not None:
-            fd, self._lock = self._lock, None
-            os.close(fd)  # closing the descriptor releases the flock
+        fd, self._lock = self._lock, None
+        unlock_directory(fd)
 
     def latest_step(self) -> int | None:
         """The latest complete checkpoint's step, or None."""
@@ -248,7 +262,7 @@ def restore(
         if diff and resume != "force":
             raise ValueError(
                 f"{fn}: `checkpoint_dir` must hold checkpoints of the same run to resume it "
-                "(same loss_fn, optimizer, ema_decay, has_aux, params and key; pass "
+                "(same loss_fn, batch size, optimizer, ema_decay, has_aux, params and key; pass "
                 "`resume='force'` to continue it with the new settings, or another directory to "
                 f"start over), got {where}, which differs in " + "; ".join(diff)
             )

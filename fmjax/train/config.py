@@ -223,6 +223,7 @@ class RunOptions:
     progress: bool
     floor: float | None
     callback: Callable[[int, Any, Any], None] | None
+    stop: Callable[[], bool] | None = None
 
     @classmethod
     def create(
@@ -237,6 +238,7 @@ class RunOptions:
         progress: bool,
         floor: float | None,
         callback: Callable[[int, Any, Any], None] | None,
+        stop: Callable[[], bool] | None = None,
     ) -> RunOptions:
         """Validate the host-side arguments of ``fit`` / ``fit_many`` (named ``fn`` in errors)."""
         steps = _checks.check_int(fn, "steps", steps, minimum=0)
@@ -252,6 +254,8 @@ class RunOptions:
             max_checkpoints = _checks.check_int(fn, "max_checkpoints", max_checkpoints)
         if callback is not None:
             _checks.check_callable(fn, "callback", callback)
+        if stop is not None:
+            _checks.check_callable(fn, "stop", stop, "a callable () -> bool or None")
         floor = None if floor is None else _checks.as_float(fn, "floor", floor)
         if isinstance(resume, str):
             _checks.check_choice(fn, "resume", resume, ("force",))
@@ -268,4 +272,5 @@ class RunOptions:
             progress,
             floor,
             callback,
+            stop,
         )

@@ -1,6 +1,7 @@
-"""What a run is, as JSON-able strings stored in its checkpoints: the loss function, the optimizer
-configuration, EMA, aux, the parameters' structure, shapes and dtypes, and the keys. A resume
-compares the stored fingerprint with the new run's (:func:`differences`)."""
+"""What a run is, as JSON-able strings stored in its checkpoints: the loss function and the batch
+size it draws, the optimizer configuration, EMA, aux, the parameters' structure, shapes and
+dtypes, and the keys. A resume compares the stored fingerprint with the new run's
+(:func:`differences`)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,40 @@ def _describe(obj, depth: int = 0) -> str:
     return type(obj).__qualname__
 
 
+def _batch_size(loss_fn, depth: int = 0):
+    """The batch size a loss function draws, where it can be known: its ``batch_size``
+    attribute, else a closure variable named ``batch_size`` (the losses of ``fmjax.losses``),
+    searched through ``functools.partial`` and the functions its closure holds (a wrapper such
+    as ``lambda p, k: loss(p, k)``); ``None`` when none is found."""
+    if depth > 3:
+        return None
+    while isinstance(loss_fn, functools.partial):
+        if "batch_size" in loss_fn.keywords:
+            return loss_fn.keywords["batch_size"]
+        loss_fn = loss_fn.func
+    value = getattr(loss_fn, "batch_size", None)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    code, cells = getattr(loss_fn, "__code__", None), getattr(loss_fn, "__closure__", None)
+    if code is None or not cells:
+        return None
+    inner = []
+    for name, cell in zip(code.co_freevars, cells, strict=False):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if name == "batch_size" and isinstance(value, numbers.Integral):
+            return int(value)
+        if callable(value):
+            inner.append(value)
+    for f in inner:
+        found = _batch_size(f, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def _optimizer(config: FitConfig) -> str:
     opt = config.optimizer
     if isinstance(opt, OptimizerSpec):
@@ -95,6 +130,7 @@ def fingerprint(config: FitConfig, params: PyTree, keys) -> dict[str, str]:
     shapes = ", ".join(f"{np.dtype(x.dtype)}{list(np.shape(x))}" for x in leaves)
     return {
         "loss_fn": _name(config.loss_fn),
+        "batch_size": repr(_batch_size(config.loss_fn)),
         "optimizer": _optimizer(config),
         "ema_decay": repr(config.ema_decay),
         "has_aux": repr(config.has_aux),
@@ -106,9 +142,11 @@ def fingerprint(config: FitConfig, params: PyTree, keys) -> dict[str, str]:
 
 
 def differences(saved: dict, now: dict) -> list[str]:
-    """``"name: saved X, now Y"`` for every entry that differs."""
+    """``"name: saved X, now Y"`` for every entry that differs; an entry the saved fingerprint
+    lacks (written by an older fmjax, e.g. before ``batch_size`` was recorded) is not
+    compared."""
     out = []
-    for k in sorted(set(saved) | set(now)):
+    for k in sorted(saved):
         if saved.get(k) != now.get(k):
             out.append(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}")
     return out

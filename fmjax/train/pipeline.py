@@ -206,8 +206,9 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
                 ckpt: Checkpointer | None, run_fingerprint: dict | None,
                 fn: str) -> State:  # fmt: skip
     """Run steps ``start .. options.steps`` chunk by chunk; the losses of chunk ``k`` are read
-    while chunk ``k + 1`` runs. Saves checkpoints at multiples of ``checkpoint_every`` and at the
-    end, unless the losses or the state are not finite (``FloatingPointError``)."""
+    while chunk ``k + 1`` runs. Saves checkpoints at multiples of ``checkpoint_every``, at the
+    end and when ``options.stop()`` turns true (then stops), unless the losses or the state are
+    not finite (``FloatingPointError``)."""
     steps, every = options.steps, options.checkpoint_every
     pending = None  # (begin, end, losses, aux) of the chunk whose outputs are not read yet
 
@@ -223,12 +224,15 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
         if pending is not None:
             drain()
         pending = (b, e, losses, auxes)
-        if ckpt is not None and (e == steps or (every and e % every == 0)):
+        stopping = options.stop is not None and bool(options.stop())
+        if ckpt is not None and (e == steps or (every and e % every == 0) or stopping):
             drain()
             pending = None
             hist, host_state = history.as_dict(), jax.device_get(state)
             _check_finite(fn, host_state, hist, start=start, end=e, ckpt=ckpt)
             ckpt.save(e, host_state, hist, run_fingerprint)
+        if stopping:
+            break
     if pending is not None:
         drain()
     return jax.block_until_ready(state)
@@ -271,7 +275,7 @@ def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, 
         )  # fmt: skip
     finally:
         report.close()
-    return state, compile_time, options.steps - start, time.perf_counter() - t0, start
+    return state, compile_time, int(state.step) - start, time.perf_counter() - t0, start
 
 
 def _assemble(config: FitConfig, state: State, history: History, *, t_start: float,
@@ -342,6 +346,7 @@ def fit(
     progress: bool = True,
     floor: float | None = None,
     callback: Callable[[int, np.ndarray, Any], None] | None = None,
+    stop: Callable[[], bool] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Minimise ``loss_fn`` over ``params`` with optax, many steps per compiled call.
@@ -374,7 +379,8 @@ def fit(
         steps_per_call: maximum number of steps fused in one compiled call.
         checkpoint_dir: directory for orbax checkpoints (created if missing; needs
             ``fmjax[checkpoint]``); ``None``: none. Each checkpoint stores a sha256 checksum of
-            its arrays and the run's fingerprint (the loss function's name, the optimizer's
+            its arrays and the run's fingerprint (the loss function's name and the batch size it
+            draws where known: a ``batch_size`` attribute or closure variable, the optimizer's
             configuration, ``ema_decay``, ``has_aux``, the params' structure, shapes and dtypes,
             the key). The directory is locked while the fit runs: a second fit on it raises
             ``RuntimeError``.
@@ -395,6 +401,10 @@ def fit(
             also shows the excess loss ``loss - floor``.
         callback: ``callback(step, losses, aux)`` called on the host after every chunk with the
             losses (and aux) of that chunk.
+        stop: ``stop() -> bool`` called on the host after every chunk (e.g. a flag set by a
+            signal handler): when it returns True the fit saves a checkpoint of that step (with
+            ``checkpoint_dir``) and returns early, with ``FitResult.step < steps``; a later
+            call with the same arguments resumes from there.
         mesh: data parallelism over the devices of this mesh (``fmjax.sharding.data_mesh()``):
             params, optimizer state and EMA are replicated on every device, and a loss whose
             pairs come from ``fmjax.sharding.sharded_pairs(sample_pairs, mesh)`` draws and
@@ -422,7 +432,7 @@ def fit(
     options = RunOptions.create(
         fn, steps=steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         max_checkpoints=max_checkpoints, resume=resume, progress=progress, floor=floor,
-        callback=callback,
+        callback=callback, stop=stop,
     )  # fmt: skip
     return _fit(fn, config, options, params, key, None)
 
@@ -448,6 +458,7 @@ def fit_many(
     progress: bool = True,
     floor: float | None = None,
     callback: Callable[[int, np.ndarray, Any], None] | None = None,
+    stop: Callable[[], bool] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Train ``M`` models at once (seeds and/or problem instances), ``vmap``-ed in one call.
@@ -469,8 +480,8 @@ def fit_many(
             multiple of ``mesh.size``): model parallelism over problem instances, no
             communication between devices but the loss history.
         optimizer, learning_rate, lr_schedule, clip_norm, ema_decay, has_aux, steps_per_call,
-        checkpoint_dir, checkpoint_every, max_checkpoints, resume, progress, floor, callback:
-            as in :func:`fit`; the progress bar shows the mean loss over models.
+        checkpoint_dir, checkpoint_every, max_checkpoints, resume, progress, floor, callback,
+        stop: as in :func:`fit`; the progress bar shows the mean loss over models.
 
     Returns:
         A :class:`FitResult` whose params, ema params and opt state have the leading axis
@@ -486,6 +497,6 @@ def fit_many(
     options = RunOptions.create(
         fn, steps=steps, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
         max_checkpoints=max_checkpoints, resume=resume, progress=progress, floor=floor,
-        callback=callback,
+        callback=callback, stop=stop,
     )  # fmt: skip
     return _fit(fn, config, options, params_batch, keys, instances)
