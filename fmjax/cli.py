@@ -259,7 +259,7 @@ def _subparser(parser, name):
 
 # ----------------------------------------------------------------------------- output folders
 
-_LOCKS: list[int] = []  # descriptors holding the output folders' locks until the process ends
+_LOCKS: list[int | None] = []  # descriptors holding the output folders' locks until main ends
 
 
 def _claim(args, keep: tuple[str, ...] = ()) -> Path:
@@ -625,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     143 after SIGTERM for ``train``, which checkpoints first)."""
     parser = _parser()
     args = _parse(parser, argv)
+    from fmjax.train.checkpoint import unlock_directory
+
     t0 = time.perf_counter()
     try:
         return _COMMANDS[args.command](args)
@@ -632,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfmjax {args.command}: interrupted after {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)  # fmt: skip
         return 130
+    finally:
+        while _LOCKS:
+            unlock_directory(_LOCKS.pop())
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,18 +92,28 @@ def test_train_then_sample_with_toml_config(tmp_path, capsys):
 
     smp = tmp_path / "smp"
     assert main(["sample", "--model", str(run), "--method", "sde", "--n", "200",
-                 "--steps", "20", "--out", str(smp)]) == 0  # fmt: skip
+                 "--steps", "20", "--out", str(smp), "--no-progress"]) == 0  # fmt: skip
+    assert capsys.readouterr().err == ""  # --no-progress: no status lines
     res = json.loads((smp / "results.json").read_text())
     assert res["nfe"] == 20 and np.load(smp / "samples.npy").shape == (200, 2)
     assert (smp / "samples.png").stat().st_size > 5000
 
 
-def test_sample_exact_field_matches_target(tmp_path):
+def test_sample_exact_field_matches_target(tmp_path, capsys):
     out = tmp_path / "exact"
     assert main(["sample", "--exact", "--n", "400", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert abs(res["energy_distance"]) < 0.05  # exact field: noise level only
     assert res["nfe"] > 0
+    # A status line per phase on stderr, with its time (none with --no-progress: the control
+    # is in test_train_then_sample_with_toml_config).
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(" ...")[0] for ln in lines] == [
+        "sampling 400 points by ODE (tsit5; a first call with compilation, then a timed one)",
+        "energy distance of 400 samples to 400 target samples",
+        f"writing samples.npy, samples.png and results.json to {out}",
+    ]
+    assert all(re.fullmatch(r".* \.\.\. \d+\.\d s", ln) for ln in lines), lines
 
 
 def test_bad_config_and_options_exit(tmp_path):
@@ -174,3 +186,233 @@ def test_full_demo(tmp_path):
     assert learned["velocity_error"] < 0.02 * ref["zero_field_velocity_error"]
     assert learned["energy_ode"] < 0.02 and learned["energy_sde"] < 0.02
     assert learned["nll"] - ref["target_entropy"] < 0.2  # KL(p1 || model) in nats
+
+
+# ----------------------------------------------------------------------------- train: checkpoints
+
+TINY = [
+    "--data",
+    "moons",
+    "--width",
+    "8",
+    "--depth",
+    "2",
+    "--batch-size",
+    "32",
+    "--checkpoint-every",
+    "25",
+]
+
+
+def _fmjax_process(*argv):
+    """``python -m fmjax.cli ARGV`` from the checkout, output captured (stdout line-buffered)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fmjax.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _checkpoints(out):
+    return sorted(int(p.name) for p in (out / "checkpoints").glob("*") if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory):
+    """Two ``fmjax train`` runs in parallel: one gets SIGTERM as soon as it announces itself
+    (before its first chunk of 25 steps ends), the other SIGINT once its checkpoint of step 25
+    exists, i.e. mid-training (it asks for 10^6 steps, far more than it can run)."""
+    import signal
+    import time
+
+    base = tmp_path_factory.mktemp("signals")
+    term_out, int_out = base / "term", base / "int"
+    term = _fmjax_process("train", "--steps", "100", *TINY, "--out", str(term_out))
+    sigint = _fmjax_process("train", "--steps", "1000000", *TINY, "--out", str(int_out),
+                            "--no-progress")  # fmt: skip
+    assert term.stdout.readline().startswith("fmjax train:")  # handlers are installed first
+    term.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 240
+    while not _checkpoints(int_out) and time.monotonic() < deadline and sigint.poll() is None:
+        time.sleep(0.05)
+    sigint.send_signal(signal.SIGINT)
+    done = {}
+    for name, proc in (("term", term), ("int", sigint)):
+        stdout, stderr = proc.communicate(timeout=240)
+        done[name] = (proc.returncode, stdout, stderr)
+    return done, term_out, int_out
+
+
+def test_train_sigterm_saves_a_checkpoint_and_a_rerun_continues(signalled, capsys):
+    """SIGTERM during a run: a checkpoint at the end of the current chunk, one line on stderr,
+    status 143, no traceback; the same command then resumes from that step and finishes."""
+    done, out, _ = signalled
+    rc, stdout, stderr = done["term"]
+    assert rc == 143, stderr
+    assert "Traceback" not in stderr
+    lines = [ln for ln in stderr.replace("\r", "\n").splitlines() if ln.startswith("fmjax")]
+    assert lines == [f"fmjax train: stopped by SIGTERM: checkpoint at step 25 of 100 saved in "
+                     f"{out / 'checkpoints'}; run the same command again to continue"]  # fmt: skip
+    assert _checkpoints(out) == [25] and not (out / "params.msgpack").exists()
+    capsys.readouterr()
+    assert main(["train", "--steps", "100", *TINY, "--out", str(out), "--no-progress"]) == 0
+    assert f"resumed from step 25 of {out / 'checkpoints'}" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["resumed_from"] == 25 and res["final_loss_steps"] == [90, 100]
+    assert _checkpoints(out)[-1] == 100 and (out / "params.msgpack").is_file()
+
+
+def test_train_sigint_mid_run_saves_and_exits_130(signalled):
+    """SIGINT (Ctrl-C) mid-training: the run saves the step it reached, says so in one line and
+    exits with status 130 (control: it had been training, checkpoint 25 existed before)."""
+    done, _, out = signalled
+    rc, stdout, stderr = done["int"]
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last = _checkpoints(out)[-1]
+    assert 25 < last < 1_000_000 and last % 25 == 0
+    assert stderr.strip() == (f"fmjax train: stopped by SIGINT: checkpoint at step {last} of "
+                              f"1000000 saved in {out / 'checkpoints'}; run the same command "
+                              "again to continue")  # fmt: skip
+
+
+def _tiny_train(out, *extra):
+    return main(["train", "--steps", "20", *TINY, "--out", str(out), "--no-progress", *extra])
+
+
+def test_output_folders_not_empty_or_in_use_are_refused(tmp_path, capsys):
+    """A non-empty --out is refused without --overwrite (train: unless it holds this run's
+    checkpoints, which it resumes); a run with other settings is refused with what differs;
+    a folder another run holds is refused; --overwrite starts over (controls: each refusal
+    passes once its cause is removed)."""
+    from fmjax.train.checkpoint import lock_directory, unlock_directory
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"`--out` '.*run' is not empty \(it holds notes.txt\); "
+                       "pass --overwrite"):  # fmt: skip
+        _tiny_train(out)
+    with pytest.raises(SystemExit, match="is not empty"):
+        main(["sample", "--exact", "--out", str(out)])
+    with pytest.raises(SystemExit, match="is not empty"):
+        main(["demo", "--quick", "--out", str(out)])
+    (out / "notes.txt").unlink()
+    assert _tiny_train(out) == 0
+    assert json.loads((out / "results.json").read_text())["resumed_from"] is None
+    assert _tiny_train(out) == 0  # its own files and checkpoints: resumed (nothing to train)
+    assert json.loads((out / "results.json").read_text())["resumed_from"] == 20
+    with pytest.raises(SystemExit, match=r"holds checkpoints of a run with other settings "
+                       r"\(they differ in optimizer.*learning_rate=0.01.*--overwrite"):  # fmt: skip
+        _tiny_train(out, "--lr", "0.01")
+    fd = lock_directory(out, "")
+    try:
+        with pytest.raises(SystemExit, match="is in use by another fmjax run"):
+            _tiny_train(out)
+    finally:
+        unlock_directory(fd)
+    (out / "notes.txt").write_text("mine")
+    assert _tiny_train(out, "--lr", "0.01", "--overwrite") == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["resumed_from"] is None and res["config"]["learning_rate"] == 0.01
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only its own files
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m"
+    assert _tiny_train(out) == 0
+    return out
+
+
+def _broken(tmp_path, model_folder, name, damage):
+    folder = tmp_path / name
+    shutil.copytree(model_folder, folder)
+    damage(folder)
+    return folder
+
+
+def _other_width(f):
+    spec = json.loads((f / "model.json").read_text())
+    spec["config"]["width"] = 16
+    (f / "model.json").write_text(json.dumps(spec))
+
+
+def _truncate(f):
+    raw = (f / "params.msgpack").read_bytes()
+    (f / "params.msgpack").write_bytes(raw[: len(raw) // 2])
+
+
+def _config_type(f):
+    spec = json.loads((f / "model.json").read_text())
+    spec["config"]["steps"] = 1.5
+    (f / "model.json").write_text(json.dumps(spec))
+
+
+BROKEN = {
+    "other_width": (_other_width, r"params.msgpack: does not hold parameters of the MLP of "
+                    r"model.json \(width 16, depth 2, raw\): \['params'\]\[.*\] has shape "
+                    r"\((2, )?8,?\), expected \((2, )?16,?\)"),
+    "truncated": (_truncate, "params.msgpack: is truncated or not a msgpack file"),
+    "missing": (lambda f: (f / "params.msgpack").unlink(), "params.msgpack: is missing"),
+    "not_json": (lambda f: (f / "model.json").write_text("{width: 8"),
+                 "model.json: is not valid JSON"),
+    "not_a_config": (lambda f: (f / "model.json").write_text("[1, 2]"),
+                     r"model.json: must be a JSON object \{\"config\""),
+    "config_type": (_config_type, "model.json: holds an invalid config: "
+                    r"experiments.TrainConfig: `steps` must be an int, got 1.5"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_broken_model_folders_give_one_clear_line(tmp_path, model_folder, name):
+    """A broken model folder: one line naming the file and what is wrong, no flax / msgpack
+    traceback (control: the intact folder loads and samples)."""
+    from fmjax import experiments
+
+    damage, match = BROKEN[name]
+    folder = _broken(tmp_path, model_folder, name, damage)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(folder), "--n", "50", "--out", str(tmp_path / "s")])
+    msg = str(e.value.code)
+    assert "\n" not in msg and str(folder) in msg
+    assert re.search(match, msg), msg
+    with pytest.raises(ValueError, match=match):
+        experiments.load_model(folder)
+    assert experiments.load_model(model_folder).config.width == 8  # control
+
+
+@pytest.mark.parametrize(
+    "command, text, match",
+    [
+        ("train", "steps = 1.5", "experiments.TrainConfig: `steps` must be an int, got 1.5"),
+        ("train", 'learning_rate = "fast"', "`learning_rate` must be a real number, got 'fast'"),
+        ("train", "data = 3", "experiments.TrainConfig: `data` must be a str, got 3"),
+        ("demo", "n_eval = 2.0", "experiments.DemoConfig: `n_eval` must be an int, got 2.0"),
+        ("sample", "n = 1.5", r"cli: `--n` must be an int, got 1.5"),
+    ],
+)
+def test_config_values_of_the_wrong_type_exit_cleanly(tmp_path, command, text, match):
+    """A config-file value of the wrong type is refused in one line naming it, like a bad flag
+    (before, ``steps = 1.5`` passed the checks)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(text + "\n")
+    argv = [command, "--config", str(cfg), "--out", str(tmp_path / "o")]
+    argv += ["--exact"] if command == "sample" else []
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_help_shows_every_default(capsys):
+    """``train --help`` shows the default of every option, equal to the TrainConfig default."""
+    import dataclasses
+
+    from fmjax.experiments import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--lr" if f.name == "learning_rate" else "--" + f.name.replace("_", "-")
+        assert re.search(rf"{flag}\b.*?\(default {f.default}\)", text), f.name
+    assert "--checkpoint-every CHECKPOINT_EVERY steps between checkpoints (default 500)" in text
+    assert "(default outputs/train)" in text

@@ -987,3 +987,71 @@ def test_sigkill_mid_save_resumes_bit_identically(tmp_path):
     resumed = train.fit(loss, _zeros(), checkpoint_dir=ckpt, checkpoint_every=5, **kw)
     assert resumed.resumed_from in (5, 10) and resumed.step == 20
     assert _same_run(resumed, train.fit(loss, _zeros(), **kw))
+
+
+def test_stop_checkpoints_and_returns_early_then_resumes(tmp_path):
+    """``stop()`` turning true after a chunk: the fit saves that step and returns early
+    (``step < steps``); the same call then resumes bit-identical to an uninterrupted run
+    (control: without ``stop`` every step runs)."""
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    kw = dict(key=jax.random.key(0), steps=20, steps_per_call=5, progress=False)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) >= 2  # after the second chunk
+
+    ckpt = tmp_path / "ckpt"
+    early = train.fit(loss, _zeros(), checkpoint_dir=ckpt, stop=stop, **kw)
+    assert early.step == 10 and early.losses.shape == (10,)
+    assert sorted(int(p) for p in os.listdir(ckpt) if p.isdigit()) == [10]
+    resumed = train.fit(loss, _zeros(), checkpoint_dir=ckpt, **kw)
+    full = train.fit(loss, _zeros(), **kw)
+    assert resumed.resumed_from == 10 and resumed.step == full.step == 20
+    assert _same_run(resumed, full)
+    assert train.fit(loss, _zeros(), stop=lambda: True, **kw).step == 5  # no checkpoint_dir
+    with pytest.raises(TypeError, match="train.fit: `stop` must be a callable"):
+        train.fit(loss, _zeros(), stop=True, **kw)
+
+
+def _sized_loss(x, y, batch_size):
+    """Like ``_minibatch_loss`` with the batch size in a closure variable named ``batch_size``
+    (as the losses of fmjax.losses hold it)."""
+
+    def loss_fn(params, key):
+        idx = jax.random.randint(key, (batch_size,), 0, x.shape[0])
+        return jnp.mean((x[idx] @ params["w"] + params["b"] - y[idx]) ** 2)
+
+    return loss_fn
+
+
+def test_fingerprint_records_the_batch_size(tmp_path):
+    """The batch size a loss draws is part of the fingerprint (a closure variable, also behind
+    a wrapper or a partial, or an attribute), so resuming with another batch size is refused
+    (it was accepted before); the same batch size resumes (control)."""
+    import functools
+
+    from fmjax import losses, models, schedules
+    from fmjax.train import fingerprint as fp
+
+    x, y = _problem()
+    assert fp._batch_size(_sized_loss(x, y, 16)) == 16
+    assert fp._batch_size(lambda p, k: _sized_loss(x, y, 24)(p, k)) is None  # built inside
+    wrapped = _sized_loss(x, y, 24)
+    assert fp._batch_size(lambda p, k: wrapped(p, k)) == 24
+    assert fp._batch_size(functools.partial(lambda p, k, batch_size: 0, batch_size=7)) == 7
+    tagged = _minibatch_loss(x, y)
+    tagged.batch_size = 9
+    assert fp._batch_size(tagged) == 9 and fp._batch_size(_minibatch_loss(x, y)) is None
+    model = models.MLP(dim=2, width=8, depth=1)
+    cfm = [losses.cfm(model.apply, lambda k, n: (jnp.zeros((n, 2)), jnp.ones((n, 2))),
+                      schedules.linear(), b) for b in (64, 128)]  # fmt: skip
+    assert [fp._batch_size(f) for f in cfm] == [64, 128]
+
+    ckpt = tmp_path / "ckpt"
+    kw = dict(key=jax.random.key(0), checkpoint_dir=ckpt, progress=False)
+    train.fit(_sized_loss(x, y, 16), _zeros(), steps=5, **kw)
+    with pytest.raises(ValueError, match="differs in batch_size: saved '16', now '32'"):
+        train.fit(_sized_loss(x, y, 32), _zeros(), steps=10, **kw)
+    assert train.fit(_sized_loss(x, y, 16), _zeros(), steps=10, **kw).resumed_from == 5
