@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fmjax demo
+	$(BIN)/fmjax demo --overwrite
 
 # Two processes, a file each at a time (module fixtures such as the quick experiments run once).
 test: $(STAMP)

@@ -344,9 +344,12 @@ def _cmd_experiment(args) -> int:
     _claim(args)
     mode = "quick" if args.quick else "full"
     print(f"fmjax experiment {args.name} ({mode}) ...", flush=True)
-    with _Progress(args)(f"experiment {args.name} ({mode}): training, sampling, metrics, figures"):
-        result = experiments.EXPERIMENTS[args.name](cfg, out=args.out,
-                                                    progress=not args.no_progress)  # fmt: skip
+    # The experiment's training bars come in between: a line when it starts and when it ends.
+    status = (lambda m: print(m, file=sys.stderr, flush=True)) if not args.no_progress else len
+    t0 = time.perf_counter()
+    status(f"experiment {args.name} ({mode}): training, sampling, metrics and figures ...")
+    result = experiments.EXPERIMENTS[args.name](cfg, out=args.out, progress=not args.no_progress)
+    status(f"experiment {args.name} ({mode}): done in {time.perf_counter() - t0:.1f} s")
     summary = {k: v for k, v in result.metrics.items() if not k.endswith(("_curve", "_ts"))}
     print(json.dumps(summary, indent=1))
     _print_outputs(result, args.out)
