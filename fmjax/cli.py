@@ -22,6 +22,7 @@ command continues the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -291,15 +292,23 @@ def _claim(args, keep: tuple[str, ...] = ()) -> Path:
 
 
 class _Progress:
-    """Status lines (stderr) around phases without a progress bar, unless ``--no-progress``."""
+    """Status lines (stderr) around phases without a progress bar, unless ``--no-progress``:
+    ``what ...`` when a phase starts, `` 1.2 s`` when it ends (as the experiments print them)."""
 
     def __init__(self, args):
         self.enabled = not args.no_progress
 
+    @contextlib.contextmanager
     def __call__(self, what: str):
-        from fmjax.experiments._common import _phase
-
-        return _phase(what, self.enabled)
+        if not self.enabled:
+            yield
+            return
+        print(f"{what} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- demo, experiment
