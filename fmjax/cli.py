@@ -446,6 +446,7 @@ def _cmd_train(args) -> int:
         shutil.rmtree(ckpt, ignore_errors=True)
         for name in MODEL_FILES:
             (out / name).unlink(missing_ok=True)
+    t_start = time.time()
     with _Signals() as signals:
         print(f"fmjax train: {cfg.data}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
               flush=True)  # fmt: skip
@@ -463,7 +464,10 @@ def _cmd_train(args) -> int:
         except (ValueError, RuntimeError, FloatingPointError) as e:
             raise SystemExit(_train_error(e, out)) from None
     fit = trained.fit
-    if signals.received is not None:
+    results_path = out / "results.json"
+    saved = results_path.is_file() and results_path.stat().st_mtime >= t_start
+    if signals.received is not None and not saved:
+        # Stopped before the model was written (a signal after that changes nothing).
         return _stopped(signals.received, fit.step, cfg, ckpt, fit.step == cfg.steps)
     if fit.resumed_from is not None:
         print(f"resumed from step {fit.resumed_from} of {ckpt}")

@@ -131,8 +131,9 @@ def train_model(
     With the "gmm" target (the demo mixture) the exact loss floor and the velocity error are
     computed too. Training: Adam with cosine decay (``fmjax.fit``), checkpointed into
     ``checkpoint_dir`` every ``checkpoint_every`` steps and resumed from there (``resume``) if
-    given. When ``stop()`` turns true the fit saves a checkpoint and returns early: the result's
-    ``fit.step < config.steps``, and then no scores are computed and nothing is saved to ``out``.
+    given. When ``stop()`` turns true the fit saves a checkpoint and returns early (the result's
+    ``fit.step < config.steps``); then, or if ``stop()`` is true once training is done, no scores
+    are computed and nothing is saved to ``out`` (a rerun with ``resume`` does it).
     With ``progress``, a bar for training and a status line on stderr for each other phase.
     """
     cfg = TrainConfig() if config is None else config
@@ -151,7 +152,7 @@ def train_model(
         ckpt["stop"] = stop
     fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress, **ckpt)
     trained = TrainedModel(cfg, model, fit.params, s, fit)
-    if fit.step < cfg.steps:  # stopped early
+    if fit.step < cfg.steps or (stop is not None and stop()):  # stopped (maybe at the end)
         return trained
     if coupling is not None:
         with _phase("exact loss floor and velocity error (20000 + 21 x 1000 points)", progress):
