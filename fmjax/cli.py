@@ -92,10 +92,9 @@ def _dataclass_config(cls, args, flags: dict, quick: bool = False):
 # ----------------------------------------------------------------------------- parser
 
 
-def _common(p, out_default: str) -> None:
+def _common(p, out_default: str, overwrite: str = "write into --out even if it is not empty"):
     p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into --out even if it is not empty")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
     p.add_argument("--config", help="JSON or TOML file of option values (flags win)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
     p.add_argument("--no-progress", action="store_true",
@@ -172,7 +171,8 @@ def _add_train(sub) -> None:
         "of steps and exits with status 130 / 143 (a second signal stops at once, losing the "
         "steps since the last checkpoint).",
     )
-    _common(p, "outputs/train")
+    _common(p, "outputs/train", "start over: delete the checkpoints and model files in --out "
+            "(other files are kept), and write into it even if it is not empty")  # fmt: skip
     for name, (flags, kind, text) in _TRAIN_OPTIONS.items():
         p.add_argument(*flags, dest=name, type=kind, default=None,
                        help=_default(TrainConfig, name, text))  # fmt: skip

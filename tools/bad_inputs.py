@@ -30,11 +30,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-os.environ.setdefault("JAX_TRACEBACK_FILTERING", "off")  # see where errors really come from
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -501,6 +499,15 @@ def _origin(e: BaseException) -> tuple[str, str]:
 
 def classify(c: Case) -> tuple[str, str]:
     """(outcome, detail) of one case."""
+    previous = jax.config.jax_traceback_filtering
+    jax.config.update("jax_traceback_filtering", "off")  # see where errors really come from
+    try:
+        return _classify(c)
+    finally:
+        jax.config.update("jax_traceback_filtering", previous)
+
+
+def _classify(c: Case) -> tuple[str, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
