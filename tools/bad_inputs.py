@@ -255,7 +255,7 @@ case(
     "exact.velocity: 1-D x (one point, accepted)",
     lambda: exact.velocity(COUPLING, LIN, 0.5, X[0]),
     (),
-    close(exact.velocity(COUPLING, LIN, 0.5, X[:1])[0]),
+    lambda r: close(exact.velocity(COUPLING, LIN, 0.5, X[:1])[0])(r),
 )
 case("exact.log_prob: t = 2", lambda: exact.log_prob(COUPLING, LIN, 2.0, X), "t")
 case("exact.score: string x", lambda: exact.score(COUPLING, LIN, 0.5, "x"), "x")
