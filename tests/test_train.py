@@ -909,6 +909,8 @@ def _bad_arguments():
         (ValueError, "`checkpoint_dir` must be given with `checkpoint_every`", dict(
             checkpoint_every=5)),
         (TypeError, "`checkpoint_dir` must be a path", dict(checkpoint_dir=3)),
+        (ValueError, r"`checkpoint_dir` must be a directory .*test_train.py \(a file\)", dict(
+            checkpoint_dir=__file__)),
         (TypeError, "`has_aux` must be a bool", dict(has_aux=1)),
         (TypeError, "`resume` must be True, False or 'force'", dict(resume=1)),
         (ValueError, r"`resume` must be one of \('force',\)", dict(resume="yes")),

@@ -334,6 +334,9 @@ case(
     "checkpoint_every",
 )
 case("fit: loss_fn not callable", lambda: _fit(loss="cfm"), "loss_fn")
+case("fit: checkpoint_dir is a file", lambda: _fit(checkpoint_dir=__file__), "checkpoint_dir")
+case("fit: stop not callable", lambda: _fit(stop=True), "stop")
+case("fit: resume 'yes'", lambda: _fit(resume="yes"), "resume")
 
 # ----------------------------------------------------------------------------- sample
 

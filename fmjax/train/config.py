@@ -246,6 +246,9 @@ class RunOptions:
             what = "a path (str or os.PathLike) or None"
             _checks.check_instance(fn, "checkpoint_dir", checkpoint_dir, str | os.PathLike, what)
             checkpoint_dir = os.path.abspath(os.fspath(checkpoint_dir))
+            if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+                what = "a directory or a path where one can be created"
+                _checks.fail(fn, "checkpoint_dir", what, f"{checkpoint_dir} (a file)")
         if checkpoint_every is not None:
             checkpoint_every = _checks.check_int(fn, "checkpoint_every", checkpoint_every)
             if checkpoint_dir is None:
