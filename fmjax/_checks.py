@@ -179,9 +179,11 @@ def check_real_array(
     floating dtypes (float16, bfloat16: not supported; allowed with ``any_float``) and
     non-numeric input.
     """
+    if x is None:
+        fail(fn, name, "an array of real numbers", "None", TypeError)
     try:
         arr = jax.numpy.asarray(x)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         fail(fn, name, "an array of real numbers", f"{type(x).__name__} ({e})", TypeError)
     dt = arr.dtype
     if jax.numpy.issubdtype(dt, jax.numpy.complexfloating):

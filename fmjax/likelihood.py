@@ -64,7 +64,9 @@ class LikelihoodResult(NamedTuple):
 
 def standard_normal_log_prob(x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
     """log N(x; 0, I) for x (..., d), in closed form."""
-    x = jnp.asarray(x)
+    x = _checks.check_real_array("likelihood.standard_normal_log_prob", "x", x)
+    if x.ndim < 1:
+        _checks.fail("likelihood.standard_normal_log_prob", "x", "of shape (..., d)", "a scalar")
     return -0.5 * jnp.sum(x * x, axis=-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
 

@@ -416,6 +416,10 @@ def custom(
     grid = np.unique(np.concatenate([np.linspace(*interval, 1025), np.linspace(*interval, 1001)]))
     coeffs = [np.asarray(v, np.float64) for v in sched(grid)]
     finite = np.all([np.isfinite(v) for v in coeffs], axis=0)
+    for label, values in (("a", coeffs[0]), ("b", coeffs[1])):  # never finite: name the function
+        if not np.any(np.isfinite(values)):
+            _checks.fail("schedules.custom", label, f"a callable with finite {label}(t) on "
+                         f"{interval}", "not finite anywhere on it")  # fmt: skip
     if not np.all(finite):
         _checks.fail(
             "schedules.custom",
