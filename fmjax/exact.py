@@ -222,18 +222,40 @@ def _lse_init(n: int, d: int, dtype):
     return jnp.full((n,), -jnp.inf, dtype), zeros_n, zeros_nd, zeros_nd, zeros_n
 
 
-def _lse_block(mx, tot, logp):
+def _lse_block(mx, logp):
     """One block of the online log-sum-exp over components (logp (N, B)).
 
-    Returns the new running max, the factor that rescales the running sums to it, the block's
-    weights p = exp(logp - max) (N, B), and the new total.
+    Returns the new running max, the factor that rescales the running sums to it, and the
+    block's weights p = exp(logp - max) (N, B); the new total is ``tot * scale + sum(p)``.
     """
     new_mx = jnp.maximum(mx, jnp.max(logp, axis=1))
     # Zero weights give -inf everywhere: keep the shift finite so no inf - inf appears.
     shift = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
     scale = jnp.exp(mx - shift)
     p = jnp.exp(logp - shift[:, None])
-    return new_mx, scale, p, tot * scale + jnp.sum(p, axis=1)
+    return new_mx, scale, p
+
+
+def _safe(w):
+    return jnp.where(w > 0, w, 1.0)
+
+
+def _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block):
+    """Chan's merge of the weighted co-moment sum_k alpha_k (s_k - s) . (v_k - u).
+
+    div u = sum_k alpha_k tr_k + sum_k alpha_k (s_k - s) . (v_k - u) (from grad alpha_k =
+    alpha_k (s_k - s)) is computed centred: far from the mass s_k . v_k and s . u are huge and
+    nearly equal, so the uncentred sum_k alpha_k s_k . v_k - s . u cancels catastrophically in
+    float32. ``block`` holds sum_{k in block} p_k (tr_k + (s_k - s_b) . (v_k - u_b)), centred at
+    the block's own means u_b = bv / wb, s_b = bs / wb; the running sums (weight ``tot``, before
+    rescaling) merge with it through the difference of the two means, as in Welford's update.
+    """
+    wa = tot * scale
+    w = wa + wb
+    du = bv / _safe(wb)[:, None] - acc_v / _safe(tot)[:, None]
+    ds = bs / _safe(wb)[:, None] - acc_s / _safe(tot)[:, None]
+    cross = jnp.where(w > 0, wa * wb / _safe(w), 0.0) * jnp.sum(ds * du, axis=-1)
+    return acc_div * scale + block + cross
 
 
 def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset, precision):
@@ -255,16 +277,22 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
         mx, tot, acc_v, acc_s, acc_div = carry
         fb = _factors(cb, sched, t, precision)
         logp, v, sk = _point_terms(fb, x, need_v, need_s, precision)
-        new_mx, scale, p, tot = _lse_block(mx, tot, logp)
+        new_mx, scale, p = _lse_block(mx, logp)
+        wb = jnp.sum(p, axis=1)
         # Weighted sums over the block as multiply-and-reduce (fused), not as tiny dots.
-        if need_v:
-            acc_v = acc_v * scale[:, None] + jnp.sum(p[:, :, None] * v, axis=1)
-        if need_s:
-            acc_s = acc_s * scale[:, None] + jnp.sum(p[:, :, None] * sk, axis=1)
+        bv = jnp.sum(p[:, :, None] * v, axis=1) if need_v else None
+        bs = jnp.sum(p[:, :, None] * sk, axis=1) if need_s else None
         if "divergence" in want:
-            dk = fb.tr[None] + jnp.sum(sk * v, axis=-1)
-            acc_div = acc_div * scale + jnp.sum(p * dk, axis=1)
-        return (new_mx, tot, acc_v, acc_s, acc_div), None
+            mv = bv / _safe(wb)[:, None]
+            ms = bs / _safe(wb)[:, None]
+            cen = jnp.sum((sk - ms[:, None]) * (v - mv[:, None]), axis=-1)
+            block = jnp.sum(p * (fb.tr[None] + cen), axis=1)
+            acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
+        if need_v:
+            acc_v = acc_v * scale[:, None] + bv
+        if need_s:
+            acc_s = acc_s * scale[:, None] + bs
+        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
 
     carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
     return _finish(carry, want)
@@ -283,9 +311,8 @@ def _finish(carry, want: frozenset) -> dict:
         out["score"] = s
     if "log_prob" in want:
         out["log_prob"] = shift + jnp.log(tot)
-    if "divergence" in want:
-        # div u = sum_k alpha_k (tr_k + s_k . v_k) - s . u, from grad alpha_k = alpha_k (s_k - s).
-        out["divergence"] = acc_div / tot - jnp.sum(s * u, axis=-1)
+    if "divergence" in want:  # centred, merged across blocks by ``_merge_div``
+        out["divergence"] = acc_div / tot
     return out
 
 
@@ -405,7 +432,9 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
     def step(carry, fb):
         mx, tot, acc_v, acc_s, acc_div = carry
         y, inv, logp = _free_terms(fb, coeffs, x, precision)
-        new_mx, scale, p, tot = _lse_block(mx, tot, logp)
+        new_mx, scale, p = _lse_block(mx, logp)
+        wb = jnp.sum(p, axis=1)
+        bv = bs = None
         if need_v:
             rn = b * db + a * da * fb.lam[None]
             r = (rn if g_dg is None else rn + g_dg * fb.gram[None]) * inv
@@ -414,21 +443,33 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
             means = db[:, 0] * jnp.matmul(p, fb.m0, precision=precision) + da[:, 0] * jnp.matmul(
                 p, fb.m1, precision=precision
             )
-            vel = means + jnp.matmul(q, back, precision=precision)
-            acc_v = acc_v * scale[:, None] + vel
+            bv = means + jnp.matmul(q, back, precision=precision)
         if need_s:
             w = y * inv
             qs = (p[:, :, None] * w).reshape(n, bsz * d)
-            sc = -jnp.matmul(
+            bs = -jnp.matmul(
                 qs, jnp.swapaxes(fb.v, -1, -2).reshape(bsz * d, d), precision=precision
             )
-            acc_s = acc_s * scale[:, None] + sc
         if "divergence" in want:
-            # s_k . v_k = -w . V^T dmu - w . (r y), V^T dmu = db p0 + da p1; div v_k = sum r.
+            # Centred at the block means u_b, s_b, in each component's whitened coordinates:
+            # s_k - s_b = -V (w + V^{-1} s_b), v_k - u_b = V^{-T} (V^T (dmu_k - u_b) + r y), so
+            # (s_k - s_b) . (v_k - u_b) = -(w + (S00 V)^T s_b) . (V^T dmu_k - V^T u_b + r y):
+            # two more (N, d) @ (d, B d) products; div v_k = sum(r).
+            mv = bv / _safe(wb)[:, None]
+            ms = bs / _safe(wb)[:, None]
+            fwd = jnp.transpose(fb.s00v, (1, 0, 2)).reshape(d, bsz * d)
+            vinv_ms = jnp.matmul(ms, fwd, precision=precision).reshape(n, bsz, d)
+            vs = jnp.transpose(fb.v, (1, 0, 2)).reshape(d, bsz * d)
+            vt_mv = jnp.matmul(mv, vs, precision=precision).reshape(n, bsz, d)
             vt_dmu = db * fb.p0[None] + da * fb.p1[None]
-            dk = jnp.sum(r, -1) - jnp.sum(w * vt_dmu, -1) - jnp.sum(w * r * y, -1)
-            acc_div = acc_div * scale + jnp.sum(p * dk, axis=1)
-        return (new_mx, tot, acc_v, acc_s, acc_div), None
+            cen = -jnp.sum((w + vinv_ms) * (vt_dmu - vt_mv + r * y), axis=-1)
+            block = jnp.sum(p * (jnp.sum(r, -1) + cen), axis=1)
+            acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
+        if need_v:
+            acc_v = acc_v * scale[:, None] + bv
+        if need_s:
+            acc_s = acc_s * scale[:, None] + bs
+        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
 
     carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
     return _finish(carry, want)

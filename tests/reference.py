@@ -38,9 +38,9 @@ def component_gaussians(weights, means, covs, coeffs):
     return mu, cov
 
 
-def reference(weights, means, covs, schedule, t, x, *, divergence=False):
-    """(velocity (N, d), log_prob (N,), score (N, d), responsibilities (N, K)) at scalar t,
-    and the divergence (N,) last when ``divergence``."""
+def component_terms(weights, means, covs, schedule, t, x):
+    """Per component at scalar t: log pi_k N(x) (N, K), v_k (N, K, d), s_k (N, K, d) and
+    tr_k = div v_k (K,)."""
     weights, means, covs, x = (np.asarray(v, np.float64) for v in (weights, means, covs, x))
     d = means.shape[1] // 2
     mu, cov = component_gaussians(weights, means, covs, _coeffs(schedule, t))
@@ -68,6 +68,13 @@ def reference(weights, means, covs, schedule, t, x, *, divergence=False):
         vel[:, j] = mu[j, d:] + sol @ svx.T
         scr[:, j] = -sol
         trs[j] = np.trace(np.linalg.solve(sxx, svx))  # tr(C S^-1) = tr(S^-1 C)
+    return logp, vel, scr, trs
+
+
+def reference(weights, means, covs, schedule, t, x, *, divergence=False):
+    """(velocity (N, d), log_prob (N,), score (N, d), responsibilities (N, K)) at scalar t,
+    and the divergence (N,) last when ``divergence``."""
+    logp, vel, scr, trs = component_terms(weights, means, covs, schedule, t, x)
     top = logp.max(axis=1, keepdims=True)
     lse = top[:, 0] + np.log(np.exp(logp - top).sum(axis=1))
     resp = np.exp(logp - lse[:, None])
