@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import exact, schedules
+from fmjax import _kernels, exact, schedules
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import component_terms, reference
 
@@ -34,6 +34,13 @@ def _couplings():
         fmjax.random_gaussian_mixture(jax.random.key(2), 3, D),
     )
     return {"joint": (joint, joint), "prepared": (exact.prepare(ind), ind)}
+
+
+@pytest.fixture
+def fresh_kernels():
+    """Clear the compiled kernels after a test that changed the block budget."""
+    yield
+    jax.clear_caches()
 
 
 def _errors(got, want):
@@ -115,7 +122,7 @@ def test_divergence_at_t1_is_two_far_away():
     np.testing.assert_allclose(exact.divergence(c, schedules.linear(), 1.0, x), 2.0, atol=1e-4)
 
 
-def test_divergence_merge_across_blocks_of_one(x64, monkeypatch):
+def test_divergence_merge_across_blocks_of_one(x64, monkeypatch, fresh_kernels):
     """One component per scan step makes every component a Welford merge: both paths agree
     with a single block and with the reference to 1e-10 (float64)."""
     c = fmjax.independent_coupling(
@@ -128,7 +135,8 @@ def test_divergence_merge_across_blocks_of_one(x64, monkeypatch):
     want = reference(c.weights, c.means, c.covs, sched, 0.4, x, divergence=True)[4]
     prepared = exact.prepare(c)
     whole = [exact.divergence(a, sched, t, x) for a in (c, prepared) for t in (0.4, ts)]
-    monkeypatch.setattr(exact, "_BLOCK_BUDGET", 1)
+    monkeypatch.setattr(_kernels, "_BLOCK_BUDGET", 1)
+    jax.clear_caches()  # the compiled kernels baked the old budget in
     split = [exact.divergence(a, sched, t, x) for a in (c, prepared) for t in (0.4, ts)]
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-10)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import exact, schedules
+from fmjax import _pencil, exact, schedules
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import reference
 
@@ -190,9 +190,9 @@ def test_time_free_path_keeps_diagonal_noise(x64, name, kind, monkeypatch):
     prepared = exact.prepare(c)
     assert prepared.independent and prepared.noise_diagonal
     calls = []
-    free = exact._accumulate_free_jit
+    free = _pencil._accumulate_free_jit
     monkeypatch.setattr(
-        exact, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
+        _pencil, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
     )
     x = _points(c)
     for t in (0.0, 1e-3, 0.5, sched.t_max):
@@ -224,9 +224,9 @@ def test_noise_not_diagonal_falls_back_to_the_per_time_path(x64, monkeypatch):
     assert prepared.independent and not prepared.noise_diagonal
     sched = NOISY["trig(brownian)"]
     calls = []
-    free = exact._accumulate_free_jit
+    free = _pencil._accumulate_free_jit
     monkeypatch.setattr(
-        exact, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
+        _pencil, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
     )
     x = _points(c)
     ts = jnp.linspace(0.0, 1.0, x.shape[0])
