@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from fmjax._kernels import _block_size, _finish, _lse_block, _lse_init, _merge_div, _safe
+from fmjax import _kernels
 from fmjax.mixtures import JointGaussianMixture
 from fmjax.schedules import Schedule
 
@@ -128,7 +128,7 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
     n, d = x.shape
     k = f.m0.shape[0]
     # One t per point makes the scalings (N, B, d) too (den, r): more live point terms.
-    bsz = _block_size(n, k, d, 3 if jnp.ndim(t) == 0 else 6)
+    bsz = _kernels._block_size(n, k, d, 3 if jnp.ndim(t) == 0 else 6)
     n_blocks = -(-k // bsz)
     blocks = jax.tree.map(
         lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad_pencil(f, n_blocks * bsz)
@@ -141,7 +141,7 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
     def step(carry, fb):
         mx, tot, acc_v, acc_s, acc_div = carry
         y, inv, logp = _free_terms(fb, coeffs, x, precision)
-        new_mx, scale, p = _lse_block(mx, logp)
+        new_mx, scale, p = _kernels._lse_block(mx, logp)
         wb = jnp.sum(p, axis=1)
         bv = bs = None
         if need_v:
@@ -164,8 +164,8 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
             # s_k - s_b = -V (w + V^{-1} s_b), v_k - u_b = V^{-T} (V^T (dmu_k - u_b) + r y), so
             # (s_k - s_b) . (v_k - u_b) = -(w + (S00 V)^T s_b) . (V^T dmu_k - V^T u_b + r y):
             # two more (N, d) @ (d, B d) products; div v_k = sum(r).
-            mv = bv / _safe(wb)[:, None]
-            ms = bs / _safe(wb)[:, None]
+            mv = bv / _kernels._safe(wb)[:, None]
+            ms = bs / _kernels._safe(wb)[:, None]
             fwd = jnp.transpose(fb.s00v, (1, 0, 2)).reshape(d, bsz * d)
             vinv_ms = jnp.matmul(ms, fwd, precision=precision).reshape(n, bsz, d)
             vs = jnp.transpose(fb.v, (1, 0, 2)).reshape(d, bsz * d)
@@ -173,15 +173,15 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
             vt_dmu = db * fb.p0[None] + da * fb.p1[None]
             cen = -jnp.sum((w + vinv_ms) * (vt_dmu - vt_mv + r * y), axis=-1)
             block = jnp.sum(p * (jnp.sum(r, -1) + cen), axis=1)
-            acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
+            acc_div = _kernels._merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
         if need_v:
             acc_v = acc_v * scale[:, None] + bv
         if need_s:
             acc_s = acc_s * scale[:, None] + bs
         return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
 
-    carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
-    return _finish(carry, want)
+    carry, _ = jax.lax.scan(step, _kernels._lse_init(n, d, x.dtype), blocks)
+    return _kernels._finish(carry, want)
 
 
 def _responsibilities_free(f: _Pencil, sched: Schedule, t, x, precision):
