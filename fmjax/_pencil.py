@@ -1,4 +1,5 @@
-"""The time-free kernel of the exact engine for independent couplings (generalised eigenvectors).
+"""Time-free kernels of the exact engine: independent couplings (generalised eigenvectors of
+(S11, S00)) and deterministic OT-map couplings (eigenvectors of A); see ``_Map`` below.
 
 Independent couplings (S01 = S10 = 0 in every component) have S_t = b^2 S00 + a^2 S11, a pencil
 of two fixed SPD matrices. Once per coupling, S00 = L L^T, L^{-1} S11 L^{-T} = U diag(lam) U^T
@@ -192,3 +193,162 @@ def _responsibilities_free(f: _Pencil, sched: Schedule, t, x, precision):
 _accumulate_free_jit = jax.jit(_accumulate_free, static_argnames=("want", "precision"))
 _responsibilities_free_jit = jax.jit(_responsibilities_free, static_argnames=("precision",))
 _pencil_jit = jax.jit(_pencil)
+
+
+# Deterministic couplings x1 = m1 + A (x0 - m0), A symmetric positive-definite (the Gaussian OT
+# map): the joint covariance is singular (S10 = A S00, S11 = A S00 A) and X_t - mu_t =
+# (b I + a A)(x0 - m0). With A = Q diag(l) Q^T, h = b + a l and S00 = L L^T, G = L^{-1} Q:
+#     y = Q^T (x - mu_t),  z = G (y / h),  log N = -|z|^2 / 2 - sum log h - log|L| - ...,
+#     v = dmu_t + Q (r y),  r = (db + da l) / h,  score = -Q ((G^T z) / h),  div v = sum(r):
+# x @ [Q_1..Q_B] once, a batched d x d product with the fixed G per component, and the weighted
+# sums @ the stacked Q^T; no factorisation per time.
+
+
+class _Map(NamedTuple):
+    """Time-free factors of a deterministic coupling (leading axis K)."""
+
+    log_w: Float[Array, " K"]  # log pi_k - log|L_k| - d/2 log(2 pi)
+    m0: Float[Array, "K d"]
+    m1: Float[Array, "K d"]
+    q0: Float[Array, "K d"]  # Q^T m0
+    q1: Float[Array, "K d"]  # Q^T m1
+    q: Float[Array, "K d d"]  # eigenvectors of A
+    g: Float[Array, "K d d"]  # L^{-1} Q
+    l: Float[Array, "K d"]  # eigenvalues of A (> 0)
+
+
+def _map(c: JointGaussianMixture) -> _Map:
+    """A = S10 S00^{-1} (symmetrised) = Q diag(l) Q^T and L^{-1} Q per component, once."""
+    m0, m1, s00, _, s10, _ = c.blocks()
+    d = m0.shape[-1]
+    chol = jnp.linalg.cholesky(s00)
+    # A^T = S00^{-1} S10^T by two triangular solves.
+    half = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(s10, -1, -2), lower=True)
+    a_t = jax.scipy.linalg.solve_triangular(jnp.swapaxes(chol, -1, -2), half, lower=False)
+    lam, q = jnp.linalg.eigh(0.5 * (a_t + jnp.swapaxes(a_t, -1, -2)))
+    g = jax.scipy.linalg.solve_triangular(chol, q, lower=True)
+    half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    log_w = jnp.log(c.weights) - half_logdet - 0.5 * d * math.log(2 * math.pi)
+    q0 = jnp.einsum("kij,ki->kj", q, m0, precision="highest")
+    q1 = jnp.einsum("kij,ki->kj", q, m1, precision="highest")
+    return _Map(log_w, m0, m1, q0, q1, q, g, lam)
+
+
+def _is_map(c: JointGaussianMixture) -> bool | None:
+    """Whether every component is x1 = m1 + A (x0 - m0) with A symmetric positive-definite:
+    A = S10 S00^{-1} symmetric and S11 = A S00 A, to max(1e-10, 1e3 eps) relative (float64
+    check on the concrete covariances); ``None`` for a traced coupling."""
+    if isinstance(c.covs, jax.core.Tracer):
+        return None
+    covs = np.asarray(c.covs, np.float64)
+    d = c.dim
+    s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
+    if not np.any(s10):
+        return False
+    a = np.swapaxes(np.linalg.solve(s00, np.swapaxes(s10, -1, -2)), -1, -2)
+    tol = max(1e-10, 1e3 * float(np.finfo(c.covs.dtype).eps))
+    scale = np.max(np.abs(a), axis=(-2, -1))
+    if np.any(np.max(np.abs(a - np.swapaxes(a, -1, -2)), axis=(-2, -1)) > tol * scale):
+        return False
+    resid = s11 - a @ s00 @ np.swapaxes(a, -1, -2)
+    if np.any(np.max(np.abs(resid), axis=(-2, -1)) > tol * np.max(np.abs(s11), axis=(-2, -1))):
+        return False
+    return bool(np.min(np.linalg.eigvalsh(0.5 * (a + np.swapaxes(a, -1, -2)))) > 0)
+
+
+def _pad_map(f: _Map, k_pad: int) -> _Map:
+    """Zero-weight padding components (log-weight -inf, identity factors)."""
+    k, d = f.m0.shape
+    extra = k_pad - k
+    if extra == 0:
+        return f
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=f.q.dtype), (extra, d, d))
+    zeros = jnp.zeros((extra, d), f.m0.dtype)
+    cat = jnp.concatenate
+    return _Map(
+        cat([f.log_w, jnp.full((extra,), -jnp.inf, f.log_w.dtype)]),
+        cat([f.m0, zeros]),
+        cat([f.m1, zeros]),
+        cat([f.q0, zeros]),
+        cat([f.q1, zeros]),
+        cat([f.q, eye]),
+        cat([f.g, eye]),
+        cat([f.l, jnp.ones((extra, d), f.l.dtype)]),
+    )
+
+
+def _map_terms(f: _Map, coeffs, x, precision):
+    """y (N, B, d), 1 / h (N or 1, B, d), z (N, B, d) and log pi N (N, B)."""
+    n, d = x.shape
+    bsz = f.m0.shape[0]
+    a, b = coeffs[0], coeffs[1]
+    qs = jnp.transpose(f.q, (1, 0, 2)).reshape(d, bsz * d)  # column (k, j) = Q_k[:, j]
+    y = jnp.matmul(x, qs, precision=precision).reshape(n, bsz, d)
+    y = y - (b * f.q0[None] + a * f.q1[None])
+    h = b + a * f.l[None]
+    inv = 1.0 / h
+    z = jnp.einsum("bij,nbj->nbi", f.g, y * inv, precision=precision)
+    logp = f.log_w[None] - 0.5 * jnp.sum(z * z, -1) - jnp.sum(jnp.log(h), -1)
+    return y, inv, z, logp
+
+
+def _accumulate_map(f: _Map, sched: Schedule, t, x, want: frozenset, precision):
+    """``_accumulate`` on the factors of a deterministic coupling; t scalar or (N,)."""
+    n, d = x.shape
+    k = f.m0.shape[0]
+    bsz = _kernels._block_size(n, k, d, 4 if jnp.ndim(t) == 0 else 6)
+    n_blocks = -(-k // bsz)
+    blocks = jax.tree.map(
+        lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad_map(f, n_blocks * bsz)
+    )
+    coeffs = _coeffs(sched.with_noise(None), t)
+    a, b, da, db = coeffs[:4]
+    need_v = bool(want & {"velocity", "divergence"})
+    need_s = bool(want & {"score", "divergence"})
+
+    def step(carry, fb):
+        mx, tot, acc_v, acc_s, acc_div = carry
+        y, inv, z, logp = _map_terms(fb, coeffs, x, precision)
+        new_mx, scale, p = _kernels._lse_block(mx, logp)
+        wb = jnp.sum(p, axis=1)
+        back = jnp.swapaxes(fb.q, -1, -2).reshape(bsz * d, d)  # row (k, j) = Q_k[:, j]
+        bv = bs = None
+        if need_v:
+            r = (db + da * fb.l[None]) * inv
+            means = db[:, 0] * jnp.matmul(p, fb.m0, precision=precision) + da[:, 0] * jnp.matmul(
+                p, fb.m1, precision=precision
+            )
+            q = (p[:, :, None] * r * y).reshape(n, bsz * d)
+            bv = means + jnp.matmul(q, back, precision=precision)
+        if need_s:
+            sig = jnp.einsum("bji,nbj->nbi", fb.g, z, precision=precision) * inv  # s_k = -Q sig
+            bs = -jnp.matmul((p[:, :, None] * sig).reshape(n, bsz * d), back, precision=precision)
+        if "divergence" in want:
+            # (s_k - s_b) . (v_k - u_b) = -(sig + Q^T s_b) . (Q^T dmu_k - Q^T u_b + r y).
+            mv = bv / _kernels._safe(wb)[:, None]
+            ms = bs / _kernels._safe(wb)[:, None]
+            qs = jnp.transpose(fb.q, (1, 0, 2)).reshape(d, bsz * d)
+            qt_ms = jnp.matmul(ms, qs, precision=precision).reshape(n, bsz, d)
+            qt_mv = jnp.matmul(mv, qs, precision=precision).reshape(n, bsz, d)
+            qt_dmu = db * fb.q0[None] + da * fb.q1[None]
+            cen = -jnp.sum((sig + qt_ms) * (qt_dmu - qt_mv + r * y), axis=-1)
+            block = jnp.sum(p * (jnp.sum(r, -1) + cen), axis=1)
+            acc_div = _kernels._merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
+        if need_v:
+            acc_v = acc_v * scale[:, None] + bv
+        if need_s:
+            acc_s = acc_s * scale[:, None] + bs
+        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
+
+    carry, _ = jax.lax.scan(step, _kernels._lse_init(n, d, x.dtype), blocks)
+    return _kernels._finish(carry, want)
+
+
+def _responsibilities_map(f: _Map, sched: Schedule, t, x, precision):
+    *_, logp = _map_terms(f, _coeffs(sched.with_noise(None), t), x, precision)
+    return {"responsibilities": jax.nn.softmax(logp, axis=-1)}
+
+
+_accumulate_map_jit = jax.jit(_accumulate_map, static_argnames=("want", "precision"))
+_responsibilities_map_jit = jax.jit(_responsibilities_map, static_argnames=("precision",))
+_map_jit = jax.jit(_map)

@@ -25,6 +25,14 @@ Paths (kernels in ``fmjax._kernels`` and ``fmjax._pencil``):
   (also under jit and vmap), so an ODE solve with ``velocity_field(prepare(c), s)`` factors
   nothing per step. Without ``prepare``, a concrete independent coupling evaluated with one t
   per point is factored at call time; a traced coupling keeps the per-time path.
+- time-free, for deterministic couplings x1 = m1 + A (x0 - m0) in every component with A
+  symmetric positive-definite (Gaussian OT maps; singular joint covariance): X_t - mu_t =
+  (b I + a A)(x0 - m0), so with A = Q diag(l) Q^T the velocity is
+  dmu_t + Q diag((db + da l) / (b + a l)) Q^T (x - mu_t) and S_t = (bI + aA) S00 (bI + aA):
+  x @ Q once, per-point diagonal scalings, a fixed d x d product per component. Detected by
+  ``prepare`` (and at call time, as above); schedules with noise take the per-time path.
+- general joint couplings with one t per point: per point K Cholesky factorisations of size d
+  (vmapped, K d^3 / 3 flops per point; batched LAPACK calls), no time-free form exists.
 
 Which cases keep the time-free form with latent noise: in the pencil basis V (V^T S00 V = I,
 V^T S11 V = diag(lam)) the noise adds gamma^2 V^T V, which stays diagonal iff V^T V is
@@ -89,7 +97,7 @@ class Evaluation(NamedTuple):
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["coupling", "factors"],
-    meta_fields=["independent", "noise_diagonal"],
+    meta_fields=["independent", "noise_diagonal", "deterministic"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, as the mixtures are
 class PreparedCoupling:
@@ -102,17 +110,21 @@ class PreparedCoupling:
     Attributes:
         coupling: the joint mixture of (X0, X1).
         factors: the per-component time-free factors (private layout), ``None`` when the
-            coupling is not independent.
-        independent: whether the time-free path is taken (static).
+            coupling is neither independent nor deterministic.
+        independent: whether the time-free path of an independent coupling is taken (static).
         noise_diagonal: whether V^T V is diagonal in every component, so that schedules with
             latent noise keep the time-free path too (static; otherwise they take the
             per-time path).
+        deterministic: whether the time-free path of a deterministic coupling
+            x1 = m1 + A (x0 - m0), A symmetric positive-definite, is taken (static; schedules
+            with latent noise take the per-time path).
     """
 
     coupling: JointGaussianMixture
-    factors: _pencil._Pencil | None
+    factors: _pencil._Pencil | _pencil._Map | None
     independent: bool
     noise_diagonal: bool = False
+    deterministic: bool = False
 
     @property
     def dim(self) -> int:
@@ -139,6 +151,7 @@ def prepare(
     *,
     independent: bool | None = None,
     noise_diagonal: bool | None = None,
+    deterministic: bool | None = None,
 ) -> PreparedCoupling:
     """Factor a coupling once for all times: pass the result wherever a coupling is taken.
 
@@ -147,7 +160,10 @@ def prepare(
     then costs two large matrix products per block of components and no factorisation. With a
     schedule that carries latent noise this holds when V^T V is diagonal (e.g. an isotropic
     source or target in every component); otherwise such schedules take the per-time path.
-    Other couplings are wrapped as they are and keep the per-time Cholesky path.
+    A deterministic coupling x1 = m1 + A (x0 - m0) in every component, A symmetric
+    positive-definite (a Gaussian optimal-transport map; the joint covariance is singular), is
+    time-free too, through the eigendecomposition of A (schedules without noise). Other
+    couplings are wrapped as they are and keep the per-time Cholesky path.
 
     Args:
         coupling: the joint mixture of (X0, X1).
@@ -159,6 +175,10 @@ def prepare(
             diagonal (traced ones: taken as not); ``True`` or ``False`` decides without
             looking. ``True`` when it is not diagonal drops its off-diagonal part in schedules
             with noise (wrong answers).
+        deterministic: ``None`` (default) detects a deterministic coupling on a concrete,
+            non-independent one (A = S10 S00^{-1} symmetric positive-definite and
+            S11 = A S00 A to max(1e-10, 1e3 eps) relative); ``True`` or ``False`` decides
+            without looking (``True`` on another coupling gives wrong answers).
 
     Returns:
         A ``PreparedCoupling``.
@@ -169,7 +189,8 @@ def prepare(
     _checks.check_instance(
         "exact.prepare", "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture"
     )
-    for name, flag in (("independent", independent), ("noise_diagonal", noise_diagonal)):
+    flags = {"independent": independent, "noise_diagonal": noise_diagonal}
+    for name, flag in {**flags, "deterministic": deterministic}.items():
         if flag is not None and not isinstance(flag, bool):
             _checks.fail("exact.prepare", name, "None, True or False", flag, TypeError)
     if independent is None:
@@ -179,11 +200,13 @@ def prepare(
         noise_diagonal = False
     elif noise_diagonal is None:
         noise_diagonal = _pencil._gram_is_diagonal(factors)
-    return PreparedCoupling(coupling, factors, independent, noise_diagonal)
-
-
-# Compiled once per shapes and static options, so eager callers do not recompile the component
-# scan on every call (an eager lax.scan is compiled anew per call); inlined under an outer jit.
+    if independent:
+        deterministic = False
+    elif deterministic is None:
+        deterministic = bool(_pencil._is_map(coupling))
+    if deterministic:
+        factors = _pencil._map_jit(coupling)
+    return PreparedCoupling(coupling, factors, independent, noise_diagonal, bool(deterministic))
 
 
 def _check_inputs(fn: str, c, sched, t, x):
@@ -236,15 +259,20 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
         factors = _pencil._pencil_jit(c)
         if sched.has_noise and not _pencil._gram_is_diagonal(factors):
             factors = None  # noise not diagonal in the pencil basis: per-time path
+    elif not prepared and t.size > 1 and not sched.has_noise and _pencil._is_map(c):
+        factors = _pencil._map_jit(c)
     resp = want == {"responsibilities"}
     if factors is not None:  # time-free: any pattern of times in the same two products
         tf = t.reshape(()) if t.size == 1 else jnp.broadcast_to(t, batch).reshape(-1)
+        is_map = isinstance(factors, _pencil._Map)
         if resp:
-            out = _pencil._responsibilities_free_jit(factors, sched, tf, xf, precision=precision)
-        else:
-            out = _pencil._accumulate_free_jit(
-                factors, sched, tf, xf, want=want, precision=precision
+            kernel = (
+                _pencil._responsibilities_map_jit if is_map else _pencil._responsibilities_free_jit
             )
+            out = kernel(factors, sched, tf, xf, precision=precision)
+        else:
+            kernel = _pencil._accumulate_map_jit if is_map else _pencil._accumulate_free_jit
+            out = kernel(factors, sched, tf, xf, want=want, precision=precision)
     else:
         if resp:
             kernel = functools.partial(_kernels._responsibilities_jit, precision=precision)
