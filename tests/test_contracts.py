@@ -163,6 +163,57 @@ def loss_floor(params, x, key):
     return losses.loss_floor(COUPLING, COSINE, 64, key=key).mean
 
 
+_NOISY = schedules.trig(schedules.brownian())
+_NOISY_PREPARED = exact.prepare(
+    fmjax.independent_coupling(
+        fmjax.standard_normal(2), fmjax.random_gaussian_mixture(jax.random.key(3), 2, 2)
+    )
+)
+
+
+def exact_noisy(params, x, key):
+    """A schedule with latent noise on a joint coupling (per-time Cholesky path)."""
+    del params, key
+    out = exact.evaluate(COUPLING, _NOISY, 0.3, x, ("velocity", "log_prob", "divergence"))
+    return out.velocity.sum(-1) + out.log_prob + out.divergence
+
+
+def exact_noisy_prepared(params, x, key):
+    """Latent noise on the time-free path (standard normal source), one t per point."""
+    del params, key
+    sched = schedules.linear().with_noise(schedules.brownian(0.5))
+    out = exact.evaluate(_NOISY_PREPARED, sched, _times(x), x, ("velocity", "score"))
+    return out.velocity.sum(-1) + out.score.sum(-1)
+
+
+def _map_coupling():
+    """x1 = m1 + A (x0 - m0) with A SPD (a Gaussian OT map): singular joint covariance."""
+    s00 = fmjax.mixtures.random_spd(jax.random.key(4), 2, 2)
+    a = fmjax.mixtures.random_spd(jax.random.key(5), 2, 2, eps=0.3)
+    s10 = a @ s00
+    covs = jnp.concatenate(
+        [
+            jnp.concatenate([s00, jnp.swapaxes(s10, -1, -2)], -1),
+            jnp.concatenate([s10, s10 @ a], -1),
+        ],
+        -2,
+    )
+    means = jax.random.normal(jax.random.key(6), (2, 4))
+    return fmjax.JointGaussianMixture._from_leaves(jnp.array([0.4, 0.6]), means, covs)
+
+
+_MAP_PREPARED = exact.prepare(_map_coupling())
+
+
+def exact_map_prepared(params, x, key):
+    """The time-free path of a deterministic (OT-map) coupling, one t per point."""
+    del params, key
+    out = exact.evaluate(
+        _MAP_PREPARED, COSINE, _times(x), x, ("velocity", "log_prob", "divergence")
+    )
+    return out.velocity.sum(-1) + out.log_prob + out.divergence
+
+
 EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "responsibilities")]
 ENTRIES = [
     *EXACT,
@@ -185,6 +236,9 @@ ENTRIES = [
     cfm_grad,
     marginal_fm,
     loss_floor,
+    exact_noisy,
+    exact_noisy_prepared,
+    exact_map_prepared,
 ]
 ids = [f.__name__ for f in ENTRIES]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import exact, schedules
+from fmjax import _kernels, _pencil, exact, schedules
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import reference
 
@@ -27,6 +27,13 @@ def _points(c, sched, t, key, n=40):
     near = exact.marginal(c, sched, t).sample(key, n)
     far = 6.0 * jax.random.normal(jax.random.fold_in(key, 1), (4, c.dim), near.dtype)
     return jnp.concatenate([near, far])
+
+
+@pytest.fixture
+def fresh_kernels():
+    """Clear the compiled kernels after a test that changed the block budget."""
+    yield
+    jax.clear_caches()
 
 
 def _rel(a, b):
@@ -58,21 +65,24 @@ def test_matches_numpy_reference(x64, dim, k, name, t):
     np.testing.assert_allclose(resp.sum(-1), 1.0, rtol=1e-12)
 
 
-def test_streaming_blocks_match_single_block(x64, monkeypatch):
+def test_streaming_blocks_match_single_block(x64, monkeypatch, fresh_kernels):
     """Force one component per scan step: the online log-sum-exp must give the same answer."""
     c = random_joint_mixture(jax.random.key(3), 6, 2)
     sched = schedules.linear()
     x = _points(c, sched, 0.4, jax.random.key(1))
     qs = ("velocity", "log_prob", "score", "divergence")
     whole = exact.evaluate(c, sched, 0.4, x, qs)
-    monkeypatch.setattr(exact, "_BLOCK_BUDGET", 1)
-    assert exact._block_size(x.shape[0], 6, 2) == 1
+    monkeypatch.setattr(_kernels, "_BLOCK_BUDGET", 1)
+    jax.clear_caches()  # the compiled kernels baked the old budget in
+    assert _kernels._block_size(x.shape[0], 6, 2) == 1
     streamed = exact.evaluate(c, sched, 0.4, x, qs)
     for q in qs:
         np.testing.assert_allclose(getattr(streamed, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
 
 
-def test_prime_component_count_is_padded_not_split_into_blocks_of_one(x64, monkeypatch):
+def test_prime_component_count_is_padded_not_split_into_blocks_of_one(
+    x64, monkeypatch, fresh_kernels
+):
     """K = 7 with room for 3 components per step: 3 padded blocks of 3, not 7 blocks of 1, and
     the zero-weight padding changes nothing (checked against one unpadded block)."""
     c = random_joint_mixture(jax.random.key(4), 7, 2)
@@ -81,14 +91,15 @@ def test_prime_component_count_is_padded_not_split_into_blocks_of_one(x64, monke
     qs = ("velocity", "log_prob", "score", "divergence")
     whole = exact.evaluate(c, sched, 0.6, x, qs)
     n, d = x.shape
-    monkeypatch.setattr(exact, "_BLOCK_BUDGET", 3 * (3 * n * d + 32 * d * d))
-    assert exact._block_size(n, 7, d) == 3  # ceil(7 / 3) = 3 steps of 3, the last padded
-    assert exact._block_size(n, 6, d) == 3
+    monkeypatch.setattr(_kernels, "_BLOCK_BUDGET", 3 * (3 * n * d + 32 * d * d))
+    jax.clear_caches()  # the compiled kernels baked the old budget in
+    assert _kernels._block_size(n, 7, d) == 3  # ceil(7 / 3) = 3 steps of 3, the last padded
+    assert _kernels._block_size(n, 6, d) == 3
     padded = exact.evaluate(c, sched, 0.6, x, qs)
     for q in qs:
         np.testing.assert_allclose(getattr(padded, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
     # Control: padding with a non-zero weight would change the answer.
-    bad = exact._pad(c, 9)
+    bad = _kernels._pad(c, 9)
     bad = type(bad)._from_leaves(bad.weights.at[7].set(0.5) / 1.5, bad.means, bad.covs)
     assert _rel(exact.velocity(bad, sched, 0.6, x), whole.velocity) > 1e-3
 
@@ -104,16 +115,16 @@ def test_block_count_of_prime_k():
         b = min(k, max(1, budget // (3 * limit_n * d + 32 * d * d)))
         return _m.ceil(k / b)
 
-    exact_budget = exact._BLOCK_BUDGET
+    exact_budget = _kernels._BLOCK_BUDGET
     try:
-        exact._BLOCK_BUDGET = budget
+        _kernels._BLOCK_BUDGET = budget
         for k in (256, 257):
-            bsz = exact._block_size(limit_n, k, d)
+            bsz = _kernels._block_size(limit_n, k, d)
             assert bsz <= 64
             assert -(-k // bsz) == steps(k)
-        assert -(-257 // exact._block_size(limit_n, 257, d)) == 5
+        assert -(-257 // _kernels._block_size(limit_n, 257, d)) == 5
     finally:
-        exact._BLOCK_BUDGET = exact_budget
+        _kernels._BLOCK_BUDGET = exact_budget
 
 
 def test_many_point_and_per_point_kernels_agree(x64):
@@ -461,9 +472,9 @@ def test_time_free_path_with_one_time_per_point(x64, name, monkeypatch):
     ) * (sched.t_max / 1.0)
     x = 3.0 * jax.random.normal(jax.random.key(2), (n, 4))
     calls = []
-    free = exact._accumulate_free_jit
+    free = _pencil._accumulate_free_jit
     monkeypatch.setattr(
-        exact, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
+        _pencil, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
     )
     got = exact.evaluate(c, sched, ts, x, _QS)
     assert calls  # the time-free path was taken

@@ -20,7 +20,7 @@ __all__ = ["velocity_error", "nll", "nfe_to_accuracy", "NFEResult"]
 
 def velocity_error(
     velocity: Velocity,
-    coupling: JointGaussianMixture,
+    coupling: JointGaussianMixture | exact.PreparedCoupling,
     schedule: Schedule,
     ts: Float[ArrayLike, " T"],
     n: int,
@@ -30,16 +30,18 @@ def velocity_error(
 ) -> Float[Array, " T"]:
     """Mean squared velocity error E_{X_t ~ p_t} |v(t, X_t) - u(t, X_t)|^2 at each time.
 
-    X_t = b_t X0 + a_t X1 is sampled exactly from coupled pairs (X0, X1) of ``coupling``
-    (fresh pairs at each time); all times are evaluated at once by ``vmap`` over t, each with a
-    scalar t and an (n, d) batch, so the exact field factors its covariances once per time.
+    X_t = b_t X0 + a_t X1 (+ gamma_t Z for a schedule with latent noise) is sampled exactly from
+    coupled pairs (X0, X1) of ``coupling`` (fresh pairs at each time); all times are evaluated
+    at once by ``vmap`` over t, each with a scalar t and an (n, d) batch, so the exact field
+    factors its covariances once per time.
     Jit at the call site for speed, e.g.
     ``jax.jit(velocity_error, static_argnums=(0, 4), static_argnames="reference")`` for fixed
     fields, or inside a jitted function that takes the model parameters.
 
     Args:
         velocity: field ``(t, x) -> (..., d)`` to assess, e.g. ``partial(model.apply, params)``.
-        coupling: joint mixture of (X0, X1) defining p_t.
+        coupling: joint mixture of (X0, X1) defining p_t, or its ``exact.prepare(...)`` (the
+            exact reference then factors nothing per time).
         schedule: affine schedule.
         ts: (T,) times in ``schedule.interval`` (concrete times outside are a ``ValueError``).
         n: samples per time (static).
@@ -52,19 +54,26 @@ def velocity_error(
     """
     fn = "metrics.velocity_error"
     _checks.check_callable(fn, "velocity", velocity, "a velocity field (t, x) -> (..., d)")
-    _checks.check_instance(fn, "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture")
+    _checks.check_instance(
+        fn, "coupling", coupling, (JointGaussianMixture, exact.PreparedCoupling),
+        "a JointGaussianMixture or an exact.prepare(...) of one",
+    )  # fmt: skip
+    joint = coupling.coupling if isinstance(coupling, exact.PreparedCoupling) else coupling
     _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
     n = _checks.check_int(fn, "n", n)
     key = _checks.check_key(fn, "key", key)
     if reference is None:
         reference = functools.partial(exact.velocity, coupling, schedule)
     _checks.check_callable(fn, "reference", reference, "None or a velocity field (t, x)")
-    ts = _times(fn, ts, schedule, coupling.means.dtype)
+    ts = _times(fn, ts, schedule, joint.means.dtype)
 
     def at(k, t):
-        x0, x1 = coupling.sample(k, n)
+        x0, x1 = joint.sample(k, n)
         a, b, _, _ = schedule(t)
         xt = b * x0 + a * x1
+        if schedule.has_noise:  # (static) the same draws as before for noise-free schedules
+            g, _, _ = schedule.gamma(t)
+            xt = xt + g * jax.random.normal(jax.random.fold_in(k, 1), xt.shape, xt.dtype)
         diff = velocity(t, xt) - reference(t, xt)
         return jnp.mean(jnp.sum(jnp.square(diff), axis=-1))
 
