@@ -241,8 +241,23 @@ def test_noisy_conversions_match_exact_engine(x64, sched):
     back = jax.jit(convert.as_velocity(convert.from_velocity(vel, sched, "drift", score=score),
                                        sched, "drift", score=score))  # fmt: skip
     np.testing.assert_allclose(back(t, x), u, rtol=1e-10, atol=1e-10)
-    # Independent check at t = 0 and 1 for the drift: X_0 = x0 exactly, so v(0, x) =
-    # db x + da E[X1 | X0 = x] (x0_hat = x, gamma = 0); the velocity differs by -g_dg s there.
+    # Independent check of x1_hat = E[X1 | X_t = x]: Gaussian conditioning per component,
+    # weighted by the exact responsibilities (NumPy, float64).
+    resp = np.asarray(exact.responsibilities(c, sched, t, x))
+    w, m, S = (np.asarray(q) for q in (c.weights, c.means, c.covs))
+    a_, b_, g_ = (np.asarray(q)[:, 0] for q in (a, b, g))
+    want = np.zeros_like(np.asarray(x))
+    for i in range(x.shape[0]):
+        for k in range(len(w)):
+            S00, S01, S10, S11 = S[k, :2, :2], S[k, :2, 2:], S[k, 2:, :2], S[k, 2:, 2:]
+            var = (b_[i] ** 2 * S00 + a_[i] * b_[i] * (S01 + S10) + a_[i] ** 2 * S11
+                   + g_[i] ** 2 * np.eye(2))  # fmt: skip
+            cov1 = b_[i] * S10 + a_[i] * S11  # Cov(X1, X_t)
+            mu = b_[i] * m[k, :2] + a_[i] * m[k, 2:]
+            cond = m[k, 2:] + cov1 @ np.linalg.solve(var, np.asarray(x[i]) - mu)
+            want[i] += resp[i, k] * cond
+    np.testing.assert_allclose(x1, want, rtol=1e-8, atol=1e-8)
+    # At t = 0 and 1: X_0 = x0 exactly (x0_hat = x), X_1 = x1 (x1_hat = x).
     at0 = t == 0.0
     np.testing.assert_allclose(x0[at0], x[at0], atol=1e-9)
     at1 = t == 1.0
