@@ -20,8 +20,9 @@ interval ``[t_min, t_max]`` (the identity for schedules valid on all of [0, 1]),
 singular at an end (``vp``) is never trained where its target is infinite.
 
 Keys: each loss splits ``key`` into (pairs key, time key) the same way, and draws the latent
-noise z from ``fold_in(key, 1)``, so ``cfm``, ``marginal_fm`` and ``loss_floor`` called with one
-key see the same (t, x0, x1, z, x_t).
+noise z from ``fold_in(key, 0x5EED1)`` (not ``fold_in(key, 1)``, which is the time key:
+``fold_in(key, i) == split(key, n)[i]``), so ``cfm``, ``marginal_fm`` and ``loss_floor``
+called with one key see the same (t, x0, x1, z, x_t).
 
 Stochastic interpolants (a schedule with noise, ``schedule.with_noise(...)`` or
 ``schedules.trig(...)``): x_t = b_t x0 + a_t x1 + gamma_t z with z ~ N(0, I), and the targets
@@ -99,6 +100,9 @@ class LossFloor(NamedTuple):
 TARGETS = ("velocity", "x1", "x0", "drift", "denoiser", "score")
 _NOISE_ONLY = ("denoiser", "score")
 _REDUCTIONS = ("sum", "mean")
+# The latent noise key: fold_in(key, i) equals split(key, n)[i] for small i, so a small constant
+# would reuse the time key (z would then be a function of t, and learnable from (t, x_t)).
+_Z_SALT = 0x5EED1
 
 
 # ----------------------------------------------------------------------------- Bregman divergences
@@ -376,7 +380,7 @@ def _to_interval(schedule: Schedule, u):
 def _draw(fn, sample_pairs, times, schedule, key, n):
     """(t (n,), x0, x1, z, x_t (n, d)) with the key split shared by all losses.
 
-    z is the latent noise (None without noise), drawn from ``fold_in(key, 1)``.
+    z is the latent noise (None without noise), drawn from ``fold_in(key, _Z_SALT)``.
     """
     k_pairs, k_time = jax.random.split(key)
     x0, x1 = sample_pairs(k_pairs, n)
@@ -399,7 +403,7 @@ def _draw(fn, sample_pairs, times, schedule, key, n):
     xt = b[:, None] * x0 + a[:, None] * x1
     z = None
     if schedule.has_noise:
-        z = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, x0.dtype)
+        z = jax.random.normal(jax.random.fold_in(key, _Z_SALT), x0.shape, x0.dtype)
         xt = xt + schedule.gamma(t)[0][:, None] * z
     return t, x0, x1, z, xt
 

@@ -362,7 +362,7 @@ BROWN = schedules.linear().with_noise(schedules.brownian(0.8))
 
 @pytest.mark.parametrize("target", losses.TARGETS)
 def test_cfm_with_noise_matches_numpy_reference(x64, target):
-    """x_t = b x0 + a x1 + gamma z with z from fold_in(key, 1); each target by hand."""
+    """x_t = b x0 + a x1 + gamma z with z from fold_in(key, 0x5EED1); each target by hand."""
     rng = np.random.default_rng(1)
     n, d = 7, 3
     x0, x1 = rng.normal(size=(n, d)), rng.normal(size=(n, d)) + 2.0
@@ -377,7 +377,7 @@ def test_cfm_with_noise_matches_numpy_reference(x64, target):
         time_sampler=lambda k, m: jnp.asarray(t[:m]),
         target=target,
     )
-    z = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (n, d), jnp.float64))
+    z = np.asarray(jax.random.normal(jax.random.fold_in(key, 0x5EED1), (n, d), jnp.float64))
     h = np.pi / 2
     a, b, da, db = np.sin(h * t), np.cos(h * t), h * np.cos(h * t), -h * np.sin(h * t)
     g, dg = 0.8 * t * (1 - t), 0.8 * (1 - 2 * t)
@@ -395,6 +395,21 @@ def test_cfm_with_noise_matches_numpy_reference(x64, target):
     want = ((pred - y) ** 2).sum(axis=1).mean()
     got = jax.jit(loss_fn)(jax.tree.map(jnp.asarray, params), key)
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_latent_noise_is_independent_of_times_and_pairs(x64):
+    """z must not reuse the time or pair key (it did with fold_in(key, 1) == split(key)[1]:
+    z was then Phi^-1 of the uniform behind t, so a network learned z from (t, x_t))."""
+    n = 4096
+    pairs = data.independent_pairs(data.gaussian_source(1), data.gaussian_source(1))
+    t, x0, x1, z, _ = losses._draw(
+        "t", pairs, losses._DEFAULT_TIMES["uniform"], BROWN, jax.random.key(0), n
+    )
+    for other in (t, x0[:, 0], x1[:, 0]):
+        assert abs(np.corrcoef(np.asarray(z[:, 0]), np.asarray(other))[0, 1]) < 4 / np.sqrt(n)
+    # control: the noise drawn from the time key is a function of t
+    z_bad = jax.random.normal(jax.random.fold_in(jax.random.key(0), 1), (n,), jnp.float64)
+    assert abs(np.corrcoef(np.asarray(z_bad), np.asarray(t))[0, 1]) > 0.5
 
 
 def test_noise_target_refusals():
