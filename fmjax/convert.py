@@ -31,6 +31,26 @@ D_t = 1 for linear, pi/2 for cosine, n t^(n-1) for polynomial(n), da/b for VP. A
 singular points the formulas are used as written, so the well-posed ends work: x1_to_velocity
 and velocity_to_x0 at t = 0, x0_to_velocity and velocity_to_x1 at t = 1 (linear, cosine).
 
+With latent noise (a stochastic interpolant x_t = b_t x0 + a_t x1 + gamma_t z, a schedule with
+``schedule.noise``), the denoiser eta = E[z | X_t = x] and the score s = grad log p_t enter:
+
+    x = b x0_hat + a x1_hat + gamma eta,      eta = -gamma s,
+    u = db x0_hat + da x1_hat + dgamma eta = v - gamma dgamma s,
+
+where u is the probability-flow velocity (``fmjax.exact.velocity``) and v = db x0_hat + da x1_hat
+its "drift" part (the gamma = 0 part, what the velocity would be without the dgamma z term).
+Only gamma^2 and the product gamma dgamma (finite at t = 0, 1 even for ``brownian`` noise, whose
+dgamma is infinite there) appear, so every conversion here is written with the score:
+x - gamma eta = x + gamma^2 s and u = v - gamma dgamma s. The posterior-mean conversions then
+hold with (x, u) replaced by (x + gamma^2 s, u + gamma dgamma s) and take ``score=`` (required
+with noise, ignored without). A learned denoiser eta gives the score s = -eta / gamma
+(``denoiser_to_score``), which is 0/0 at the ends; a denoiser parametrised as eta = -gamma * net
+(the ``"score"`` target of ``fmjax.losses``: net is the score) avoids that, and
+``drift_to_velocity(v, score=net)`` is finite on all of [0, 1].
+
+``velocity_to_score`` / ``score_to_velocity`` (Tweedie for a Gaussian source) hold for gamma = 0
+only and refuse a schedule with noise.
+
 All functions take ``(schedule, t, x, y)`` with x, y of shape (..., d) and t a scalar or an
 array broadcastable against x.shape[:-1]; they return (..., d) (batch shape broadcast).
 """
@@ -54,13 +74,17 @@ __all__ = [
     "x0_to_x1",
     "velocity_to_score",
     "score_to_velocity",
+    "denoiser_to_score",
+    "score_to_denoiser",
+    "drift_to_velocity",
+    "velocity_to_drift",
     "as_velocity",
     "from_velocity",
     "TARGETS",
 ]
 
 #: Names of the quantities a network can predict.
-TARGETS = ("velocity", "x1", "x0", "score")
+TARGETS = ("velocity", "x1", "x0", "score", "drift")
 
 _Field = Callable[[Array, Array], Array]
 
@@ -80,37 +104,72 @@ def _coeffs(schedule: Schedule, t, x, y):
     return a, b, da, db, x, y
 
 
+def _noisy(fn: str, schedule: Schedule, t, x, y, score):
+    """Coefficients with (x, u-like y) shifted by the noise terms: x + gamma^2 s, and g_dg s.
+
+    Returns (a, b, da, db, x', y, g_dg * s): x' = x - gamma eta; without noise x' = x, 0.
+    """
+    a, b, da, db, x, y = _coeffs(schedule, t, x, y)
+    if not schedule.has_noise:
+        return a, b, da, db, x, y, jnp.zeros((), x.dtype)
+    if score is None:
+        _checks.fail(
+            f"convert.{fn}", "score",
+            f"given for a schedule with noise ({schedule.name}): pass score=s(t, x)", None,
+        )  # fmt: skip
+    s = jnp.broadcast_to(jnp.asarray(score), x.shape)
+    tb = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1])
+    g, _, g_dg = (c[..., None] for c in schedule.gamma(tb))
+    return a, b, da, db, x + g * g * s, y, g_dg * s
+
+
+def _refuse_noise(fn: str, schedule: Schedule) -> None:
+    if schedule.has_noise:
+        _checks.fail(
+            f"convert.{fn}", "schedule",
+            "without noise (Tweedie's velocity <-> score map holds for gamma = 0 only; use "
+            "drift_to_velocity / velocity_to_drift with the score)", schedule.name,
+        )  # fmt: skip
+
+
 def velocity_to_x1(
     schedule: Schedule,
     t: Float[ArrayLike, "..."],
     x: Float[ArrayLike, "... d"],
     u: Float[ArrayLike, "... d"],
+    *,
+    score: Float[ArrayLike, "... d"] | None = None,
 ) -> Float[Array, "... d"]:
     """x1_hat = (b u - db x) / (b da - a db). Singular where b da = a db.
 
+    With noise, x -> x + gamma^2 s and u -> u + gamma dgamma s (module docs).
+
     Args:
-        schedule: affine schedule.
+        schedule: affine schedule (with or without noise).
         t: time(s), scalar or broadcastable against x.shape[:-1].
         x: points x_t, (..., d).
         u: velocity at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
 
     Returns:
         the x1 (target / denoiser) prediction, (..., d).
     """
-    a, b, da, db, x, u = _coeffs(schedule, t, x, u)
+    a, b, da, db, x, u, gs = _noisy("velocity_to_x1", schedule, t, x, u, score)
+    u = u + gs
     return (b * u - db * x) / (b * da - a * db)
 
 
-def velocity_to_x0(schedule: Schedule, t, x, u) -> Float[Array, "... d"]:
+def velocity_to_x0(schedule: Schedule, t, x, u, *, score=None) -> Float[Array, "... d"]:
     """x0_hat = (da x - a u) / (b da - a db). Singular where b da = a db.
 
     Args/Returns as ``velocity_to_x1``; returns the x0 (source / noise) prediction, (..., d).
     """
-    a, b, da, db, x, u = _coeffs(schedule, t, x, u)
+    a, b, da, db, x, u, gs = _noisy("velocity_to_x0", schedule, t, x, u, score)
+    u = u + gs
     return (da * x - a * u) / (b * da - a * db)
 
 
-def x1_to_velocity(schedule: Schedule, t, x, x1_hat) -> Float[Array, "... d"]:
+def x1_to_velocity(schedule: Schedule, t, x, x1_hat, *, score=None) -> Float[Array, "... d"]:
     """u = (D x1_hat + db x) / b with D = b da - a db. Singular where b = 0 (t = 1).
 
     Args:
@@ -118,32 +177,33 @@ def x1_to_velocity(schedule: Schedule, t, x, x1_hat) -> Float[Array, "... d"]:
         t: time(s), scalar or broadcastable against x.shape[:-1].
         x: points x_t, (..., d).
         x1_hat: prediction of X1 at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
 
     Returns:
-        velocity, (..., d).
+        velocity (the probability-flow velocity with noise), (..., d).
     """
-    a, b, da, db, x, x1_hat = _coeffs(schedule, t, x, x1_hat)
-    return ((b * da - a * db) * x1_hat + db * x) / b
+    a, b, da, db, x, x1_hat, gs = _noisy("x1_to_velocity", schedule, t, x, x1_hat, score)
+    return ((b * da - a * db) * x1_hat + db * x) / b - gs
 
 
-def x0_to_velocity(schedule: Schedule, t, x, x0_hat) -> Float[Array, "... d"]:
+def x0_to_velocity(schedule: Schedule, t, x, x0_hat, *, score=None) -> Float[Array, "... d"]:
     """u = (da x - D x0_hat) / a with D = b da - a db. Singular where a = 0 (t = 0).
 
     Args/Returns as ``x1_to_velocity`` with the prediction of X0 in place of X1.
     """
-    a, b, da, db, x, x0_hat = _coeffs(schedule, t, x, x0_hat)
-    return (da * x - (b * da - a * db) * x0_hat) / a
+    a, b, da, db, x, x0_hat, gs = _noisy("x0_to_velocity", schedule, t, x, x0_hat, score)
+    return (da * x - (b * da - a * db) * x0_hat) / a - gs
 
 
-def x1_to_x0(schedule: Schedule, t, x, x1_hat) -> Float[Array, "... d"]:
-    """x0_hat = (x - a x1_hat) / b. Singular where b = 0 (t = 1)."""
-    a, b, _, _, x, x1_hat = _coeffs(schedule, t, x, x1_hat)
+def x1_to_x0(schedule: Schedule, t, x, x1_hat, *, score=None) -> Float[Array, "... d"]:
+    """x0_hat = (x - a x1_hat) / b (x + gamma^2 s for x with noise). Singular where b = 0."""
+    a, b, _, _, x, x1_hat, _ = _noisy("x1_to_x0", schedule, t, x, x1_hat, score)
     return (x - a * x1_hat) / b
 
 
-def x0_to_x1(schedule: Schedule, t, x, x0_hat) -> Float[Array, "... d"]:
-    """x1_hat = (x - b x0_hat) / a. Singular where a = 0 (t = 0)."""
-    a, b, _, _, x, x0_hat = _coeffs(schedule, t, x, x0_hat)
+def x0_to_x1(schedule: Schedule, t, x, x0_hat, *, score=None) -> Float[Array, "... d"]:
+    """x1_hat = (x - b x0_hat) / a (x + gamma^2 s for x with noise). Singular where a = 0."""
+    a, b, _, _, x, x0_hat, _ = _noisy("x0_to_x1", schedule, t, x, x0_hat, score)
     return (x - b * x0_hat) / a
 
 
@@ -162,7 +222,11 @@ def velocity_to_score(schedule: Schedule, t, x, u, *, sigma0: float = 1.0) -> Fl
 
     Returns:
         grad_x log p_t(x), (..., d).
+
+    Raises:
+        ValueError: for a schedule with noise (no such map; see ``velocity_to_drift``).
     """
+    _refuse_noise("velocity_to_score", schedule)
     a, b, da, db, x, u = _coeffs(schedule, t, x, u)
     return (a * u - da * x) / (sigma0**2 * b * (b * da - a * db))
 
@@ -177,52 +241,172 @@ def score_to_velocity(
 
     Args/Returns as ``velocity_to_score`` with the roles of velocity and score swapped.
     """
+    _refuse_noise("score_to_velocity", schedule)
     a, b, da, db, x, s = _coeffs(schedule, t, x, score)
     return (da * x + sigma0**2 * b * (b * da - a * db) * s) / a
 
 
-_TO_VELOCITY = {"x1": x1_to_velocity, "x0": x0_to_velocity, "score": score_to_velocity}
-_FROM_VELOCITY = {"x1": velocity_to_x1, "x0": velocity_to_x0, "score": velocity_to_score}
+def denoiser_to_score(schedule: Schedule, t, x, eta) -> Float[Array, "... d"]:
+    """s = -eta / gamma from the denoiser eta = E[z | X_t = x]. Singular where gamma = 0 (ends).
+
+    Args:
+        schedule: a schedule with noise.
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d) (only their shape is used).
+        eta: the denoiser at (t, x), (..., d).
+
+    Returns:
+        the score grad_x log p_t(x), (..., d).
+    """
+    _require_noise("denoiser_to_score", schedule)
+    g = _gamma(schedule, t, x, eta)[0]
+    return -jnp.broadcast_to(jnp.asarray(eta), g.shape[:-1] + (jnp.shape(x)[-1],)) / g
 
 
-def _check_target(fn: str, target: str) -> None:
+def score_to_denoiser(schedule: Schedule, t, x, score) -> Float[Array, "... d"]:
+    """eta = -gamma s: the denoiser E[z | X_t = x] from the score (0 at the ends).
+
+    Args/Returns as ``denoiser_to_score`` with the roles swapped.
+    """
+    _require_noise("score_to_denoiser", schedule)
+    g = _gamma(schedule, t, x, score)[0]
+    return -g * jnp.broadcast_to(jnp.asarray(score), g.shape[:-1] + (jnp.shape(x)[-1],))
+
+
+def drift_to_velocity(schedule: Schedule, t, x, v, *, score=None) -> Float[Array, "... d"]:
+    """u = v - gamma dgamma s: probability-flow velocity from the drift v and the score.
+
+    v = E[db x0 + da x1 | X_t = x] is the gamma = 0 part of the velocity (the ``"drift"`` target
+    of ``fmjax.losses``); u = v + dgamma eta = v - gamma dgamma s. Only the product gamma dgamma
+    enters, so u is finite at t = 0, 1 wherever v and s are. Without noise u = v.
+
+    Args:
+        schedule: affine schedule (with or without noise).
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        v: the drift at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
+
+    Returns:
+        the velocity u, (..., d).
+    """
+    _, _, _, _, _, v, gs = _noisy("drift_to_velocity", schedule, t, x, v, score)
+    return v - gs
+
+
+def velocity_to_drift(schedule: Schedule, t, x, u, *, score=None) -> Float[Array, "... d"]:
+    """v = u + gamma dgamma s: the drift (gamma = 0 part) from the velocity and the score.
+
+    Args/Returns as ``drift_to_velocity`` with the roles of u and v swapped.
+    """
+    _, _, _, _, _, u, gs = _noisy("velocity_to_drift", schedule, t, x, u, score)
+    return u + gs
+
+
+def _gamma(schedule: Schedule, t, x, y):
+    """(gamma, dgamma, g_dg), each shaped (batch..., 1)."""
+    x, y, t = jnp.asarray(x), jnp.asarray(y), jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.result_type(x.dtype, float))
+    batch = jnp.broadcast_shapes(t.shape, x.shape[:-1], y.shape[:-1])
+    return tuple(c[..., None] for c in schedule.gamma(jnp.broadcast_to(t, batch)))
+
+
+def _require_noise(fn: str, schedule: Schedule) -> None:
+    if not schedule.has_noise:
+        _checks.fail(
+            f"convert.{fn}", "schedule", "a schedule with noise (schedule.with_noise(...))",
+            schedule.name,
+        )  # fmt: skip
+
+
+_TO_VELOCITY = {
+    "x1": x1_to_velocity,
+    "x0": x0_to_velocity,
+    "score": score_to_velocity,
+    "drift": drift_to_velocity,
+}
+_FROM_VELOCITY = {
+    "x1": velocity_to_x1,
+    "x0": velocity_to_x0,
+    "score": velocity_to_score,
+    "drift": velocity_to_drift,
+}
+_NEEDS_SCORE = ("x1", "x0", "drift")
+
+
+def _check_target(fn: str, target: str, schedule: Schedule, score) -> None:
+    if target == "denoiser":
+        _checks.fail(
+            f"convert.{fn}", "target",
+            "not 'denoiser' (a denoiser alone does not give the velocity: turn it into a score "
+            "field with denoiser_to_score and pass target='drift' with score=)", target,
+        )  # fmt: skip
     if target not in TARGETS:
         _checks.check_choice(f"convert.{fn}", "target", target, TARGETS)
+    if score is not None:
+        _checks.check_callable(f"convert.{fn}", "score", score, "a callable (t, x) -> (..., d)")
+    if schedule.has_noise and target in _NEEDS_SCORE and score is None:
+        _checks.fail(
+            f"convert.{fn}", "score",
+            f"a score field (t, x) -> (..., d) for target {target!r} with noise "
+            f"({schedule.name})", None,
+        )  # fmt: skip
+    if target == "score":
+        _refuse_noise(fn, schedule)
 
 
-def as_velocity(fn: _Field, schedule: Schedule, target: str = "x1", **kwargs) -> _Field:
+def _with_score(convert, schedule, fn, score, kwargs):
+    if score is None:
+        return lambda t, x: convert(schedule, t, x, fn(t, x), **kwargs)
+    return lambda t, x: convert(schedule, t, x, fn(t, x), score=score(t, x), **kwargs)
+
+
+def as_velocity(
+    fn: _Field, schedule: Schedule, target: str = "x1", *, score: _Field | None = None, **kwargs
+) -> _Field:
     """Turn a predictor ``fn(t, x)`` of ``target`` into a velocity field ``(t, x) -> (..., d)``.
 
     Args:
         fn: callable (t, x) -> (..., d) predicting ``target`` (e.g. ``partial(model.apply, p)``).
         schedule: the affine schedule the predictor was trained with.
-        target: "x1", "x0", "score" or "velocity" (identity).
+        target: "x1", "x0", "score" (gamma = 0, Gaussian source), "drift" or "velocity"
+            (identity).
+        score: a score field (t, x) -> (..., d); required with noise for "x1", "x0", "drift"
+            (e.g. a learned one, or ``partial(fmjax.exact.score, coupling, schedule)``).
         **kwargs: passed to the conversion (``sigma0`` for "score").
 
     Returns:
         the velocity field (t, x) -> (..., d); singular where the conversion is (module docs).
     """
-    _check_target("as_velocity", target)
+    _check_target("as_velocity", target, schedule, score)
     if target == "velocity":
         return fn
-    convert = _TO_VELOCITY[target]
-    return lambda t, x: convert(schedule, t, x, fn(t, x), **kwargs)
+    return _with_score(_TO_VELOCITY[target], schedule, fn, score, kwargs)
 
 
-def from_velocity(velocity: _Field, schedule: Schedule, target: str = "x1", **kwargs) -> _Field:
+def from_velocity(
+    velocity: _Field,
+    schedule: Schedule,
+    target: str = "x1",
+    *,
+    score: _Field | None = None,
+    **kwargs,
+) -> _Field:
     """Turn a velocity field into a predictor ``(t, x) -> (..., d)`` of ``target``.
 
     Args:
         velocity: callable (t, x) -> (..., d), e.g. ``partial(fmjax.exact.velocity, c, s)``.
         schedule: the affine schedule of the velocity field.
-        target: "x1", "x0", "score" or "velocity" (identity).
+        target: "x1", "x0", "score" (gamma = 0, Gaussian source), "drift" or "velocity"
+            (identity).
+        score: a score field; required with noise for "x1", "x0", "drift".
         **kwargs: passed to the conversion (``sigma0`` for "score").
 
     Returns:
         the predictor (t, x) -> (..., d).
     """
-    _check_target("from_velocity", target)
+    _check_target("from_velocity", target, schedule, score)
     if target == "velocity":
         return velocity
-    convert = _FROM_VELOCITY[target]
-    return lambda t, x: convert(schedule, t, x, velocity(t, x), **kwargs)
+    return _with_score(_FROM_VELOCITY[target], schedule, velocity, score, kwargs)

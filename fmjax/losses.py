@@ -19,22 +19,48 @@ Times: a time sampler draws on [0, 1] and the losses map its draws onto the sche
 interval ``[t_min, t_max]`` (the identity for schedules valid on all of [0, 1]), so a schedule
 singular at an end (``vp``) is never trained where its target is infinite.
 
-Keys: each loss splits ``key`` into (pairs key, time key) the same way, so ``cfm``,
-``marginal_fm`` and ``loss_floor`` called with one key see the same (t, x0, x1, x_t).
+Keys: each loss splits ``key`` into (pairs key, time key) the same way, and draws the latent
+noise z from ``fold_in(key, 0x5EED1)`` (not ``fold_in(key, 1)``, which is the time key:
+``fold_in(key, i) == split(key, n)[i]``), so ``cfm``, ``marginal_fm`` and ``loss_floor``
+called with one key see the same (t, x0, x1, z, x_t).
+
+Stochastic interpolants (a schedule with noise, ``schedule.with_noise(...)`` or
+``schedules.trig(...)``): x_t = b_t x0 + a_t x1 + gamma_t z with z ~ N(0, I), and the targets
+
+* "velocity": dX_t = db x0 + da x1 + dgamma z, the probability-flow velocity in the mean. Its
+  variance is infinite where dgamma is (``brownian`` noise at t = 0, 1: E[dgamma^2] diverges), so
+  ``cfm`` and ``loss_floor`` refuse it for such noise; learn "drift" and "score" instead.
+* "drift": db x0 + da x1, the gamma = 0 part v (finite for any noise).
+* "denoiser": z; the model predicts eta(t, x) = E[z | X_t = x] = -gamma s.
+* "score": the denoiser parametrised as eta = -gamma * net, i.e. the loss is D(z, -gamma net)
+  (denoising score matching with weight gamma^2); the minimiser net is the score s, finite at the
+  ends, and ``convert.drift_to_velocity(schedule, t, x, v, score=net)`` = v - gamma dgamma net is
+  the velocity, finite on all of [0, 1] (``dgamma eta`` from a plain denoiser is inf * 0 there).
+* "x1", "x0": as without noise.
+
+Bregman losses (``bregman=``): any divergence D(y, y_hat) = F(y) - F(y_hat) - grad F(y_hat) .
+(y - y_hat) of a strictly convex F (``bregman(F)``, ``squared()`` (default), ``mahalanobis(M)``,
+``exponential(scale)``, ``logsumexp(ridge)``) is minimised by the conditional mean, so CFM and
+marginal FM keep the same minimiser and expected gradients and loss = marginal + floor in
+expectation. Another callable (y, y_hat) -> (n,) is accepted (e.g. an L1 loss) but loses these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from fmjax import _checks, convert, exact
 from fmjax._typing import ApplyFn, LossFn, PairSampler, TimeSampler
+from fmjax.exact import PreparedCoupling
 from fmjax.mixtures import JointGaussianMixture
 from fmjax.schedules import Schedule, linear, sigma_min_schedule
 
@@ -47,6 +73,13 @@ __all__ = [
     "ot_pairs",
     "marginal_fm",
     "loss_floor",
+    "Bregman",
+    "bregman",
+    "squared",
+    "mahalanobis",
+    "exponential",
+    "logsumexp",
+    "TARGETS",
 ]
 
 
@@ -62,8 +95,186 @@ class LossFloor(NamedTuple):
     stderr: Float[Array, ""]
 
 
-_TARGETS = ("velocity", "x1", "x0")
+#: What a model can be trained to predict (module docs); "drift", "denoiser", "score" are for
+#: schedules with noise ("drift" equals "velocity" without noise).
+TARGETS = ("velocity", "x1", "x0", "drift", "denoiser", "score")
+_NOISE_ONLY = ("denoiser", "score")
 _REDUCTIONS = ("sum", "mean")
+# The latent noise key: fold_in(key, i) equals split(key, n)[i] for small i, so a small constant
+# would reuse the time key (z would then be a function of t, and learnable from (t, x_t)).
+_Z_SALT = 0x5EED1
+
+
+# ----------------------------------------------------------------------------- Bregman divergences
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params"],
+    meta_fields=["name", "potential", "closed_form"],
+)
+@dataclasses.dataclass(frozen=True)
+class Bregman:
+    """A divergence ``D(y, y_hat) -> (...)`` over the last axis; the prediction is second.
+
+    A pytree: the arrays of ``params`` (e.g. the Mahalanobis matrix) are leaves, the functions
+    static, so it passes through ``jit`` as an argument. Made by ``bregman``, ``squared``,
+    ``mahalanobis``, ``exponential``, ``logsumexp``.
+
+    Attributes:
+        name: human-readable name.
+        potential: F(y, *params) on one vector (d,) -> scalar, or None (``closed_form`` only).
+        params: arrays passed to ``potential`` / ``closed_form``.
+        closed_form: ``(y, y_hat, *params) -> (...)``, used instead of autodiff when given.
+    """
+
+    name: str
+    potential: Callable[..., Array] | None
+    params: tuple = ()
+    closed_form: Callable[..., Array] | None = None
+
+    def F(self, y: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:  # noqa: N802 - math name
+        """The potential F at each vector of ``y``, (..., d) -> (...)."""
+        y = jnp.asarray(y)
+        flat = y.reshape(-1, y.shape[-1])
+        return jax.vmap(lambda v: self.potential(v, *self.params))(flat).reshape(y.shape[:-1])
+
+    def __call__(
+        self, y: Float[ArrayLike, "... d"], y_hat: Float[ArrayLike, "... d"]
+    ) -> Float[Array, "..."]:
+        """D_F(y, y_hat) over the last axis, broadcast over the leading ones."""
+        y, y_hat = jnp.asarray(y), jnp.asarray(y_hat)
+        if self.closed_form is not None:
+            return self.closed_form(y, y_hat, *self.params)
+        shape = jnp.broadcast_shapes(y.shape, y_hat.shape)
+        y, y_hat = jnp.broadcast_to(y, shape), jnp.broadcast_to(y_hat, shape)
+        d = shape[-1]
+
+        def one(a, b):
+            fb, gb = jax.value_and_grad(self.potential)(b, *self.params)
+            return self.potential(a, *self.params) - fb - jnp.dot(gb, a - b)
+
+        out = jax.vmap(one)(y.reshape(-1, d), y_hat.reshape(-1, d))
+        return out.reshape(shape[:-1])
+
+
+def bregman(potential: Callable[[Array], Array], name: str = "bregman") -> Bregman:
+    """The Bregman divergence of a strictly convex ``potential`` F: R^d -> R (gradient by autodiff).
+
+    Args:
+        potential: F on one vector (d,) -> scalar; strictly convex and differentiable (not
+            checked: a non-convex F makes a loss whose minimiser is not the conditional mean).
+        name: a name for reports.
+
+    Returns:
+        a ``Bregman`` divergence ``D(y, y_hat) -> (...)``.
+    """
+    _checks.check_callable("losses.bregman", "potential", potential, "a callable (d,) -> scalar")
+    return Bregman(name, potential)
+
+
+def _sq(y, y_hat):
+    e = y - y_hat
+    return jnp.sum(e * e, axis=-1)
+
+
+def _sq_potential(y):
+    return jnp.dot(y, y)
+
+
+_SQUARED = Bregman("squared", _sq_potential, (), _sq)
+
+
+def squared() -> Bregman:
+    """|y - y_hat|^2 (F = |y|^2): the default loss of ``cfm`` and ``marginal_fm``."""
+    return _SQUARED
+
+
+def _maha(y, y_hat, m):
+    e = y - y_hat
+    return jnp.einsum("...i,ij,...j->...", e, m, e)
+
+
+def _maha_potential(y, m):
+    return y @ m @ y
+
+
+def mahalanobis(matrix: Float[ArrayLike, "d d"]) -> Bregman:
+    """(y - y_hat)^T M (y - y_hat) (F = y^T M y) for a symmetric positive definite M.
+
+    Raises:
+        ValueError: if M is not square, symmetric (to 1e-8 relative) and positive definite.
+    """
+    fn = "losses.mahalanobis"
+    m = _checks.check_real_array(fn, "matrix", matrix, any_float=True)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        _checks.fail(fn, "matrix", "a square (d, d) matrix", f"shape {m.shape}")
+    if _checks.is_concrete(m):
+        mn = np.asarray(m, np.float64)
+        scale = max(float(np.max(np.abs(mn))), 1e-300)
+        if not np.all(np.isfinite(mn)) or np.max(np.abs(mn - mn.T)) > 1e-8 * scale:
+            _checks.fail(fn, "matrix", "finite and symmetric", "an asymmetric matrix")
+        if float(np.linalg.eigvalsh(mn).min()) <= 0:
+            _checks.fail(fn, "matrix", "positive definite",
+                         f"min eigenvalue {np.linalg.eigvalsh(mn).min():g}")  # fmt: skip
+    return Bregman("mahalanobis", _maha_potential, (m,), _maha)
+
+
+def _exp_potential(y, scale):
+    return jnp.sum(jnp.exp(scale * y)) / (scale * scale)
+
+
+def exponential(scale: float = 1.0) -> Bregman:
+    """F(y) = sum_i exp(scale y_i) / scale^2 (strictly convex, not quadratic).
+
+    D = sum_i [exp(s y_i) - exp(s yh_i) - s exp(s yh_i)(y_i - yh_i)] / s^2; tends to the
+    squared loss / 2 as scale -> 0 and weighs errors by exp(scale * y_hat): keep |scale y|
+    moderate (overflow in float32 beyond scale |y| ~ 80).
+    """
+    scale = _checks.check_positive("losses.exponential", "scale", scale)
+    return Bregman(f"exponential({scale:g})", _exp_potential, (jnp.asarray(scale),))
+
+
+def _lse_potential(y, ridge):
+    return jax.nn.logsumexp(y) + 0.5 * ridge * jnp.dot(y, y)
+
+
+def logsumexp(ridge: float = 0.1) -> Bregman:
+    """F(y) = log sum_i exp(y_i) + ridge |y|^2 / 2 (strictly convex for ridge > 0)."""
+    ridge = _checks.check_positive("losses.logsumexp", "ridge", ridge)
+    return Bregman(f"logsumexp({ridge:g})", _lse_potential, (jnp.asarray(ridge),))
+
+
+def as_divergence(fn: str, spec) -> Bregman:
+    """None -> squared; a Bregman as is; any other callable (y, y_hat) -> (...) wrapped."""
+    if spec is None:
+        return _SQUARED
+    if isinstance(spec, Bregman):
+        return spec
+    _checks.check_callable(
+        fn,
+        "bregman",
+        spec,
+        "a losses.Bregman (bregman(F), squared(), ...) or a callable (y, y_hat)",
+    )
+    try:
+        return _custom(spec)
+    except TypeError:  # an unhashable callable: a fresh wrapper (jitted callers retrace)
+        return Bregman(getattr(spec, "__name__", "custom"), None, (), _Call(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _custom(div):
+    # One wrapper per callable, so jitted code keyed on it does not retrace per call.
+    return Bregman(getattr(div, "__name__", "custom"), None, (), _Call(div))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    div: Callable
+
+    def __call__(self, y, y_hat):
+        return self.div(y, y_hat)
 
 
 # ----------------------------------------------------------------------------- time samplers
@@ -132,10 +343,32 @@ def _resolve_schedule(fn: str, schedule, sigma_min) -> Schedule:
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _check_common(fn, size_name, batch_size, target, reduction):
+def _check_common(fn, size_name, batch_size, target, reduction, bregman_spec):
     _checks.check_int(f"losses.{fn}", size_name, batch_size, 1)
-    _checks.check_choice(f"losses.{fn}", "target", target, _TARGETS)
+    _checks.check_choice(f"losses.{fn}", "target", target, TARGETS)
     _checks.check_choice(f"losses.{fn}", "reduction", reduction, _REDUCTIONS)
+    return as_divergence(f"losses.{fn}", bregman_spec)
+
+
+def _check_target_noise(fn, schedule: Schedule, target: str, conditional: bool) -> None:
+    """Noise-only targets need noise; a conditional "velocity" target needs finite dgamma."""
+    if target in _NOISE_ONLY and not schedule.has_noise:
+        _checks.fail(
+            f"losses.{fn}", "target",
+            f"one of 'velocity', 'x1', 'x0', 'drift' for a schedule without noise ({target!r} "
+            "learns E[z | x_t]; add noise with schedule.with_noise(...))", target,
+        )  # fmt: skip
+    if conditional and target == "velocity" and schedule.has_noise:
+        ends = np.asarray(schedule.interval, np.float64)
+        dgamma = np.asarray(schedule.gamma(ends)[1], np.float64)
+        if not np.all(np.isfinite(dgamma)):
+            _checks.fail(
+                f"losses.{fn}", "target",
+                f"not 'velocity' for noise {schedule.noise.name} (dgamma is infinite at the "
+                "ends, so the conditional target dX_t has infinite variance): learn "
+                "target='drift' and target='score' and combine them with "
+                "convert.drift_to_velocity", target,
+            )  # fmt: skip
 
 
 def _to_interval(schedule: Schedule, u):
@@ -145,7 +378,10 @@ def _to_interval(schedule: Schedule, u):
 
 
 def _draw(fn, sample_pairs, times, schedule, key, n):
-    """(t (n,), x0, x1, x_t (n, d)) with the key split shared by all losses."""
+    """(t (n,), x0, x1, z, x_t (n, d)) with the key split shared by all losses.
+
+    z is the latent noise (None without noise), drawn from ``fold_in(key, _Z_SALT)``.
+    """
     k_pairs, k_time = jax.random.split(key)
     x0, x1 = sample_pairs(k_pairs, n)
     if x0.ndim != 2 or x0.shape[0] != n or x1.shape != x0.shape:
@@ -165,30 +401,58 @@ def _draw(fn, sample_pairs, times, schedule, key, n):
     t = _to_interval(schedule, t)
     a, b, _, _ = schedule(t)
     xt = b[:, None] * x0 + a[:, None] * x1
-    return t, x0, x1, xt
+    z = None
+    if schedule.has_noise:
+        z = jax.random.normal(jax.random.fold_in(key, _Z_SALT), x0.shape, x0.dtype)
+        xt = xt + schedule.gamma(t)[0][:, None] * z
+    return t, x0, x1, z, xt
 
 
-def _conditional_target(schedule, target, t, x0, x1):
+def _conditional_target(schedule, target, t, x0, x1, z):
     if target == "x1":
         return x1
     if target == "x0":
         return x0
+    if target in _NOISE_ONLY:
+        return z
     _, _, da, db = schedule(t)
-    return da[:, None] * x1 + db[:, None] * x0
+    y = da[:, None] * x1 + db[:, None] * x0
+    if target == "velocity" and schedule.has_noise:
+        y = y + schedule.gamma(t)[1][:, None] * z
+    return y
+
+
+def _prediction(schedule, target, t, out):
+    """What the model's output stands for in the loss: -gamma * out for the "score" target."""
+    if target == "score":
+        return -schedule.gamma(t)[0][:, None] * out
+    return out
 
 
 def _exact_target(coupling, schedule, target, t, xt):
-    u = exact.velocity(coupling, schedule, t, xt)
+    """E[conditional target | X_t = x_t] from the exact engine ((n, d), one t per point)."""
+    if not schedule.has_noise:
+        u = exact.velocity(coupling, schedule, t, xt)
+        if target in ("velocity", "drift"):
+            return u
+        conv = convert.velocity_to_x1 if target == "x1" else convert.velocity_to_x0
+        return conv(schedule, t, xt, u)
     if target == "velocity":
-        return u
+        return exact.velocity(coupling, schedule, t, xt)
+    g, _, g_dg = (c[:, None] for c in schedule.gamma(t))
+    if target in _NOISE_ONLY:
+        return -g * exact.score(coupling, schedule, t, xt)  # E[z | x] = -gamma s
+    ev = exact.evaluate(coupling, schedule, t, xt, ("velocity", "score"))
+    if target == "drift":
+        return ev.velocity + g_dg * ev.score
     conv = convert.velocity_to_x1 if target == "x1" else convert.velocity_to_x0
-    return conv(schedule, t, xt, u)
+    return conv(schedule, t, xt, ev.velocity, score=ev.score)
 
 
-def _per_sample(err, reduction):
-    """Squared error (n, d) -> per-sample loss (n,) under the reduction convention."""
-    sq = jnp.sum(err * err, axis=-1)
-    return sq / err.shape[-1] if reduction == "mean" else sq
+def _per_sample(div: Bregman, y, pred, reduction):
+    """Divergence D(y, pred) per sample (n,) under the reduction convention ("mean": / d)."""
+    out = div(y, pred)
+    return out / y.shape[-1] if reduction == "mean" else out
 
 
 # ----------------------------------------------------------------------------- losses
@@ -204,11 +468,13 @@ def cfm(
     target: str = "velocity",
     sigma_min: float | None = None,
     reduction: str = "sum",
+    bregman: Bregman | None = None,
 ) -> LossFn:
     """Conditional flow matching loss ``loss_fn(params, key) -> scalar`` (jit- and grad-able).
 
-    loss = mean_i |apply_fn(params, t_i, x_t,i) - y_i|^2 with x_t = b x0 + a x1 and y = da x1 +
-    db x0 ("velocity"), x1 ("x1") or x0 ("x0").
+    loss = mean_i D(y_i, apply_fn(params, t_i, x_t,i)) with x_t = b x0 + a x1 (+ gamma z) and
+    y = da x1 + db x0 (+ dgamma z) ("velocity"), da x1 + db x0 ("drift"), z ("denoiser"; for
+    "score" the prediction is -gamma * output), x1 ("x1") or x0 ("x0"); D = |.|^2 by default.
 
     Args:
         apply_fn: model ``apply_fn(params, t (n,), x (n, d)) -> (n, d)``.
@@ -218,23 +484,29 @@ def cfm(
         batch_size: pairs per loss evaluation (static).
         time_sampler: "uniform", "uniform_eps" (1e-3), "logit_normal" (0, 1), or a callable
             ``(key, n) -> (n,)`` such as ``logit_normal_time(mean, std)``.
-        target: "velocity", "x1" or "x0": what the model predicts.
+        target: one of ``TARGETS``: "velocity", "x1", "x0", "drift", and with noise
+            "denoiser" and "score" (module docs); "velocity" is refused for noise whose dgamma
+            is infinite at the ends (``brownian``).
         sigma_min: use ``sigma_min_schedule(sigma_min)`` (Lipman et al.'s path).
-        reduction: "sum" (over d, mean over batch) or "mean" (over all elements).
+        reduction: "sum" (over d, mean over batch) or "mean" (over all elements, i.e. / d).
+        bregman: the divergence D(y, y_hat) (``squared()`` if None; ``bregman(F)``,
+            ``mahalanobis(M)``, ``exponential()``, ``logsumexp()``, or a callable).
 
     Returns:
         ``loss_fn(params, key) -> scalar``.
     """
-    _check_common("cfm", "batch_size", batch_size, target, reduction)
+    div = _check_common("cfm", "batch_size", batch_size, target, reduction, bregman)
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
+    _check_target_noise("cfm", schedule, target, conditional=True)
     times = _time_sampler("cfm", time_sampler)
     _checks.check_callable("losses.cfm", "apply_fn", apply_fn)
     _checks.check_callable("losses.cfm", "sample_pairs", sample_pairs)
 
     def loss_fn(params, key):
-        t, x0, x1, xt = _draw("cfm", sample_pairs, times, schedule, key, batch_size)
-        y = _conditional_target(schedule, target, t, x0, x1)
-        return jnp.mean(_per_sample(apply_fn(params, t, xt) - y, reduction))
+        t, x0, x1, z, xt = _draw("cfm", sample_pairs, times, schedule, key, batch_size)
+        y = _conditional_target(schedule, target, t, x0, x1, z)
+        pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
+        return jnp.mean(_per_sample(div, y, pred, reduction))
 
     return loss_fn
 
@@ -296,7 +568,7 @@ def ot_pairs(
 
 def marginal_fm(
     apply_fn: ApplyFn,
-    coupling: JointGaussianMixture,
+    coupling: JointGaussianMixture | PreparedCoupling,
     schedule: Schedule | None,
     batch_size: int,
     *,
@@ -304,36 +576,45 @@ def marginal_fm(
     target: str = "velocity",
     sigma_min: float | None = None,
     reduction: str = "sum",
+    bregman: Bregman | None = None,
 ) -> LossFn:
     """Flow matching with the exact marginal target of a Gaussian-mixture coupling.
 
-    loss = mean_i |apply_fn(params, t_i, x_t,i) - y(t_i, x_t,i)|^2 with y = u_t (exact marginal
-    velocity, ``fmjax.exact.velocity`` with one t per point), or E[X1 | x_t], E[X0 | x_t] (by
-    ``fmjax.convert``). Its gradient has the same expectation as ``cfm``'s and its value is
-    lower by the loss floor. Arguments as ``cfm``, with the coupling in place of sample_pairs.
+    loss = mean_i D(y(t_i, x_t,i), apply_fn(params, t_i, x_t,i)) with y = u_t (exact marginal
+    velocity, ``fmjax.exact.velocity`` with one t per point), E[X1 | x_t], E[X0 | x_t] (by
+    ``fmjax.convert``), the exact drift u + gamma dgamma s, or the exact denoiser -gamma s.
+    For a Bregman D its gradient has the same expectation as ``cfm``'s and its value is lower by
+    the loss floor. Arguments as ``cfm``, with the coupling (a ``JointGaussianMixture`` or an
+    ``exact.prepare``d one, sampled through ``.coupling``) in place of sample_pairs; the
+    "velocity" target is allowed for any noise here (the exact target is finite).
     """
-    _check_common("marginal_fm", "batch_size", batch_size, target, reduction)
-    _check_coupling("marginal_fm", coupling)
+    div = _check_common("marginal_fm", "batch_size", batch_size, target, reduction, bregman)
+    sample_pairs = _check_coupling("marginal_fm", coupling)
     schedule = _resolve_schedule("marginal_fm", schedule, sigma_min)
+    _check_target_noise("marginal_fm", schedule, target, conditional=False)
     times = _time_sampler("marginal_fm", time_sampler)
 
     def loss_fn(params, key):
-        t, _, _, xt = _draw("marginal_fm", coupling.sample, times, schedule, key, batch_size)
+        t, _, _, _, xt = _draw("marginal_fm", sample_pairs, times, schedule, key, batch_size)
         y = jax.lax.stop_gradient(_exact_target(coupling, schedule, target, t, xt))
-        return jnp.mean(_per_sample(apply_fn(params, t, xt) - y, reduction))
+        pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
+        return jnp.mean(_per_sample(div, y, pred, reduction))
 
     return loss_fn
 
 
-def _check_coupling(fn, coupling):
+def _check_coupling(fn, coupling) -> PairSampler:
+    """The coupling's pair sampler (``.coupling.sample`` for a PreparedCoupling)."""
     _checks.check_instance(
-        f"losses.{fn}", "coupling", coupling, JointGaussianMixture,
-        "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two mixtures)",
+        f"losses.{fn}", "coupling", coupling, (JointGaussianMixture, PreparedCoupling),
+        "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two mixtures) or an "
+        "exact.prepare(...)",
     )  # fmt: skip
+    return coupling.coupling.sample if isinstance(coupling, PreparedCoupling) else coupling.sample
 
 
 def loss_floor(
-    coupling: JointGaussianMixture,
+    coupling: JointGaussianMixture | PreparedCoupling,
     schedule: Schedule | None,
     n: int,
     *,
@@ -343,42 +624,45 @@ def loss_floor(
     sigma_min: float | None = None,
     reduction: str = "sum",
     chunk_size: int = 4096,
+    bregman: Bregman | None = None,
 ) -> LossFloor:
-    """Irreducible CFM loss E|y_cond - E[y_cond | X_t]|^2 by Monte Carlo with the exact u_t.
+    """Irreducible CFM loss E D(y_cond, E[y_cond | X_t]) by Monte Carlo with the exact targets.
 
     ``cfm(...)(params, key)`` is, in expectation, ``marginal_fm(...)(params, key) + floor``;
     no model can go below the floor. Same arguments and conventions as ``cfm``.
 
     Args:
-        coupling: the joint mixture of (X0, X1).
-        schedule: affine schedule (or None with ``sigma_min``).
+        coupling: the joint mixture of (X0, X1), or an ``exact.prepare``d one.
+        schedule: affine schedule (or None with ``sigma_min``), with or without noise.
         n: number of Monte Carlo samples (static).
         key: PRNG key.
-        time_sampler, target, sigma_min, reduction: as in ``cfm``.
+        time_sampler, target, sigma_min, reduction, bregman: as in ``cfm``.
         chunk_size: points per exact-velocity evaluation (memory bound; static).
 
     Returns:
         ``LossFloor(mean, stderr)``: the estimate and its Monte Carlo standard error.
     """
-    _check_common("loss_floor", "n", n, target, reduction)
+    div = _check_common("loss_floor", "n", n, target, reduction, bregman)
     _check_coupling("loss_floor", coupling)
     _checks.check_key("losses.loss_floor", "key", key)
     schedule = _resolve_schedule("loss_floor", schedule, sigma_min)
+    _check_target_noise("loss_floor", schedule, target, conditional=True)
     times = _time_sampler("loss_floor", time_sampler)
     chunk_size = _checks.check_int("losses.loss_floor", "chunk_size", chunk_size, 1)
-    terms = _floor_terms(coupling, schedule, key, int(n), times, target, reduction, chunk_size)
+    terms = _floor_terms(coupling, schedule, key, div, int(n), times, target, reduction, chunk_size)
     return LossFloor(jnp.mean(terms), jnp.std(terms, ddof=1) / math.sqrt(n))  # NaN for n = 1
 
 
 @functools.partial(jax.jit, static_argnames=("n", "times", "target", "reduction", "chunk_size"))
-def _floor_terms(coupling, schedule, key, n, times, target, reduction, chunk_size):
-    """Per-sample |y_cond - E[y_cond | x_t]|^2, shape (n,), exact targets in chunks."""
-    t, x0, x1, xt = _draw("loss_floor", coupling.sample, times, schedule, key, n)
-    y = _conditional_target(schedule, target, t, x0, x1)
+def _floor_terms(coupling, schedule, key, div, n, times, target, reduction, chunk_size):
+    """Per-sample D(y_cond, E[y_cond | x_t]), shape (n,), exact targets in chunks."""
+    pairs = coupling.coupling.sample if isinstance(coupling, PreparedCoupling) else coupling.sample
+    t, x0, x1, z, xt = _draw("loss_floor", pairs, times, schedule, key, n)
+    y = _conditional_target(schedule, target, t, x0, x1, z)
 
     def one(args):
         ti, xi, yi = args
-        return _per_sample(yi - _exact_target(coupling, schedule, target, ti, xi), reduction)
+        return _per_sample(div, yi, _exact_target(coupling, schedule, target, ti, xi), reduction)
 
     return jax.lax.map(one, (t[:, None], xt[:, None], y[:, None]), batch_size=min(chunk_size, n))[
         :, 0

@@ -118,6 +118,12 @@ def sde_callable_diffusion(params, x, key):
     return sample.sde(_learned(params), s, x, key=key, diffusion=_diffusion, steps=4).x
 
 
+def sde_with_score(params, x, key):
+    """A given score (here the learned field itself): any source, no derivation."""
+    f = _learned(params)
+    return sample.sde(f, schedules.linear(), x, key=key, steps=4, score=f).x
+
+
 def log_likelihood(params, x, key):
     del key
     return likelihood.log_likelihood(_learned(params), x, solver="midpoint", steps=4).log_prob
@@ -239,6 +245,7 @@ ENTRIES = [
     exact_noisy,
     exact_noisy_prepared,
     exact_map_prepared,
+    sde_with_score,
 ]
 ids = [f.__name__ for f in ENTRIES]
 

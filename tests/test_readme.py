@@ -15,6 +15,7 @@ MARKERS = {
     "exact": "fmjax.exact.evaluate(coupling",
     "learn": "losses.loss_floor(coupling",
     "devices": "sharding.data_mesh()",
+    "interpolants": "with_noise(schedules.brownian",
 }
 
 
@@ -72,3 +73,19 @@ def test_many_devices_example():
         env["fmjax"].exact.velocity(env["coupling"], env["s"], 0.5, env["x"]),
         rtol=1e-5,
     )
+
+
+def test_stochastic_interpolants_example():
+    """SDE from a 2-mode source reaches the 3 target modes; u_hat = u, finite at t = 0, 1."""
+    env = _run("interpolants")
+    x1 = np.asarray(env["x1"])[:, 0]
+    assert x1.shape == (2000,)
+    # mode masses 0.3 / 0.4 / 0.3 (binomial sd ~0.011 for n = 2000; 0.06 leaves room for bias)
+    for lo, hi, w in ((-np.inf, -3.0, 0.3), (-3.0, 3.0, 0.4), (3.0, np.inf, 0.3)):
+        assert abs(np.mean((x1 > lo) & (x1 < hi)) - w) < 0.06
+    t, x = jnp.array([0.0, 0.5, 1.0]), jnp.array([[-2.0], [0.5], [4.0]])
+    np.testing.assert_allclose(env["u_hat"](t, x), env["u"](t, x), rtol=1e-4, atol=1e-4)
+    assert np.all(np.isfinite(env["u_hat"](t, x)))
+    params = env["models"].init(env["model"], key=jax.random.key(0))
+    for loss in (env["drift_loss"], env["score_loss"]):
+        assert np.isfinite(float(loss(params, jax.random.key(1))))

@@ -529,3 +529,125 @@ def test_draw_source_refuses_float16():
     with pytest.raises(TypeError, match=r"sample.draw_source: `dtype` must be of dtype float32"):
         sample.draw_source(jax.random.key(0), 4, 2, dtype=jnp.float16)
     assert sample.draw_source(jax.random.key(0), 4, 2, dtype=jnp.float32).dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- SDE from any source
+
+
+def _engine_has_gamma():
+    """Whether fmjax.exact handles a schedule with noise (branch ENGINE-GAMMA merged)."""
+    c = fmjax.random_joint_mixture(jax.random.key(0), 2, 2)
+    noisy = schedules.linear().with_noise(schedules.brownian())
+    try:
+        cov = fmjax.exact.marginal(c, noisy, 0.5).covs
+    except Exception:  # noqa: BLE001 - an engine without gamma may refuse the schedule
+        return False
+    return not np.allclose(cov, fmjax.exact.marginal(c, schedules.linear(), 0.5).covs)
+
+
+def _gmm_to_gmm():
+    """Source: 2 components; target: 3 well-separated components (float64)."""
+    eye = jnp.eye(D)
+    p0 = fmjax.GaussianMixture(
+        jnp.array([0.4, 0.6]), jnp.array([[-2.0, 0.0], [1.5, 1.0]]),
+        jnp.stack([0.5 * eye, jnp.array([[0.6, 0.2], [0.2, 0.3]])]),
+    )  # fmt: skip
+    p1 = fmjax.GaussianMixture(
+        jnp.array([0.2, 0.5, 0.3]), jnp.array([[-4.0, 3.0], [0.0, -3.0], [4.0, 2.0]]),
+        jnp.stack([0.3 * eye, jnp.array([[0.5, -0.2], [-0.2, 0.4]]), 0.2 * eye]),
+    )  # fmt: skip
+    return p0, p1, fmjax.independent_coupling(p0, p1)
+
+
+def _mode_stats(p1, x):
+    """Fractions, means, covariances of x split by the most responsible target component."""
+    import scipy.stats
+
+    x = np.asarray(x)
+    comps = zip(*(np.asarray(a) for a in (p1.weights, p1.means, p1.covs)), strict=True)
+    logp = [np.log(w) + scipy.stats.multivariate_normal(m, c).logpdf(x) for w, m, c in comps]
+    lab = np.argmax(np.stack(logp, -1), -1)
+    return [(np.mean(lab == k), x[lab == k].mean(0), np.cov(x[lab == k].T)) for k in range(3)]
+
+
+def _check_modes(p1, x, ref, n):
+    """Two-sample checks per mode, 5 standard errors: weight, mean, covariance entries."""
+    ok = True
+    for (w, m, c), (w_ref, m_ref, c_ref) in zip(
+        _mode_stats(p1, x), _mode_stats(p1, ref), strict=True
+    ):
+        ok &= abs(w - w_ref) < 5 * np.sqrt(2 * w_ref * (1 - w_ref) / n)
+        nk = w_ref * n
+        ok &= bool(np.all(np.abs(m - m_ref) < 5 * np.sqrt(2 * np.diag(c_ref) / nk)))
+        var = np.outer(np.diag(c_ref), np.diag(c_ref)) + c_ref**2  # var of a sample cov entry
+        ok &= bool(np.all(np.abs(c - c_ref) < 5 * np.sqrt(2 * var / nk)))
+    return ok
+
+
+_NOISY_SDE = [
+    schedules.linear(),
+    pytest.param(
+        schedules.linear().with_noise(schedules.brownian(1.0)),
+        marks=pytest.mark.skipif(not _engine_has_gamma(), reason="exact engine without gamma"),
+    ),
+]
+
+
+@pytest.mark.parametrize("sched", _NOISY_SDE, ids=lambda s: s.name)
+def test_sde_with_exact_score_carries_gmm_to_gmm(x64, sched):
+    """dX = [u + eps s] dt + sqrt(2 eps) dW (eps = g^2 / 2 = 0.5) with the exact drift and
+    score carries a 2-component source to the 3-component target: per-mode weights, means and
+    covariances of 4000 samples match 4000 exact target samples within 5 two-sample standard
+    errors (200 Euler-Maruyama steps; the bias of the step is below that). Control: the score
+    of the source-free N(0, I) problem (a wrong score) fails.
+    """
+    p0, p1, c = _gmm_to_gmm()
+    n = 4000
+    x0 = p0.sample(jax.random.key(30), n)
+    ref = p1.sample(jax.random.key(31), n)
+    u = functools.partial(fmjax.exact.velocity, c, sched)
+    s = functools.partial(fmjax.exact.score, c, sched)
+    kw = dict(key=jax.random.key(32), diffusion=1.0, steps=200, brownian="unsafe")
+    out = sample.sde(u, sched, x0, score=s, **kw)
+    assert _check_modes(p1, out.x, ref, n)
+    wrong_c = fmjax.independent_coupling(mixtures.standard_normal(D, jnp.float64), p1)
+    wrong = sample.sde(
+        u, sched, x0, score=functools.partial(fmjax.exact.score, wrong_c, sched), **kw
+    )
+    assert not _check_modes(p1, wrong.x, ref, n)
+
+
+def test_sde_without_score_refuses_where_it_cannot_derive_one(x64):
+    p0, p1, c = _gmm_to_gmm()
+    s = schedules.linear()
+    x0 = jnp.zeros((4, D))
+    k = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"sample.sde: `score` must be given"):
+        sample.sde(functools.partial(fmjax.exact.velocity, c, s), s, x0, key=k)
+    with pytest.raises(ValueError, match="`score`"):
+        sample.sde(fmjax.exact.velocity_field(c, s), s, x0, key=k)
+    noisy = s.with_noise(schedules.brownian())
+    with pytest.raises(ValueError, match="latent noise"):
+        sample.sde(lambda t, x: -x, noisy, x0, key=k)
+    with pytest.raises(TypeError, match="`score`"):
+        sample.sde(lambda t, x: -x, s, x0, key=k, score=3.0)
+    # control: an N(0, I) source is accepted without a score, forward and reversed
+    good = fmjax.independent_coupling(mixtures.standard_normal(D, jnp.float64), p1)
+    sample.sde(functools.partial(fmjax.exact.velocity, good, s), s, x0, key=k, steps=4)
+    rev = fmjax.independent_coupling(p1, mixtures.standard_normal(D, jnp.float64))
+    sample.sde(fmjax.exact.velocity_field(rev, s), s, x0, key=k, steps=4, time="reversed")
+
+
+def test_sde_with_score_matches_derived_score(x64):
+    """For an N(0, I) source, passing the exact score equals deriving it from the velocity."""
+    c, _ = _problem(jax.random.key(33))
+    s = schedules.cosine()
+    v = functools.partial(fmjax.exact.velocity, c, s)
+    x0 = sample.draw_source(jax.random.key(34), 16, D, dtype=jnp.float64)
+    kw = dict(key=jax.random.key(35), diffusion=lambda t: 0.5 + t, steps=20, brownian="unsafe")
+    derived = sample.sde(v, s, x0, **kw).x
+    given = sample.sde(v, s, x0, score=functools.partial(fmjax.exact.score, c, s), **kw).x
+    np.testing.assert_allclose(given, derived, atol=1e-8)
+    # eps = 0 (no denoising step) is allowed with a given score and g(1) != 0
+    out = sample.sde(v, s, x0, eps=0.0, score=functools.partial(fmjax.exact.score, c, s), **kw)
+    assert bool(jnp.all(jnp.isfinite(out.x)))

@@ -24,6 +24,10 @@ Experiments (``EXPERIMENTS`` maps names to functions, ``CONFIGS`` to config clas
   time each settles on the modes.
 * ``cfm_equals_fm``: gradients of the conditional and the marginal (exact-target) losses agree:
   cosine similarity to the exact gradient vs batch size.
+* ``stochastic_interpolants``: x_t = b x0 + a x1 + gamma z between Gaussian mixtures (2-D one
+  Gaussian -> 3 components; 1-D +-3 -> -6, 0, 6), linear and trig with gamma = 0 / brownian:
+  exact density over (t, x), ODE and SDE samples from exact and learned drift + score, energy
+  distances to the target.
 
 Times always stay in each schedule's valid interval (``schedule.interval``): the VP schedule's
 ends at 1 - 1e-3, before its singularity at t = 1.
@@ -52,6 +56,12 @@ from fmjax.experiments.ot_vs_vp import OTvsVPConfig as OTvsVPConfig
 from fmjax.experiments.ot_vs_vp import ot_vs_vp as ot_vs_vp
 from fmjax.experiments.registry import CONFIGS as CONFIGS
 from fmjax.experiments.registry import EXPERIMENTS as EXPERIMENTS
+from fmjax.experiments.stochastic_interpolants import SIConfig as SIConfig
+from fmjax.experiments.stochastic_interpolants import si_problems as si_problems
+from fmjax.experiments.stochastic_interpolants import si_table as si_table
+from fmjax.experiments.stochastic_interpolants import (
+    stochastic_interpolants as stochastic_interpolants,
+)
 from fmjax.experiments.train_model import TrainConfig as TrainConfig
 from fmjax.experiments.train_model import TrainedModel as TrainedModel
 from fmjax.experiments.train_model import load_model as load_model
@@ -82,4 +92,8 @@ __all__ = [
     "ot_vs_vp",
     "quick_from_env",
     "train_model",
+    "SIConfig",
+    "si_problems",
+    "si_table",
+    "stochastic_interpolants",
 ]

@@ -11,6 +11,14 @@ continuity equation). The score is singular where b_t = 0 (the data end), so the
 [t_min, t_max - eps] of the schedule's valid interval and one Euler step of the ODE (g = 0), the
 denoising step, covers [t_max - eps, t_max].
 
+With a score field given (``score=``, e.g. ``functools.partial(fmjax.exact.score, c, s)`` or one
+learned by the "score" target of ``fmjax.losses``), nothing is derived: the SDE above holds for any
+source, any coupling and stochastic interpolants (latent noise gamma_t z), with u the
+probability-flow velocity. In the notation eps(t) = g(t)^2 / 2 of Albergo, Boffi &
+Vanden-Eijnden, dX = [u + eps s] dt + sqrt(2 eps) dW. Without ``score=`` the derivation above is
+used, valid only for an N(0, I) source and no latent noise: a schedule with noise, or an exact
+field whose coupling has another source, is refused.
+
 Reversed time (data at s = 0, noise at s = 1): the velocity is v_s = dx/ds, the schedule reads
 x_s = b_s x_data + a_s x_noise and g is a function of s. With t = 1 - s this is the forward
 problem u_t(x) = -v_{1-t}(x), a_t = b_{1-t}, b_t = a_{1-t}, g(t) <- g(1 - t), on the flipped
@@ -92,6 +100,17 @@ class _Flipped:
         return -self.velocity(1.0 - t, x)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["score"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class _FlippedScore:
+    """Forward-clock score s_t(x) = s_{1-t}(x) of a reversed-time score (no sign change)."""
+
+    score: Callable
+
+    def __call__(self, t, x):
+        return self.score(1.0 - t, x)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["g"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class _FlipG:
@@ -132,8 +151,11 @@ def _as_diffusion(fn: str, diffusion) -> Callable[[Array], Array]:
     return _Constant(jnp.asarray(g))
 
 
-def _check_diffusion(fn: str, g, eps: float, interval: tuple[float, float], *inputs) -> None:
-    """g must be finite, >= 0 and scalar on the interval, and vanish at its end when eps = 0.
+def _check_diffusion(
+    fn: str, g, eps: float, interval: tuple[float, float], *inputs, derived: bool = True
+) -> None:
+    """g must be finite, >= 0 and scalar on the interval, and vanish at its end when eps = 0
+    (only for the derived score, singular there; a given score is the caller's to judge).
 
     Runs only when everything is concrete (never under a trace): a probe of g on 33 times.
     """
@@ -154,7 +176,7 @@ def _check_diffusion(fn: str, g, eps: float, interval: tuple[float, float], *inp
     if not np.all(np.isfinite(vals) & (vals >= 0)):
         bad = float(vals[~(np.isfinite(vals) & (vals >= 0))][0])
         _checks.fail(fn, "diffusion", f"finite and >= 0 on {where}", bad)
-    if eps == 0 and vals[-1] != 0:
+    if derived and eps == 0 and vals[-1] != 0:
         _checks.fail(
             fn,
             "diffusion",
@@ -171,13 +193,17 @@ class _SDEArgs(NamedTuple):
     velocity: Velocity
     schedule: Schedule
     diffusion: Callable
+    score: Callable | None
 
 
 def _sde_drift(t, x, args: _SDEArgs):
     u = args.velocity(t, x)
     g = args.diffusion(t)
     g2 = g * g
-    s = convert.velocity_to_score(args.schedule, t, x, u)
+    if args.score is None:
+        s = convert.velocity_to_score(args.schedule, t, x, u)
+    else:
+        s = args.score(t, x)
     # Where g = 0 (e.g. g(t_max) = 0 with eps = 0) drop the score term: it may be inf there.
     return jnp.where(g2 > 0, u + 0.5 * g2 * s, u)
 
@@ -251,21 +277,29 @@ def sde(
     brownian: str = "virtual",
     time: str = "forward",
     save_trajectory: bool = False,
+    score: Velocity | None = None,
 ) -> SDESolution:
     """Sample with the Ito SDE dX = [u + g^2/2 score] dt + g dW, which keeps the marginals p_t.
 
-    The score comes from the velocity (module docstring), valid for Gaussian x0 ~ N(0, I) and
-    the affine ``schedule`` the velocity was built with. ``diffusion = 0`` gives the ODE. Works
-    under an outer ``jax.jit`` and ``jax.vmap`` (over ``x0`` and ``key``); the diffusion is checked
-    only when it can be evaluated concretely.
+    With ``score=`` any source and any (stochastic) interpolant works: eps(t) = g(t)^2 / 2 in
+    the notation dX = [u + eps s] dt + sqrt(2 eps) dW. Without it the score comes from the
+    velocity (module docstring), valid only for Gaussian x0 ~ N(0, I), no latent noise, and the
+    affine ``schedule`` the velocity was built with; a schedule with noise, or an exact field
+    (``exact.velocity_field`` or ``partial(exact.velocity, coupling, ...)``) whose coupling's
+    source is not an independent N(0, I), raises. ``diffusion = 0`` gives the ODE. Works under
+    an outer ``jax.jit`` and ``jax.vmap`` (over ``x0`` and ``key``); the diffusion is checked only
+    when it can be evaluated concretely.
 
     Args:
-        velocity: ``(t, x) -> (..., d)`` (in the caller's clock, see ``time``).
+        velocity: ``(t, x) -> (..., d)`` (in the caller's clock, see ``time``); with noise the
+            probability-flow velocity (``exact.velocity``, or ``convert.drift_to_velocity`` of a
+            learned drift and score).
         schedule: the affine schedule of the velocity; its valid interval [t_min, t_max] is the
             time span of the solve.
-        x0: source samples from N(0, I) at t_min, shape (..., d).
+        x0: source samples at t_min, shape (..., d) (from N(0, I) unless ``score`` is given).
         key: PRNG key of the Brownian motion (keyword-only).
-        diffusion: g(t) >= 0, a number or an elementwise callable of the caller's time.
+        diffusion: g(t) >= 0, a number or an elementwise callable of the caller's time
+            (eps(t) = g(t)^2 / 2; upstream's eps = 2 is ``diffusion=2.0``).
         steps: total number of equal steps, including the final denoising ODE step.
         solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise).
         eps: the SDE runs on [t_min, t_max - eps], then one Euler ODE step covers the rest.
@@ -276,6 +310,9 @@ def sde(
         time: "forward" (t = 0 noise, t = 1 data) or "reversed" (s = 0 data, s = 1 noise;
             the velocity is dx/ds and the schedule reads x_s = b_s x_data + a_s x_noise).
         save_trajectory: also return the states on the step grid.
+        score: the score grad log p_t, ``(t, x) -> (..., d)`` in the caller's clock (exact, e.g.
+            ``functools.partial(fmjax.exact.score, coupling, schedule)``, or learned). With a
+            score, ``eps=0`` is allowed for any g (the score must then be finite at t_max).
 
     Returns:
         ``SDESolution(x, ts, xs, nfe, num_steps)``.
@@ -293,15 +330,21 @@ def sde(
     steps = _checks.check_int(fn, "steps", steps)
     _checks.check_choice(fn, "brownian", brownian, ("virtual", "unsafe"))
     _checks.check_choice(fn, "time", time, ("forward", "reversed"))
+    if score is None:
+        _check_derived_score(fn, schedule, velocity, time)
+    else:
+        _checks.check_callable(fn, "score", score, "None or a callable (t, x) -> (..., d)")
+        score = _solve.as_pytree(score)
     velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
     if time == "reversed":
         velocity, schedule, g = _Flipped(velocity), _flip_schedule(schedule), _FlipG(g)
+        score = None if score is None else _FlippedScore(score)
     eps = _check_eps(fn, eps, steps, schedule.interval)
-    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity)
+    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity, derived=score is None)
 
     t_min, t_max = schedule.interval
     n_sde = steps - 1 if eps > 0 else steps
-    args = _SDEArgs(velocity, schedule, g)
+    args = _SDEArgs(velocity, schedule, g, score)
     sol = _solve_sde(name, brownian, args, x0, key, t_min, t_max - eps, n_sde, save_trajectory)
     x, num_steps = sol.ys[-1], sol.stats["num_steps"]
     nfe = _SDE_DRIFT_EVALS[name] * num_steps
@@ -311,6 +354,43 @@ def sde(
     if not save_trajectory:
         return SDESolution(x, None, None, nfe, num_steps)
     return SDESolution(x, *_trajectory(sol, x, eps, t_min, t_max, n_sde, time), nfe, num_steps)
+
+
+def _exact_coupling(velocity):
+    """The coupling behind an exact velocity field or partial of exact.velocity, else None."""
+    from fmjax import exact  # the sampler does not otherwise depend on the engine
+
+    c = None
+    if isinstance(velocity, exact.VelocityField):
+        c = velocity.coupling
+    elif isinstance(velocity, functools.partial | jax.tree_util.Partial):
+        if velocity.func is exact.velocity and velocity.args:
+            c = velocity.args[0]
+    if isinstance(c, exact.PreparedCoupling):
+        c = c.coupling
+    return c
+
+
+def _check_derived_score(fn: str, schedule: Schedule, velocity, time: str) -> None:
+    """Refuse the score-from-velocity derivation where it is known to be wrong."""
+    ask = "given (score=(t, x) -> grad log p_t, e.g. partial(fmjax.exact.score, c, schedule))"
+    if schedule.has_noise:
+        _checks.fail(fn, "score", f"{ask}: with latent noise ({schedule.name}) the score does "
+                     "not follow from the velocity", None)  # fmt: skip
+    c = _exact_coupling(velocity)
+    if c is None or not _checks.is_concrete(c.means, c.covs):
+        return
+    d = c.dim
+    src = slice(0, d) if time == "forward" else slice(d, 2 * d)  # reversed: noise is "x1"
+    means, covs = np.asarray(c.means), np.asarray(c.covs)
+    standard = (
+        np.allclose(means[:, src], 0.0)
+        and np.allclose(covs[:, src, src], np.eye(d))
+        and not np.any(covs[:, :d, d:])
+    )
+    if not standard:
+        _checks.fail(fn, "score", f"{ask}: the exact field's source is not an independent "
+                     "N(0, I), so the score does not follow from the velocity", None)  # fmt: skip
 
 
 def _trajectory(sol, x, eps, t_min, t_max, n_sde, time):
