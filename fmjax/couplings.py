@@ -10,6 +10,7 @@ tells whether the path covariance S_t stays positive definite on a schedule's in
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -83,6 +84,7 @@ def _sym(a):
     return 0.5 * (a + _t(a))
 
 
+@jax.jit
 def _pair_terms(s0, s1, sigma):
     """For SPD s0, s1 (..., d, d): the cross-covariance Cov(X0, X1) of the (entropic) optimal
     coupling and tr (s0^{1/2} s1 s0^{1/2})^{1/2}.
@@ -106,10 +108,11 @@ def _pair_terms(s0, s1, sigma):
     return cross, jnp.sum(jnp.sqrt(mu), axis=-1)
 
 
+@jax.jit
 def _bures(m0, s0, m1, s1):
     """W2^2 between N(m0, s0) and N(m1, s1) (broadcast over leading axes) and the OT
     cross-covariance s0 A (A the symmetric Bures map)."""
-    cross, tr_root = _pair_terms(s0, s1, 0.0)
+    cross, tr_root = _pair_terms(s0, s1, jnp.zeros((), s0.dtype))
     w2 = (
         jnp.sum((m0 - m1) ** 2, axis=-1)
         + jnp.trace(s0, axis1=-2, axis2=-1)
@@ -119,6 +122,7 @@ def _bures(m0, s0, m1, s1):
     return jnp.maximum(w2, 0.0), cross
 
 
+@functools.partial(jax.jit, static_argnames="exact_ot")
 def _joint(weights, m0, s0, m1, s1, cross, exact_ot: bool) -> JointGaussianMixture:
     """Joint mixture with blocks [[s0, cross], [cross^T, s1]] per component."""
     if exact_ot:
