@@ -8,6 +8,12 @@ Gaussian with
 so v_t^k(x) = dmu_t + C_t S_t^{-1} (x - mu_t) and u_t(x) = sum_k alpha_t^k(x) v_t^k(x), with
 alpha_t^k(x) proportional to pi_k N(x; mu_t, S_t) (the X_t block only).
 
+A schedule with latent noise (``schedule.noise``, the stochastic interpolant
+x_t = b x0 + a x1 + gamma z with z ~ N(0, I) independent of the coupling) adds gamma^2 I to S_t
+and gamma dgamma I to C_t (only the product, finite at t = 0, 1 where dgamma may not be), so
+u_t is then the probability-flow drift E[dX_t | X_t = x], the dgamma z part included, and
+``marginal`` includes the gamma^2 I.
+
 Per time and component there is one Cholesky factor L (S_t = L L^T), W = L^{-1} (triangular
 solve) and M = C_t L^{-T}; per point,
     z = W (x - mu_t),  v = dmu_t + M z,  score_k = -W^T z,  log N = -|z|^2 / 2 - log|L| - ...
@@ -39,6 +45,16 @@ under jit and vmap), so an ODE solve with ``velocity_field(prepare(c), s)`` fact
 step. Without ``prepare``, a concrete (not traced) independent coupling evaluated with one t
 per point is detected and factored at call time; a traced coupling, or one with any
 cross-covariance, keeps the per-time Cholesky path.
+
+Latent noise adds gamma^2 V^T V to V^T S_t V, which stays diagonal iff V^T V is diagonal. With
+mu = diag(V^T V), den = b^2 + a^2 lam + gamma^2 mu and r = (b db + a da lam + gamma dgamma mu)
+/ den, all of the above holds unchanged. V^T V is diagonal (checked per coupling by ``prepare``,
+to max(1e-10, 1e3 eps) relative, flag ``PreparedCoupling.noise_diagonal``) when in every
+component S00 is a multiple of I (V^T V = I / c: a standard normal or any isotropic source),
+or S11 is a multiple of I (V^T V = diag(lam) / c: an isotropic target), or more generally S00
+and S11 commute with distinct generalised eigenvalues. For other independent couplings a
+schedule with noise takes the per-time Cholesky path (correct, K d^3 per distinct time); a
+schedule without noise keeps the time-free path.
 """
 
 from __future__ import annotations
@@ -106,13 +122,22 @@ class _Factors(NamedTuple):
 
 
 def _path_blocks(c: JointGaussianMixture, sched: Schedule, t):
-    """Per-component mean, velocity mean, covariance and cross-covariance of (X_t, dX_t)."""
+    """Per-component mean, velocity mean, covariance and cross-covariance of (X_t, dX_t).
+
+    Latent noise gamma_t z (z independent of the coupling) adds gamma^2 I to the covariance and
+    gamma dgamma I to Cov(dX_t, X_t); only the product gamma dgamma is used (finite at the ends).
+    """
     a, b, da, db = sched(t)
     m0, m1, s00, s01, s10, s11 = c.blocks()
     mu = b * m0 + a * m1
     dmu = db * m0 + da * m1
     cov = b * b * s00 + a * b * (s01 + s10) + a * a * s11
     cross = b * db * s00 + a * db * s01 + b * da * s10 + a * da * s11
+    if sched.has_noise:
+        g, _, g_dg = sched.gamma(t)
+        eye = jnp.eye(mu.shape[-1], dtype=cov.dtype)[None]
+        cov = cov + (g * g) * eye
+        cross = cross + g_dg * eye
     return mu, dmu, cov, cross
 
 
@@ -280,6 +305,7 @@ class _Pencil(NamedTuple):
     v: Float[Array, "K d d"]  # V = L^{-T} U: V^T S00 V = I, V^T S11 V = diag(lam)
     s00v: Float[Array, "K d d"]  # S00 V = L U = V^{-T}
     lam: Float[Array, "K d"]
+    gram: Float[Array, "K d"]  # diag(V^T V): the latent noise's gamma^2 I in this basis
 
 
 def _pencil(c: JointGaussianMixture) -> _Pencil:
@@ -296,7 +322,21 @@ def _pencil(c: JointGaussianMixture) -> _Pencil:
     log_w = jnp.log(c.weights) + log_det_v - 0.5 * d * math.log(2 * math.pi)
     p0 = jnp.einsum("kij,ki->kj", v, m0, precision="highest")
     p1 = jnp.einsum("kij,ki->kj", v, m1, precision="highest")
-    return _Pencil(log_w, m0, m1, p0, p1, v, s00v, lam)
+    gram = jnp.sum(v * v, axis=-2)  # (V^T V)_jj, column norms squared
+    return _Pencil(log_w, m0, m1, p0, p1, v, s00v, lam, gram)
+
+
+def _gram_is_diagonal(f: _Pencil) -> bool:
+    """Whether V^T V is diagonal in every component (to ``max(1e-10, 1e3 eps)`` relative), so
+    that latent noise gamma^2 I stays diagonal in the pencil basis. ``False`` when traced."""
+    if isinstance(f.v, jax.core.Tracer):
+        return False
+    v = np.asarray(f.v, np.float64)
+    gram = np.einsum("kij,kil->kjl", v, v)
+    norm = np.sqrt(np.einsum("kjj->kj", gram))
+    off = gram / (norm[:, :, None] * norm[:, None, :]) - np.eye(v.shape[-1])
+    tol = max(1e-10, 1e3 * float(np.finfo(f.v.dtype).eps))
+    return bool(np.max(np.abs(off), initial=0.0) <= tol)
 
 
 def _pad_pencil(f: _Pencil, k_pad: int) -> _Pencil:
@@ -317,23 +357,31 @@ def _pad_pencil(f: _Pencil, k_pad: int) -> _Pencil:
         cat([f.v, eye]),
         cat([f.s00v, eye]),
         cat([f.lam, jnp.ones((extra, d), f.lam.dtype)]),
+        cat([f.gram, jnp.ones((extra, d), f.gram.dtype)]),
     )
 
 
 def _coeffs(sched: Schedule, t):
-    """a, b, da, db shaped (1, 1, 1) for a scalar t or (N, 1, 1) for one t per point."""
-    return tuple(jnp.reshape(u, (-1, 1, 1)) for u in sched(t))
+    """a, b, da, db, gamma^2, gamma dgamma shaped (1, 1, 1) for a scalar t or (N, 1, 1) for one
+    t per point (the last two ``None`` without noise)."""
+    a, b, da, db = (jnp.reshape(u, (-1, 1, 1)) for u in sched(t))
+    if not sched.has_noise:
+        return a, b, da, db, None, None
+    g, _, g_dg = sched.gamma(t)
+    return a, b, da, db, jnp.reshape(g * g, (-1, 1, 1)), jnp.reshape(g_dg, (-1, 1, 1))
 
 
 def _free_terms(f: _Pencil, coeffs, x, precision):
     """Whitened coordinates y (N, B, d), 1 / den (N or 1, B, d) and log pi N (N, B)."""
     n, d = x.shape
     bsz = f.m0.shape[0]
-    a, b, _, _ = coeffs
+    a, b, _, _, g2, _ = coeffs
     vs = jnp.transpose(f.v, (1, 0, 2)).reshape(d, bsz * d)  # column (k, j) = V_k[:, j]
     y = jnp.matmul(x, vs, precision=precision).reshape(n, bsz, d)
     y = y - (b * f.p0[None] + a * f.p1[None])
     den = b * b + a * a * f.lam[None]
+    if g2 is not None:
+        den = den + g2 * f.gram[None]
     inv = 1.0 / den
     logp = f.log_w[None] - 0.5 * (jnp.sum(y * y * inv, -1) + jnp.sum(jnp.log(den), -1))
     return y, inv, logp
@@ -350,7 +398,7 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
         lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad_pencil(f, n_blocks * bsz)
     )
     coeffs = _coeffs(sched, t)
-    a, b, da, db = coeffs
+    a, b, da, db, _, g_dg = coeffs
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
 
@@ -359,7 +407,8 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
         y, inv, logp = _free_terms(fb, coeffs, x, precision)
         new_mx, scale, p, tot = _lse_block(mx, tot, logp)
         if need_v:
-            r = (b * db + a * da * fb.lam[None]) * inv
+            rn = b * db + a * da * fb.lam[None]
+            r = (rn if g_dg is None else rn + g_dg * fb.gram[None]) * inv
             q = (p[:, :, None] * r * y).reshape(n, bsz * d)
             back = jnp.swapaxes(fb.s00v, -1, -2).reshape(bsz * d, d)  # row (k, j) = (S00 V)_k[:, j]
             means = db[:, 0] * jnp.matmul(p, fb.m0, precision=precision) + da[:, 0] * jnp.matmul(
@@ -393,13 +442,13 @@ def _responsibilities_free(f: _Pencil, sched: Schedule, t, x, precision):
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["coupling", "factors"],
-    meta_fields=["independent"],
+    meta_fields=["independent", "noise_diagonal"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, as the mixtures are
 class PreparedCoupling:
     """A coupling with its time-free factorisation, made by ``prepare``.
 
-    A pytree (the coupling's and the factors' arrays are leaves, ``independent`` is static),
+    A pytree (the coupling's and the factors' arrays are leaves, the flags are static),
     accepted by every ``exact`` function in place of the coupling and passing through ``jit``
     and ``vmap``.
 
@@ -408,11 +457,15 @@ class PreparedCoupling:
         factors: the per-component time-free factors (private layout), ``None`` when the
             coupling is not independent.
         independent: whether the time-free path is taken (static).
+        noise_diagonal: whether V^T V is diagonal in every component, so that schedules with
+            latent noise keep the time-free path too (static; otherwise they take the
+            per-time path).
     """
 
     coupling: JointGaussianMixture
     factors: _Pencil | None
     independent: bool
+    noise_diagonal: bool = False
 
     @property
     def dim(self) -> int:
@@ -434,13 +487,20 @@ def _is_independent(c: JointGaussianMixture) -> bool | None:
     return bool(not np.any(covs[:, :d, d:]) and not np.any(covs[:, d:, :d]))
 
 
-def prepare(coupling: JointGaussianMixture, *, independent: bool | None = None) -> PreparedCoupling:
+def prepare(
+    coupling: JointGaussianMixture,
+    *,
+    independent: bool | None = None,
+    noise_diagonal: bool | None = None,
+) -> PreparedCoupling:
     """Factor a coupling once for all times: pass the result wherever a coupling is taken.
 
     For an independent coupling (S01 = S10 = 0 in every component) the factorisation is
     time-free (see the module docstring): any pattern of times, one shared or one per point,
-    then costs two large matrix products per block of components and no factorisation. Other
-    couplings are wrapped as they are and keep the per-time Cholesky path.
+    then costs two large matrix products per block of components and no factorisation. With a
+    schedule that carries latent noise this holds when V^T V is diagonal (e.g. an isotropic
+    source or target in every component); otherwise such schedules take the per-time path.
+    Other couplings are wrapped as they are and keep the per-time Cholesky path.
 
     Args:
         coupling: the joint mixture of (X0, X1).
@@ -448,22 +508,31 @@ def prepare(coupling: JointGaussianMixture, *, independent: bool | None = None) 
             one is taken as not independent); ``True`` or ``False`` decides without looking,
             e.g. under ``jit``. ``True`` on a coupling with cross-covariance drops it (wrong
             answers).
+        noise_diagonal: ``None`` (default) checks on concrete factors whether V^T V is
+            diagonal (traced ones: taken as not); ``True`` or ``False`` decides without
+            looking. ``True`` when it is not diagonal drops its off-diagonal part in schedules
+            with noise (wrong answers).
 
     Returns:
         A ``PreparedCoupling``.
 
     Raises:
-        TypeError: for a coupling of the wrong type or a non-bool ``independent``.
+        TypeError: for a coupling of the wrong type or a non-bool flag.
     """
     _checks.check_instance(
         "exact.prepare", "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture"
     )
-    if independent is not None and not isinstance(independent, bool):
-        _checks.fail("exact.prepare", "independent", "None, True or False", independent, TypeError)
+    for name, flag in (("independent", independent), ("noise_diagonal", noise_diagonal)):
+        if flag is not None and not isinstance(flag, bool):
+            _checks.fail("exact.prepare", name, "None, True or False", flag, TypeError)
     if independent is None:
         independent = bool(_is_independent(coupling))
     factors = _pencil_jit(coupling) if independent else None
-    return PreparedCoupling(coupling, factors, independent)
+    if factors is None:
+        noise_diagonal = False
+    elif noise_diagonal is None:
+        noise_diagonal = _gram_is_diagonal(factors)
+    return PreparedCoupling(coupling, factors, independent, noise_diagonal)
 
 
 # Compiled once per shapes and static options, so eager callers do not recompile the component
@@ -489,14 +558,17 @@ def _check_inputs(fn: str, c, sched, t, x):
     sched.check_times(fn, "t", t)
 
 
-def _unwrap(fn: str, c) -> tuple[JointGaussianMixture, _Pencil | None]:
-    """The coupling and its time-free factors (``None``: the per-time path)."""
+def _unwrap(fn: str, c, sched: Schedule | None = None):
+    """The coupling and its time-free factors (``None``: the per-time path, also for a schedule
+    with noise when V^T V is not diagonal)."""
     _checks.check_instance(
         f"exact.{fn}", "coupling", c, (JointGaussianMixture, PreparedCoupling),
         "a JointGaussianMixture (fmjax.independent_coupling(p0, p1) joins two GaussianMixtures)"
         " or an exact.prepare(...) of one",
     )  # fmt: skip
     if isinstance(c, PreparedCoupling):
+        if sched is not None and sched.has_noise and not c.noise_diagonal:
+            return c.coupling, None
         return c.coupling, c.factors
     return c, None
 
@@ -505,11 +577,12 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
     """Validate, flatten the batch, and evaluate ``want`` on the points x (N, d).
 
     Paths: time-free factors (a ``PreparedCoupling`` of an independent coupling, or a concrete
-    independent coupling with one t per point, factored here); else with one t the per-time
-    Cholesky factors once for all points; else per point, vmapped.
+    independent coupling with one t per point, factored here; with a noisy schedule only where
+    V^T V is diagonal); else with one t the per-time Cholesky factors once for all points;
+    else per point, vmapped.
     """
     prepared = isinstance(c, PreparedCoupling)
-    c, factors = _unwrap(fn, c)
+    c, factors = _unwrap(fn, c, sched if isinstance(sched, Schedule) else None)
     # Complex or half-precision points and times are refused (a cast would lose information).
     x = _checks.check_real_array(f"exact.{fn}", "x", x, c.means.dtype)
     t = _checks.check_real_array(f"exact.{fn}", "t", t, x.dtype)
@@ -519,6 +592,8 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
     xf = jnp.broadcast_to(x, batch + (d,)).reshape(-1, d)
     if not prepared and t.size > 1 and _is_independent(c):
         factors = _pencil_jit(c)
+        if sched.has_noise and not _gram_is_diagonal(factors):
+            factors = None  # noise not diagonal in the pencil basis: per-time path
     resp = want == {"responsibilities"}
     if factors is not None:  # time-free: any pattern of times in the same two products
         tf = t.reshape(()) if t.size == 1 else jnp.broadcast_to(t, batch).reshape(-1)

@@ -163,6 +163,29 @@ def loss_floor(params, x, key):
     return losses.loss_floor(COUPLING, COSINE, 64, key=key).mean
 
 
+_NOISY = schedules.trig(schedules.brownian())
+_NOISY_PREPARED = exact.prepare(
+    fmjax.independent_coupling(
+        fmjax.standard_normal(2), fmjax.random_gaussian_mixture(jax.random.key(3), 2, 2)
+    )
+)
+
+
+def exact_noisy(params, x, key):
+    """A schedule with latent noise on a joint coupling (per-time Cholesky path)."""
+    del params, key
+    out = exact.evaluate(COUPLING, _NOISY, 0.3, x, ("velocity", "log_prob", "divergence"))
+    return out.velocity.sum(-1) + out.log_prob + out.divergence
+
+
+def exact_noisy_prepared(params, x, key):
+    """Latent noise on the time-free path (standard normal source), one t per point."""
+    del params, key
+    sched = schedules.linear().with_noise(schedules.brownian(0.5))
+    out = exact.evaluate(_NOISY_PREPARED, sched, _times(x), x, ("velocity", "score"))
+    return out.velocity.sum(-1) + out.score.sum(-1)
+
+
 EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "responsibilities")]
 ENTRIES = [
     *EXACT,
@@ -185,6 +208,8 @@ ENTRIES = [
     cfm_grad,
     marginal_fm,
     loss_floor,
+    exact_noisy,
+    exact_noisy_prepared,
 ]
 ids = [f.__name__ for f in ENTRIES]
 
