@@ -46,13 +46,13 @@ class CouplingsConfig(_Config):
 
     problems: tuple[str, ...] = _PROBLEMS
     sigmas: tuple[float, ...] = (0.5, 1.5)
-    n_samples: int = 2000
+    n_samples: int = 1000
     n_times: int = 16
     step_counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     learned_problems: tuple[str, ...] = ("eight_gaussians", "one_to_three")
     batch_sizes: tuple[int, ...] = (64, 256, 1024)
-    n_large_batch: int = 4096
-    steps: int = 3000
+    n_large_batch: int = 2048
+    steps: int = 2000
     width: int = 128
     depth: int = 3
     learning_rate: float = 3e-3
