@@ -373,7 +373,7 @@ def test_continuity_equation(x64, kind):
     if kind == "mixture_ot":
         c = couplings.mixture_ot(p0, p1).coupling
     else:
-            c, sched = couplings.schrodinger_bridge(p0, p1, 0.7)
+        c, sched = couplings.schrodinger_bridge(p0, p1, 0.7)
     t = 0.37
     x = exact.marginal(c, sched, t).sample(jax.random.key(16), 20)
     assert _continuity_residual(c, sched, t, x) < 1e-9
