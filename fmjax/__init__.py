@@ -1,6 +1,7 @@
 """fmjax: flow matching and stochastic interpolants on Gaussian mixtures, with exact answers."""
 
 from fmjax import convert as convert
+from fmjax import couplings as couplings
 from fmjax import data as data
 from fmjax import exact as exact
 from fmjax import likelihood as likelihood
@@ -28,6 +29,7 @@ __all__ = [
     "GaussianMixture",
     "JointGaussianMixture",
     "convert",
+    "couplings",
     "data",
     "exact",
     "fit",

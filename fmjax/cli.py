@@ -36,7 +36,7 @@ import tomllib
 from pathlib import Path
 
 _FN = "cli"
-_EXPERIMENTS = ("gmm_to_gmm", "ot_vs_vp", "flows_and_scores", "cfm_equals_fm")
+_EXPERIMENTS = ("gmm_to_gmm", "ot_vs_vp", "flows_and_scores", "cfm_equals_fm", "couplings")
 _CHECKOUT = (
     "fmjax bench {name} runs the scripts in benchmarks/ of a source checkout: git clone the "
     "fmjax repository, then run `python -m benchmarks` (or `python -m fmjax.cli bench {name}`) "

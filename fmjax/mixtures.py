@@ -43,8 +43,13 @@ def _as_float(owner: str, x, name: str) -> Array:
     return _checks.check_real_array(owner, name, x)
 
 
-def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
-    """Shape checks always; value checks (finite, weights, SPD) only on concrete arrays."""
+def _validate(owner: str, weights, means, covs, dim_name: str = "d", joint: bool = False) -> None:
+    """Shape checks always; value checks (finite, weights, SPD) only on concrete arrays.
+
+    ``joint=True`` (a coupling on R^{2d}): the diagonal blocks S00 and S11 must be SPD and
+    factorisable in the dtype, the whole covariance symmetric and positive semi-definite (it may
+    be singular, as for a deterministic optimal-transport coupling); see ``_validate_joint_covs``.
+    """
     if weights.ndim != 1:
         raise ValueError(f"{owner}: `weights` must have shape (K,), got {weights.shape}")
     k = weights.shape[0]
@@ -79,10 +84,9 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d") -> None:
     # copied whole to float64 (eager validation must not be what runs out of memory).
     step = max(1, (1 << 24) // (n * n))
     worst = (1.0, 0)
+    check = _validate_joint_covs if joint and n % 2 == 0 else _validate_covs
     for lo in range(0, k, step):
-        cond, j = _validate_covs(
-            owner, np.asarray(covs[lo : lo + step], np.float64), lo, tol_sym, dtype
-        )
+        cond, j = check(owner, np.asarray(covs[lo : lo + step], np.float64), lo, tol_sym, dtype)
         worst = max(worst, (cond, j))
     cond, j = worst
     if cond > cond_warn(dtype):
@@ -109,14 +113,7 @@ def cond_warn(dtype) -> float:
     return 0.01 / float(np.finfo(dtype).eps)
 
 
-def _validate_covs(
-    owner: str, c: np.ndarray, offset: int, tol_sym: float, dtype
-) -> tuple[float, int]:
-    """Finite, symmetric (relative tolerance), positive definite (Cholesky succeeds), and
-    factorisable in ``dtype`` (condition number below 1 / eps, Cholesky succeeds in ``dtype``).
-
-    Returns the largest condition number in the chunk and its component index.
-    """
+def _check_finite_symmetric(owner: str, c: np.ndarray, offset: int, tol_sym: float) -> None:
     if not np.all(np.isfinite(c)):
         raise ValueError(f"{owner}: `covs` contains NaN or inf")
     scale = np.maximum(np.abs(c).max(axis=(1, 2)), np.finfo(np.float64).tiny)
@@ -127,13 +124,59 @@ def _validate_covs(
             f"{owner}: `covs[{offset + j}]` is not symmetric "
             f"(relative asymmetry {asym[j]:.2g} > {tol_sym:g})"
         )
+
+
+def _validate_joint_covs(
+    owner: str, c: np.ndarray, offset: int, tol_sym: float, dtype
+) -> tuple[float, int]:
+    """Joint covariances [[S00, S01], [S10, S11]]: finite and symmetric; S00 and S11 checked as
+    ``_validate_covs`` checks a covariance; the whole positive semi-definite, i.e. the Schur
+    complement S11 - S10 S00^{-1} S01 has no eigenvalue below -tol * max|S11| with
+    tol = 1e3 * eps(dtype) * cond(S00) (rounding of a rank-deficient joint stored in ``dtype``).
+
+    The joint itself may be singular: a deterministic coupling x1 = T(x0) (optimal transport
+    between Gaussians) has a zero Schur complement. Returns the largest condition number of the
+    diagonal blocks and its component index.
+    """
+    _check_finite_symmetric(owner, c, offset, tol_sym)
+    d = c.shape[-1] // 2
+    s00, s01, s11 = c[:, :d, :d], c[:, :d, d:], c[:, d:, d:]
+    cond0, j0 = _validate_covs(owner, s00, offset, tol_sym, dtype, where=" in its S00 block")
+    cond1, j1 = _validate_covs(owner, s11, offset, tol_sym, dtype, where=" in its S11 block")
+    chol = np.linalg.cholesky(s00)
+    b = np.linalg.solve(chol, s01)  # L0^{-1} S01, so S10 S00^{-1} S01 = B^T B
+    schur = s11 - np.swapaxes(b, 1, 2) @ b
+    schur = 0.5 * (schur + np.swapaxes(schur, 1, 2))
+    eig_min = np.linalg.eigvalsh(schur)[:, 0]
+    e00 = np.linalg.eigvalsh(s00)
+    cond00 = e00[:, -1] / e00[:, 0]
+    tol = 1e3 * float(np.finfo(dtype).eps) * cond00 * np.abs(s11).max(axis=(1, 2))
+    if np.any(eig_min < -tol):
+        j = int(np.argmin(eig_min + tol))
+        raise ValueError(
+            f"{owner}: `covs[{offset + j}]` must be positive semi-definite (the Schur complement "
+            f"S11 - S10 S00^-1 S01 has eigenvalue {eig_min[j]:.3g} < -{tol[j]:.3g}): no pair "
+            "(X0, X1) has these covariances"
+        )
+    return max((cond0, j0), (cond1, j1))
+
+
+def _validate_covs(
+    owner: str, c: np.ndarray, offset: int, tol_sym: float, dtype, where: str = ""
+) -> tuple[float, int]:
+    """Finite, symmetric (relative tolerance), positive definite (Cholesky succeeds), and
+    factorisable in ``dtype`` (condition number below 1 / eps, Cholesky succeeds in ``dtype``).
+
+    Returns the largest condition number in the chunk and its component index.
+    """
+    _check_finite_symmetric(owner, c, offset, tol_sym)
     try:
         np.linalg.cholesky(c)
     except np.linalg.LinAlgError:
         eig_min = np.linalg.eigvalsh(c).min(axis=1)
         j = int(np.argmin(eig_min))
         raise ValueError(
-            f"{owner}: `covs[{offset + j}]` is not positive definite "
+            f"{owner}: `covs[{offset + j}]` is not positive definite{where} "
             f"(smallest eigenvalue {eig_min[j]:.3g})"
         ) from None
     eig = np.linalg.eigvalsh(c)  # ascending, all > 0 here up to rounding
@@ -156,7 +199,7 @@ def _validate_covs(
             chol_ok = False
     if not chol_ok or cond[j] * eps >= 1:
         raise ValueError(
-            f"{owner}: `covs[{offset + j}]` must be positive definite in {np.dtype(dtype)} "
+            f"{owner}: `covs[{offset + j}]` must be positive definite in {np.dtype(dtype)}{where} "
             f"(condition number < 1 / eps = {1 / eps:.3g}, Cholesky factorisable in that "
             f"dtype), got condition number {cond[j]:.3g} (use float64 or regularise the covariance)"
         )
@@ -215,10 +258,10 @@ class _MixtureBase:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
 
 
-def _sample_impl(weights, means, covs, key, n: int):
+def _sample_impl(weights, means, covs, key, n: int, joint: bool = False):
     k_comp, k_noise = jax.random.split(key)
     comp = jax.random.categorical(k_comp, jnp.log(weights), shape=(n,))
-    chol = jnp.linalg.cholesky(covs)
+    chol = _joint_factor(covs) if joint else jnp.linalg.cholesky(covs)
     dim = means.shape[-1]
     eps = jax.random.normal(k_noise, (n, dim), dtype=means.dtype)
     # Gather one factor per sample in chunks: memory O(chunk d^2), not O(n d^2).
@@ -232,7 +275,37 @@ def _sample_impl(weights, means, covs, key, n: int):
 
 
 # Compiled once per shapes and n: an eager lax.map would otherwise compile on every call.
-_sample_jit = jax.jit(_sample_impl, static_argnums=4)
+_sample_jit = jax.jit(_sample_impl, static_argnums=(4, 5))
+
+
+def _joint_factor(covs):
+    """F with F F^T = covs for positive semi-definite joint covariances (K, 2d, 2d).
+
+    The Cholesky factor where the joint is clearly non-singular (so full-rank joints sample as
+    before); otherwise [[L0, 0], [S10 L0^{-T}, R]] with S00 = L0 L0^T and R R^T the Schur
+    complement S11 - S10 S00^{-1} S01, its eigenvalues below 1e3 eps max|S| (rounding of an
+    exactly singular joint) set to 0: a deterministic coupling x1 = T(x0) then samples exactly.
+    """
+    d = covs.shape[-1] // 2
+    eps = jnp.finfo(covs.dtype).eps
+    scale = jnp.max(jnp.abs(covs), axis=(1, 2))
+    chol = jnp.linalg.cholesky(covs)
+    diag = jnp.diagonal(chol, axis1=1, axis2=2)
+    ok = jnp.all(jnp.isfinite(chol), axis=(1, 2)) & (jnp.min(diag, axis=1) ** 2 > 1e3 * eps * scale)
+    s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
+    l0 = jnp.linalg.cholesky(s00)
+    b = jnp.swapaxes(
+        jax.scipy.linalg.solve_triangular(l0, jnp.swapaxes(s10, 1, 2), lower=True), 1, 2
+    )
+    schur = s11 - jnp.matmul(b, jnp.swapaxes(b, 1, 2), precision=_HIGHEST)
+    lam, u = jnp.linalg.eigh(0.5 * (schur + jnp.swapaxes(schur, 1, 2)))
+    lam = jnp.where(lam > 1e3 * eps * scale[:, None], lam, 0.0)
+    r = u * jnp.sqrt(lam)[:, None, :]
+    zeros = jnp.zeros_like(l0)
+    block = jnp.concatenate(
+        [jnp.concatenate([l0, zeros], axis=2), jnp.concatenate([b, r], axis=2)], axis=1
+    )
+    return jnp.where(ok[:, None, None], jnp.nan_to_num(chol), block)
 
 
 def _mixture_log_prob(weights, means, covs, x):
@@ -314,19 +387,30 @@ class JointGaussianMixture(_MixtureBase):
     Args:
         weights: (K,) mixture weights, >= 0, summing to 1.
         means: (K, 2d) component means, blocks [m0; m1].
-        covs: (K, 2d, 2d) SPD covariances, blocks [[S00, S01], [S10, S11]] with
-            S01 = Cov(X0, X1) = S10^T.
+        covs: (K, 2d, 2d) covariances, blocks [[S00, S01], [S10, S11]] with
+            S01 = Cov(X0, X1) = S10^T: symmetric positive semi-definite, with S00 and S11
+            positive definite. The joint may be singular (rank d for a deterministic coupling
+            x1 = m1 + A (x0 - m0), e.g. ``couplings.gaussian_ot``); its density ``log_prob``
+            then does not exist (NaN), but sampling and every quantity of ``fmjax.exact`` do,
+            wherever the path covariance S_t = b^2 S00 + a b (S01 + S10) + a^2 S11 (+ gamma^2 I)
+            is positive definite; ``couplings.check_path`` checks that on a schedule's interval.
 
     Raises:
-        TypeError, ValueError: as for ``GaussianMixture`` (the checks apply to the full 2d x 2d
-            covariances), and ``ValueError`` if the joint dimension is odd.
+        TypeError, ValueError: as for ``GaussianMixture``, where the SPD and dtype checks apply
+            to the blocks S00 and S11; ``ValueError`` if the joint dimension is odd, or a joint
+            covariance is not symmetric or not positive semi-definite (Schur complement
+            S11 - S10 S00^{-1} S01 with an eigenvalue below -1e3 eps cond(S00) max|S11|).
+
+    Warns:
+        IllConditionedWarning: for a block S00 or S11 with condition number above
+            ``cond_warn(dtype)``.
     """
 
     def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
         w = _as_float("mixtures.JointGaussianMixture", weights, "weights")
         m = _as_float("mixtures.JointGaussianMixture", means, "means")
         c = _as_float("mixtures.JointGaussianMixture", covs, "covs")
-        _validate("mixtures.JointGaussianMixture", w, m, c, dim_name="2d")
+        _validate("mixtures.JointGaussianMixture", w, m, c, dim_name="2d", joint=True)
         if m.shape[1] % 2:
             raise ValueError(
                 f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}"
@@ -348,12 +432,12 @@ class JointGaussianMixture(_MixtureBase):
         return m[:, :d], m[:, d:], c[:, :d, :d], c[:, :d, d:], c[:, d:, :d], c[:, d:, d:]
 
     def sample(self, key: PRNGKeyArray, n: int) -> tuple[Float[Array, "n d"], Float[Array, "n d"]]:
-        """Draw ``n`` coupled pairs ``(x0, x1)`` (n is static)."""
-        z = self._sample_full(key, n)
+        """Draw ``n`` coupled pairs ``(x0, x1)`` (n is static); singular joints included."""
+        z = _sample_jit(self.weights, self.means, self.covs, key, n, True)
         return z[:, : self.dim], z[:, self.dim :]
 
     def log_prob(self, x0: Float[ArrayLike, "... d"], x1: Float[ArrayLike, "... d"]):
-        """Joint log-density of pairs, shape (...)."""
+        """Joint log-density of pairs, shape (...); NaN for a singular joint (no density)."""
         x0, x1 = jnp.broadcast_arrays(jnp.asarray(x0), jnp.asarray(x1))
         return self._log_prob_full(jnp.concatenate([x0, x1], axis=-1))
 

@@ -15,6 +15,7 @@ PACKAGE = pathlib.Path(fmjax.__file__).parent
 PUBLIC_MODULES = [
     "fmjax",
     "fmjax.convert",
+    "fmjax.couplings",
     "fmjax.data",
     "fmjax.exact",
     "fmjax.experiments",

@@ -22,6 +22,7 @@ NOTEBOOKS = {
     "ot_vs_vp": "02_ot_vs_vp",
     "flows_and_scores": "03_flows_and_scores",
     "cfm_equals_fm": "04_cfm_equals_fm",
+    "couplings": "07_couplings",
 }
 # Appended to the executed copy only: what the notebook's `result` returned is what it saved.
 _CHECK_CELL = """\
@@ -219,3 +220,34 @@ def test_full_configs(tmp_path):
     assert abs(flows["settle_time"]["learned ODE"] - flows["settle_time"]["exact ODE"]) < 0.1
     grads = E.cfm_equals_fm(out=tmp_path / "grads", quick=False).metrics
     assert grads["cosine_cfm"][-1] > 0.99 and grads["cosine_fm"][-1] > 0.99
+
+
+@pytest.fixture(scope="module")
+def cpl(runs):
+    return runs("couplings")["metrics"]
+
+
+def test_couplings_kinetic_energy_below_transport_cost(cpl):
+    # Deterministic paths: int E|u_t|^2 dt <= E|X1 - X0|^2 (Jensen); 400 Monte Carlo points
+    # per time give ~2% error on the kinetic energy. mixture_ot moves less mass than p0 x p1.
+    for prob, per in cpl["straightness"].items():
+        for name in ("independent", "mixture_ot"):
+            r = per[name]
+            assert 0 < r["kinetic_energy"] < 1.02 * r["transport_cost"], (prob, name, r)
+        assert per["mixture_ot"]["transport_cost"] < per["independent"]["transport_cost"]
+
+
+def test_couplings_fixed_step_errors_converge(cpl):
+    # Exact fields: the midpoint error falls with the steps, to < 0.05 at 16 steps (NFE 32).
+    for prob, curves in cpl["nfe"].items():
+        for name, c in curves.items():
+            if name.endswith("midpoint"):
+                assert c["rmse"][-1] < 0.05 and c["rmse"][-1] < 0.1 * c["rmse"][0], (prob, name)
+
+
+def test_couplings_minibatch_ot_goes_below_mw2(cpl):
+    # Minibatch-OT pairs cost less than independent ones, and at 512 points already less than
+    # MW2^2: minibatch OT tends to the OT between the mixtures, not to mixture_ot.
+    for prob, r in cpl["ot_cfm"].items():
+        assert max(r["pair_cost"]) < r["independent_cost"], (prob, r)
+        assert r["large_batch_pair_cost"] < r["mixture_ot_cost"] - 1.0, (prob, r)

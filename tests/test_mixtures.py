@@ -242,3 +242,28 @@ def test_float64_accepts_what_float32_refuses(x64):
         p = fmjax.GaussianMixture(np.ones(1), np.zeros((1, 2)), _cond_cov(1e8))
     assert p.covs.dtype == jnp.float64
     assert np.all(np.isfinite(p.log_prob(jnp.ones((3, 2)))))
+
+
+# ----------------------------------------------------------------------------- singular joints
+
+
+def test_singular_joint_accepted_and_sampled_exactly(x64):
+    """A deterministic coupling x1 = 2 x0 + 1 (rank-d joint) is valid and samples exactly;
+    joints beyond positive semi-definite are refused, whatever the dtype."""
+    d = 2
+    s0 = np.array([[1.0, 0.3], [0.3, 0.5]])
+    cov = np.block([[s0, 2 * s0], [2 * s0, 4 * s0]])[None]
+    means = np.concatenate([np.zeros(d), np.ones(d)])[None]
+    c = fmjax.JointGaussianMixture(np.ones(1), means, cov)
+    x0, x1 = c.sample(jax.random.key(0), 1000)
+    np.testing.assert_allclose(x1, 2 * x0 + 1, atol=1e-12)
+    # float32: rounding of the rank-deficient joint is tolerated
+    c32 = fmjax.JointGaussianMixture(np.ones(1, np.float32), means.astype(np.float32),
+                                     cov.astype(np.float32))  # fmt: skip
+    x0, x1 = c32.sample(jax.random.key(0), 1000)
+    np.testing.assert_allclose(x1, 2 * x0 + 1, atol=1e-4)
+    # control: x1 = 2.1 x0 with Var(X1) = 4 S0 is not a coupling (Schur complement < 0)
+    bad = np.block([[s0, 2.1 * s0], [2.1 * s0, 4 * s0]])[None]
+    for dtype in (np.float64, np.float32):
+        with pytest.raises(ValueError, match=r"`covs\[0\]` must be positive semi-definite"):
+            fmjax.JointGaussianMixture(np.ones(1, dtype), means.astype(dtype), bad.astype(dtype))

@@ -16,6 +16,7 @@ MARKERS = {
     "learn": "losses.loss_floor(coupling",
     "devices": "sharding.data_mesh()",
     "interpolants": "with_noise(schedules.brownian",
+    "couplings": "couplings.mixture_ot(p0, p1)",
 }
 
 
@@ -89,3 +90,18 @@ def test_stochastic_interpolants_example():
     params = env["models"].init(env["model"], key=jax.random.key(0))
     for loss in (env["drift_loss"], env["score_loss"]):
         assert np.isfinite(float(loss(params, jax.random.key(1))))
+def test_couplings_example():
+    env = _run("couplings")
+    ot, mw, x0, x1 = env["ot"], env["mw"], env["x0"], env["x1"]
+    g0, g1 = env["g0"], env["g1"]
+    # one Euler step of the exact OT field lands on the Bures map (float32)
+    s0, s1 = np.asarray(g0.covs[0], np.float64), np.asarray(g1.covs[0], np.float64)
+    w, v = np.linalg.eigh(s1)  # s0 = I here: A = S1^{1/2}
+    a = v @ np.diag(np.sqrt(w)) @ v.T
+    assert np.allclose(s0, np.eye(2))
+    want = np.asarray(g1.means[0]) + np.asarray(x0) @ a.T
+    np.testing.assert_allclose(x1, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(mw.plan).sum(0), 1 / 8, rtol=1e-5)
+    np.testing.assert_allclose(mw.cost, env["couplings"].transport_cost(mw.coupling), rtol=1e-5)
+    assert env["b"].shape == (1000, 2) and np.all(np.isfinite(env["b"]))
+    assert float(ot.cost) < float(env["cost"])  # entropic coupling moves mass farther

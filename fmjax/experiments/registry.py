@@ -1,6 +1,7 @@
 """The experiments by name, as ``fmjax experiment NAME`` and ``fmjax demo`` find them."""
 
 from fmjax.experiments.cfm_equals_fm import CFMConfig, cfm_equals_fm
+from fmjax.experiments.couplings import CouplingsConfig, couplings_experiment
 from fmjax.experiments.demo import DemoConfig, demo
 from fmjax.experiments.flows_and_scores import FlowsScoresConfig, flows_and_scores
 from fmjax.experiments.gmm_to_gmm import GMMConfig, gmm_to_gmm
@@ -15,6 +16,7 @@ EXPERIMENTS = {
     "flows_and_scores": flows_and_scores,
     "cfm_equals_fm": cfm_equals_fm,
     "stochastic_interpolants": stochastic_interpolants,
+    "couplings": couplings_experiment,
 }
 
 #: Experiment name -> config class.
@@ -25,4 +27,5 @@ CONFIGS = {
     "flows_and_scores": FlowsScoresConfig,
     "cfm_equals_fm": CFMConfig,
     "stochastic_interpolants": SIConfig,
+    "couplings": CouplingsConfig,
 }
