@@ -2,6 +2,7 @@
 
 from fmjax.experiments.cfm_equals_fm import CFMConfig, cfm_equals_fm
 from fmjax.experiments.demo import DemoConfig, demo
+from fmjax.experiments.digits import DigitsConfig, digits
 from fmjax.experiments.flows_and_scores import FlowsScoresConfig, flows_and_scores
 from fmjax.experiments.gmm_to_gmm import GMMConfig, gmm_to_gmm
 from fmjax.experiments.ot_vs_vp import OTvsVPConfig, ot_vs_vp
@@ -13,6 +14,7 @@ EXPERIMENTS = {
     "ot_vs_vp": ot_vs_vp,
     "flows_and_scores": flows_and_scores,
     "cfm_equals_fm": cfm_equals_fm,
+    "digits": digits,
 }
 
 #: Experiment name -> config class.
@@ -22,4 +24,5 @@ CONFIGS = {
     "ot_vs_vp": OTvsVPConfig,
     "flows_and_scores": FlowsScoresConfig,
     "cfm_equals_fm": CFMConfig,
+    "digits": DigitsConfig,
 }
