@@ -8,10 +8,13 @@ from fmjax import likelihood as likelihood
 from fmjax import losses as losses
 from fmjax import metrics as metrics
 from fmjax import models as models
+from fmjax import problems as problems
 from fmjax import sample as sample
 from fmjax import schedules as schedules
 from fmjax import sharding as sharding
 from fmjax import train as train
+from fmjax.evaluation import EvaluationReport as EvaluationReport
+from fmjax.evaluation import evaluate as evaluate
 from fmjax.mixtures import GaussianMixture as GaussianMixture
 from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture
 from fmjax.mixtures import independent_coupling as independent_coupling
@@ -46,4 +49,7 @@ __all__ = [
     "sharding",
     "standard_normal",
     "train",
+    "problems",
+    "evaluate",
+    "EvaluationReport",
 ]

@@ -36,6 +36,7 @@ _EXTRAS = {
     "matplotlib": ("matplotlib", "plot"),
     "ott": ("ott-jax", "ot"),
     "orbax.checkpoint": ("orbax-checkpoint", "checkpoint"),
+    "sklearn": ("scikit-learn", "images"),
 }
 
 
@@ -43,7 +44,7 @@ def require(module: str, fn: str):
     """Import an optional dependency, or raise ``ImportError`` naming the extra that installs it.
 
     Args:
-        module: import name, one of ``matplotlib``, ``ott``, ``orbax.checkpoint``.
+        module: import name, one of ``matplotlib``, ``ott``, ``orbax.checkpoint``, ``sklearn``.
         fn: the public function that needs it (``module.function``), for the message.
     """
     import importlib

@@ -36,7 +36,15 @@ import tomllib
 from pathlib import Path
 
 _FN = "cli"
-_EXPERIMENTS = ("gmm_to_gmm", "ot_vs_vp", "flows_and_scores", "cfm_equals_fm", "couplings")
+_EXPERIMENTS = (
+    "gmm_to_gmm",
+    "ot_vs_vp",
+    "flows_and_scores",
+    "cfm_equals_fm",
+    "stochastic_interpolants",
+    "couplings",
+    "digits",
+)
 _CHECKOUT = (
     "fmjax bench {name} runs the scripts in benchmarks/ of a source checkout: git clone the "
     "fmjax repository, then run `python -m benchmarks` (or `python -m fmjax.cli bench {name}`) "
@@ -234,7 +242,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `fmjax COMMAND --help` for the options of a command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_experiment, _add_train, _add_sample, _add_bench):
+    from fmjax import evaluation  # `fmjax evaluate`: parser and command live in evaluation.py
+
+    for add in (_add_demo, _add_experiment, _add_train, _add_sample, _add_bench,
+                evaluation.add_parser):  # fmt: skip
         add(sub)
     return parser
 
@@ -633,6 +644,7 @@ _COMMANDS = {
     "train": _cmd_train,
     "sample": _cmd_sample,
     "bench": _cmd_bench,
+    "evaluate": lambda args: importlib.import_module("fmjax.evaluation").run(args),
 }
 
 

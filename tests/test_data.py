@@ -106,3 +106,38 @@ def test_pair_samplers(x64):
     y0, y1 = joint.sample(jax.random.key(2), 10)
     np.testing.assert_array_equal(x0, y0)
     np.testing.assert_array_equal(x1, y1)
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_scaling_shapes_labels():
+    pytest.importorskip("sklearn")
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = data.digits()
+    chex.assert_shape(x, (1797, 8, 8, 1))
+    assert x.dtype == jnp.result_type(float)
+    # v / 8 - 1 maps the 17 grey levels 0..16 onto [-1, 1] in steps of 1/8
+    np.testing.assert_allclose(np.asarray(x)[..., 0], raw.images / 8 - 1, atol=1e-6)
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    d = data.digits(labels=True, flat=True)
+    chex.assert_shape(d.images, (1797, 64))
+    np.testing.assert_array_equal(d.labels, raw.target)
+    np.testing.assert_array_equal(d.images, np.asarray(x).reshape(1797, 64))  # row-major
+    assert data.digits(dtype=jnp.float32).dtype == jnp.float32
+    with pytest.raises(TypeError, match="data.digits: `dtype`"):
+        data.digits(dtype=jnp.float16)
+
+
+def test_digits_without_sklearn_names_the_extra(monkeypatch):
+    import sys
+
+    data._load_digits.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
+    try:
+        with pytest.raises(ImportError, match=r"data.digits needs scikit-learn.*fmjax\[images\]"):
+            data.digits()
+    finally:
+        data._load_digits.cache_clear()

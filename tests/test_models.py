@@ -129,3 +129,125 @@ def test_time_embedding_values():
 def test_invalid_settings_raise(key, kwargs, error, match):
     with pytest.raises(error, match=match):
         models.init(models.MLP(dim=2, **kwargs), key=key)
+
+
+# ----------------------------------------------------------------------------- UNet
+
+UNET = models.UNet(image_shape=(8, 8, 1), channels=8, channel_mults=(1, 2), embedding_dim=16)
+# Jitted: an eager UNet call compiles each of its ~100 operations separately (slow on a CPU).
+APPLY = jax.jit(UNET.apply)
+
+
+@pytest.fixture(scope="module")
+def unet_params():
+    return models.init(UNET, key=jax.random.key(0))
+
+
+def test_unet_shapes_flat_in_flat_out(unet_params):
+    # Flat points (..., 64) in and out; t scalar, per point or broadcast; a single point works.
+    x = jax.random.normal(jax.random.key(1), (3, 2, 64))
+    out = APPLY(unet_params, 0.3, x)
+    chex.assert_shape(out, (3, 2, 64))
+    np.testing.assert_allclose(APPLY(unet_params, jnp.full((3, 2), 0.3), x), out, atol=1e-5)
+    np.testing.assert_allclose(APPLY(unet_params, 0.3, x[1, 0]), out[1, 0], atol=1e-5)
+    assert UNET.dim == 64
+    with pytest.raises(ValueError, match="models.UNet: `x` must be of shape"):
+        APPLY(unet_params, 0.3, jnp.zeros((3, 8, 8, 1)))  # images must be flattened
+    with pytest.raises(ValueError, match="`t`"):
+        APPLY(unet_params, jnp.zeros(5), x)
+
+
+def test_unet_pixels_are_row_major_images(unet_params):
+    # Images flattened row-major are processed as images: a one-pixel shift of the input moves
+    # the output of a convolutional net; the control is the identity (no shift, same output).
+    img = jax.random.normal(jax.random.key(2), (1, 8, 8, 1))
+    out = APPLY(unet_params, 0.5, img.reshape(1, -1)).reshape(1, 8, 8, 1)
+    again = APPLY(unet_params, 0.5, img.reshape(1, -1)).reshape(1, 8, 8, 1)
+    np.testing.assert_array_equal(out, again)
+    # Translation equivariance away from the borders (zero padding breaks it at the edges, the
+    # stride-2 level makes it exact only for even shifts): shift by 2 pixels, compare centres.
+    shifted = jnp.roll(img, 2, axis=2)
+    out_s = APPLY(unet_params, 0.5, shifted.reshape(1, -1)).reshape(1, 8, 8, 1)
+    assert not np.allclose(out_s, out, atol=1e-3)
+
+
+def test_unet_depends_on_time_and_class(key):
+    model = models.UNet(channels=8, channel_mults=(1, 2), embedding_dim=16, num_classes=10)
+    params = models.init(model, key=key)
+    apply = jax.jit(model.apply)
+    x = jax.random.normal(jax.random.key(3), (4, 64))
+    base = apply(params, 0.2, x)
+    assert float(jnp.abs(apply(params, 0.8, x) - base).max()) > 1e-2  # time matters
+    y = jnp.array([0, 1, 2, 3])
+    cond = apply(params, 0.2, x, y)
+    assert float(jnp.abs(cond - base).max()) > 1e-2  # the class matters ...
+    # ... and y=None is the "null" class num_classes (classifier-free guidance)
+    np.testing.assert_allclose(apply(params, 0.2, x, jnp.full(4, 10)), base, atol=1e-6)
+    np.testing.assert_allclose(apply(params, 0.2, x, 3), apply(params, 0.2, x, jnp.full(4, 3)),
+                               atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="`y` must be None"):
+        APPLY(models.init(UNET, key=key), 0.2, x, y)
+
+
+def test_unet_init_scale_and_determinism(unet_params):
+    again = models.init(UNET, key=jax.random.key(0))
+    chex.assert_trees_all_equal(unet_params, again)
+    other = models.init(UNET, key=jax.random.key(1))
+    conv = unet_params["params"]["Conv_0"]["kernel"]
+    assert not np.allclose(conv, other["params"]["Conv_0"]["kernel"])
+    # LeCun normal: std 1/sqrt(fan_in) = 1/3 for a 3x3x1 kernel (144 draws: +-0.06 at 3 sigma)
+    assert conv.shape == (3, 3, 1, 8) and abs(float(jnp.std(conv)) - 1 / 3) < 0.07
+    # the parameter tree is the one Flax's own init builds
+    flax_shapes = jax.eval_shape(UNET.init, jax.random.key(0), jnp.zeros(()), jnp.zeros((1, 64)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(flax_shapes, unet_params)
+    biases = [a for p, a in jax.tree_util.tree_leaves_with_path(unet_params) if p[-1].key == "bias"]
+    assert biases and all(float(jnp.abs(b).max()) == 0 for b in biases)
+
+
+def test_unet_under_jit_and_vmap(unet_params):
+    vel = functools.partial(UNET.apply, unet_params)
+    x = jax.random.normal(jax.random.key(4), (5, 64))
+    t = jnp.linspace(0, 1, 5)
+    direct = APPLY(unet_params, t, x)
+    np.testing.assert_allclose(jax.jit(vel)(t, x), direct, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.vmap(vel))(t, x), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_training_step_decreases_loss(unet_params):
+    # A few Adam steps of CFM on a fixed batch of "images": the loss goes down.
+    import optax
+
+    from fmjax import losses, schedules
+
+    x1 = jnp.tile(jnp.linspace(-1.0, 1.0, 64)[None], (32, 1))
+    pairs = lambda key, n: (jax.random.normal(key, (n, 64)), x1[:n])  # noqa: E731
+    loss_fn = losses.cfm(UNET.apply, pairs, schedules.linear(), 32)
+    opt = optax.adam(3e-3)
+
+    @jax.jit
+    def step(params, state, key):
+        loss, g = jax.value_and_grad(loss_fn)(params, key)
+        upd, state = opt.update(g, state)
+        return optax.apply_updates(params, upd), state, loss
+
+    params, state = unet_params, opt.init(unet_params)
+    key = jax.random.key(5)
+    first = float(jax.jit(loss_fn)(params, key))
+    for i in range(20):
+        params, state, _ = step(params, state, jax.random.fold_in(key, i))
+    assert float(jax.jit(loss_fn)(params, key)) < 0.7 * first
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"image_shape": (6, 6, 1), "channel_mults": (1, 2, 2)}, ValueError, "divisible by 4"),
+        ({"channel_mults": ()}, ValueError, "`channel_mults`"),
+        ({"channels": 0}, ValueError, "`channels` must be an int >= 1"),
+        ({"image_shape": (8, 8)}, TypeError, "`image_shape` must be a tuple"),
+    ],
+)
+def test_unet_invalid_settings_raise(kwargs, error, match):
+    model = models.UNet(**kwargs)
+    with pytest.raises(error, match=match):
+        jax.eval_shape(model.init, jax.random.key(0), 0.0, jnp.zeros((1, model.dim)))

@@ -3,6 +3,7 @@
 from fmjax.experiments.cfm_equals_fm import CFMConfig, cfm_equals_fm
 from fmjax.experiments.couplings import CouplingsConfig, couplings_experiment
 from fmjax.experiments.demo import DemoConfig, demo
+from fmjax.experiments.digits import DigitsConfig, digits
 from fmjax.experiments.flows_and_scores import FlowsScoresConfig, flows_and_scores
 from fmjax.experiments.gmm_to_gmm import GMMConfig, gmm_to_gmm
 from fmjax.experiments.ot_vs_vp import OTvsVPConfig, ot_vs_vp
@@ -17,6 +18,7 @@ EXPERIMENTS = {
     "cfm_equals_fm": cfm_equals_fm,
     "stochastic_interpolants": stochastic_interpolants,
     "couplings": couplings_experiment,
+    "digits": digits,
 }
 
 #: Experiment name -> config class.
@@ -28,4 +30,5 @@ CONFIGS = {
     "cfm_equals_fm": CFMConfig,
     "stochastic_interpolants": SIConfig,
     "couplings": CouplingsConfig,
+    "digits": DigitsConfig,
 }

@@ -20,6 +20,7 @@ from fmjax.plot.curves import training_loss as training_loss
 from fmjax.plot.exact import density_and_velocity as density_and_velocity
 from fmjax.plot.exact import density_over_time as density_over_time
 from fmjax.plot.exact import responsibilities as responsibilities
+from fmjax.plot.images import image_rows as image_rows
 from fmjax.plot.samples import histograms as histograms
 from fmjax.plot.samples import samples_grid as samples_grid
 from fmjax.plot.samples import trajectories as trajectories
@@ -38,4 +39,5 @@ __all__ = [
     "figure",
     "save",
     "styled",
+    "image_rows",
 ]
