@@ -204,9 +204,8 @@ NOTEBOOKS = {
             "regression and combined as u = v - gamma dgamma s, finite at t = 0 and 1."
         ),
         SETUP,
-        "result = experiments.stochastic_interpolants(\n"
-        '    quick=QUICK, out="outputs/06_stochastic_interpolants"\n'
-        ")\n"
+        "result = experiments.stochastic_interpolants("
+        'quick=QUICK, out="outputs/06_stochastic_interpolants")\n'
         'print(f"{result.wall_time_s:.1f} s")',
         _Md(
             "## The exact density over time (1-D)\n\n"
