@@ -383,7 +383,12 @@ def _draw(fn, sample_pairs, times, schedule, key, n):
     z is the latent noise (None without noise), drawn from ``fold_in(key, _Z_SALT)``.
     """
     k_pairs, k_time = jax.random.split(key)
-    x0, x1 = sample_pairs(k_pairs, n)
+    pairs = sample_pairs(k_pairs, n)
+    if not isinstance(pairs, tuple | list) or len(pairs) != 2:
+        got = f"shape {pairs.shape}" if hasattr(pairs, "shape") else type(pairs).__name__
+        _checks.fail(f"losses.{fn}", "sample_pairs", "a callable (key, n) -> (x0, x1), a pair of"
+                     f" (n={n}, d) arrays", got, TypeError)  # fmt: skip
+    x0, x1 = (jnp.asarray(p) for p in pairs)
     if x0.ndim != 2 or x0.shape[0] != n or x1.shape != x0.shape:
         raise ValueError(
             f"losses.{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "

@@ -251,8 +251,19 @@ class _MixtureBase:
             f"dim={self.means.shape[-1]}, dtype={self.means.dtype})"
         )
 
-    def _sample_full(self, key: PRNGKeyArray, n: int) -> Float[Array, "n D"]:
-        return _sample_jit(self.weights, self.means, self.covs, key, n)
+    def _sample_full(self, key: PRNGKeyArray, n: int, joint: bool = False) -> Float[Array, "n D"]:
+        fn = f"mixtures.{type(self).__name__}.sample"
+        _checks.check_key(fn, "key", key)  # shapes and dtypes only: fine on tracers
+        n = _checks.check_int(fn, "n", n)
+        return _sample_jit(self.weights, self.means, self.covs, key, n, joint)
+
+    def _points(self, method: str, name: str, x, dim: int) -> Array:
+        """``x`` as a real array of shape (..., dim), named in the error otherwise."""
+        fn = f"mixtures.{type(self).__name__}.{method}"
+        x = _checks.check_real_array(fn, name, x, self.means.dtype)
+        if x.ndim < 1 or x.shape[-1] != dim:
+            _checks.fail(fn, name, f"of shape (..., d={dim})", f"shape {x.shape}")
+        return x
 
     def _log_prob_full(self, x: Float[Array, "... D"]) -> Float[Array, "..."]:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
@@ -366,7 +377,7 @@ class GaussianMixture(_MixtureBase):
 
     def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
         """Log-density at ``x`` of shape (..., d)."""
-        return self._log_prob_full(jnp.asarray(x))
+        return self._log_prob_full(self._points("log_prob", "x", x, self.dim))
 
     def mean(self) -> Float[Array, " d"]:
         """Mean of the mixture."""
@@ -433,12 +444,14 @@ class JointGaussianMixture(_MixtureBase):
 
     def sample(self, key: PRNGKeyArray, n: int) -> tuple[Float[Array, "n d"], Float[Array, "n d"]]:
         """Draw ``n`` coupled pairs ``(x0, x1)`` (n is static); singular joints included."""
-        z = _sample_jit(self.weights, self.means, self.covs, key, n, True)
+        z = self._sample_full(key, n, joint=True)
         return z[:, : self.dim], z[:, self.dim :]
 
     def log_prob(self, x0: Float[ArrayLike, "... d"], x1: Float[ArrayLike, "... d"]):
         """Joint log-density of pairs, shape (...); NaN for a singular joint (no density)."""
-        x0, x1 = jnp.broadcast_arrays(jnp.asarray(x0), jnp.asarray(x1))
+        x0 = self._points("log_prob", "x0", x0, self.dim)
+        x1 = self._points("log_prob", "x1", x1, self.dim)
+        x0, x1 = jnp.broadcast_arrays(x0, x1)
         return self._log_prob_full(jnp.concatenate([x0, x1], axis=-1))
 
     def source(self) -> GaussianMixture:
@@ -511,6 +524,13 @@ def random_spd(
     return jnp.einsum("nij,nkj->nik", c, c, precision=_HIGHEST) / dim + eps * eye
 
 
+def _check_random(name: str, key, n_components, dim) -> None:
+    fn = f"mixtures.{name}"
+    _checks.check_key(fn, "key", key)
+    _checks.check_int(fn, "n_components", n_components)
+    _checks.check_int(fn, "dim", dim)
+
+
 def _random_parts(key, n_components, dim, mean_scale, eps, dtype):
     kw, km, kc = jax.random.split(key, 3)
     dtype = _checks.check_float_dtype(
@@ -531,6 +551,7 @@ def random_gaussian_mixture(
     dtype=None,
 ) -> GaussianMixture:
     """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs."""
+    _check_random("random_gaussian_mixture", key, n_components, dim)
     return GaussianMixture(*_random_parts(key, n_components, dim, mean_scale, eps, dtype))
 
 
@@ -543,4 +564,5 @@ def random_joint_mixture(
     dtype=None,
 ) -> JointGaussianMixture:
     """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances."""
+    _check_random("random_joint_mixture", key, n_components, dim)
     return JointGaussianMixture(*_random_parts(key, n_components, 2 * dim, mean_scale, eps, dtype))

@@ -93,6 +93,7 @@ def ode(
     x0 = _solve.check_x(fn, x0)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
     t0, t1 = _solve.resolve_times(fn, t0, t1, schedule)
+    _solve.check_field(fn, "velocity", velocity, t0, x0)
     out = _solve.solve(
         fn,
         _velocity_field,

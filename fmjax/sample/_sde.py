@@ -330,10 +330,12 @@ def sde(
     steps = _checks.check_int(fn, "steps", steps)
     _checks.check_choice(fn, "brownian", brownian, ("virtual", "unsafe"))
     _checks.check_choice(fn, "time", time, ("forward", "reversed"))
+    _solve.check_field(fn, "velocity", velocity, schedule.t_min, x0)
     if score is None:
         _check_derived_score(fn, schedule, velocity, time)
     else:
         _checks.check_callable(fn, "score", score, "None or a callable (t, x) -> (..., d)")
+        _solve.check_field(fn, "score", score, schedule.t_min, x0)
         score = _solve.as_pytree(score)
     velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
     if time == "reversed":
