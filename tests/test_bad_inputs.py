@@ -1,8 +1,8 @@
 """Every bad input of tools/bad_inputs.py gets a clear error naming the argument, another clear
 error of fmjax's own, or a checked correct result (issue 14): no silent wrong result, no crash
-inside jax / flax / diffrax, no wrong argument named. Slow (~25 s: it compiles fits, solves and
-likelihoods), so marked ``slow``; the known failures, in files of other areas, are strict xfails:
-fixing one turns it into an XPASS that fails until it is removed from ``KNOWN``."""
+inside jax / flax / diffrax, no wrong argument named (~15 s: it compiles fits, solves and
+likelihoods). Known failures would be strict xfails listed in ``KNOWN``: fixing one turns it into
+an XPASS that fails until it is removed from there."""
 
 import importlib.util
 from pathlib import Path
