@@ -163,6 +163,16 @@ def loss_floor(params, x, key):
     return losses.loss_floor(COUPLING, COSINE, 64, key=key).mean
 
 
+_UNET = models.UNet(image_shape=(4, 4, 4), channels=8, channel_mults=(1, 2), embedding_dim=8)
+_UNET_PARAMS = models.init(_UNET, key=jax.random.key(7))
+
+
+def unet_velocity(params, x, key):
+    """The UNet as a velocity field on flat points (N, 64): the 2-D points tiled to 64."""
+    del params, key
+    return _UNET.apply(_UNET_PARAMS, _times(x), jnp.tile(x, (1, 32)))
+
+
 EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "responsibilities")]
 ENTRIES = [
     *EXACT,
@@ -185,6 +195,7 @@ ENTRIES = [
     cfm_grad,
     marginal_fm,
     loss_floor,
+    unet_velocity,
 ]
 ids = [f.__name__ for f in ENTRIES]
 
