@@ -129,9 +129,10 @@ def _f(x) -> float:
     return float(np.asarray(x))
 
 
-@functools.partial(jax.jit, static_argnames=("velocity", "solver"))
-def _fixed_step(velocity, x0, n_steps, t0, t1, solver):
+@functools.partial(jax.jit, static_argnames=("static", "solver"))
+def _fixed_step(static, leaves, x0, n_steps, t0, t1, solver):
     """Euler / midpoint with a traced step count (one compile for every count)."""
+    velocity = _join(static, leaves)
     h = (t1 - t0) / n_steps.astype(x0.dtype)
 
     def step(i, x):
@@ -144,24 +145,35 @@ def _fixed_step(velocity, x0, n_steps, t0, t1, solver):
 
 
 class _Hashable:
-    """A velocity callable hashed by identity (a static argument of the compiled parts)."""
+    """A value hashed by identity (a static argument of the compiled parts)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, value):
+        self.value = value
 
-    def __call__(self, t, x):
-        return self.fn(t, x)
+
+def _split(velocity) -> tuple[_Hashable, list]:
+    """(static part, array leaves) of a field: a pytree field of arrays (``exact.VelocityField``)
+    enters the compiled parts as traced leaves, like the reference field; any other callable is
+    a static value (its arrays become constants of the program)."""
+    leaves, treedef = jax.tree.flatten(velocity)
+    if leaves and all(isinstance(leaf, jax.Array) for leaf in leaves):
+        return _Hashable(treedef), leaves
+    return _Hashable(velocity), []
+
+
+def _join(static: _Hashable, leaves: list):
+    return jax.tree.unflatten(static.value, leaves) if leaves else static.value
 
 
 def _nfe(velocity, x0, reference, problem, solver, tol, step_counts):
     """metrics.nfe_to_accuracy with the relative endpoint RMSE of fixed-step solves."""
     s = problem.schedule
     spread = math.sqrt(_f(jnp.trace(problem.target().covariance())))
-    v = velocity if isinstance(velocity, _Hashable) else _Hashable(velocity)
+    static, leaves = _split(velocity)
     t0, t1 = jnp.asarray(s.t_min, x0.dtype), jnp.asarray(s.t_max, x0.dtype)
 
     def solve(n_steps):
-        return _fixed_step(v, x0, jnp.asarray(n_steps), t0, t1, solver)
+        return _fixed_step(static, leaves, x0, jnp.asarray(n_steps), t0, t1, solver)
 
     def rel_rmse(a, b):
         return jnp.sqrt(jnp.mean(jnp.sum(jnp.square(a - b), axis=-1))) / spread
@@ -239,8 +251,9 @@ def evaluate(
 
     prepared = exact.prepare(c)  # time-free factors for an independent coupling
     ts = jnp.asarray(np.linspace(s.t_min, s.t_max, n_times), dtype)
-    err, scale = _velocity_errors(_Hashable(velocity), c, prepared, s, ts, n, keys[0])
-    lv, lu = _loss_terms(_Hashable(velocity), c, prepared, s, n, keys[1])
+    static, leaves = _split(velocity)
+    err, scale = _velocity_errors(static, leaves, c, prepared, s, ts, n, keys[0])
+    lv, lu = _loss_terms(static, leaves, c, prepared, s, n, keys[1])
     lv, lu = np.asarray(lv, np.float64), np.asarray(lu, np.float64)
     excess_terms = lv - lu
 
@@ -301,9 +314,10 @@ def evaluate(
     return report
 
 
-@functools.partial(jax.jit, static_argnames=("velocity", "schedule", "n"))
-def _velocity_errors(velocity, coupling, prepared, schedule, ts, n, key):
+@functools.partial(jax.jit, static_argnames=("static", "schedule", "n"))
+def _velocity_errors(static, leaves, coupling, prepared, schedule, ts, n, key):
     """(E|v - u|^2, E|u|^2) over ts, on the same draws, in one compiled call."""
+    velocity = _join(static, leaves)
     exact_u = exact.velocity_field(prepared, schedule)
     zero = lambda t, x: jnp.zeros_like(x)  # noqa: E731
     err = metrics.velocity_error(velocity, coupling, schedule, ts, n, key=key, reference=exact_u)
@@ -311,11 +325,12 @@ def _velocity_errors(velocity, coupling, prepared, schedule, ts, n, key):
     return err, scale
 
 
-@functools.partial(jax.jit, static_argnames=("velocity", "schedule", "n"))
-def _loss_terms(velocity, coupling, prepared, schedule, n, key):
+@functools.partial(jax.jit, static_argnames=("static", "schedule", "n"))
+def _loss_terms(static, leaves, coupling, prepared, schedule, n, key):
     """Per-draw CFM terms |v(t, x_t) - y|^2 and |u(t, x_t) - y|^2, y = da x1 + db x0, on n draws
     of (x0, x1) ~ coupling and t uniform on the valid interval (their means: the CFM loss and the
     loss floor)."""
+    velocity = _join(static, leaves)
     k_pairs, k_time = jax.random.split(key)
     x0, x1 = coupling.sample(k_pairs, n)
     lo, hi = schedule.interval
