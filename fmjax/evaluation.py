@@ -18,7 +18,9 @@ problem (or a ``Problem`` built by hand), and measures
   spread sqrt(tr Cov p1), must be below ``tol``.
 
 ``fmjax evaluate --model DIR --problem NAME`` (``add_parser`` / ``run`` here) runs it on a
-model written by ``fmjax train``, ``--exact`` on the exact field.
+model written by ``fmjax train``, ``--exact`` on the exact field, and ``fmjax evaluate --all``
+the leaderboard (``leaderboard``): the built-in models trained by CFM on each problem and scored
+against the exact field (written as ``leaderboard.md`` and ``leaderboard.json``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fmjax import _checks, exact, likelihood, metrics, problems, sample
 from fmjax._report import to_json, write_json
 from fmjax._typing import Velocity
 
-__all__ = ["EvaluationReport", "evaluate", "add_parser", "run"]
+__all__ = ["EvaluationReport", "evaluate", "leaderboard", "add_parser", "run"]
 
 _FN = "evaluation.evaluate"
 _SOLVERS = {"euler": 1, "midpoint": 2}
@@ -127,9 +129,10 @@ def _f(x) -> float:
     return float(np.asarray(x))
 
 
-@functools.partial(jax.jit, static_argnames=("velocity", "solver"))
-def _fixed_step(velocity, x0, n_steps, t0, t1, solver):
+@functools.partial(jax.jit, static_argnames=("static", "solver"))
+def _fixed_step(static, leaves, x0, n_steps, t0, t1, solver):
     """Euler / midpoint with a traced step count (one compile for every count)."""
+    velocity = _join(static, leaves)
     h = (t1 - t0) / n_steps.astype(x0.dtype)
 
     def step(i, x):
@@ -142,24 +145,35 @@ def _fixed_step(velocity, x0, n_steps, t0, t1, solver):
 
 
 class _Hashable:
-    """A velocity callable hashed by identity (a static argument of the compiled parts)."""
+    """A value hashed by identity (a static argument of the compiled parts)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    def __init__(self, value):
+        self.value = value
 
-    def __call__(self, t, x):
-        return self.fn(t, x)
+
+def _split(velocity) -> tuple[_Hashable, list]:
+    """(static part, array leaves) of a field: a pytree field of arrays (``exact.VelocityField``)
+    enters the compiled parts as traced leaves, like the reference field; any other callable is
+    a static value (its arrays become constants of the program)."""
+    leaves, treedef = jax.tree.flatten(velocity)
+    if leaves and all(isinstance(leaf, jax.Array) for leaf in leaves):
+        return _Hashable(treedef), leaves
+    return _Hashable(velocity), []
+
+
+def _join(static: _Hashable, leaves: list):
+    return jax.tree.unflatten(static.value, leaves) if leaves else static.value
 
 
 def _nfe(velocity, x0, reference, problem, solver, tol, step_counts):
     """metrics.nfe_to_accuracy with the relative endpoint RMSE of fixed-step solves."""
     s = problem.schedule
     spread = math.sqrt(_f(jnp.trace(problem.target().covariance())))
-    v = velocity if isinstance(velocity, _Hashable) else _Hashable(velocity)
+    static, leaves = _split(velocity)
     t0, t1 = jnp.asarray(s.t_min, x0.dtype), jnp.asarray(s.t_max, x0.dtype)
 
     def solve(n_steps):
-        return _fixed_step(v, x0, jnp.asarray(n_steps), t0, t1, solver)
+        return _fixed_step(static, leaves, x0, jnp.asarray(n_steps), t0, t1, solver)
 
     def rel_rmse(a, b):
         return jnp.sqrt(jnp.mean(jnp.sum(jnp.square(a - b), axis=-1))) / spread
@@ -237,8 +251,9 @@ def evaluate(
 
     prepared = exact.prepare(c)  # time-free factors for an independent coupling
     ts = jnp.asarray(np.linspace(s.t_min, s.t_max, n_times), dtype)
-    err, scale = _velocity_errors(_Hashable(velocity), c, prepared, s, ts, n, keys[0])
-    lv, lu = _loss_terms(_Hashable(velocity), c, prepared, s, n, keys[1])
+    static, leaves = _split(velocity)
+    err, scale = _velocity_errors(static, leaves, c, prepared, s, ts, n, keys[0])
+    lv, lu = _loss_terms(static, leaves, c, prepared, s, n, keys[1])
     lv, lu = np.asarray(lv, np.float64), np.asarray(lu, np.float64)
     excess_terms = lv - lu
 
@@ -299,9 +314,10 @@ def evaluate(
     return report
 
 
-@functools.partial(jax.jit, static_argnames=("velocity", "schedule", "n"))
-def _velocity_errors(velocity, coupling, prepared, schedule, ts, n, key):
+@functools.partial(jax.jit, static_argnames=("static", "schedule", "n"))
+def _velocity_errors(static, leaves, coupling, prepared, schedule, ts, n, key):
     """(E|v - u|^2, E|u|^2) over ts, on the same draws, in one compiled call."""
+    velocity = _join(static, leaves)
     exact_u = exact.velocity_field(prepared, schedule)
     zero = lambda t, x: jnp.zeros_like(x)  # noqa: E731
     err = metrics.velocity_error(velocity, coupling, schedule, ts, n, key=key, reference=exact_u)
@@ -309,11 +325,12 @@ def _velocity_errors(velocity, coupling, prepared, schedule, ts, n, key):
     return err, scale
 
 
-@functools.partial(jax.jit, static_argnames=("velocity", "schedule", "n"))
-def _loss_terms(velocity, coupling, prepared, schedule, n, key):
+@functools.partial(jax.jit, static_argnames=("static", "schedule", "n"))
+def _loss_terms(static, leaves, coupling, prepared, schedule, n, key):
     """Per-draw CFM terms |v(t, x_t) - y|^2 and |u(t, x_t) - y|^2, y = da x1 + db x0, on n draws
     of (x0, x1) ~ coupling and t uniform on the valid interval (their means: the CFM loss and the
     loss floor)."""
+    velocity = _join(static, leaves)
     k_pairs, k_time = jax.random.split(key)
     x0, x1 = coupling.sample(k_pairs, n)
     lo, hi = schedule.interval
@@ -379,6 +396,93 @@ def write_report(
     return figures
 
 
+# ----------------------------------------------------------------------------- leaderboard
+
+#: Problems of ``leaderboard`` by default (quick: without the 256-D one).
+LEADERBOARD_PROBLEMS = ("gmm_1d", "demo_2d", "gmm_2d_joint", "eight_gaussians", "two_modes_3d",
+                        "digits_gmm", "gmm_256")  # fmt: skip
+_COLUMNS = ("problem", "model", "relative_velocity_error", "excess_loss", "nll_gap", "energy",
+            "energy_noise", "nfe_to_accuracy")  # fmt: skip
+
+
+def _builtin_models(problem: problems.Problem, width: int, channels: int) -> dict:
+    from fmjax import models
+
+    out = {f"MLP {width}x3": models.MLP(dim=problem.dim, width=width, depth=3)}
+    if problem.image_shape is not None:
+        out[f"UNet {channels}"] = models.UNet(image_shape=problem.image_shape, channels=channels,
+                                              channel_mults=(1, 2))  # fmt: skip
+    return out
+
+
+def leaderboard(
+    names: Sequence[str] = LEADERBOARD_PROBLEMS,
+    *,
+    steps: int = 3000,
+    batch_size: int = 256,
+    width: int = 128,
+    channels: int = 32,
+    n: int = 1000,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Train the built-in models by CFM on each problem; score them and the exact field.
+
+    Models: an MLP (``width`` x 3 hidden layers, Fourier time features) on every problem, and a
+    UNet (``channels``, two levels) on image problems; Adam with cosine decay from 2e-3 for
+    ``steps`` steps of ``batch_size`` coupled pairs. Each row is ``evaluate``'s summary (with
+    ``n`` samples, no W2) plus "model" and "train_steps"; the exact field's row is the check.
+
+    Returns:
+        the rows; with ``out``, also written as ``leaderboard.json`` and ``leaderboard.md``.
+    """
+    from fmjax import losses, models
+    from fmjax._report import format_table
+    from fmjax.train import fit
+
+    rows = []
+    key = jax.random.key(seed)
+    for name in names:
+        problem = problems.get(name)
+        c, s = problem.coupling, problem.schedule
+        fields = {"exact": exact.velocity_field(exact.prepare(c), s)}
+        for label, model in _builtin_models(problem, width, channels).items():
+            params = models.init(model, key=jax.random.fold_in(key, 1))
+            loss_fn = losses.cfm(model.apply, c.sample, s, batch_size)
+            result = fit(loss_fn, params, key=jax.random.fold_in(key, 2), steps=steps,
+                         learning_rate=2e-3, lr_schedule="cosine", progress=progress,
+                         steps_per_call=max(1, min(steps, 1000)))  # fmt: skip
+            fields[label] = jax.jit(functools.partial(model.apply, result.params))
+        for label, v in fields.items():
+            r = evaluate(v, problem, key=jax.random.fold_in(key, 3), n=n, w2=False)
+            trained = 0 if label == "exact" else steps
+            rows.append({"problem": name, "model": label, "train_steps": trained, **r.summary()})
+            if progress:
+                print(format_table([rows[-1]], _COLUMNS))
+    if out is not None:
+        out = Path(out)
+        write_json(out / "leaderboard.json", rows)
+        (out / "leaderboard.md").write_text(_markdown(rows) + "\n")
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _markdown(rows: list[dict]) -> str:
+    """The leaderboard as a Markdown table."""
+    head = "| " + " | ".join(_COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(r.get(c)) for c in _COLUMNS) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
 # ----------------------------------------------------------------------------- command line
 
 _DEFAULT_PROBLEM = {"gmm": "demo_2d", "eight_gaussians": "eight_gaussians"}
@@ -397,6 +501,15 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="folder written by `fmjax train`")
     src.add_argument("--exact", action="store_true", help="the problem's exact velocity")
+    src.add_argument(
+        "--all",
+        action="store_true",
+        help="the leaderboard: built-in models "
+        "trained on every problem (or --problem A,B), scored with the exact field",
+    )
+    p.add_argument("--steps", type=int, default=3000, help="--all: training steps")
+    p.add_argument("--quick", action="store_true", help="--all: 300 steps, n = 300, width 64, "
+                   "no 256-D problem (CI settings)")  # fmt: skip
     p.add_argument("--problem", default=None, help="a name of fmjax.problems (default: the "
                    "model's training target: gmm -> demo_2d, eight_gaussians)")  # fmt: skip
     p.add_argument("--n", type=int, default=1000, help="samples per estimate (default 1000)")
@@ -413,6 +526,8 @@ def run(args) -> int:
     from fmjax import exact
 
     name = args.problem
+    if args.all:
+        return _run_all(args)
     try:
         if args.model:
             from fmjax.experiments.train_model import load_model
@@ -440,4 +555,21 @@ def run(args) -> int:
         raise SystemExit(str(e)) from None
     print(json.dumps(report.summary(), indent=1))
     print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _run_all(args) -> int:
+    names = tuple(args.problem.split(",")) if args.problem else LEADERBOARD_PROBLEMS
+    kw = dict(steps=args.steps, n=args.n, seed=args.seed, out=args.out)
+    if args.quick:
+        names = names if args.problem else LEADERBOARD_PROBLEMS[:-1]
+        kw.update(steps=300, n=300, width=64, channels=8)
+    try:
+        for name in names:
+            _checks.check_choice("cli", "--problem", name, problems.names())
+        rows = leaderboard(names, **kw)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    print(_markdown(rows))
+    print(f"leaderboard: {Path(args.out) / 'leaderboard.md'}")
     return 0

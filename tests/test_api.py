@@ -24,6 +24,7 @@ PUBLIC_MODULES = [
     "fmjax.metrics",
     "fmjax.mixtures",
     "fmjax.models",
+    "fmjax.problems",
     "fmjax.plot",
     "fmjax.sample",
     "fmjax.schedules",

@@ -218,6 +218,14 @@ def exact_map_prepared(params, x, key):
         _MAP_PREPARED, COSINE, _times(x), x, ("velocity", "log_prob", "divergence")
     )
     return out.velocity.sum(-1) + out.log_prob + out.divergence
+_UNET = models.UNet(image_shape=(4, 4, 4), channels=8, channel_mults=(1, 2), embedding_dim=8)
+_UNET_PARAMS = models.init(_UNET, key=jax.random.key(7))
+
+
+def unet_velocity(params, x, key):
+    """The UNet as a velocity field on flat points (N, 64): the 2-D points tiled to 64."""
+    del params, key
+    return _UNET.apply(_UNET_PARAMS, _times(x), jnp.tile(x, (1, 32)))
 
 
 EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "responsibilities")]
@@ -246,6 +254,7 @@ ENTRIES = [
     exact_noisy_prepared,
     exact_map_prepared,
     sde_with_score,
+    unet_velocity,
 ]
 ids = [f.__name__ for f in ENTRIES]
 

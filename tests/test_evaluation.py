@@ -108,3 +108,28 @@ def test_cli_evaluate_exact(tmp_path, capsys):
     assert saved["mean_velocity_error"] < 1e-8 and saved["n"] == 100
     with pytest.raises(SystemExit, match="problems.get: `name` must be one of"):
         cli.main(["evaluate", "--exact", "--problem", "nope"])
+
+
+def test_leaderboard_table_and_cli_validation():
+    from fmjax import cli
+    from fmjax.evaluation import _markdown
+
+    rows = [{"problem": "gmm_1d", "model": "exact", "relative_velocity_error": 0.0,
+             "excess_loss": 1.23456, "nll_gap": None, "energy": 0.01, "energy_noise": 0.02,
+             "nfe_to_accuracy": 16}]  # fmt: skip
+    table = _markdown(rows).splitlines()
+    assert table[0].startswith("| problem | model |") and table[1].startswith("|---|")
+    assert table[2] == "| gmm_1d | exact | 0 | 1.23 | - | 0.01 | 0.02 | 16 |"
+    with pytest.raises(SystemExit, match="cli: `--problem` must be one of"):
+        cli.main(["evaluate", "--all", "--problem", "gmm_1d,nope"])
+
+
+@pytest.mark.slow
+def test_leaderboard_tiny(tmp_path):
+    from fmjax.evaluation import leaderboard
+
+    rows = leaderboard(("gmm_1d",), steps=200, n=200, width=32, out=tmp_path)
+    exact_row, mlp_row = rows
+    assert exact_row["model"] == "exact" and abs(exact_row["excess_loss"]) < 1e-6
+    assert 0 < mlp_row["relative_velocity_error"] < 0.5
+    assert (tmp_path / "leaderboard.md").read_text().count("gmm_1d") == 2

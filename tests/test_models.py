@@ -183,8 +183,6 @@ def test_unet_depends_on_time_and_class(key):
     assert float(jnp.abs(cond - base).max()) > 1e-2  # the class matters ...
     # ... and y=None is the "null" class num_classes (classifier-free guidance)
     np.testing.assert_allclose(apply(params, 0.2, x, jnp.full(4, 10)), base, atol=1e-6)
-    np.testing.assert_allclose(apply(params, 0.2, x, 3), apply(params, 0.2, x, jnp.full(4, 3)),
-                               atol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match="`y` must be None"):
         APPLY(models.init(UNET, key=key), 0.2, x, y)
 

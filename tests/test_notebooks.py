@@ -23,6 +23,8 @@ def test_notebooks_exist_without_outputs():
         "02_ot_vs_vp.ipynb",
         "03_flows_and_scores.ipynb",
         "04_cfm_equals_fm.ipynb",
+        "05_digits.ipynb",
+        "06_stochastic_interpolants.ipynb",
         "07_couplings.ipynb",
     ]
     for path in NOTEBOOKS:

@@ -95,6 +95,7 @@ def test_digits_gmm_without_sklearn_names_the_extra(monkeypatch):
         data._load_digits.cache_clear()
 
 
+@pytest.mark.slow  # building and validating 64 covariances of 256 x 256: ~5-15 s on a CPU
 def test_gmm_256_is_the_seeded_random_mixture():
     p = problems.get("gmm_256")
     assert p.dim == 256 and p.target().n_components == 64
