@@ -9,6 +9,7 @@ so the bounds below are a few times that, far below the distance to a wrong law 
 
 import json
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ NOTEBOOKS = {
     "cfm_equals_fm": "04_cfm_equals_fm",
     "couplings": "07_couplings",
     "digits": "05_digits",
+    "stochastic_interpolants": "06_stochastic_interpolants",
 }
 # The digits run trains two UNets (~2 min quick on 2 busy cores): kept out of the default run.
 _SLOW = {"digits"}
@@ -256,6 +258,8 @@ def test_couplings_minibatch_ot_goes_below_mw2(cpl):
     for prob, r in cpl["ot_cfm"].items():
         assert max(r["pair_cost"]) < r["independent_cost"], (prob, r)
         assert r["large_batch_pair_cost"] < r["mixture_ot_cost"] - 1.0, (prob, r)
+
+
 @pytest.mark.slow
 def test_digits_quick(runs):
     m = runs("digits")["metrics"]
@@ -274,3 +278,49 @@ def test_digits_quick(runs):
     # The exact field itself: no excess loss; NLL gap within the Hutchinson noise.
     assert abs(m["gmm64"]["exact"]["excess_loss"]) < 1e-4
     assert abs(m["gmm64"]["exact"]["nll_gap"]) < 1.0
+
+
+# ----------------------------------------------------------------- stochastic interpolants
+# Energy distances are U-statistics whose noise level is the distance between two exact target
+# samples of the same size (``energy_reference``); the distance of the untransported source
+# (``energy_source``) is the control a sampler must beat by far.
+
+
+@pytest.fixture(scope="module")
+def si(runs):
+    return runs("stochastic_interpolants")
+
+
+def test_si_exact_ode_and_sde_reach_the_target(si):
+    m = si["metrics"]
+    for pname, by_interp in m["energy"].items():
+        floor = abs(m["energy_reference"][pname])
+        src = m["energy_source"][pname]
+        assert src > 0.5  # the control is far from the target
+        for iname, by_sampler in by_interp.items():
+            for sampler, e in by_sampler.items():
+                if sampler.startswith("exact"):
+                    # a few times the Monte Carlo noise (~0.01-0.03 at 600 points)
+                    assert e < 3 * floor + 0.04, (pname, iname, sampler, e)
+
+
+def test_si_learned_samplers_run_and_report(si):
+    m = si["metrics"]
+    learned = [(p, i, k, e) for p, d in m["energy"].items() for i, s in d.items()
+               for k, e in s.items() if k.startswith("learned")]  # fmt: skip
+    assert learned and all(np.isfinite(e) for *_, e in learned)
+    # even a tiny, briefly trained drift + score transports mass toward the target
+    assert all(e < m["energy_source"][p] for p, _, _, e in learned)
+    for curves in m["errors"].values():
+        assert len(curves["velocity"]) == len(m["error_times"])
+        assert all(np.isfinite(curves["score"]))
+    assert set(si["figures"]) == {"density_1d", "samples_2d", "samples_1d", "errors"}
+    table = E.si_table(types.SimpleNamespace(metrics=m))
+    assert "| problem | interpolant |" in table
+
+
+def test_si_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="config.interpolants"):
+        E.stochastic_interpolants(E.SIConfig.quick(interpolants=("vp",)), out=tmp_path)
+    with pytest.raises(ValueError, match="config.learned"):
+        E.stochastic_interpolants(E.SIConfig.quick(learned=("linear",)), out=tmp_path)
