@@ -367,6 +367,7 @@ def init(model: nn.Module, *, key: PRNGKeyArray, dim: int | None = None) -> PyTr
     Returns:
         the parameter pytree for ``model.apply(params, t, x)``.
     """
+    _checks.check_instance("models.init", "model", model, nn.Module, "a flax.linen Module")
     dim = getattr(model, "dim", None) if dim is None else dim
     if dim is None:
         _checks.fail("models.init", "dim", "given for a model without a `dim` attribute", None)

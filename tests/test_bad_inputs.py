@@ -19,7 +19,6 @@ GOOD = ("named", "other-clear", "correct")
 KNOWN = {
     "exact.velocity: precision 'bogus'": "crash",
     "gaussian_w2: indefinite cov1": "silent-wrong",
-    "models.init: a string model": "wrong-arg",
     "checkerboard: int seed for key": "crash",
     "from_array: complex": "silent-wrong",
 }
