@@ -36,6 +36,8 @@ from fmjax.schedules import Schedule
 
 # Elements of one (N, block, d) intermediate: 2^24 floats (64 MiB in float32).
 _BLOCK_BUDGET = 1 << 24
+# Largest d for which one t per point on a general coupling uses ``_accumulate_points``.
+_SMALL_D = 8
 
 
 class _Factors(NamedTuple):
@@ -253,3 +255,119 @@ def _responsibilities(c: JointGaussianMixture, sched: Schedule, t, x, precision)
 # scan on every call (an eager lax.scan is compiled anew per call); inlined under an outer jit.
 _accumulate_jit = jax.jit(_accumulate, static_argnames=("want", "precision"))
 _responsibilities_jit = jax.jit(_responsibilities, static_argnames=("precision",))
+
+
+# One time per point on a general joint coupling: no time-free form exists, so every point needs
+# its own K factorisations. Instead of vmapping the shared-t kernel (batched LAPACK calls on
+# d x d matrices, one call per point and component), the factorisations are written as d
+# right-looking steps over whole (N, B, d, d) arrays: elementwise work XLA fuses, no per-matrix
+# call overhead. Cost per point and component: ~d^3 flops for the factor (and 2 d^3 more for
+# the divergence's tr(S^{-1} C)), d^2 for each triangular solve.
+
+
+def _chol(a):
+    """Lower Cholesky factor of SPD a (..., d, d): d right-looking rank-one updates of the
+    shrinking trailing block (~d^3 / 3 flops)."""
+    d = a.shape[-1]
+    cols = []
+    for j in range(d):
+        col = a[..., :, 0] / jnp.sqrt(a[..., 0, 0])[..., None]  # column j, rows j..d-1
+        cols.append(jnp.concatenate([jnp.zeros(col.shape[:-1] + (j,), col.dtype), col], -1))
+        a = a[..., 1:, 1:] - col[..., 1:, None] * col[..., None, 1:]
+    return jnp.stack(cols, axis=-1)
+
+
+def _solve_lower(lo, r):
+    """L^{-1} r for lower-triangular L (..., d, d) and r (..., d) or (..., d, m) (columns)."""
+    d = lo.shape[-1]
+    vec = r.ndim == lo.ndim - 1
+    r = r[..., None] if vec else r
+    rows = []
+    for j in range(d):
+        zj = r[..., j, :] / lo[..., j, j][..., None]
+        rows.append(zj)
+        r = r - lo[..., :, j, None] * zj[..., None, :]
+    out = jnp.stack(rows, axis=-2)
+    return out[..., 0] if vec else out
+
+
+def _solve_upper_t(lo, z):
+    """L^{-T} z for lower-triangular L (..., d, d) and z (..., d)."""
+    d = lo.shape[-1]
+    out = [None] * d
+    for j in reversed(range(d)):
+        sj = z[..., j] / lo[..., j, j]
+        out[j] = sj
+        z = z - lo[..., j, :] * sj[..., None]
+    return jnp.stack(out, axis=-1)
+
+
+def _accumulate_points(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset, precision):
+    """``_accumulate`` with one time per point, t (N,): per-point factors, vectorised."""
+    n, d = x.shape
+    k = c.n_components
+    bsz = _block_size(n, k, d, 4 + 4 * d)  # (N, B, d, d) covariances, factors and cross terms
+    n_blocks = -(-k // bsz)
+    blocks = jax.tree.map(
+        lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad(c, n_blocks * bsz)
+    )
+    need_v = bool(want & {"velocity", "divergence"})
+    need_s = bool(want & {"score", "divergence"})
+    a, b, da, db = (jnp.reshape(u, (n, 1, 1)) for u in sched(t))
+    if sched.has_noise:
+        g, _, g_dg = sched.gamma(t)
+        g2, g_dg = jnp.reshape(g * g, (n, 1, 1, 1)), jnp.reshape(g_dg, (n, 1, 1, 1))
+    eye = jnp.eye(d, dtype=x.dtype)
+
+    def step(carry, cb):
+        mx, tot, acc_v, acc_s, acc_div = carry
+        m0, m1, s00, s01, s10, s11 = cb.blocks()
+        mu = b * m0[None] + a * m1[None]  # (N, B, d)
+        dmu = db * m0[None] + da * m1[None]
+        a4, b4, da4, db4 = (u[..., None] for u in (a, b, da, db))
+        cov = b4 * b4 * s00[None] + a4 * b4 * (s01 + s10)[None] + a4 * a4 * s11[None]
+        cross = b4 * db4 * s00[None] + a4 * db4 * s01[None] + b4 * da4 * s10[None]
+        cross = cross + a4 * da4 * s11[None]
+        if sched.has_noise:
+            cov = cov + g2 * eye[None, None]
+            cross = cross + g_dg * eye[None, None]
+        lo = _chol(cov)  # (N, B, d, d)
+        z = _solve_lower(lo, x[:, None, :] - mu)
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(lo, axis1=-2, axis2=-1)), axis=-1)
+        logp = (
+            jnp.log(cb.weights)[None]
+            - half_logdet
+            - 0.5 * d * math.log(2 * math.pi)
+            - 0.5 * jnp.sum(z * z, axis=-1)
+        )
+        new_mx, scale, p = _lse_block(mx, logp)
+        wb = jnp.sum(p, axis=1)
+        bv = bs = None
+        if need_v or need_s:
+            sol = _solve_upper_t(lo, z)  # S^{-1} (x - mu)
+        if need_v:
+            v = dmu + jnp.einsum("nbij,nbj->nbi", cross, sol, precision=precision)
+            bv = jnp.sum(p[:, :, None] * v, axis=1)
+        if need_s:
+            sk = -sol
+            bs = jnp.sum(p[:, :, None] * sk, axis=1)
+        if "divergence" in want:
+            w = _solve_lower(lo, jnp.broadcast_to(eye, lo.shape))  # L^{-1}
+            y = _solve_lower(lo, cross)  # L^{-1} C
+            tr = jnp.sum(y * w, axis=(-2, -1))  # tr(L^{-1} C L^{-T}) = tr(C S^{-1})
+            mv = bv / _safe(wb)[:, None]
+            ms = bs / _safe(wb)[:, None]
+            cen = jnp.sum((sk - ms[:, None]) * (v - mv[:, None]), axis=-1)
+            block = jnp.sum(p * (tr + cen), axis=1)
+            acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
+        if need_v:
+            acc_v = acc_v * scale[:, None] + bv
+        if need_s:
+            acc_s = acc_s * scale[:, None] + bs
+        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
+
+    carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
+    return _finish(carry, want)
+
+
+_accumulate_points_jit = jax.jit(_accumulate_points, static_argnames=("want", "precision"))

@@ -31,8 +31,12 @@ Paths (kernels in ``fmjax._kernels`` and ``fmjax._pencil``):
   dmu_t + Q diag((db + da l) / (b + a l)) Q^T (x - mu_t) and S_t = (bI + aA) S00 (bI + aA):
   x @ Q once, per-point diagonal scalings, a fixed d x d product per component. Detected by
   ``prepare`` (and at call time, as above); schedules with noise take the per-time path.
-- general joint couplings with one t per point: per point K Cholesky factorisations of size d
-  (vmapped, K d^3 / 3 flops per point; batched LAPACK calls), no time-free form exists.
+- general joint couplings with one t per point: no time-free form exists; per point K
+  Cholesky factorisations of size d (K d^3 / 3 flops per point). For d <= 8 they are written as
+  d vectorised right-looking steps over all (point, component) pairs at once (no per-matrix
+  call; about 8x faster than batched LAPACK at d = 2, K = 8, N = 2e4 on a 2-core CPU); above,
+  the shared-t kernel is vmapped over points (batched LAPACK calls of size d), which was as fast
+  or faster there.
 
 Which cases keep the time-free form with latent noise: in the pencil basis V (V^T S00 V = I,
 V^T S11 V = diag(lam)) the noise adds gamma^2 V^T V, which stays diagonal iff V^T V is
@@ -280,6 +284,9 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
             kernel = functools.partial(_kernels._accumulate_jit, want=want, precision=precision)
         if t.size == 1:  # one time for all points: factor once
             out = kernel(c, sched, t.reshape(()), xf)
+        elif not resp and d <= _kernels._SMALL_D:  # per point, vectorised small-d factors
+            tf = jnp.broadcast_to(t, batch).reshape(-1)
+            out = _kernels._accumulate_points_jit(c, sched, tf, xf, want=want, precision=precision)
         else:  # one time per point: factor per point, vmapped
             tf = jnp.broadcast_to(t, batch).reshape(-1)
 

@@ -40,7 +40,7 @@ def _map_coupling(k=3, d=D, seed=0, asymmetric=0.0):
     return fmjax.JointGaussianMixture._from_leaves(w / w.sum(), means, covs), a
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "vp"])
+@pytest.mark.parametrize("name", ["cosine", pytest.param("vp", marks=pytest.mark.slow)])
 def test_map_path_matches_per_time_path_and_reference(x64, name, monkeypatch):
     sched = {"linear": schedules.linear(), "cosine": schedules.cosine(), "vp": schedules.vp()}[name]
     c, _ = _map_coupling()

@@ -64,7 +64,11 @@ def _clip(sched, t):
 
 @pytest.mark.parametrize(
     "name, kind",
-    [(name, "joint") for name in NOISY]
+    [("linear+brownian", "joint"), ("trig(brownian)", "joint")]
+    + [
+        pytest.param(n, "joint", marks=pytest.mark.slow)
+        for n in ("cosine+bsquared", "vp+sinesquared")
+    ]
     + [("linear+brownian", "normal_source"), ("trig(brownian)", "normal_source")],
 )
 def test_noise_matches_numpy_reference(x64, name, kind):
@@ -129,11 +133,7 @@ def _pde_terms(c, sched, t, x):
 
 @pytest.mark.parametrize(
     "name, kind",
-    [
-        ("linear+brownian", "joint"),
-        ("trig(brownian)", "normal_source"),
-        ("cosine+bsquared", "joint"),
-    ],
+    [("linear+brownian", "joint"), ("trig(brownian)", "normal_source")],
 )
 def test_continuity_and_fokker_planck_with_noise(x64, name, kind):
     """The probability-flow drift u and the SDE family drift u + eps s with diffusion
@@ -180,8 +180,14 @@ def test_small_noise_limit_is_the_noise_free_engine(x64):
             assert _rel(small.velocity, plain.velocity) > 1e-6  # control
 
 
-@pytest.mark.parametrize("kind", ["normal_source", "isotropic_target"])
-@pytest.mark.parametrize("name", ["linear+brownian", "trig(brownian)", "vp+sinesquared"])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("linear+brownian", "normal_source"),
+        ("trig(brownian)", "isotropic_target"),
+        pytest.param("vp+sinesquared", "normal_source", marks=pytest.mark.slow),
+    ],
+)
 def test_time_free_path_keeps_diagonal_noise(x64, name, kind, monkeypatch):
     """S00 = I or S11 = c I: V^T V is diagonal, the time-free path is taken with noise (shared
     and per-point t) and agrees with the per-time Cholesky path to 1e-10."""
