@@ -256,8 +256,8 @@ NOTEBOOKS = {
         "m = result.metrics\n"
         'for prob, per in m["straightness"].items():\n'
         "    for name, r in per.items():\n"
-        "        print(f\"{prob:16s} {name:12s} kinetic {r['kinetic_energy']:8.3f}   \"\n"
-        "              f\"cost {r['transport_cost']:8.3f}\")",
+        '        k, c = r["kinetic_energy"], r["transport_cost"]\n'
+        '        print(f"{prob:16s} {name:12s} kinetic {k:8.3f}   cost {c:8.3f}")',
         _Md(
             "## Solver effort\n\n"
             "RMSE of fixed-step Euler (solid) and midpoint (dashed) end points against an accurate "
@@ -274,8 +274,8 @@ NOTEBOOKS = {
         ),
         _show("ot_cfm"),
         'for prob, r in m["ot_cfm"].items():\n'
-        '    print(prob, "MW2^2", round(r["mixture_ot_cost"], 3),\n'
-        '          "large-batch OT", round(r["large_batch_pair_cost"], 3))\n'
+        '    mw2, big = r["mixture_ot_cost"], r["large_batch_pair_cost"]\n'
+        '    print(prob, f"MW2^2 {mw2:.3f}   large-batch OT {big:.3f}")\n'
         '    rows = zip(r["batch_sizes"], r["velocity_error"], r["pair_cost"], strict=True)\n'
         "    for b, e, c in rows:\n"
         '        print(f"  B = {b:5d}   error vs mixture_ot {e:.3f}   pair cost {c:.3f}")',

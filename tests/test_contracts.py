@@ -218,6 +218,8 @@ def exact_map_prepared(params, x, key):
         _MAP_PREPARED, COSINE, _times(x), x, ("velocity", "log_prob", "divergence")
     )
     return out.velocity.sum(-1) + out.log_prob + out.divergence
+
+
 _UNET = models.UNet(image_shape=(4, 4, 4), channels=8, channel_mults=(1, 2), embedding_dim=8)
 _UNET_PARAMS = models.init(_UNET, key=jax.random.key(7))
 

@@ -90,6 +90,8 @@ def test_stochastic_interpolants_example():
     params = env["models"].init(env["model"], key=jax.random.key(0))
     for loss in (env["drift_loss"], env["score_loss"]):
         assert np.isfinite(float(loss(params, jax.random.key(1))))
+
+
 def test_couplings_example():
     env = _run("couplings")
     ot, mw, x0, x1 = env["ot"], env["mw"], env["x0"], env["x1"]
