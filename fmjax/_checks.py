@@ -144,6 +144,20 @@ def check_key(fn: str, name: str, key: Any) -> jax.Array:
     fail(fn, name, "a PRNG key (jax.random.key(seed))", f"{key.dtype} {key.shape}", TypeError)
 
 
+def check_precision(fn: str, name: str, value: Any) -> Any:
+    """A matmul precision as ``jax.lax.dot`` takes it: None, a ``jax.lax.Precision`` (or its
+    name: "default", "high", "highest", ...) or a ``jax.lax.DotAlgorithmPreset``."""
+    if value is None or isinstance(value, jax.lax.Precision | jax.lax.DotAlgorithmPreset):
+        return value
+    if not isinstance(value, str):
+        fail(fn, name, "None, a jax.lax.Precision or its name", value, TypeError)
+    try:
+        jax.lax.Precision(value)
+    except ValueError:
+        fail(fn, name, 'a jax.lax.Precision name ("default", "high", "highest")', value)
+    return value
+
+
 def check_interval_time(
     fn: str, name: str, value: Any, interval: tuple[float, float], owner: str = "the schedule"
 ) -> float:

@@ -63,6 +63,7 @@ def checkerboard(key: PRNGKeyArray, n: int, *, dtype=None) -> Float[Array, "n 2"
     Returns:
         (n, 2) points.
     """
+    _checks.check_key("data.checkerboard", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2, k3 = jax.random.split(key, 3)
     x1 = jax.random.uniform(k1, (n,), dtype) * 4 - 2
@@ -93,6 +94,7 @@ def eight_gaussians(
     key: PRNGKeyArray, n: int, *, radius: float = 4 / 1.414, std: float = 0.5 / 1.414, dtype=None
 ) -> Float[Array, "n 2"]:
     """Samples of ``eight_gaussians_mixture(radius, std)``: (n, 2)."""
+    _checks.check_key("data.eight_gaussians", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2 = jax.random.split(key)
     theta = jax.random.randint(k1, (n,), 0, 8).astype(dtype) * (math.pi / 4)
@@ -109,6 +111,7 @@ def two_moons(
     Upper moon (cos a, sin a), lower moon (1 - cos a, 1/2 - sin a), a ~ U[0, pi], each with
     probability 1/2, plus N(0, noise^2) noise; then centred by (1/2, 1/4) and scaled by ``scale``.
     """
+    _checks.check_key("data.two_moons", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2, k3 = jax.random.split(key, 3)
     a = jax.random.uniform(k1, (n,), dtype) * math.pi
@@ -124,6 +127,7 @@ def two_moons(
 @functools.partial(jax.jit, static_argnames=("n", "noise", "dtype"))
 def swiss_roll(key: PRNGKeyArray, n: int, *, noise: float = 1.0, dtype=None) -> Float[Array, "n 2"]:
     """FFJORD's 2-D swiss roll: s (cos s, sin s) / 5 + N(0, noise^2) / 5, s ~ 1.5 pi (1 + 2 U)."""
+    _checks.check_key("data.swiss_roll", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2 = jax.random.split(key)
     s = 1.5 * math.pi * (1 + 2 * jax.random.uniform(k1, (n,), dtype))
@@ -141,6 +145,7 @@ def rings(
     dtype=None,
 ) -> Float[Array, "n 2"]:
     """Concentric circles: a ring chosen uniformly, a uniform angle, radial N(0, noise^2) noise."""
+    _checks.check_key("data.rings", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2, k3 = jax.random.split(key, 3)
     r = jnp.asarray(radii, dtype)[jax.random.randint(k1, (n,), 0, len(radii))]
@@ -161,11 +166,9 @@ def from_array(data: Float[ArrayLike, "N d"]) -> Sampler:
     Raises:
         ValueError: if ``data`` is not a non-empty finite 2-D float array.
     """
-    arr = jnp.asarray(data)
+    arr = _checks.check_real_array("data.from_array", "data", data)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         _checks.fail("data.from_array", "data", "of shape (N >= 1, d >= 1)", f"shape {arr.shape}")
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(jnp.result_type(float))
     if not np.all(np.isfinite(np.asarray(arr))):
         _checks.fail("data.from_array", "data", "finite", "NaN or inf")
 

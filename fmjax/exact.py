@@ -250,6 +250,7 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
     V^T V is diagonal); else with one t the per-time Cholesky factors once for all points;
     else per point, vmapped.
     """
+    _checks.check_precision(f"exact.{fn}", "precision", precision)
     prepared = isinstance(c, PreparedCoupling)
     c, factors = _unwrap(fn, c, sched if isinstance(sched, Schedule) else None)
     # Complex or half-precision points and times are refused (a cast would lose information).

@@ -15,13 +15,9 @@ bad_inputs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bad_inputs)
 
 GOOD = ("named", "other-clear", "correct")
-#: Cases failing on main at the time of writing (see the report of issue 14), by outcome.
-KNOWN = {
-    "exact.velocity: precision 'bogus'": "crash",
-    "gaussian_w2: indefinite cov1": "silent-wrong",
-    "checkerboard: int seed for key": "crash",
-    "from_array: complex": "silent-wrong",
-}
+#: Cases known to fail, by outcome (strict xfails). None are left: the 16 found when the cases
+#: were written (issue 14) are fixed.
+KNOWN: dict[str, str] = {}
 
 
 def _params():
@@ -36,7 +32,7 @@ def test_bad_input_is_answered(case):
     assert outcome in GOOD, f"{outcome}: {detail}"
 
 
-def test_cases_are_distinct_and_known_failures_exist():
+def test_cases_are_distinct_and_known_failures_are_cases():
     ids = [c.id for c in bad_inputs.CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 94
     assert set(KNOWN) <= set(ids)

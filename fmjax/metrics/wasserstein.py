@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from fmjax import _checks
@@ -152,6 +153,21 @@ def _sqrtm_psd(a):
     )
 
 
+def _check_psd(fn: str, name: str, cov) -> None:
+    """A concrete covariance must be symmetric positive semi-definite (to round-off)."""
+    if not _checks.is_concrete(cov):
+        return
+    c = np.asarray(cov, np.float64)
+    scale = max(float(np.max(np.abs(c))), np.finfo(np.float64).tiny)
+    eps = np.finfo(cov.dtype).eps if np.issubdtype(cov.dtype, np.floating) else 1e-16
+    tol = 1e3 * float(eps) * scale
+    if not np.allclose(c, c.T, rtol=0.0, atol=tol):
+        _checks.fail(fn, name, "symmetric", "an asymmetric matrix")
+    low = float(np.linalg.eigvalsh(0.5 * (c + c.T))[0])
+    if low < -tol:
+        _checks.fail(fn, name, "positive semi-definite", f"smallest eigenvalue {low:.3g}")
+
+
 def gaussian_w2(
     mean1: Float[ArrayLike, " d"],
     cov1: Float[ArrayLike, "d d"],
@@ -179,6 +195,8 @@ def gaussian_w2(
         if d < 0 or a.shape != shape:
             what = "an array of shape (d,)" if d < 0 else f"an array of shape {shape}"
             _checks.fail("metrics.gaussian_w2", name, what, f"shape {a.shape}")
+    for name, cov in (("cov1", s1), ("cov2", s2)):
+        _check_psd("metrics.gaussian_w2", name, cov)
     r1 = _sqrtm_psd(s1)
     cross = _sqrtm_psd(jnp.matmul(jnp.matmul(r1, s2, precision=HIGHEST), r1, precision=HIGHEST))
     bures = jnp.trace(s1) + jnp.trace(s2) - 2.0 * jnp.trace(cross)
