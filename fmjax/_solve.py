@@ -98,18 +98,14 @@ def check_x(fn: str, x: Float[ArrayLike, "... d"], name: str = "x0") -> Float[Ar
     return x
 
 
-def check_field(fn: str, name: str, field: Callable, t: float, x: Array) -> None:
-    """``field(t, x)`` must return an array shaped like ``x`` (checked abstractly by
-    ``jax.eval_shape``: nothing is computed), else a ``ValueError`` naming ``name``."""
-    try:
-        out = jax.eval_shape(field, jnp.asarray(t, x.dtype), x)
-    except Exception as e:  # noqa: BLE001 -- reported with the field's own message
-        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        _checks.fail(fn, name, f"a callable (t, x) -> array of x's shape {x.shape}", msg)
+def check_output(fn: str, name: str, out: Any, x: Array) -> Array:
+    """``out = field(t, x)`` must be shaped like ``x``: checked on shapes while the solver traces
+    the field (no extra trace), a ``ValueError`` naming ``name`` otherwise."""
     shape = getattr(out, "shape", None)
     if shape != x.shape:
         got = f"output of shape {shape}" if shape is not None else type(out).__name__
         _checks.fail(fn, name, f"a callable (t, x) -> array of x's shape {x.shape}", got)
+    return out
 
 
 def as_pytree(velocity: Velocity) -> Velocity:

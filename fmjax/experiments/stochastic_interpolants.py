@@ -292,10 +292,11 @@ def stochastic_interpolants(
         )
     if errors:
         curves = {f"{k}: {q}": v[q] for k, v in errors.items() for q in ("velocity", "score")}
-        figures["errors"] = plot.error_curve(
+        plot.error_curve(
             ts_err, curves, ylabel="E|learned - exact|^2", title="Learned fields vs exact",
             path=out / "errors.png",
         )  # fmt: skip
+        figures["errors"] = out / "errors.png"
     metrics_ = {
         "energy": energy,
         "energy_reference": reference,

@@ -33,7 +33,7 @@ class ODESolution(NamedTuple):
 
 
 def _velocity_field(t, x, velocity):
-    return velocity(t, x)
+    return _solve.check_output("sample.ode", "velocity", velocity(t, x), x)
 
 
 def ode(
@@ -93,7 +93,6 @@ def ode(
     x0 = _solve.check_x(fn, x0)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
     t0, t1 = _solve.resolve_times(fn, t0, t1, schedule)
-    _solve.check_field(fn, "velocity", velocity, t0, x0)
     out = _solve.solve(
         fn,
         _velocity_field,

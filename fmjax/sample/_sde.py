@@ -197,13 +197,13 @@ class _SDEArgs(NamedTuple):
 
 
 def _sde_drift(t, x, args: _SDEArgs):
-    u = args.velocity(t, x)
+    u = _solve.check_output("sample.sde", "velocity", args.velocity(t, x), x)
     g = args.diffusion(t)
     g2 = g * g
     if args.score is None:
         s = convert.velocity_to_score(args.schedule, t, x, u)
     else:
-        s = args.score(t, x)
+        s = _solve.check_output("sample.sde", "score", args.score(t, x), x)
     # Where g = 0 (e.g. g(t_max) = 0 with eps = 0) drop the score term: it may be inf there.
     return jnp.where(g2 > 0, u + 0.5 * g2 * s, u)
 
@@ -330,12 +330,10 @@ def sde(
     steps = _checks.check_int(fn, "steps", steps)
     _checks.check_choice(fn, "brownian", brownian, ("virtual", "unsafe"))
     _checks.check_choice(fn, "time", time, ("forward", "reversed"))
-    _solve.check_field(fn, "velocity", velocity, schedule.t_min, x0)
     if score is None:
         _check_derived_score(fn, schedule, velocity, time)
     else:
         _checks.check_callable(fn, "score", score, "None or a callable (t, x) -> (..., d)")
-        _solve.check_field(fn, "score", score, schedule.t_min, x0)
         score = _solve.as_pytree(score)
     velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
     if time == "reversed":
