@@ -112,7 +112,7 @@ def test_cli_evaluate_exact(tmp_path, capsys):
 
 def test_leaderboard_table_and_cli_validation():
     from fmjax import cli
-    from fmjax.evaluation import _markdown
+    from fmjax.leaderboard import _markdown
 
     rows = [{"problem": "gmm_1d", "model": "exact", "relative_velocity_error": 0.0,
              "excess_loss": 1.23456, "nll_gap": None, "energy": 0.01, "energy_noise": 0.02,
@@ -126,7 +126,7 @@ def test_leaderboard_table_and_cli_validation():
 
 @pytest.mark.slow
 def test_leaderboard_tiny(tmp_path):
-    from fmjax.evaluation import leaderboard
+    from fmjax.leaderboard import leaderboard
 
     rows = leaderboard(("gmm_1d",), steps=200, n=200, width=32, out=tmp_path)
     exact_row, mlp_row = rows
