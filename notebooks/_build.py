@@ -297,8 +297,9 @@ NOTEBOOKS = {
         'print(f"{result.wall_time_s:.1f} s", result.metrics["time_s"])',
         _Md(
             "## Samples at several NFE, and over t\n\n"
-            "Fixed-step midpoint with 2, 8, 32 ... evaluations, and an adaptive Tsit5 solve, from "
-            "the same source points; then one row per time along the ODE."
+            "Fixed-step midpoint with 2, 4, 8 ... evaluations, and an adaptive Tsit5 solve, from "
+            "the same source points (quick setting: NFE 2 and 8, no adaptive solve); then one "
+            "row per time along the ODE of the last solver."
         ),
         _show("samples_nfe", "samples_over_t"),
         _Md(
