@@ -77,6 +77,7 @@ class DigitsConfig(_Config):
     n_eval: int = 1000
     gmm_nfe_steps: tuple[int, ...] = (1, 4, 16, 64)
     gmm_likelihood_steps: int | None = None
+    gmm_pool: int = 0
     n_times: int = 11
     tol: float = 1e-5
     seed: int = 0
@@ -89,7 +90,7 @@ class DigitsConfig(_Config):
         steps=100, batch_size=32, mlp_width=64, mlp_depth=2, unet_channels=8,
         unet_channel_mults=(1,), unet_embedding=16, n_samples=200, nfe_steps=(1, 4),
         adaptive=False, n_likelihood=32, likelihood_steps=4, gmm_steps=100, n_eval=200,
-        n_times=4, tol=1e-3, gmm_nfe_steps=(1, 4, 16), gmm_likelihood_steps=4,
+        n_times=4, tol=1e-3, gmm_nfe_steps=(1, 4, 16), gmm_likelihood_steps=4, gmm_pool=4096,
     )  # fmt: skip
 
 
@@ -266,10 +267,19 @@ def _part_gmm(cfg: DigitsConfig, key, progress: bool, out: Path) -> tuple[dict, 
     c, s = problem.coupling, problem.schedule
     k_train, k_eval = jax.random.split(key)
     reports, curves, samples = {}, {}, {}
-    prepared = exact.prepare(c)
+    # factor now, before training starts: an eigh (LAPACK) still running asynchronously next to
+    # the first training chunk has been seen to hang XLA's CPU runtime
+    prepared = jax.block_until_ready(exact.prepare(c))
     fields = {"exact": exact.velocity_field(prepared, s)}
+    pairs = c.sample
+    if cfg.gmm_pool:
+        # a pool of exact target draws (about steps x batch of them: little reuse): sampling
+        # the 20-component mixture inside the training step bakes its factors into the program
+        # as constants, whose folding costs XLA ~10 s per network on 2 cores
+        pool = problem.target().sample(jax.random.fold_in(k_train, 7), cfg.gmm_pool)
+        pairs = data.independent_pairs(data.gaussian_source(_DIM), data.from_array(pool))
     for name, model in _models(cfg).items():
-        fit = _train(model, losses.cfm(model.apply, c.sample, s, cfg.batch_size), k_train,
+        fit = _train(model, losses.cfm(model.apply, pairs, s, cfg.batch_size), k_train,
                      cfg.gmm_steps, cfg.learning_rate, progress)  # fmt: skip
         fields[name] = functools.partial(model.apply, fit.params)
     # n_eval source points: the same call as evaluate's adaptive solve, so its compiled solve
