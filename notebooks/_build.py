@@ -328,8 +328,8 @@ NOTEBOOKS = {
             "## The 64-D digits GMM: learned against exact\n\n"
             "Velocity error over t against the exact field, excess CFM loss over the exact "
             "floor, the NLL gap to the exact log-density, the energy distance to exact samples "
-            "and the NFE a midpoint solver needs, for the exact field itself (a check: ~0), "
-            "the MLP and the UNet."
+            "and the NFE a midpoint solver needs, for the exact field itself (a check: ~0; "
+            "not in the quick setting), the MLP and the UNet."
         ),
         _show("gmm_velocity_error", "gmm_samples"),
         'cols = ("relative_velocity_error", "excess_loss", "nll_gap", "energy", '
