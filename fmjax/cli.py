@@ -242,10 +242,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `fmjax COMMAND --help` for the options of a command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from fmjax import evaluation  # `fmjax evaluate`: parser and command live in evaluation.py
+    from fmjax import leaderboard  # `fmjax evaluate`: parser and command live in leaderboard.py
 
     for add in (_add_demo, _add_experiment, _add_train, _add_sample, _add_bench,
-                evaluation.add_parser):  # fmt: skip
+                leaderboard.add_parser):  # fmt: skip
         add(sub)
     return parser
 
@@ -644,7 +644,7 @@ _COMMANDS = {
     "train": _cmd_train,
     "sample": _cmd_sample,
     "bench": _cmd_bench,
-    "evaluate": lambda args: importlib.import_module("fmjax.evaluation").run(args),
+    "evaluate": lambda args: importlib.import_module("fmjax.leaderboard").run(args),
 }
 
 

@@ -5,7 +5,7 @@ Point samplers (2-D, jitted, ``n`` static): ``checkerboard``, ``eight_gaussians`
 ``gaussian_source(dim)``. Extra shape parameters are keyword-only and static.
 
 Images: ``digits()``, scikit-learn's bundled 8x8 handwritten digits (no download; needs
-``fmjax[images]``), scaled to [-1, 1].
+``fmjax[images]``), scaled to [-1, 1], and their classes ``digits_labels()``.
 
 Pair samplers, the ``sample_pairs`` argument of ``fmjax.losses``: ``independent_pairs(s0, s1)``
 and ``coupling_pairs(joint)`` (a JointGaussianMixture's own ``.sample``).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +37,8 @@ __all__ = [
     "gaussian_source",
     "independent_pairs",
     "coupling_pairs",
-    "Digits",
     "digits",
+    "digits_labels",
 ]
 
 
@@ -209,18 +208,6 @@ def coupling_pairs(coupling: JointGaussianMixture) -> PairSampler:
 # ----------------------------------------------------------------------------- images
 
 
-class Digits(NamedTuple):
-    """``digits(labels=True)``: the images and their classes.
-
-    Attributes:
-        images: (1797, 8, 8, 1) (or (1797, 64) with ``flat=True``) pixels in [-1, 1].
-        labels: (1797,) int32 digit classes 0-9.
-    """
-
-    images: Float[Array, "n ..."]
-    labels: Int[Array, " n"]
-
-
 @functools.lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     _checks.require("sklearn", "data.digits")
@@ -230,28 +217,34 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(bunch.images, np.float64), np.asarray(bunch.target, np.int32)
 
 
-def digits(*, labels: bool = False, flat: bool = False, dtype=None) -> Array | Digits:
+def digits(*, flat: bool = False, dtype=None) -> Array:
     """scikit-learn's 8x8 handwritten digits (1797 images, bundled: no download), in [-1, 1].
 
     The pixels are integers 0..16 in the source; they are mapped by v / 8 - 1, so the 17 grey
     levels sit 1/8 apart from -1 (background) to 1. Needs scikit-learn (``fmjax[images]``).
 
     Args:
-        labels: also return the classes (0-9), as ``Digits(images, labels)``.
         flat: images as (1797, 64) rows (row-major pixels, ``images.reshape(n, -1)``), the form
             ``fmjax.models.UNet(image_shape=(8, 8, 1))`` and the MLP take, instead of
             (1797, 8, 8, 1) (N, H, W, C).
         dtype: float dtype (default: the default float type).
 
     Returns:
-        the images, or ``Digits(images, labels)`` with ``labels=True``.
+        the images, (1797, 8, 8, 1) or (1797, 64); their classes: ``digits_labels()``.
 
     Raises:
         ImportError: naming ``fmjax[images]`` when scikit-learn is not installed.
     """
     dtype = _checks.check_float_dtype("data.digits", "dtype", _dtype(dtype))
-    images, classes = _load_digits()
-    x = images / 8.0 - 1.0
+    x = _load_digits()[0] / 8.0 - 1.0
     x = x.reshape(x.shape[0], -1) if flat else x[..., None]
-    x = jnp.asarray(x, dtype)
-    return Digits(x, jnp.asarray(classes)) if labels else x
+    return jnp.asarray(x, dtype)
+
+
+def digits_labels() -> Int[Array, " 1797"]:
+    """The classes 0-9 (int32) of ``digits()``'s images, in the same order.
+
+    Raises:
+        ImportError: naming ``fmjax[images]`` when scikit-learn is not installed.
+    """
+    return jnp.asarray(_load_digits()[1])

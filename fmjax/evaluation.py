@@ -17,10 +17,9 @@ problem (or a ``Problem`` built by hand), and measures
   RMSE against the adaptive solve from the same source points, relative to the target's RMS
   spread sqrt(tr Cov p1), must be below ``tol``.
 
-``fmjax evaluate --model DIR --problem NAME`` (``add_parser`` / ``run`` here) runs it on a
-model written by ``fmjax train``, ``--exact`` on the exact field, and ``fmjax evaluate --all``
-the leaderboard (``leaderboard``): the built-in models trained by CFM on each problem and scored
-against the exact field (written as ``leaderboard.md`` and ``leaderboard.json``).
+``fmjax evaluate --model DIR --problem NAME`` runs it on a model written by ``fmjax train``,
+``--exact`` on the exact field, and ``fmjax evaluate --all`` the leaderboard of the built-in
+models (the command and the leaderboard live in ``fmjax.leaderboard``).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from fmjax import _checks, exact, likelihood, metrics, problems, sample
 from fmjax._report import to_json, write_json
 from fmjax._typing import Velocity
 
-__all__ = ["EvaluationReport", "evaluate", "leaderboard", "add_parser", "run"]
+__all__ = ["EvaluationReport", "evaluate", "write_report"]
 
 _FN = "evaluation.evaluate"
 _SOLVERS = {"euler": 1, "midpoint": 2}
@@ -145,20 +144,41 @@ def _fixed_step(static, leaves, x0, n_steps, t0, t1, solver):
 
 
 class _Hashable:
-    """A value hashed by identity (a static argument of the compiled parts)."""
+    """A static argument of the compiled parts: a treedef compared by equality (so the same
+    structure with new arrays reuses the compiled program), any other value by identity."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, value, by_identity: bool):
+        self.value, self.by_identity = value, by_identity
+
+    def __hash__(self):
+        return id(self.value) if self.by_identity else hash(self.value)
+
+    def __eq__(self, other):
+        if not isinstance(other, _Hashable) or self.by_identity != other.by_identity:
+            return False
+        return self.value is other.value if self.by_identity else self.value == other.value
 
 
 def _split(velocity) -> tuple[_Hashable, list]:
-    """(static part, array leaves) of a field: a pytree field of arrays (``exact.VelocityField``)
-    enters the compiled parts as traced leaves, like the reference field; any other callable is
-    a static value (its arrays become constants of the program)."""
+    """(static part, array leaves) of a field: a pytree field of arrays (``exact.VelocityField``,
+    a ``jax.tree_util.Partial`` of a model's apply and its parameters; a ``functools.partial``
+    of a hashable function binding arrays becomes one) enters the compiled parts as traced
+    leaves, like the reference field; any other callable is a static value (its arrays become
+    constants of the program)."""
+    if type(velocity) is functools.partial:
+        try:
+            velocity = jax.tree_util.Partial(velocity.func, *velocity.args, **velocity.keywords)
+            hash(velocity.func)
+        except TypeError:
+            pass
     leaves, treedef = jax.tree.flatten(velocity)
     if leaves and all(isinstance(leaf, jax.Array) for leaf in leaves):
-        return _Hashable(treedef), leaves
-    return _Hashable(velocity), []
+        try:
+            hash(treedef)
+            return _Hashable(treedef, False), leaves
+        except TypeError:
+            return _Hashable(treedef, True), leaves
+    return _Hashable(velocity, True), []
 
 
 def _join(static: _Hashable, leaves: list):
@@ -205,6 +225,7 @@ def evaluate(
     nfe_step_counts: Sequence[int] = _STEP_COUNTS,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    likelihood_steps: int | None = None,
     out: str | os.PathLike | None = None,
 ) -> EvaluationReport:
     """Score ``velocity`` against the exact answers of ``problem`` (see the module docstring).
@@ -226,6 +247,8 @@ def evaluate(
         nfe_tol: tolerance on the relative endpoint RMSE.
         nfe_step_counts: step counts to try, ascending; stops at the first within tolerance.
         rtol, atol: tolerances of the adaptive solves (sampling and likelihood).
+        likelihood_steps: None (adaptive Tsit5 at rtol, atol) or a number of fixed midpoint
+            steps for the likelihood (cheaper, with a discretisation error in the NLL).
         out: folder for ``report.json`` and the figures ``velocity_error.png``,
             ``nfe.png`` and ``samples.png``, or None for none.
 
@@ -243,6 +266,10 @@ def evaluate(
     )
     nfe_solver = _checks.check_choice(_FN, "nfe_solver", nfe_solver, _SOLVERS)
     nfe_tol = _checks.check_positive(_FN, "nfe_tol", nfe_tol)
+    fixed = {}
+    if likelihood_steps is not None:
+        steps = _checks.check_int(_FN, "likelihood_steps", likelihood_steps, 1)
+        fixed = {"solver": "midpoint", "steps": steps}
     if divergence == "auto":
         divergence = "exact" if problem.dim <= 16 else "hutchinson"
     c, s = problem.coupling, problem.schedule
@@ -260,7 +287,7 @@ def evaluate(
     x1 = c.target().sample(keys[2], n)
     ll = likelihood.log_likelihood(
         velocity, x1, schedule=s, source_log_prob=c.source(), method=divergence,
-        key=keys[3] if divergence == "hutchinson" else None, rtol=rtol, atol=atol,
+        key=keys[3] if divergence == "hutchinson" else None, rtol=rtol, atol=atol, **fixed,
     )  # fmt: skip
     nll = -_f(jnp.mean(ll.log_prob))
     target_nll = -_f(jnp.mean(c.target().log_prob(x1)))
@@ -394,182 +421,3 @@ def write_report(
                               path=figures["samples"])  # fmt: skip
     write_json(out / "report.json", {**report.to_dict(), "figures": figures})
     return figures
-
-
-# ----------------------------------------------------------------------------- leaderboard
-
-#: Problems of ``leaderboard`` by default (quick: without the 256-D one).
-LEADERBOARD_PROBLEMS = ("gmm_1d", "demo_2d", "gmm_2d_joint", "eight_gaussians", "two_modes_3d",
-                        "digits_gmm", "gmm_256")  # fmt: skip
-_COLUMNS = ("problem", "model", "relative_velocity_error", "excess_loss", "nll_gap", "energy",
-            "energy_noise", "nfe_to_accuracy")  # fmt: skip
-
-
-def _builtin_models(problem: problems.Problem, width: int, channels: int) -> dict:
-    from fmjax import models
-
-    out = {f"MLP {width}x3": models.MLP(dim=problem.dim, width=width, depth=3)}
-    if problem.image_shape is not None:
-        out[f"UNet {channels}"] = models.UNet(image_shape=problem.image_shape, channels=channels,
-                                              channel_mults=(1, 2))  # fmt: skip
-    return out
-
-
-def leaderboard(
-    names: Sequence[str] = LEADERBOARD_PROBLEMS,
-    *,
-    steps: int = 3000,
-    batch_size: int = 256,
-    width: int = 128,
-    channels: int = 32,
-    n: int = 1000,
-    seed: int = 0,
-    out: str | os.PathLike | None = None,
-    progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Train the built-in models by CFM on each problem; score them and the exact field.
-
-    Models: an MLP (``width`` x 3 hidden layers, Fourier time features) on every problem, and a
-    UNet (``channels``, two levels) on image problems; Adam with cosine decay from 2e-3 for
-    ``steps`` steps of ``batch_size`` coupled pairs. Each row is ``evaluate``'s summary (with
-    ``n`` samples, no W2) plus "model" and "train_steps"; the exact field's row is the check.
-
-    Returns:
-        the rows; with ``out``, also written as ``leaderboard.json`` and ``leaderboard.md``.
-    """
-    from fmjax import losses, models
-    from fmjax._report import format_table
-    from fmjax.train import fit
-
-    rows = []
-    key = jax.random.key(seed)
-    for name in names:
-        problem = problems.get(name)
-        c, s = problem.coupling, problem.schedule
-        fields = {"exact": exact.velocity_field(exact.prepare(c), s)}
-        for label, model in _builtin_models(problem, width, channels).items():
-            params = models.init(model, key=jax.random.fold_in(key, 1))
-            loss_fn = losses.cfm(model.apply, c.sample, s, batch_size)
-            result = fit(loss_fn, params, key=jax.random.fold_in(key, 2), steps=steps,
-                         learning_rate=2e-3, lr_schedule="cosine", progress=progress,
-                         steps_per_call=max(1, min(steps, 1000)))  # fmt: skip
-            fields[label] = jax.jit(functools.partial(model.apply, result.params))
-        for label, v in fields.items():
-            r = evaluate(v, problem, key=jax.random.fold_in(key, 3), n=n, w2=False)
-            trained = 0 if label == "exact" else steps
-            rows.append({"problem": name, "model": label, "train_steps": trained, **r.summary()})
-            if progress:
-                print(format_table([rows[-1]], _COLUMNS))
-    if out is not None:
-        out = Path(out)
-        write_json(out / "leaderboard.json", rows)
-        (out / "leaderboard.md").write_text(_markdown(rows) + "\n")
-    return rows
-
-
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
-def _markdown(rows: list[dict]) -> str:
-    """The leaderboard as a Markdown table."""
-    head = "| " + " | ".join(_COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in _COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(r.get(c)) for c in _COLUMNS) + " |" for r in rows]
-    return "\n".join([head, rule, *body])
-
-
-# ----------------------------------------------------------------------------- command line
-
-_DEFAULT_PROBLEM = {"gmm": "demo_2d", "eight_gaussians": "eight_gaussians"}
-
-
-def add_parser(sub) -> None:
-    """Register ``fmjax evaluate`` on an argparse subparsers object."""
-    p = sub.add_parser(
-        "evaluate",
-        help="score a trained model (or the exact field) against a problem's exact answers",
-        description="Velocity error over t, excess loss over the exact floor, NLL against the "
-        "exact log-density, energy distance and sliced W2 to exact samples, and the NFE for a "
-        "given accuracy, of a model written by `fmjax train` (--model DIR) or of the exact "
-        "field (--exact) on a problem of fmjax.problems; writes report.json and PNG figures.",
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="folder written by `fmjax train`")
-    src.add_argument("--exact", action="store_true", help="the problem's exact velocity")
-    src.add_argument(
-        "--all",
-        action="store_true",
-        help="the leaderboard: built-in models "
-        "trained on every problem (or --problem A,B), scored with the exact field",
-    )
-    p.add_argument("--steps", type=int, default=3000, help="--all: training steps")
-    p.add_argument("--quick", action="store_true", help="--all: 300 steps, n = 300, width 64, "
-                   "no 256-D problem (CI settings)")  # fmt: skip
-    p.add_argument("--problem", default=None, help="a name of fmjax.problems (default: the "
-                   "model's training target: gmm -> demo_2d, eight_gaussians)")  # fmt: skip
-    p.add_argument("--n", type=int, default=1000, help="samples per estimate (default 1000)")
-    p.add_argument("--tol", type=float, default=0.01, help="NFE accuracy (default 0.01)")
-    p.add_argument("--out", default="outputs/evaluate", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--no-w2", action="store_true", help="skip the sliced W2 (needs ott-jax)")
-
-
-def run(args) -> int:
-    """The ``fmjax evaluate`` command; prints the summary, returns 0."""
-    import json
-
-    from fmjax import exact
-
-    name = args.problem
-    if args.all:
-        return _run_all(args)
-    try:
-        if args.model:
-            from fmjax.experiments.train_model import load_model
-
-            trained = load_model(args.model)
-            name = name or _DEFAULT_PROBLEM.get(trained.config.data)
-            if name is None:
-                raise ValueError(f"cli: `--problem` must be given for a model trained on "
-                                 f"{trained.config.data!r} (no exact answers)")  # fmt: skip
-            problem = problems.get(name)
-            if problem.dim != 2:
-                raise ValueError(f"cli: `--problem` must be 2-D for a `fmjax train` model, "
-                                 f"got {name!r} (d = {problem.dim})")  # fmt: skip
-            velocity, label = trained.velocity, f"model {args.model}"
-        else:
-            problem = problems.get(name or "demo_2d")
-            prepared = exact.prepare(problem.coupling)
-            velocity, label = exact.velocity_field(prepared, problem.schedule), "exact"
-        _checks.check_int("cli", "--n", args.n, 2)
-        _checks.check_positive("cli", "--tol", args.tol)
-        print(f"fmjax evaluate: {label} on {problem.name} ({problem.description}) ...")
-        report = evaluate(velocity, problem, key=jax.random.key(args.seed), n=args.n,
-                          nfe_tol=args.tol, w2=not args.no_w2, out=args.out)  # fmt: skip
-    except (TypeError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    print(json.dumps(report.summary(), indent=1))
-    print(f"report: {Path(args.out) / 'report.json'}")
-    return 0
-
-
-def _run_all(args) -> int:
-    names = tuple(args.problem.split(",")) if args.problem else LEADERBOARD_PROBLEMS
-    kw = dict(steps=args.steps, n=args.n, seed=args.seed, out=args.out)
-    if args.quick:
-        names = names if args.problem else LEADERBOARD_PROBLEMS[:-1]
-        kw.update(steps=300, n=300, width=64, channels=8)
-    try:
-        for name in names:
-            _checks.check_choice("cli", "--problem", name, problems.names())
-        rows = leaderboard(names, **kw)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    print(_markdown(rows))
-    print(f"leaderboard: {Path(args.out) / 'leaderboard.md'}")
-    return 0

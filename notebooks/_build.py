@@ -297,8 +297,9 @@ NOTEBOOKS = {
         'print(f"{result.wall_time_s:.1f} s", result.metrics["time_s"])',
         _Md(
             "## Samples at several NFE, and over t\n\n"
-            "Fixed-step midpoint with 2, 8, 32 ... evaluations, and an adaptive Tsit5 solve, from "
-            "the same source points; then one row per time along the ODE."
+            "Fixed-step midpoint with 2, 4, 8 ... evaluations, and an adaptive Tsit5 solve, from "
+            "the same source points (quick setting: NFE 2 and 8, no adaptive solve); then one "
+            "row per time along the ODE of the last solver."
         ),
         _show("samples_nfe", "samples_over_t"),
         _Md(
@@ -327,8 +328,8 @@ NOTEBOOKS = {
             "## The 64-D digits GMM: learned against exact\n\n"
             "Velocity error over t against the exact field, excess CFM loss over the exact "
             "floor, the NLL gap to the exact log-density, the energy distance to exact samples "
-            "and the NFE a midpoint solver needs, for the exact field itself (a check: ~0), "
-            "the MLP and the UNet."
+            "and the NFE a midpoint solver needs, for the exact field itself (a check: ~0; "
+            "not in the quick setting), the MLP and the UNet."
         ),
         _show("gmm_velocity_error", "gmm_samples"),
         'cols = ("relative_velocity_error", "excess_loss", "nll_gap", "energy", '

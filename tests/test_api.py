@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "fmjax.data",
     "fmjax.exact",
     "fmjax.experiments",
+    "fmjax.leaderboard",
     "fmjax.likelihood",
     "fmjax.losses",
     "fmjax.metrics",

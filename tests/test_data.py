@@ -122,10 +122,12 @@ def test_digits_scaling_shapes_labels():
     # v / 8 - 1 maps the 17 grey levels 0..16 onto [-1, 1] in steps of 1/8
     np.testing.assert_allclose(np.asarray(x)[..., 0], raw.images / 8 - 1, atol=1e-6)
     assert float(x.min()) == -1.0 and float(x.max()) == 1.0
-    d = data.digits(labels=True, flat=True)
-    chex.assert_shape(d.images, (1797, 64))
-    np.testing.assert_array_equal(d.labels, raw.target)
-    np.testing.assert_array_equal(d.images, np.asarray(x).reshape(1797, 64))  # row-major
+    flat = data.digits(flat=True)
+    chex.assert_shape(flat, (1797, 64))
+    np.testing.assert_array_equal(flat, np.asarray(x).reshape(1797, 64))  # row-major
+    labels = data.digits_labels()
+    assert labels.dtype == jnp.int32
+    np.testing.assert_array_equal(labels, raw.target)
     assert data.digits(dtype=jnp.float32).dtype == jnp.float32
     with pytest.raises(TypeError, match="data.digits: `dtype`"):
         data.digits(dtype=jnp.float16)

@@ -27,8 +27,7 @@ NOTEBOOKS = {
     "digits": "05_digits",
     "stochastic_interpolants": "06_stochastic_interpolants",
 }
-# The digits run trains two UNets (~2 min quick on 2 busy cores): kept out of the default run.
-_SLOW = {"digits"}
+_SLOW: set[str] = set()  # experiments whose notebook run is too slow for CI (none now)
 # Appended to the executed copy only: what the notebook's `result` returned is what it saved.
 _CHECK_CELL = """\
 import json, pathlib
@@ -260,24 +259,27 @@ def test_couplings_minibatch_ot_goes_below_mw2(cpl):
         assert r["large_batch_pair_cost"] < r["mixture_ot_cost"] - 1.0, (prob, r)
 
 
-@pytest.mark.slow
 def test_digits_quick(runs):
+    # Quick settings (100 steps of tiny networks, 4-step likelihoods): the numbers only show
+    # that every part ran and the learned fields are better than nothing; the exact field's own
+    # row (errors ~0) is left out of quick mode, tests/test_evaluation.py checks that on gmm_1d.
     m = runs("digits")["metrics"]
     real = m["images"]["real"]
     # The in-run classifier is a fair judge: ~0.92 accuracy on held-out digits.
     assert real["classifier_test_accuracy"] > 0.85
     for name in ("MLP", "UNet"):
         img = m["images"][name]
+        # ~3.8-4.5 bits/dim after 100 steps (4.09 is a uniform guess over the 17 grey levels;
+        # a 4-step, one-probe likelihood is noisy, hence the wide band)
         assert 2.0 < img["bits_per_dim"] < 6.0, (name, img["bits_per_dim"])
+        assert set(img["quality"]) == {"NFE 2", "NFE 8"}
         for q in img["quality"].values():
             assert np.isclose(sum(q["class_histogram"]), 1.0) and q["frechet_logits"] > 0
-        # 100 quick steps: far from the exact field, but better than the zero field, and the
-        # excess loss over the exact floor is positive.
+        # 100 quick steps: far from the exact field (relative error ~0.4-0.6), but better than
+        # the zero field, and the excess loss over the exact floor is positive.
         g = m["gmm64"][name]
         assert 0 < g["relative_velocity_error"] < 1 and g["excess_loss"] > 0, (name, g)
-    # The exact field itself: no excess loss; NLL gap within the Hutchinson noise.
-    assert abs(m["gmm64"]["exact"]["excess_loss"]) < 1e-4
-    assert abs(m["gmm64"]["exact"]["nll_gap"]) < 1.0
+    assert set(m["gmm64"]) == {"MLP", "UNet"}
 
 
 # ----------------------------------------------------------------- stochastic interpolants

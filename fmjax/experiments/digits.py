@@ -65,21 +65,35 @@ class DigitsConfig(_Config):
     mlp_width: int = 256
     mlp_depth: int = 3
     unet_channels: int = 32
+    unet_channel_mults: tuple[int, ...] = (1, 2)
+    unet_embedding: int = 32
     n_train: int = 1500
     n_samples: int = 500
     nfe_steps: tuple[int, ...] = (1, 2, 4, 8, 16)
+    adaptive: bool = True
     n_likelihood: int = 297
     likelihood_steps: int = 32
     gmm_steps: int = 3000
     n_eval: int = 1000
+    gmm_nfe_steps: tuple[int, ...] = (1, 4, 16, 64)
+    gmm_likelihood_steps: int | None = None
+    gmm_pool: int = 0
+    gmm_exact: bool = True
     n_times: int = 11
     tol: float = 1e-5
     seed: int = 0
 
+    # Quick (CI; mostly compilation): tiny networks (a one-level UNet of 8 channels), 100
+    # steps, 200 samples at NFE 2 and 8 (no adaptive solve), bits/dim of 32 test digits by 4
+    # midpoint steps, and the 64-D evaluation of the MLP and UNet (not of the exact field) on
+    # 200 points with a 4-step likelihood: every part of the report, with numbers only good
+    # enough to check that it runs.
     _QUICK = dict(
-        steps=100, batch_size=32, mlp_width=64, mlp_depth=2, unet_channels=8, n_samples=100,
-        nfe_steps=(1, 4, 16), n_likelihood=32, likelihood_steps=4, gmm_steps=100, n_eval=100,
-        n_times=4, tol=1e-3,
+        steps=100, batch_size=32, mlp_width=64, mlp_depth=2, unet_channels=8,
+        unet_channel_mults=(1,), unet_embedding=16, n_samples=200, nfe_steps=(1, 4),
+        adaptive=False, n_likelihood=32, likelihood_steps=4, gmm_steps=100, n_eval=200,
+        n_times=4, tol=1e-3, gmm_nfe_steps=(1, 4, 16), gmm_likelihood_steps=4, gmm_pool=4096,
+        gmm_exact=False,
     )  # fmt: skip
 
 
@@ -87,7 +101,10 @@ def _models(cfg: DigitsConfig) -> dict:
     return {
         "MLP": models.MLP(dim=_DIM, width=cfg.mlp_width, depth=cfg.mlp_depth),
         "UNet": models.UNet(
-            image_shape=_SHAPE, channels=cfg.unet_channels, channel_mults=(1, 2), embedding_dim=32
+            image_shape=_SHAPE,
+            channels=cfg.unet_channels,
+            channel_mults=cfg.unet_channel_mults,
+            embedding_dim=cfg.unet_embedding,
         ),  # fmt: skip
     }
 
@@ -148,14 +165,24 @@ def _nearest(x: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- part 1
 
 
-def _sample_all(v, x0, cfg: DigitsConfig) -> dict:
-    """Samples by fixed-step midpoint at each count in ``nfe_steps`` and by adaptive Tsit5."""
+_TS = np.linspace(0.0, 1.0, 6)  # times of the samples-over-t figure
+
+
+def _sample_all(v, x0, cfg: DigitsConfig) -> tuple[dict, np.ndarray]:
+    """Samples by fixed-step midpoint at each count in ``nfe_steps`` and (``adaptive``) by
+    adaptive Tsit5; and the first 10 trajectories of the last sampler at the times ``_TS``."""
     out = {}
-    for k in cfg.nfe_steps:
+    fixed = cfg.nfe_steps if cfg.adaptive else cfg.nfe_steps[:-1]
+    for k in fixed:
         out[f"NFE {2 * k}"] = np.asarray(sample.ode(v, x0, solver="midpoint", steps=k).x)
-    sol = sample.ode(v, x0, rtol=cfg.tol, atol=cfg.tol)
-    out[f"adaptive (NFE {int(sol.nfe)})"] = np.asarray(sol.x)
-    return out
+    if cfg.adaptive:
+        sol = sample.ode(v, x0, rtol=cfg.tol, atol=cfg.tol, save_ts=_TS)
+        out[f"adaptive (NFE {int(sol.nfe)})"] = np.asarray(sol.x)
+    else:
+        k = cfg.nfe_steps[-1]
+        sol = sample.ode(v, x0, solver="midpoint", steps=k, save_ts=_TS)
+        out[f"NFE {2 * k}"] = np.asarray(sol.x)
+    return out, np.asarray(sol.xs[:, :10])
 
 
 def _bits_per_dim(v, x_test, key, cfg: DigitsConfig) -> float:
@@ -170,8 +197,7 @@ def _bits_per_dim(v, x_test, key, cfg: DigitsConfig) -> float:
 
 
 def _part_images(cfg: DigitsConfig, key, progress: bool, out: Path) -> tuple[dict, dict]:
-    d = data.digits(labels=True, flat=True)
-    x_all, y_all = np.asarray(d.images), np.asarray(d.labels)
+    x_all, y_all = np.asarray(data.digits(flat=True)), np.asarray(data.digits_labels())
     x_train, y_train = x_all[: cfg.n_train], y_all[: cfg.n_train]
     x_test = x_all[cfg.n_train :]
     clf = _classifier(x_train, y_train)
@@ -180,14 +206,16 @@ def _part_images(cfg: DigitsConfig, key, progress: bool, out: Path) -> tuple[dic
     x0 = jax.random.normal(k_x0, (cfg.n_samples, _DIM))
     pairs = data.independent_pairs(data.gaussian_source(_DIM), _dequantised(jnp.asarray(x_train)))
     s = schedules.linear()
-    metrics_, samples, fields = {}, {}, {}
+    metrics_, samples, over_t = {}, {}, {}
     for name, model in _models(cfg).items():
         t0 = time.perf_counter()
         fit = _train(model, losses.cfm(model.apply, pairs, s, cfg.batch_size), k_train,
                      cfg.steps, cfg.learning_rate, progress)  # fmt: skip
-        v = jax.jit(functools.partial(model.apply, fit.params))
+        # a partial (not jitted): the solvers trace the parameters, so the compiled solves are
+        # shared by every network of the same architecture
+        v = functools.partial(model.apply, fit.params)
         t_train = time.perf_counter() - t0
-        by_nfe = _sample_all(v, x0, cfg)
+        by_nfe, over_t[name] = _sample_all(v, x0, cfg)
         samples[name] = by_nfe
         final = list(by_nfe.values())[-1]
         _, dist = _nearest(final, x_train)
@@ -201,29 +229,26 @@ def _part_images(cfg: DigitsConfig, key, progress: bool, out: Path) -> tuple[dic
             "train_time_s": round(t_train, 2),
             "eval_time_s": round(time.perf_counter() - t0 - t_train, 2),
         }
-        fields[name] = v
     _, test_dist = _nearest(x_test, x_train)
     metrics_["real"] = {
         "quality": _quality(clf, x_test, ref_logits),
         "nearest_train_distance": float(test_dist.mean()),
-        "classifier_test_accuracy": float(clf.score(x_test, d.labels[cfg.n_train :])),
+        "classifier_test_accuracy": float(clf.score(x_test, y_all[cfg.n_train :])),
     }
-    figures = _image_figures(samples, fields, x0, x_train, x_test, cfg, out)
+    figures = _image_figures(samples, over_t, x_train, x_test, out)
     return metrics_, figures
 
 
-def _image_figures(samples: dict, fields: dict, x0, x_train, x_test, cfg, out: Path) -> dict:
+def _image_figures(samples: dict, over_t: dict, x_train, x_test, out: Path) -> dict:
     figures = {name: out / f"{name}.png" for name in ("samples_nfe", "samples_over_t", "nearest")}
     rows = {"real (test)": x_test[:10]}
     for name, by_nfe in samples.items():
         rows.update({f"{name}, {k}": x[:10] for k, x in by_nfe.items()})
     plot.image_rows(rows, _SHAPE, title="Digits: real and samples at several NFE (midpoint; "
-                    "last: adaptive)", path=figures["samples_nfe"])  # fmt: skip
-    ts = np.linspace(0.0, 1.0, 6)
+                    "adaptive if named)", path=figures["samples_nfe"])  # fmt: skip
     rows = {}
-    for name, v in fields.items():
-        xs = np.asarray(sample.ode(v, x0[:10], rtol=cfg.tol, atol=cfg.tol, save_ts=ts).xs)
-        rows.update({f"{name}, t = {t:.1f}": x for t, x in zip(ts, xs, strict=True)})
+    for name, xs in over_t.items():
+        rows.update({f"{name}, t = {t:.1f}": x for t, x in zip(_TS, xs, strict=True)})
     plot.image_rows(rows, _SHAPE, title="Samples over t (one row per time)",
                     path=figures["samples_over_t"])  # fmt: skip
     rows = {}
@@ -245,21 +270,31 @@ def _part_gmm(cfg: DigitsConfig, key, progress: bool, out: Path) -> tuple[dict, 
     c, s = problem.coupling, problem.schedule
     k_train, k_eval = jax.random.split(key)
     reports, curves, samples = {}, {}, {}
-    prepared = exact.prepare(c)
-    fields = {"exact": exact.velocity_field(prepared, s)}
+    fields = {"exact": exact.velocity_field(exact.prepare(c), s)} if cfg.gmm_exact else {}
+    pairs = c.sample
+    if cfg.gmm_pool:
+        # a pool of exact target draws (about steps x batch of them: little reuse): sampling
+        # the 20-component mixture inside the training step bakes its factors into the program
+        # as constants, whose folding costs XLA ~10 s per network on 2 cores
+        pool = problem.target().sample(jax.random.fold_in(k_train, 7), cfg.gmm_pool)
+        pairs = data.independent_pairs(data.gaussian_source(_DIM), data.from_array(pool))
     for name, model in _models(cfg).items():
-        fit = _train(model, losses.cfm(model.apply, c.sample, s, cfg.batch_size), k_train,
+        fit = _train(model, losses.cfm(model.apply, pairs, s, cfg.batch_size), k_train,
                      cfg.gmm_steps, cfg.learning_rate, progress)  # fmt: skip
-        fields[name] = jax.jit(functools.partial(model.apply, fit.params))
-    x0 = jax.random.normal(jax.random.fold_in(k_eval, 1), (10, _DIM))
+        fields[name] = functools.partial(model.apply, fit.params)
+    # n_eval source points: the same call as evaluate's adaptive solve, so its compiled solve
+    # is reused; the figure shows the first 10
+    x0 = jax.random.normal(jax.random.fold_in(k_eval, 1), (cfg.n_eval, _DIM))
     for name, v in fields.items():
         r = evaluation.evaluate(v, problem, key=k_eval, n=cfg.n_eval, n_times=cfg.n_times,
-                                w2=False, nfe_step_counts=(1, 4, 16, 64), rtol=cfg.tol,
-                                atol=cfg.tol)  # fmt: skip
+                                w2=False, nfe_step_counts=cfg.gmm_nfe_steps, rtol=cfg.tol,
+                                atol=cfg.tol,
+                                likelihood_steps=cfg.gmm_likelihood_steps)  # fmt: skip
         reports[name] = r.summary()
         if name != "exact":
             curves[name] = np.asarray(r.velocity_error)
-        samples[name] = np.asarray(sample.ode(v, x0, rtol=cfg.tol, atol=cfg.tol).x)
+        sol = sample.ode(v, x0, schedule=s, rtol=cfg.tol, atol=cfg.tol)
+        samples[name] = np.asarray(sol.x[:10])
     curves["zero field"] = np.asarray(r.velocity_scale)
     figures = {"gmm_velocity_error": out / "gmm_velocity_error.png",
                "gmm_samples": out / "gmm_samples.png"}  # fmt: skip
@@ -289,8 +324,8 @@ def digits(
     ``mean_confidence``, ``frechet_logits`` against held-out real digits), ``final_loss``,
     ``n_params``, timings (adaptive solves at rtol = atol = ``tol``); ``images.real``: the
     classifier's own numbers on real test digits (the best a model can hope for).
-    ``gmm64[field]`` for "exact", "MLP", "UNet": the ``fmjax.evaluate`` summary on
-    "digits_gmm". ``time_s``: seconds per part.
+    ``gmm64[field]`` for "exact" (with ``gmm_exact``), "MLP", "UNet": the ``fmjax.evaluate``
+    summary on "digits_gmm". ``time_s``: seconds per part.
     """
     cfg = _resolve(_FN, DigitsConfig, config, quick)
     _checks.require("sklearn", _FN)
