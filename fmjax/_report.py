@@ -7,11 +7,13 @@ times a (compiled) function after warm-up, waiting for the device after every ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -142,3 +144,18 @@ def time_calls(
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     return Timing(first, max(0.0, first - median), median, min(times), times, out)
+
+
+@contextlib.contextmanager
+def phase(what: str, enabled: bool = True):
+    """A status line on stderr for a phase without a progress bar: ``what ...`` when it starts,
+    `` 1.2 s`` when it ends (nothing when not ``enabled``). Used by the CLI and the experiments."""
+    if not enabled:
+        yield
+        return
+    print(f"{what} ...", end="", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

@@ -22,7 +22,6 @@ command continues the run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -309,17 +308,10 @@ class _Progress:
     def __init__(self, args):
         self.enabled = not args.no_progress
 
-    @contextlib.contextmanager
     def __call__(self, what: str):
-        if not self.enabled:
-            yield
-            return
-        print(f"{what} ...", end="", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        from fmjax._report import phase  # lazily, as everywhere here: `--help` imports no jax
+
+        return phase(what, self.enabled)
 
 
 # ----------------------------------------------------------------------------- demo, experiment

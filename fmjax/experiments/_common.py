@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import _checks, exact, losses, metrics, models, schedules, train
+from fmjax._report import phase as _phase  # noqa: F401 (the experiments import it from here)
 from fmjax._report import to_json, write_json
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 
@@ -142,21 +141,6 @@ def _train(model, loss_fn, key, steps: int, lr: float, progress: bool, floor=Non
         floor=floor,
         **checkpoint,
     )
-
-
-@contextlib.contextmanager
-def _phase(what: str, enabled: bool = True):
-    """A status line on stderr for a phase without a progress bar: ``what ...`` when it starts,
-    `` 1.2 s`` when it ends (nothing when not ``enabled``)."""
-    if not enabled:
-        yield
-        return
-    print(f"{what} ...", end="", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def _f(x) -> float:
