@@ -207,9 +207,14 @@ def _validate_covs(
 
 
 class _MixtureBase:
-    """Shared pytree plumbing: leaves are (weights, means, covs); unflattening skips __init__."""
+    """Shared pytree plumbing: leaves are (weights, means, covs); unflattening skips __init__.
 
-    __slots__ = ("weights", "means", "covs")
+    ``_factor`` caches the sampling factor F (F F^T = covs) of a concrete mixture. It is not a
+    leaf: it is a function of the leaves, so a mixture rebuilt from (traced) leaves has none and
+    ``sample`` factors in-graph, which keeps gradients with respect to ``covs`` exact.
+    """
+
+    __slots__ = ("weights", "means", "covs", "_factor")
     weights: Float[Array, " K"]
     means: Float[Array, "K n"]
     covs: Float[Array, "K n n"]
@@ -235,6 +240,7 @@ class _MixtureBase:
         object.__setattr__(obj, "weights", weights)
         object.__setattr__(obj, "means", means)
         object.__setattr__(obj, "covs", covs)
+        object.__setattr__(obj, "_factor", None)
         return obj
 
     def __setattr__(self, name, value):
@@ -255,7 +261,26 @@ class _MixtureBase:
         fn = f"mixtures.{type(self).__name__}.sample"
         _checks.check_key(fn, "key", key)  # shapes and dtypes only: fine on tracers
         n = _checks.check_int(fn, "n", n)
-        return _sample_jit(self.weights, self.means, self.covs, key, n, joint)
+        return _sample_jit(self.weights, self.means, self._sampling_factor(joint), key, n)
+
+    def _sampling_factor(self, joint: bool) -> Array | np.ndarray:
+        """F with F F^T = covs: cached NumPy factor when concrete, else factored in-graph.
+
+        Why cache: a ``sample`` compiled into a training step would otherwise run batched LAPACK
+        (Cholesky, eigh) at every step; besides the cost, two such calls running concurrently can
+        occupy every worker of XLA's CPU thread pool while each waits for its own sub-tasks on
+        that pool, a deadlock seen on 2-core machines. A concrete factor removes LAPACK from the
+        compiled step (it becomes a gather and a matmul).
+        """
+        if not _is_concrete(self.covs):
+            return _joint_factor(self.covs) if joint else jnp.linalg.cholesky(self.covs)
+        if self._factor is None:
+            c = np.asarray(self.covs, np.float64)
+            f = _np_joint_factor(c) if joint else _np_cholesky(c)
+            # NumPy, not a jax array: this may run while an outer function is traced, where a
+            # jnp conversion would be staged into that trace and leak from it.
+            object.__setattr__(self, "_factor", f.astype(np.dtype(self.covs.dtype)))
+        return self._factor
 
     def _points(self, method: str, name: str, x, dim: int) -> Array:
         """``x`` as a real array of shape (..., dim), named in the error otherwise."""
@@ -269,10 +294,10 @@ class _MixtureBase:
         return _mixture_log_prob(self.weights, self.means, self.covs, x)
 
 
-def _sample_impl(weights, means, covs, key, n: int, joint: bool = False):
+def _sample_impl(weights, means, chol, key, n: int):
+    """``n`` draws of sum_k w_k N(m_k, F_k F_k^T) from the factors ``chol`` (K, D, D)."""
     k_comp, k_noise = jax.random.split(key)
     comp = jax.random.categorical(k_comp, jnp.log(weights), shape=(n,))
-    chol = _joint_factor(covs) if joint else jnp.linalg.cholesky(covs)
     dim = means.shape[-1]
     eps = jax.random.normal(k_noise, (n, dim), dtype=means.dtype)
     # Gather one factor per sample in chunks: memory O(chunk d^2), not O(n d^2).
@@ -286,7 +311,45 @@ def _sample_impl(weights, means, covs, key, n: int, joint: bool = False):
 
 
 # Compiled once per shapes and n: an eager lax.map would otherwise compile on every call.
-_sample_jit = jax.jit(_sample_impl, static_argnums=(4, 5))
+_sample_jit = jax.jit(_sample_impl, static_argnums=(4,))
+
+
+def _np_cholesky(c: np.ndarray) -> np.ndarray:
+    """Batched Cholesky in float64, NaN for a component that is not positive definite (as JAX)."""
+    try:
+        return np.linalg.cholesky(c)
+    except np.linalg.LinAlgError:
+        out = np.full_like(c, np.nan)
+        for k in range(c.shape[0]):  # rare: only mixtures built from leaves skip validation
+            try:
+                out[k] = np.linalg.cholesky(c[k])
+            except np.linalg.LinAlgError:
+                pass
+        return out
+
+
+def _np_joint_factor(covs: np.ndarray) -> np.ndarray:
+    """``_joint_factor`` in float64 NumPy, for a concrete joint (K, 2d, 2d); same rules."""
+    d = covs.shape[-1] // 2
+    eps = float(np.finfo(np.float64).eps)
+    scale = np.abs(covs).max(axis=(1, 2))
+    chol = _np_cholesky(covs)
+    diag = np.diagonal(chol, axis1=1, axis2=2)
+    with np.errstate(invalid="ignore"):
+        ok = np.all(np.isfinite(chol), axis=(1, 2)) & (diag.min(axis=1) ** 2 > 1e3 * eps * scale)
+    if np.all(ok):
+        return chol
+    s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
+    l0 = _np_cholesky(s00)
+    b = np.swapaxes(np.linalg.solve(l0, np.swapaxes(s10, 1, 2)), 1, 2)  # S10 L0^{-T}
+    schur = s11 - b @ np.swapaxes(b, 1, 2)
+    lam, u = np.linalg.eigh(0.5 * (schur + np.swapaxes(schur, 1, 2)))
+    lam = np.where(lam > 1e3 * eps * scale[:, None], lam, 0.0)
+    r = u * np.sqrt(lam)[:, None, :]
+    block = np.concatenate(
+        [np.concatenate([l0, np.zeros_like(l0)], axis=2), np.concatenate([b, r], axis=2)], axis=1
+    )
+    return np.where(ok[:, None, None], chol, block)
 
 
 def _joint_factor(covs):
@@ -303,6 +366,9 @@ def _joint_factor(covs):
     chol = jnp.linalg.cholesky(covs)
     diag = jnp.diagonal(chol, axis1=1, axis2=2)
     ok = jnp.all(jnp.isfinite(chol), axis=(1, 2)) & (jnp.min(diag, axis=1) ** 2 > 1e3 * eps * scale)
+    # The block factor's LAPACK calls wait for the Cholesky above: two batched LAPACK calls
+    # running at once can deadlock XLA's CPU thread pool (see ``_sampling_factor``).
+    covs, chol = jax.lax.optimization_barrier((covs, chol))
     s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
     l0 = jnp.linalg.cholesky(s00)
     b = jnp.swapaxes(
@@ -365,6 +431,7 @@ class GaussianMixture(_MixtureBase):
         object.__setattr__(self, "weights", w.astype(dtype))
         object.__setattr__(self, "means", m.astype(dtype))
         object.__setattr__(self, "covs", c.astype(dtype))
+        object.__setattr__(self, "_factor", None)
 
     @property
     def dim(self) -> int:
@@ -430,6 +497,7 @@ class JointGaussianMixture(_MixtureBase):
         object.__setattr__(self, "weights", w.astype(dtype))
         object.__setattr__(self, "means", m.astype(dtype))
         object.__setattr__(self, "covs", c.astype(dtype))
+        object.__setattr__(self, "_factor", None)
 
     @property
     def dim(self) -> int:
@@ -493,7 +561,15 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     )
     # Products of valid weights and block-diagonal SPD matrices are valid: skip re-validation
     # (it would also fail under a trace-free but expensive eigen-decomposition for large K).
-    return JointGaussianMixture._from_leaves(w, m, c)
+    out = JointGaussianMixture._from_leaves(w, m, c)
+    if _is_concrete(p0.covs, p1.covs):
+        # The sampling factor is block-diagonal in the two marginal factors: K0 + K1 Cholesky
+        # factorisations of d x d instead of K0 K1 of 2d x 2d.
+        f = np.zeros((k0 * k1, 2 * d, 2 * d), np.dtype(dtype))  # NumPy: see _sampling_factor
+        f[:, :d, :d] = np.repeat(p0._sampling_factor(False), k1, axis=0)
+        f[:, d:, d:] = np.tile(p1._sampling_factor(False), (k0, 1, 1))
+        object.__setattr__(out, "_factor", f)
+    return out
 
 
 def standard_normal(dim: int, dtype=None) -> GaussianMixture:

@@ -1,6 +1,8 @@
 """Named problems: the registry, agreement with the experiments' definitions, the digits GMM
 against scikit-learn's own density, and the fixed-seed 256-D mixture."""
 
+import os
+import subprocess
 import sys
 
 import jax
@@ -102,3 +104,30 @@ def test_gmm_256_is_the_seeded_random_mixture():
     want = fmjax.random_gaussian_mixture(jax.random.key(0), 64, 256)
     np.testing.assert_array_equal(p.target().means, want.means)
     assert p.coupling.n_components == 64  # 1 source component x 64 target components
+
+
+_IN_STEP = """
+import jax, fmjax
+from fmjax import models, losses, problems
+p = problems.get("digits_gmm")
+m = models.MLP(dim=64, width=256, depth=3)
+fn = losses.cfm(m.apply, p.coupling.sample, p.schedule, 256)
+r = fmjax.fit(fn, models.init(m, key=jax.random.key(1)), key=jax.random.key(2), steps=1200,
+              steps_per_call=400, progress=False)
+print("finished", float(r.losses[-1]))
+"""
+
+
+def test_training_samples_digits_gmm_inside_the_step_without_hanging():
+    """Regression: sampling the 20-component 64-D mixture inside the compiled training step used
+    to run two batched LAPACK calls per step, which deadlocked XLA's 2-thread CPU pool (0% CPU,
+    forever). Its factor is now cached, so the step holds no LAPACK call. Run in a subprocess
+    with a timeout so that a regression fails instead of hanging the suite."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    try:
+        out = subprocess.run([sys.executable, "-c", _IN_STEP], capture_output=True, text=True,
+                             timeout=300, env=env)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("training with in-step digits_gmm sampling hung (over 300 s)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "finished" in out.stdout
