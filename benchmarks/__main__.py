@@ -61,6 +61,11 @@ BENCHMARKS = {
         "tiny": ["--n-samples", "256", "--grid", "8", "--gmm-samples", "64", "--gmm-dim", "4",
                  "--gmm-components", "4", "--repeats", "2"],
     },
+    "exact_workloads": {
+        "default": [],
+        "full": ["--full"],
+        "tiny": ["--tiny", "--repeats", "2"],
+    },
     "many_models": {
         "default": [],
         "full": ["--full"],

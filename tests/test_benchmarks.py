@@ -64,11 +64,15 @@ def _check_summary(path, names):
 
 def test_combined_entry_point_tiny(tmp_path, capsys):
     out = tmp_path / "summary.json"
-    only = ["exact_velocity", "sampling"]
+    only = ["exact_velocity", "sampling", "exact_workloads"]
     argv = ["--tiny", "--no-peer", "--only", *only, "--results-dir", str(tmp_path)]
     assert main([*argv, "--out", str(out)]) == 0
     s = _check_summary(out, only)
-    assert (tmp_path / "exact_velocity.json").is_file() and (tmp_path / "sampling.json").is_file()
+    for name in only:
+        assert (tmp_path / f"{name}.json").is_file(), name
+    # exact workloads: marginal_fm rows carry cfm (same run) as their peer
+    ew = [r for r in s["rows"] if r["benchmark"] == "exact_workloads"]
+    assert sum(r.get("peer") == "cfm" for r in ew) == 3 and ew[-1]["peer"] == "raw coupling"
     assert {r["precision"] for r in s["rows"] if r["benchmark"] == "exact_velocity"} == {
         "highest",
         "bf16",

@@ -210,6 +210,16 @@ def test_configs_validate(tmp_path):
     assert E.DemoConfig.quick().steps < E.DemoConfig().steps
 
 
+def test_every_default_and_quick_config_constructs():
+    """The presets themselves pass validation (a default of 0 where the check wants >= 1 once
+    broke ``fmjax experiment digits`` at its first line); the CLI's experiments all have one."""
+    configs = [getattr(E, n) for n in E.__all__ if n.endswith("Config")]
+    assert len(configs) >= 8
+    for cls in configs:
+        cls()
+        cls.quick()
+
+
 @pytest.mark.slow
 def test_full_configs(tmp_path):
     # The full (notebook / CLI default) settings: tighter bounds than the quick ones.

@@ -45,7 +45,7 @@ class ExperimentResult(NamedTuple):
     wall_time_s: float
 
 
-_MAY_BE_ZERO = ("seed", "pretrain_steps")
+_MAY_BE_ZERO = ("seed", "pretrain_steps", "gmm_pool")
 
 
 def _check_field(fn: str, name: str, kind: str, v):
