@@ -5,7 +5,7 @@ exact ODE sampling, each against its peer measured in the same run.
    (the peer) with the same MLP and Adam, d = 16, K = 16, batch 512, MLP 3 x 256, on an
    independent coupling (time-free path, detected at call time) and on a joint one with
    cross-covariance (no time-free form): one t per point (K Cholesky factors per point) and
-   ``time_groups=16`` (16 shared times per batch: K factors per group).
+   ``time_groups=8`` (8 shared times per batch: K factors per group).
 2. Exact ODE sampling, d = 64, K = 64, 2,000 points, 40 NFE midpoint (20 steps), linear schedule,
    standard normal source: ``exact.prepare``d (time-free: no factorisation per step) against the
    raw coupling (the peer: one shared t per step, K Cholesky factors per evaluation).
@@ -50,7 +50,7 @@ from fmjax import exact, losses, models, sample, schedules
 from fmjax._report import format_table
 
 SIZES = {
-    "default": {"d": 16, "k": 16, "batch": 512, "width": 256, "depth": 3, "groups": 16,
+    "default": {"d": 16, "k": 16, "batch": 512, "width": 256, "depth": 3, "groups": 8,
                 "steps": 30, "sd": 64, "sk": 64, "sn": 2000, "ode_steps": 20},
     "tiny": {"d": 4, "k": 4, "batch": 64, "width": 32, "depth": 2, "groups": 4,
              "steps": 5, "sd": 8, "sk": 8, "sn": 128, "ode_steps": 4},

@@ -56,8 +56,9 @@ _LEVEL = 1.0 / 8.0  # one grey level in [-1, 1]
 
 @dataclasses.dataclass(frozen=True)
 class DigitsConfig(_Config):
-    """Settings of :func:`digits` (defaults: ~10 min on 2 CPU cores, ~1 min on a GPU; for a
-    GPU run try ``steps=20000, unet_channels=64, batch_size=256``)."""
+    """Settings of :func:`digits`. The defaults are meant for a GPU (on 2 CPU cores a run had not
+    finished after 40 min); ``quick()`` takes ~70 s on 2 CPU cores. For a longer GPU run try
+    ``steps=20000, unet_channels=64, batch_size=256``."""
 
     steps: int = 3000
     batch_size: int = 128
