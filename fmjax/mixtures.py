@@ -263,8 +263,8 @@ class _MixtureBase:
         n = _checks.check_int(fn, "n", n)
         return _sample_jit(self.weights, self.means, self._sampling_factor(joint), key, n)
 
-    def _sampling_factor(self, joint: bool) -> Array | np.ndarray:
-        """F with F F^T = covs: cached NumPy factor when concrete, else factored in-graph.
+    def _sampling_factor(self, joint: bool) -> Array:
+        """F with F F^T = covs: computed once and cached when concrete, else factored in-graph.
 
         Why cache: a ``sample`` compiled into a training step would otherwise run batched LAPACK
         (Cholesky, eigh) at every step; besides the cost, two such calls running concurrently can
@@ -272,14 +272,14 @@ class _MixtureBase:
         that pool, a deadlock seen on 2-core machines. A concrete factor removes LAPACK from the
         compiled step (it becomes a gather and a matmul).
         """
+        factor = _joint_factor if joint else jnp.linalg.cholesky
         if not _is_concrete(self.covs):
-            return _joint_factor(self.covs) if joint else jnp.linalg.cholesky(self.covs)
+            return factor(self.covs)
         if self._factor is None:
-            c = np.asarray(self.covs, np.float64)
-            f = _np_joint_factor(c) if joint else _np_cholesky(c)
-            # NumPy, not a jax array: this may run while an outer function is traced, where a
-            # jnp conversion would be staged into that trace and leak from it.
-            object.__setattr__(self, "_factor", f.astype(np.dtype(self.covs.dtype)))
+            # Evaluated now even while an outer function is traced (``sample`` inside a jitted
+            # step), so the factor is a constant of that program, not a part of it.
+            with jax.ensure_compile_time_eval():
+                object.__setattr__(self, "_factor", factor(self.covs))
         return self._factor
 
     def _points(self, method: str, name: str, x, dim: int) -> Array:
@@ -312,44 +312,6 @@ def _sample_impl(weights, means, chol, key, n: int):
 
 # Compiled once per shapes and n: an eager lax.map would otherwise compile on every call.
 _sample_jit = jax.jit(_sample_impl, static_argnums=(4,))
-
-
-def _np_cholesky(c: np.ndarray) -> np.ndarray:
-    """Batched Cholesky in float64, NaN for a component that is not positive definite (as JAX)."""
-    try:
-        return np.linalg.cholesky(c)
-    except np.linalg.LinAlgError:
-        out = np.full_like(c, np.nan)
-        for k in range(c.shape[0]):  # rare: only mixtures built from leaves skip validation
-            try:
-                out[k] = np.linalg.cholesky(c[k])
-            except np.linalg.LinAlgError:
-                pass
-        return out
-
-
-def _np_joint_factor(covs: np.ndarray) -> np.ndarray:
-    """``_joint_factor`` in float64 NumPy, for a concrete joint (K, 2d, 2d); same rules."""
-    d = covs.shape[-1] // 2
-    eps = float(np.finfo(np.float64).eps)
-    scale = np.abs(covs).max(axis=(1, 2))
-    chol = _np_cholesky(covs)
-    diag = np.diagonal(chol, axis1=1, axis2=2)
-    with np.errstate(invalid="ignore"):
-        ok = np.all(np.isfinite(chol), axis=(1, 2)) & (diag.min(axis=1) ** 2 > 1e3 * eps * scale)
-    if np.all(ok):
-        return chol
-    s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
-    l0 = _np_cholesky(s00)
-    b = np.swapaxes(np.linalg.solve(l0, np.swapaxes(s10, 1, 2)), 1, 2)  # S10 L0^{-T}
-    schur = s11 - b @ np.swapaxes(b, 1, 2)
-    lam, u = np.linalg.eigh(0.5 * (schur + np.swapaxes(schur, 1, 2)))
-    lam = np.where(lam > 1e3 * eps * scale[:, None], lam, 0.0)
-    r = u * np.sqrt(lam)[:, None, :]
-    block = np.concatenate(
-        [np.concatenate([l0, np.zeros_like(l0)], axis=2), np.concatenate([b, r], axis=2)], axis=1
-    )
-    return np.where(ok[:, None, None], chol, block)
 
 
 def _joint_factor(covs):
@@ -565,9 +527,13 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     if _is_concrete(p0.covs, p1.covs):
         # The sampling factor is block-diagonal in the two marginal factors: K0 + K1 Cholesky
         # factorisations of d x d instead of K0 K1 of 2d x 2d.
-        f = np.zeros((k0 * k1, 2 * d, 2 * d), np.dtype(dtype))  # NumPy: see _sampling_factor
-        f[:, :d, :d] = np.repeat(p0._sampling_factor(False), k1, axis=0)
-        f[:, d:, d:] = np.tile(p1._sampling_factor(False), (k0, 1, 1))
+        with jax.ensure_compile_time_eval():  # constants even under an outer trace
+            f0 = jnp.repeat(p0._sampling_factor(False), k1, axis=0).astype(dtype)
+            f1 = jnp.tile(p1._sampling_factor(False), (k0, 1, 1)).astype(dtype)
+            f = jnp.concatenate(
+                [jnp.concatenate([f0, zeros], axis=2), jnp.concatenate([zeros, f1], axis=2)],
+                axis=1,
+            )
         object.__setattr__(out, "_factor", f)
     return out
 
