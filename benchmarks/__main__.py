@@ -64,7 +64,7 @@ BENCHMARKS = {
     "exact_workloads": {
         "default": [],
         "full": ["--full"],
-        "tiny": ["--tiny", "--repeats", "2"],
+        "tiny": ["--tiny", "--repeats", "1"],
     },
     "many_models": {
         "default": [],

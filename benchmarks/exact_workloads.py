@@ -53,7 +53,7 @@ SIZES = {
     "default": {"d": 16, "k": 16, "batch": 512, "width": 256, "depth": 3, "groups": 8,
                 "steps": 30, "sd": 64, "sk": 64, "sn": 2000, "ode_steps": 20},
     "tiny": {"d": 4, "k": 4, "batch": 64, "width": 32, "depth": 2, "groups": 4,
-             "steps": 5, "sd": 8, "sk": 8, "sn": 128, "ode_steps": 4},
+             "steps": 2, "sd": 8, "sk": 8, "sn": 128, "ode_steps": 2},
 }  # fmt: skip
 
 

@@ -631,7 +631,7 @@ def test_time_groups_is_the_same_loss_with_shared_times(x64, noisy):
     assert float(jnp.mean(z**2)) < 1.5  # as in the gradient test above (31 dof)
 
 
-def test_time_groups_must_divide_the_batch():
+def test_time_groups_must_divide_the_batch(x64):
     coupling, model, _ = _problem()
     with pytest.raises(ValueError, match="`time_groups`.*divisor of batch_size=128"):
         losses.marginal_fm(model.apply, coupling, schedules.linear(), 128, time_groups=3)

@@ -1,5 +1,7 @@
 """Mixtures: validation, log-density against a reference, sampling moments, pytree behaviour."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -278,19 +280,21 @@ def _lapack_calls(fn, *args) -> int:
     return sum(text.count(f"@lapack_{k}") for k in ("spotrf", "dpotrf", "ssyevd", "dsyevd"))
 
 
+@functools.cache  # built once (float64: every caller runs under the x64 fixture)
 def _couplings():
     key = jax.random.key(3)
     p0 = random_gaussian_mixture(jax.random.fold_in(key, 0), 3, 4)
     p1 = random_gaussian_mixture(jax.random.fold_in(key, 1), 5, 4)
-    ot = fmjax.couplings.gaussian_ot(
-        fmjax.GaussianMixture(p0.weights[:1] / p0.weights[0], p0.means[:1], p0.covs[:1]),
-        fmjax.GaussianMixture(p1.weights[:1] / p1.weights[0], p1.means[:1], p1.covs[:1]),
-    )
+    s0 = np.asarray(fmjax.mixtures.random_spd(jax.random.fold_in(key, 4), 1, 4)[0])
+    deterministic = fmjax.JointGaussianMixture(  # x1 = 2 x0 + 1: a rank-d joint
+        np.ones(1), np.concatenate([np.zeros(4), np.ones(4)])[None],
+        np.block([[s0, 2 * s0], [2 * s0, 4 * s0]])[None],
+    )  # fmt: skip
     return {
         "mixture": p1,
         "joint": random_joint_mixture(jax.random.fold_in(key, 2), 4, 4),
         "independent": fmjax.independent_coupling(p0, p1),
-        "singular": ot.coupling,
+        "singular": deterministic,
     }
 
 
