@@ -91,21 +91,23 @@ def _from_normal(target: GaussianMixture) -> JointGaussianMixture:
     return independent_coupling(standard_normal(target.dim, target.means.dtype), target)
 
 
-def _demo_2d(dtype):
-    # Same as fmjax.experiments.demo_problem (tests/test_problems.py checks it).
+def _demo_2d_parts():
+    """(weights, means, covs) of the demo's 2-D target; ``experiments.demo_problem`` uses it."""
     angles = 2 * np.pi * np.arange(5) / 5 + np.pi / 2
     means = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=-1)
     covs = []
     for a in angles:  # long axis tangent to the ring
         rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
         covs.append(rot @ np.diag([0.15**2, 0.6**2]) @ rot.T)
-    weights = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
-    target = GaussianMixture(*(jnp.asarray(a, dtype) for a in (weights, means, np.stack(covs))))
-    return _from_normal(target)
+    return np.array([0.3, 0.25, 0.2, 0.15, 0.1]), means, np.stack(covs)
+
+
+def _demo_2d(dtype):
+    return _from_normal(GaussianMixture(*(jnp.asarray(a, dtype) for a in _demo_2d_parts())))
 
 
 def _gmm_2d_parts():
-    # Same as fmjax.experiments.gmm_problems (tests/test_problems.py checks it).
+    """(weights, means, covs) of the 2-D joint coupling; ``experiments.gmm_problems`` uses it."""
     m0 = np.array([[-4.0, 3.0], [-4.0, 0.0], [-4.0, -3.0]])
     m1 = np.array([[4.0, -3.0], [4.0, 0.0], [4.0, 3.0]])
     s0 = np.full((3, 2), 0.4)

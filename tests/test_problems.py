@@ -34,8 +34,8 @@ def test_registry_names_and_cache():
 
 
 def test_problems_match_the_experiments():
-    # The seed experiments build the same laws (problems.py does not import the experiments,
-    # which need matplotlib); a changed experiment problem fails here.
+    # The seed experiments assemble their laws from problems' parts where they can (problems.py
+    # does not import the experiments, which need matplotlib); a diverging assembly fails here.
     from fmjax import experiments as E
 
     demo, _ = E.demo_problem()

@@ -16,9 +16,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fmjax import losses, models, plot, sample, schedules, train
+from fmjax import losses, models, plot, problems, sample, schedules, train
 from fmjax._report import format_table
 from fmjax.experiments._common import (
     ExperimentResult,
@@ -69,15 +68,7 @@ def demo_problem() -> tuple[JointGaussianMixture, schedules.Schedule]:
     The source is standard normal (a 1-component mixture) so that the SDE sampler can take the
     score from the velocity (``fmjax.sample.sde``).
     """
-    k = 5
-    angles = 2 * np.pi * np.arange(k) / k + np.pi / 2
-    means = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=-1)
-    covs = []
-    for a in angles:  # long axis tangent to the ring
-        rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-        covs.append(rot @ np.diag([0.15**2, 0.6**2]) @ rot.T)
-    weights = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
-    target = GaussianMixture(weights, means, np.stack(covs))
+    target = GaussianMixture(*problems._demo_2d_parts())
     return independent_coupling(standard_normal(2), target), schedules.linear()
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, exact, losses, plot, sample, schedules
+from fmjax import _checks, exact, losses, plot, problems, sample, schedules
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
@@ -65,18 +65,7 @@ def gmm_problems() -> dict[str, JointGaussianMixture]:
     0.9 per axis between x0 and x1 (cross-covariance); the sources on the left go to the
     targets on the right in reversed vertical order. "independent": p0 x p1 of its marginals.
     """
-    m0 = np.array([[-4.0, 3.0], [-4.0, 0.0], [-4.0, -3.0]])
-    m1 = np.array([[4.0, -3.0], [4.0, 0.0], [4.0, 3.0]])
-    s0 = np.full((3, 2), 0.4)
-    s1 = np.array([[0.3, 0.8], [0.7, 0.3], [0.5, 0.5]])
-    rho = 0.9
-    covs = np.zeros((3, 4, 4))
-    for k in range(3):
-        covs[k, :2, :2] = np.diag(s0[k] ** 2)
-        covs[k, 2:, 2:] = np.diag(s1[k] ** 2)
-        covs[k, :2, 2:] = covs[k, 2:, :2] = np.diag(rho * s0[k] * s1[k])
-    weights = np.array([0.4, 0.35, 0.25])
-    joint = JointGaussianMixture(weights, np.concatenate([m0, m1], axis=1), covs)
+    joint = JointGaussianMixture(*problems._gmm_2d_parts())
     return {"independent": independent_coupling(joint.source(), joint.target()), "joint": joint}
 
 
