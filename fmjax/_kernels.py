@@ -188,6 +188,31 @@ def _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block):
     return acc_div * scale + block + cross
 
 
+def _add_block(carry, logp, v, sk, tr, want: frozenset):
+    """Fold one block of components into the running sums of the online log-sum-exp.
+
+    logp (N, B); the per-component velocities v and scores sk (N, B, d), each None when not
+    needed; tr (B,) or (N, B), div v_k, used for the divergence only.
+    """
+    mx, tot, acc_v, acc_s, acc_div = carry
+    new_mx, scale, p = _lse_block(mx, logp)
+    wb = jnp.sum(p, axis=1)
+    # Weighted sums over the block as multiply-and-reduce (fused), not as tiny dots.
+    bv = jnp.sum(p[:, :, None] * v, axis=1) if v is not None else None
+    bs = jnp.sum(p[:, :, None] * sk, axis=1) if sk is not None else None
+    if "divergence" in want:
+        mv = bv / _safe(wb)[:, None]
+        ms = bs / _safe(wb)[:, None]
+        cen = jnp.sum((sk - ms[:, None]) * (v - mv[:, None]), axis=-1)
+        block = jnp.sum(p * (tr + cen), axis=1)
+        acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
+    if bv is not None:
+        acc_v = acc_v * scale[:, None] + bv
+    if bs is not None:
+        acc_s = acc_s * scale[:, None] + bs
+    return new_mx, tot * scale + wb, acc_v, acc_s, acc_div
+
+
 def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset, precision):
     """Stream over component blocks with an online log-sum-exp; x is (N, d), t a scalar.
 
@@ -204,25 +229,9 @@ def _accumulate(c: JointGaussianMixture, sched: Schedule, t, x, want: frozenset,
     need_s = bool(want & {"score", "divergence"})
 
     def step(carry, cb):
-        mx, tot, acc_v, acc_s, acc_div = carry
         fb = _factors(cb, sched, t, precision)
         logp, v, sk = _point_terms(fb, x, need_v, need_s, precision)
-        new_mx, scale, p = _lse_block(mx, logp)
-        wb = jnp.sum(p, axis=1)
-        # Weighted sums over the block as multiply-and-reduce (fused), not as tiny dots.
-        bv = jnp.sum(p[:, :, None] * v, axis=1) if need_v else None
-        bs = jnp.sum(p[:, :, None] * sk, axis=1) if need_s else None
-        if "divergence" in want:
-            mv = bv / _safe(wb)[:, None]
-            ms = bs / _safe(wb)[:, None]
-            cen = jnp.sum((sk - ms[:, None]) * (v - mv[:, None]), axis=-1)
-            block = jnp.sum(p * (fb.tr[None] + cen), axis=1)
-            acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
-        if need_v:
-            acc_v = acc_v * scale[:, None] + bv
-        if need_s:
-            acc_s = acc_s * scale[:, None] + bs
-        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
+        return _add_block(carry, logp, v, sk, fb.tr[None], want), None
 
     carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
     return _finish(carry, want)
@@ -320,7 +329,6 @@ def _accumulate_points(c: JointGaussianMixture, sched: Schedule, t, x, want: fro
     eye = jnp.eye(d, dtype=x.dtype)
 
     def step(carry, cb):
-        mx, tot, acc_v, acc_s, acc_div = carry
         m0, m1, s00, s01, s10, s11 = cb.blocks()
         mu = b * m0[None] + a * m1[None]  # (N, B, d)
         dmu = db * m0[None] + da * m1[None]
@@ -340,31 +348,18 @@ def _accumulate_points(c: JointGaussianMixture, sched: Schedule, t, x, want: fro
             - 0.5 * d * math.log(2 * math.pi)
             - 0.5 * jnp.sum(z * z, axis=-1)
         )
-        new_mx, scale, p = _lse_block(mx, logp)
-        wb = jnp.sum(p, axis=1)
-        bv = bs = None
+        v = sk = tr = None
         if need_v or need_s:
             sol = _solve_upper_t(lo, z)  # S^{-1} (x - mu)
         if need_v:
             v = dmu + jnp.einsum("nbij,nbj->nbi", cross, sol, precision=precision)
-            bv = jnp.sum(p[:, :, None] * v, axis=1)
         if need_s:
             sk = -sol
-            bs = jnp.sum(p[:, :, None] * sk, axis=1)
         if "divergence" in want:
             w = _solve_lower(lo, jnp.broadcast_to(eye, lo.shape))  # L^{-1}
             y = _solve_lower(lo, cross)  # L^{-1} C
             tr = jnp.sum(y * w, axis=(-2, -1))  # tr(L^{-1} C L^{-T}) = tr(C S^{-1})
-            mv = bv / _safe(wb)[:, None]
-            ms = bs / _safe(wb)[:, None]
-            cen = jnp.sum((sk - ms[:, None]) * (v - mv[:, None]), axis=-1)
-            block = jnp.sum(p * (tr + cen), axis=1)
-            acc_div = _merge_div(acc_div, scale, tot, acc_v, acc_s, wb, bv, bs, block)
-        if need_v:
-            acc_v = acc_v * scale[:, None] + bv
-        if need_s:
-            acc_s = acc_s * scale[:, None] + bs
-        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
+        return _add_block(carry, logp, v, sk, tr, want), None
 
     carry, _ = jax.lax.scan(step, _lse_init(n, d, x.dtype), blocks)
     return _finish(carry, want)
