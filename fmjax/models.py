@@ -124,27 +124,14 @@ class MLP(nn.Module):
         self, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"]
     ) -> Float[Array, "... d"]:
         self._check()
-        x = jnp.asarray(x)
-        if x.ndim < 1 or x.shape[-1] != self.dim:
-            _checks.fail("models.MLP", "x", f"of shape (..., {self.dim})", f"shape {x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(jnp.result_type(float))
-        t = jnp.asarray(t, x.dtype)
-        try:
-            batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
-        except ValueError:
-            _checks.fail(
-                "models.MLP", "t", f"broadcastable against x.shape[:-1] = {x.shape[:-1]}",
-                f"shape {t.shape}",
-            )  # fmt: skip
-        x = jnp.broadcast_to(x, batch + (self.dim,))
+        t, x, _ = _batch("models.MLP", t, x, self.dim)
         emb = TimeEmbedding(
             self.time_embedding,
             self.n_frequencies,
             self.max_frequency,
             self.learned_frequencies,
             name="time",
-        )(jnp.broadcast_to(t, batch))
+        )(t)
         h = jnp.concatenate([x, emb.astype(x.dtype)], axis=-1)
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
