@@ -129,17 +129,21 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
     n, d = x.shape
     k = f.m0.shape[0]
     # One t per point makes the scalings (N, B, d) too (den, r): more live point terms.
-    bsz = _kernels._block_size(n, k, d, 3 if jnp.ndim(t) == 0 else 6)
+    per_point = jnp.ndim(t) > 0
+    bsz, n_chunks = _kernels._plan(n, k, d, 6 if per_point else 3)
     n_blocks = -(-k // bsz)
     blocks = jax.tree.map(
         lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad_pencil(f, n_blocks * bsz)
     )
-    coeffs = _coeffs(sched, t)
-    a, b, da, db, _, g_dg = coeffs
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
+    # With one t per point the coefficients are (N, 1, 1) and travel with the points' chunks.
+    pts = (x, _coeffs(sched, t)) if per_point else x
 
-    def step(carry, fb):
+    def fold(carry, fb, p):
+        x, coeffs = p if per_point else (p, _coeffs(sched, t))
+        n = x.shape[0]
+        a, b, da, db, _, g_dg = coeffs
         mx, tot, acc_v, acc_s, acc_div = carry
         y, inv, logp = _free_terms(fb, coeffs, x, precision)
         new_mx, scale, p = _kernels._lse_block(mx, logp)
@@ -179,9 +183,9 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
             acc_v = acc_v * scale[:, None] + bv
         if need_s:
             acc_s = acc_s * scale[:, None] + bs
-        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
+        return new_mx, tot * scale + wb, acc_v, acc_s, acc_div
 
-    carry, _ = jax.lax.scan(step, _kernels._lse_init(n, d, x.dtype), blocks)
+    carry = _kernels._stream(lambda fb: fb, fold, blocks, pts, n, d, x.dtype, n_chunks)
     return _kernels._finish(carry, want)
 
 
@@ -296,17 +300,21 @@ def _accumulate_map(f: _Map, sched: Schedule, t, x, want: frozenset, precision):
     """``_accumulate`` on the factors of a deterministic coupling; t scalar or (N,)."""
     n, d = x.shape
     k = f.m0.shape[0]
-    bsz = _kernels._block_size(n, k, d, 4 if jnp.ndim(t) == 0 else 6)
+    per_point = jnp.ndim(t) > 0
+    bsz, n_chunks = _kernels._plan(n, k, d, 6 if per_point else 4)
     n_blocks = -(-k // bsz)
     blocks = jax.tree.map(
         lambda a: a.reshape((n_blocks, bsz) + a.shape[1:]), _pad_map(f, n_blocks * bsz)
     )
-    coeffs = _coeffs(sched.with_noise(None), t)
-    a, b, da, db = coeffs[:4]
     need_v = bool(want & {"velocity", "divergence"})
     need_s = bool(want & {"score", "divergence"})
+    sched = sched.with_noise(None)
+    pts = (x, _coeffs(sched, t)) if per_point else x  # per-point coefficients travel with x
 
-    def step(carry, fb):
+    def fold(carry, fb, p):
+        x, coeffs = p if per_point else (p, _coeffs(sched, t))
+        n = x.shape[0]
+        a, b, da, db = coeffs[:4]
         mx, tot, acc_v, acc_s, acc_div = carry
         y, inv, z, logp = _map_terms(fb, coeffs, x, precision)
         new_mx, scale, p = _kernels._lse_block(mx, logp)
@@ -338,9 +346,9 @@ def _accumulate_map(f: _Map, sched: Schedule, t, x, want: frozenset, precision):
             acc_v = acc_v * scale[:, None] + bv
         if need_s:
             acc_s = acc_s * scale[:, None] + bs
-        return (new_mx, tot * scale + wb, acc_v, acc_s, acc_div), None
+        return new_mx, tot * scale + wb, acc_v, acc_s, acc_div
 
-    carry, _ = jax.lax.scan(step, _kernels._lse_init(n, d, x.dtype), blocks)
+    carry = _kernels._stream(lambda fb: fb, fold, blocks, pts, n, d, x.dtype, n_chunks)
     return _kernels._finish(carry, want)
 
 

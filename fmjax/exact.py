@@ -14,9 +14,19 @@ scalar or an array broadcastable against ``x.shape[:-1]``. They are pure and jit
 ``functools.partial(fmjax.exact.velocity, coupling, schedule)`` as a velocity field ``(t, x)``.
 Components are streamed in blocks with an online log-sum-exp: memory O(N d + B d^2).
 
-Paths (kernels in ``fmjax._kernels`` and ``fmjax._pencil``):
+Paths (kernels in ``fmjax._kernels``, ``fmjax._lowdim`` and ``fmjax._pencil``):
 - per-time Cholesky: with one scalar ``t`` the K factors are computed once for all points; with
   one ``t`` per point they are computed per point (K d^3 work each, vmapped).
+- low dimension, one scalar ``t``, d <= 8, velocity / log p / score (any coupling, prepared
+  or not): ``_lowdim`` forms the whitened coordinates of all components in one product and the
+  weighted sums in a second, with no short reductions over the components (which XLA:CPU runs
+  as scalar loops): 4-7x faster than the per-time kernel at d = 2 on a 2-core CPU, and 6x for
+  ODE sampling with a prepared coupling at d = 2. With one ``t`` per point on a prepared
+  independent coupling the time-free factors below are laid out the same way. The divergence
+  takes the kernels below.
+- on the CPU, for d > 8 and many points, the shared-t kernels take the points in chunks whose
+  (n_c, B, d) terms stay in cache (``_kernels._plan``): 2x (per-time) to 4x (time-free) at
+  d = 64, K = 64, N = 5e4. A GPU takes the whole batch.
 - time-free, for independent couplings (S01 = S10 = 0 in every component, e.g. every
   ``independent_coupling``): a generalised eigendecomposition of (S11, S00) per component,
   once per coupling, turns every t into diagonal scalings between two fixed large products, so
@@ -59,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from fmjax import _checks, _kernels, _pencil
+from fmjax import _checks, _kernels, _lowdim, _pencil
 from fmjax._typing import Precision
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 from fmjax.schedules import Schedule
@@ -267,7 +277,11 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
     elif not prepared and t.size > 1 and not sched.has_noise and _pencil._is_map(c):
         factors = _pencil._map_jit(c)
     resp = want == {"responsibilities"}
-    if factors is not None:  # time-free: any pattern of times in the same two products
+    if t.size == 1 and d <= _lowdim.MAX_D and want <= _lowdim.WANTS:
+        # One time at low d: K factorisations of size d cost less than any kernel's short
+        # reductions over the components, so this kernel serves prepared couplings too.
+        out = _lowdim._accumulate_low_jit(c, sched, t.reshape(()), xf, want, precision)
+    elif factors is not None:  # time-free: any pattern of times in the same two products
         tf = t.reshape(()) if t.size == 1 else jnp.broadcast_to(t, batch).reshape(-1)
         is_map = isinstance(factors, _pencil._Map)
         if resp:
@@ -275,6 +289,8 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
                 _pencil._responsibilities_map_jit if is_map else _pencil._responsibilities_free_jit
             )
             out = kernel(factors, sched, tf, xf, precision=precision)
+        elif not is_map and d <= _lowdim.MAX_D and want <= _lowdim.WANTS:
+            out = _lowdim._accumulate_low_free_jit(factors, sched, tf, xf, want, precision)
         else:
             kernel = _pencil._accumulate_map_jit if is_map else _pencil._accumulate_free_jit
             out = kernel(factors, sched, tf, xf, want=want, precision=precision)
