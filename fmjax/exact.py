@@ -20,7 +20,7 @@ Paths (kernels in ``fmjax._kernels``, ``fmjax._lowdim`` and ``fmjax._pencil``):
 - low dimension, one scalar ``t``, d <= 8, velocity / log p / score (any coupling, prepared
   or not): ``_lowdim`` forms the whitened coordinates of all components in one product and the
   weighted sums in a second, with no short reductions over the components (which XLA:CPU runs
-  as scalar loops): 4-7x faster than the per-time kernel at d = 2 on a 2-core CPU, and 6x for
+  as scalar loops): 3.6-6.7x faster than the per-time kernel at d = 2 on a 2-core CPU, 6x for
   ODE sampling with a prepared coupling at d = 2. With one ``t`` per point on a prepared
   independent coupling the time-free factors below are laid out the same way. The divergence
   takes the kernels below.
@@ -33,8 +33,10 @@ Paths (kernels in ``fmjax._kernels``, ``fmjax._lowdim`` and ``fmjax._pencil``):
   one t per point costs about what one shared t does. ``prepare(coupling)`` computes it once
   and returns a ``PreparedCoupling``, a pytree accepted everywhere in place of the coupling
   (also under jit and vmap), so an ODE solve with ``velocity_field(prepare(c), s)`` factors
-  nothing per step. Without ``prepare``, a concrete independent coupling evaluated with one t
-  per point is factored at call time; a traced coupling keeps the per-time path.
+  nothing per step (at d <= 8 the low-dimension kernel factors K d x d matrices per step
+  instead, which costs less there). Without ``prepare``, a concrete independent coupling
+  evaluated with one t per point is factored at call time; a traced coupling keeps the
+  per-time path.
 - time-free, for deterministic couplings x1 = m1 + A (x0 - m0) in every component with A
   symmetric positive-definite (Gaussian OT maps; singular joint covariance): X_t - mu_t =
   (b I + a A)(x0 - m0), so with A = Q diag(l) Q^T the velocity is
