@@ -259,23 +259,27 @@ def _plan(n: int, k: int, d: int, arrays: int = 3) -> tuple[int, int]:
     return _block_size(n, k, d, arrays), 1
 
 
+def _split(a, n_chunks: int):
+    """(N, ...) -> (n_chunks, ceil(N / n_chunks), ...), the last chunk padded by repeating the
+    last row (a real point, so the padding computes nothing non-finite; it is dropped)."""
+    n = a.shape[0]
+    per = -(-n // n_chunks)
+    a = jnp.pad(a, [(0, per * n_chunks - n)] + [(0, 0)] * (a.ndim - 1), mode="edge")
+    return a.reshape((n_chunks, per) + a.shape[1:])
+
+
 def _stream(prep, fold, blocks, pts, n: int, d: int, dtype, n_chunks: int):
     """Scan the component blocks with an online log-sum-exp over all points.
 
     ``prep(block)`` makes a block's factors once; ``fold(carry, prepared, pts)`` folds the block
     into the running sums of the points ``pts`` (a pytree of (N, ...) arrays). With
-    ``n_chunks > 1`` each block is folded into the points chunk by chunk (``lax.map``); the last
-    chunk is padded by repeating the last point, and the padding is dropped.
+    ``n_chunks > 1`` each block is folded into the points chunk by chunk (``lax.map``; chunks
+    from ``_split``).
     """
     per = -(-n // n_chunks)
     total = per * n_chunks
-
-    def split(a):
-        a = jnp.pad(a, [(0, total - n)] + [(0, 0)] * (a.ndim - 1), mode="edge")
-        return a.reshape((n_chunks, per) + a.shape[1:])
-
     if n_chunks > 1:
-        pts = jax.tree.map(split, pts)
+        pts = jax.tree.map(lambda a: _split(a, n_chunks), pts)
 
     def step(carry, cb):
         pb = prep(cb)
