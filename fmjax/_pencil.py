@@ -140,8 +140,8 @@ def _accumulate_free(f: _Pencil, sched: Schedule, t, x, want: frozenset, precisi
     # With one t per point the coefficients are (N, 1, 1) and travel with the points' chunks.
     pts = (x, _coeffs(sched, t)) if per_point else x
 
-    def fold(carry, fb, p):
-        x, coeffs = p if per_point else (p, _coeffs(sched, t))
+    def fold(carry, fb, chunk):
+        x, coeffs = chunk if per_point else (chunk, _coeffs(sched, t))
         n = x.shape[0]
         a, b, da, db, _, g_dg = coeffs
         mx, tot, acc_v, acc_s, acc_div = carry
@@ -311,8 +311,8 @@ def _accumulate_map(f: _Map, sched: Schedule, t, x, want: frozenset, precision):
     sched = sched.with_noise(None)
     pts = (x, _coeffs(sched, t)) if per_point else x  # per-point coefficients travel with x
 
-    def fold(carry, fb, p):
-        x, coeffs = p if per_point else (p, _coeffs(sched, t))
+    def fold(carry, fb, chunk):
+        x, coeffs = chunk if per_point else (chunk, _coeffs(sched, t))
         n = x.shape[0]
         a, b, da, db = coeffs[:4]
         mx, tot, acc_v, acc_s, acc_div = carry
