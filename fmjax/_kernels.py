@@ -148,7 +148,11 @@ def _block_size(n: int, k: int, d: int, arrays: int = 3) -> int:
     The fewest blocks under the memory budget, balanced: K is then padded up to a multiple of B
     with zero-weight components (``_pad``), so a prime K costs no more scan steps than K + 1.
     """
-    limit = max(1, _BLOCK_BUDGET // max(1, arrays * n * d + 32 * d * d))
+    return _balanced(k, max(1, _BLOCK_BUDGET // max(1, arrays * n * d + 32 * d * d)))
+
+
+def _balanced(k: int, limit: int) -> int:
+    """Components per block: the fewest blocks of at most ``limit``, as equal as possible."""
     n_blocks = -(-k // min(limit, k))
     return -(-k // n_blocks)
 
@@ -251,8 +255,7 @@ def _plan(n: int, k: int, d: int, arrays: int = 3) -> tuple[int, int]:
     (and on a GPU, which wants the whole batch) one chunk with ``_block_size``'s blocks.
     """
     if _on_cpu() and d > _CHUNK_MIN_D:
-        bsz = min(k, max(1, _CACHE_ELEMS // (_MIN_CHUNK * d)))
-        bsz = -(-k // -(-k // bsz))  # balanced blocks
+        bsz = _balanced(k, max(1, _CACHE_ELEMS // (_MIN_CHUNK * d)))
         n_chunks = (n * bsz * d) // _CACHE_ELEMS
         if n_chunks > 1:
             return bsz, n_chunks

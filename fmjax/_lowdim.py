@@ -102,8 +102,8 @@ def _accumulate_low(c: JointGaussianMixture, sched: Schedule, t, x, want: frozen
     """``_kernels._accumulate`` for d <= MAX_D and want <= WANTS; x (N, d), t a scalar."""
     n, d = x.shape
     k = c.n_components
-    n_blocks = -(-k // min(k, _BLOCK))
-    bsz = -(-k // n_blocks)
+    bsz = _kernels._balanced(k, _BLOCK)
+    n_blocks = -(-k // bsz)
     need_v = "velocity" in want
     need_s = "score" in want
     a, b = sched(t)[:2]
@@ -155,8 +155,8 @@ def _accumulate_low_free(f: _pencil._Pencil, sched: Schedule, t, x, want: frozen
     """
     n, d = x.shape
     k = f.m0.shape[0]
-    n_blocks = -(-k // min(k, _BLOCK))
-    bsz = -(-k // n_blocks)
+    bsz = _kernels._balanced(k, _BLOCK)
+    n_blocks = -(-k // bsz)
     kp = n_blocks * bsz
     f = _pencil._pad_pencil(f, kp)
     need_v = "velocity" in want
@@ -192,10 +192,9 @@ def _accumulate_low_free(f: _pencil._Pencil, sched: Schedule, t, x, want: frozen
     def chunk(args):
         xc, cf = args
         a, b, da, db = cf[:4]
-        m = xc.shape[0]
 
         def step(carry, blk):
-            mx, acc_v, acc_s, tot = carry
+            mx, tot, acc_v, acc_s, acc_div = carry
             v_fwd, p0, p1, lam, gram, log_w, means, back_v, back_s = blk
             y = jnp.matmul(xc, v_fwd, precision=precision) - (b * p0 + a * p1)
             den = b * b + a * a * lam
@@ -217,19 +216,10 @@ def _accumulate_low_free(f: _pencil._Pencil, sched: Schedule, t, x, want: frozen
             if need_s:
                 bs = -jnp.matmul(pt * y * inv, back_s, precision=precision)
                 acc_s = acc_s * scale[:, None] + bs
-            return (new_mx, acc_v, acc_s, tot * scale + pm[:, -1]), None
+            return (new_mx, tot * scale + pm[:, -1], acc_v, acc_s, acc_div), None
 
-        zeros = jnp.zeros((m, d), xc.dtype)
-        init = (jnp.full((m,), -jnp.inf, xc.dtype), zeros, zeros, jnp.zeros((m,), xc.dtype))
-        (mx, acc_v, acc_s, tot), _ = jax.lax.scan(step, init, blocks)
-        out = {}
-        if need_v:
-            out["velocity"] = acc_v / tot[:, None]
-        if need_s:
-            out["score"] = acc_s / tot[:, None]
-        if "log_prob" in want:
-            out["log_prob"] = jnp.where(jnp.isfinite(mx), mx, 0.0) + jnp.log(tot)
-        return out
+        carry, _ = jax.lax.scan(step, _kernels._lse_init(xc.shape[0], d, xc.dtype), blocks)
+        return _kernels._finish(carry, want)
 
     return _in_chunks(chunk, (x, coeffs), n, d * bsz)
 
