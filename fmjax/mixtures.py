@@ -349,6 +349,11 @@ def _joint_factor(covs):
 
 def _mixture_log_prob(weights, means, covs, x):
     """log sum_k w_k N(x; m_k, S_k) for x (..., D), by Cholesky solves and logsumexp."""
+    return jax.nn.logsumexp(_component_log_probs(weights, means, covs, x), axis=-1)
+
+
+def _component_log_probs(weights, means, covs, x):
+    """log w_k + log N(x; m_k, S_k), shape (..., K), for x (..., D), by Cholesky solves."""
     k, dim = means.shape
     batch = x.shape[:-1]
     xf = x.reshape(-1, 1, dim)
@@ -360,7 +365,7 @@ def _mixture_log_prob(weights, means, covs, x):
     half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
     log_w = jnp.log(weights) - half_logdet - 0.5 * dim * math.log(2 * math.pi)
     logn = log_w[None] - 0.5 * jnp.sum(z**2, axis=-1)
-    return jax.nn.logsumexp(logn, axis=-1).reshape(batch)
+    return logn.reshape(batch + (k,))
 
 
 class GaussianMixture(_MixtureBase):
@@ -407,6 +412,12 @@ class GaussianMixture(_MixtureBase):
     def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
         """Log-density at ``x`` of shape (..., d)."""
         return self._log_prob_full(self._points("log_prob", "x", x, self.dim))
+
+    def responsibilities(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "... K"]:
+        """P(component k | X = x) at ``x`` of shape (..., d): the softmax over k of
+        log w_k + log N(x; m_k, S_k)."""
+        x = self._points("responsibilities", "x", x, self.dim)
+        return jax.nn.softmax(_component_log_probs(self.weights, self.means, self.covs, x), -1)
 
     def mean(self) -> Float[Array, " d"]:
         """Mean of the mixture."""

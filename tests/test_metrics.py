@@ -469,3 +469,53 @@ def test_complex_points_are_a_type_error(key):
         metrics.nll(lambda a: a[:, 0], x + 1j)
     assert float(metrics.energy_distance(x, x + 1.0)) > 0  # control
     assert float(metrics.nll(lambda a: a[:, 0], x)) == 0.0
+
+
+# ----------------------------------------------------------------------------- component_stats
+
+
+def _three_modes(dtype=None):
+    return fmjax.GaussianMixture(
+        jnp.array([0.2, 0.3, 0.5], dtype),
+        jnp.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]], dtype),
+        jnp.array(
+            [[[1.0, 0.3], [0.3, 0.5]], [[0.4, 0.0], [0.0, 0.8]], [[0.6, -0.2], [-0.2, 0.6]]], dtype
+        ),
+    )
+
+
+def test_component_stats_consistent_for_exact_samples_two_sided(key, x64):
+    """Exact samples give the mixture's own weights, means and spreads (the soft moments are
+    unbiased: E[alpha_k X] = w_k m_k); shrinking each mode toward its mean by 30% (spread x 0.49)
+    or widening it by 30% (x 1.69) moves every spread ratio far outside the noise band.
+
+    Tolerance: n = 40000, the smallest weight 0.2 gives ~8000 points a mode, and the relative
+    standard deviation of a 2-D trace is ~sqrt(2 / 8000 / 2) = 0.011: 0.06 is > 5 sigma.
+    """
+    p = _three_modes()
+    x = p.sample(key, 40000)
+    st = metrics.component_stats(x, p)
+    np.testing.assert_allclose(st.weights, p.weights, atol=0.015)
+    np.testing.assert_array_less(st.mean_error, 0.05)
+    np.testing.assert_allclose(st.spread_ratio, 1.0, atol=0.06)
+    np.testing.assert_allclose(st.covs, p.covs, atol=0.06)
+    centre = p.means[jnp.argmax(p.responsibilities(x), axis=-1)]
+    for factor, expected in ((0.7, 0.49), (1.3, 1.69)):
+        moved = metrics.component_stats(centre + factor * (x - centre), p)
+        np.testing.assert_allclose(moved.spread_ratio, expected, rtol=0.1)
+        assert np.all(np.abs(moved.spread_ratio - 1.0) > 0.3)
+    # a mode dropped shows in the weights
+    dropped = metrics.component_stats(x[jnp.argmax(p.responsibilities(x), -1) != 0], p)
+    assert dropped.weights[0] < 0.01 and abs(float(dropped.weight_error[0]) + 0.2) < 0.015
+
+
+def test_component_stats_jits_and_validates(key):
+    p = _three_modes()
+    x = p.sample(key, 100)
+    st = jax.jit(metrics.component_stats)(x, p)
+    assert st.covs.shape == (3, 2, 2) and st.spread.shape == (3,)
+    np.testing.assert_allclose(jnp.sum(st.weights), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="metrics.component_stats: `samples`"):
+        metrics.component_stats(x[:, :1], p)
+    with pytest.raises(TypeError, match="metrics.component_stats: `mixture`"):
+        metrics.component_stats(x, fmjax.independent_coupling(p, p))

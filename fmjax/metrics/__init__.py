@@ -12,6 +12,8 @@ Two-sample distances between point clouds ``x`` (n, d) and ``y`` (m, d):
 Errors of a learned model against the exact GMM answers:
 
 * ``velocity_error``: E|v(t, X_t) - u_t(X_t)|^2 over X_t ~ p_t, as a curve over times,
+* ``component_stats``: weights, means and covariances of samples per exact-responsibility
+  component of the target (collapse and spread of each mode both show),
 * ``nll``: mean negative log-likelihood of samples under an exact density,
 * ``nfe_to_accuracy``: fewest solver steps whose samples are within a tolerance.
 
@@ -19,6 +21,8 @@ Everything except ``nfe_to_accuracy`` (a loop over a few separate solves) is jit
 with sizes and options static. ``sliced_wasserstein`` and ``w2`` need ott-jax (``fmjax[ot]``).
 """
 
+from fmjax.metrics.components import ComponentStats as ComponentStats
+from fmjax.metrics.components import component_stats as component_stats
 from fmjax.metrics.errors import NFEResult as NFEResult
 from fmjax.metrics.errors import nfe_to_accuracy as nfe_to_accuracy
 from fmjax.metrics.errors import nll as nll
@@ -39,4 +43,6 @@ __all__ = [
     "nll",
     "nfe_to_accuracy",
     "NFEResult",
+    "component_stats",
+    "ComponentStats",
 ]
