@@ -9,12 +9,17 @@ Images: ``digits()``, scikit-learn's bundled 8x8 handwritten digits (no download
 
 Pair samplers, the ``sample_pairs`` argument of ``fmjax.losses``: ``independent_pairs(s0, s1)``
 and ``coupling_pairs(joint)`` (a JointGaussianMixture's own ``.sample``).
+
+Points on the path: ``sample_path(key, sample_pairs, schedule, n)`` draws (t, x0, x1, z, x_t) and
+the conditional velocity with the one key convention that the losses, the metrics, the evaluation
+and the experiments share.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +27,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from fmjax import _checks
-from fmjax._typing import PairSampler, Sampler
+from fmjax._typing import PairSampler, Sampler, TimeSampler
 from fmjax.mixtures import GaussianMixture, JointGaussianMixture
+from fmjax.schedules import Schedule
 
 __all__ = [
     "checkerboard",
@@ -37,6 +43,8 @@ __all__ = [
     "gaussian_source",
     "independent_pairs",
     "coupling_pairs",
+    "PathSample",
+    "sample_path",
     "digits",
     "digits_labels",
 ]
@@ -203,6 +211,125 @@ def coupling_pairs(coupling: JointGaussianMixture) -> PairSampler:
         "data.coupling_pairs", "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture"
     )
     return jax.jit(lambda key, n: coupling.sample(key, n), static_argnums=1)
+
+
+# ----------------------------------------------------------------------------- points on the path
+
+# The key convention of ``sample_path``: pairs from split(key)[0], times from split(key)[1] and the
+# latent noise z from fold_in(key, _Z_SALT). fold_in(key, i) equals split(key, n)[i] for small i,
+# and a mixture's sampler splits its key again for its own noise, so a small constant would make
+# z one of the draws behind x0, x1 or t (then learnable from (t, x_t)): a large salt cannot.
+_Z_SALT = 0x5EED1
+
+
+class PathSample(NamedTuple):
+    """Points of the interpolant x_t = b_t x0 + a_t x1 + gamma_t z (``sample_path``).
+
+    Attributes:
+        t: (n,) times.
+        x0: (n, d) source points.
+        x1: (n, d) target points, coupled with ``x0``.
+        z: (n, d) latent noise N(0, I), independent of (x0, x1), or None for a schedule without
+            noise.
+        xt: (n, d) the interpolant at ``t``.
+        velocity: (n, d) the conditional velocity d x_t / dt = da_t x1 + db_t x0 (+ dgamma_t z),
+            the regression target of conditional flow matching.
+    """
+
+    t: Float[Array, " n"]
+    x0: Float[Array, "n d"]
+    x1: Float[Array, "n d"]
+    z: Float[Array, "n d"] | None
+    xt: Float[Array, "n d"]
+    velocity: Float[Array, "n d"]
+
+
+def _to_interval(schedule: Schedule, u):
+    """Map draws on [0, 1] onto the schedule's valid interval (identity for [0, 1])."""
+    lo, hi = schedule.interval
+    return u if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * u
+
+
+def _uniform(key, n):
+    return jax.random.uniform(key, (n,))
+
+
+def sample_path(
+    key: PRNGKeyArray,
+    sample_pairs: PairSampler | JointGaussianMixture,
+    schedule: Schedule,
+    n: int,
+    *,
+    t: Float[ArrayLike, "*n"] | None = None,
+    times: TimeSampler | None = None,
+) -> PathSample:
+    """Draw ``n`` points (t, x0, x1, z, x_t) of the interpolant, with one key convention.
+
+    The pairs come from ``split(key)[0]``, the times (when drawn) from ``split(key)[1]`` and the
+    latent noise z from ``fold_in(key, 0x5EED1)``, so z is independent of the pairs and the
+    times whatever the pair sampler does with its key. Jit- and vmap-compatible (``n`` static).
+
+    Args:
+        key: PRNG key.
+        sample_pairs: ``(key, n) -> (x0 (n, d), x1 (n, d))``, or a ``JointGaussianMixture``
+            (its ``.sample``).
+        schedule: the interpolant; with latent noise, x_t gains gamma_t z.
+        n: number of points (static).
+        t: fixed times: a scalar or (n,) array in ``schedule.interval`` (not checked here);
+            then ``times`` must be None.
+        times: time sampler ``(key, n) -> (n,)`` of draws on [0, 1], mapped affinely onto
+            ``schedule.interval``; None: uniform. Ignored when ``t`` is given.
+
+    Returns:
+        a ``PathSample`` (t (n,), x0, x1, z or None, xt, velocity (n, d)).
+    """
+    return _sample_path("data.sample_path", key, sample_pairs, schedule, n, t=t, times=times)
+
+
+def _sample_path(fn, key, sample_pairs, schedule, n, *, t=None, times=None) -> PathSample:
+    """``sample_path`` with errors naming ``fn`` (the losses' own names)."""
+    if isinstance(sample_pairs, JointGaussianMixture):
+        sample_pairs = sample_pairs.sample
+    _checks.check_callable(fn, "sample_pairs", sample_pairs, "a callable (key, n) -> (x0, x1)")
+    _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
+    if t is not None and times is not None:
+        _checks.fail(fn, "times", "None when fixed times `t` are given", times, TypeError)
+    k_pairs, k_time = jax.random.split(key)
+    pairs = sample_pairs(k_pairs, n)
+    if not isinstance(pairs, tuple | list) or len(pairs) != 2:
+        got = f"shape {pairs.shape}" if hasattr(pairs, "shape") else type(pairs).__name__
+        what = f"a callable (key, n) -> (x0, x1), a pair of (n={n}, d) arrays"
+        _checks.fail(fn, "sample_pairs", what, got, TypeError)
+    x0, x1 = (jnp.asarray(p) for p in pairs)
+    if x0.ndim != 2 or x0.shape[0] != n or x1.shape != x0.shape:
+        raise ValueError(
+            f"{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "
+            f"arrays, got {x0.shape} and {x1.shape}"
+        )
+    x0 = _checks.check_real_array(fn, "sample_pairs", x0, any_float=True)
+    x1 = _checks.check_real_array(fn, "sample_pairs", x1, x0.dtype, any_float=True)
+    if t is None:
+        drawn = (times or _uniform)(k_time, n)
+        drawn = _checks.check_real_array(fn, "time_sampler", drawn, x0.dtype, any_float=True)
+        if drawn.shape != (n,):
+            raise ValueError(
+                f"{fn}: `time_sampler(key, {n})` must return shape ({n},), got {drawn.shape}"
+            )
+        t = _to_interval(schedule, drawn.astype(x0.dtype))
+    else:
+        t = jnp.asarray(t, x0.dtype)
+        if t.shape not in ((), (n,)):
+            _checks.fail(fn, "t", f"a scalar or of shape ({n},)", f"shape {t.shape}")
+        t = jnp.broadcast_to(t, (n,))
+    a, b, da, db = (c[:, None] for c in schedule(t))
+    xt = b * x0 + a * x1
+    velocity = da * x1 + db * x0
+    z = None
+    if schedule.has_noise:
+        z = jax.random.normal(jax.random.fold_in(key, _Z_SALT), x0.shape, x0.dtype)
+        g, dg, _ = (c[:, None] for c in schedule.gamma(t))
+        xt, velocity = xt + g * z, velocity + dg * z
+    return PathSample(t, x0, x1, z, xt, velocity)
 
 
 # ----------------------------------------------------------------------------- images

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fmjax import _checks, exact, likelihood, metrics, problems, sample
+from fmjax import _checks, data, exact, likelihood, metrics, problems, sample
 from fmjax._report import to_json, write_json
 from fmjax._typing import Velocity
 
@@ -354,17 +354,11 @@ def _velocity_errors(static, leaves, coupling, prepared, schedule, ts, n, key):
 
 @functools.partial(jax.jit, static_argnames=("static", "schedule", "n"))
 def _loss_terms(static, leaves, coupling, prepared, schedule, n, key):
-    """Per-draw CFM terms |v(t, x_t) - y|^2 and |u(t, x_t) - y|^2, y = da x1 + db x0, on n draws
-    of (x0, x1) ~ coupling and t uniform on the valid interval (their means: the CFM loss and the
-    loss floor)."""
+    """Per-draw CFM terms |v(t, x_t) - y|^2 and |u(t, x_t) - y|^2, y the conditional velocity, on
+    n draws of ``data.sample_path`` with t uniform on the valid interval (the losses' own draws:
+    their means are the CFM loss and the loss floor)."""
     velocity = _join(static, leaves)
-    k_pairs, k_time = jax.random.split(key)
-    x0, x1 = coupling.sample(k_pairs, n)
-    lo, hi = schedule.interval
-    t = lo + (hi - lo) * jax.random.uniform(k_time, (n,), x0.dtype)
-    a, b, da, db = schedule(t)
-    xt = b[:, None] * x0 + a[:, None] * x1
-    y = da[:, None] * x1 + db[:, None] * x0
+    t, _, _, _, xt, y = data.sample_path(key, coupling, schedule, n)
 
     def chunk(args):
         tc, xc, yc = args

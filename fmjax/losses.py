@@ -19,10 +19,10 @@ Times: a time sampler draws on [0, 1] and the losses map its draws onto the sche
 interval ``[t_min, t_max]`` (the identity for schedules valid on all of [0, 1]), so a schedule
 singular at an end (``vp``) is never trained where its target is infinite.
 
-Keys: each loss splits ``key`` into (pairs key, time key) the same way, and draws the latent
-noise z from ``fold_in(key, 0x5EED1)`` (not ``fold_in(key, 1)``, which is the time key:
-``fold_in(key, i) == split(key, n)[i]``), so ``cfm``, ``marginal_fm`` and ``loss_floor``
-called with one key see the same (t, x0, x1, z, x_t).
+Keys: every loss draws its points with ``fmjax.data.sample_path`` (pairs from ``split(key)[0]``,
+times from ``split(key)[1]``, the latent noise z from ``fold_in(key, 0x5EED1)``), so ``cfm``,
+``marginal_fm`` and ``loss_floor`` called with one key see the same (t, x0, x1, z, x_t), and so
+do the metrics and ``fmjax.evaluate``.
 
 Stochastic interpolants (a schedule with noise, ``schedule.with_noise(...)`` or
 ``schedules.trig(...)``): x_t = b_t x0 + a_t x1 + gamma_t z with z ~ N(0, I), and the targets
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from fmjax import _checks, convert, exact
+from fmjax import _checks, convert, data, exact
 from fmjax._typing import ApplyFn, LossFn, PairSampler, TimeSampler
 from fmjax.exact import PreparedCoupling
 from fmjax.mixtures import JointGaussianMixture
@@ -100,9 +100,6 @@ class LossFloor(NamedTuple):
 TARGETS = ("velocity", "x1", "x0", "drift", "denoiser", "score")
 _NOISE_ONLY = ("denoiser", "score")
 _REDUCTIONS = ("sum", "mean")
-# The latent noise key: fold_in(key, i) equals split(key, n)[i] for small i, so a small constant
-# would reuse the time key (z would then be a function of t, and learnable from (t, x_t)).
-_Z_SALT = 0x5EED1
 
 
 # ----------------------------------------------------------------------------- Bregman divergences
@@ -371,60 +368,22 @@ def _check_target_noise(fn, schedule: Schedule, target: str, conditional: bool) 
             )  # fmt: skip
 
 
-def _to_interval(schedule: Schedule, u):
-    """Map draws on [0, 1] onto the schedule's valid interval (identity for [0, 1])."""
-    lo, hi = schedule.interval
-    return u if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * u
+def _draw(fn, sample_pairs, times, schedule, key, n) -> data.PathSample:
+    """The points of a loss: ``data.sample_path`` with errors naming ``losses.<fn>``."""
+    return data._sample_path(f"losses.{fn}", key, sample_pairs, schedule, n, times=times)
 
 
-def _draw(fn, sample_pairs, times, schedule, key, n):
-    """(t (n,), x0, x1, z, x_t (n, d)) with the key split shared by all losses.
-
-    z is the latent noise (None without noise), drawn from ``fold_in(key, _Z_SALT)``.
-    """
-    k_pairs, k_time = jax.random.split(key)
-    pairs = sample_pairs(k_pairs, n)
-    if not isinstance(pairs, tuple | list) or len(pairs) != 2:
-        got = f"shape {pairs.shape}" if hasattr(pairs, "shape") else type(pairs).__name__
-        _checks.fail(f"losses.{fn}", "sample_pairs", "a callable (key, n) -> (x0, x1), a pair of"
-                     f" (n={n}, d) arrays", got, TypeError)  # fmt: skip
-    x0, x1 = (jnp.asarray(p) for p in pairs)
-    if x0.ndim != 2 or x0.shape[0] != n or x1.shape != x0.shape:
-        raise ValueError(
-            f"losses.{fn}: `sample_pairs(key, {n})` must return two (n={n}, d) "
-            f"arrays, got {x0.shape} and {x1.shape}"
-        )
-    x0 = _checks.check_real_array(f"losses.{fn}", "sample_pairs", x0, any_float=True)
-    x1 = _checks.check_real_array(f"losses.{fn}", "sample_pairs", x1, x0.dtype, any_float=True)
-    t = times(k_time, n)
-    t = _checks.check_real_array(f"losses.{fn}", "time_sampler", t, x0.dtype, any_float=True)
-    t = t.astype(x0.dtype)
-    if t.shape != (n,):
-        raise ValueError(
-            f"losses.{fn}: `time_sampler(key, {n})` must return shape ({n},), got {t.shape}"
-        )
-    t = _to_interval(schedule, t)
-    a, b, _, _ = schedule(t)
-    xt = b[:, None] * x0 + a[:, None] * x1
-    z = None
-    if schedule.has_noise:
-        z = jax.random.normal(jax.random.fold_in(key, _Z_SALT), x0.shape, x0.dtype)
-        xt = xt + schedule.gamma(t)[0][:, None] * z
-    return t, x0, x1, z, xt
-
-
-def _conditional_target(schedule, target, t, x0, x1, z):
+def _conditional_target(schedule, target, path: data.PathSample):
     if target == "x1":
-        return x1
+        return path.x1
     if target == "x0":
-        return x0
+        return path.x0
     if target in _NOISE_ONLY:
-        return z
-    _, _, da, db = schedule(t)
-    y = da[:, None] * x1 + db[:, None] * x0
-    if target == "velocity" and schedule.has_noise:
-        y = y + schedule.gamma(t)[1][:, None] * z
-    return y
+        return path.z
+    if target == "velocity":
+        return path.velocity
+    _, _, da, db = schedule(path.t)  # "drift": the velocity without the noise term
+    return da[:, None] * path.x1 + db[:, None] * path.x0
 
 
 def _prediction(schedule, target, t, out):
@@ -508,8 +467,9 @@ def cfm(
     _checks.check_callable("losses.cfm", "sample_pairs", sample_pairs)
 
     def loss_fn(params, key):
-        t, x0, x1, z, xt = _draw("cfm", sample_pairs, times, schedule, key, batch_size)
-        y = _conditional_target(schedule, target, t, x0, x1, z)
+        path = _draw("cfm", sample_pairs, times, schedule, key, batch_size)
+        t, xt = path.t, path.xt
+        y = _conditional_target(schedule, target, path)
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
@@ -617,7 +577,8 @@ def marginal_fm(
         target_fn = _grouped_target(target_fn, groups)
 
     def loss_fn(params, key):
-        t, _, _, _, xt = _draw("marginal_fm", sample_pairs, times, schedule, key, batch_size)
+        path = _draw("marginal_fm", sample_pairs, times, schedule, key, batch_size)
+        t, xt = path.t, path.xt
         y = jax.lax.stop_gradient(target_fn(t, xt))
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
         return jnp.mean(_per_sample(div, y, pred, reduction))
@@ -701,8 +662,9 @@ def loss_floor(
 def _floor_terms(coupling, schedule, key, div, n, times, target, reduction, chunk_size):
     """Per-sample D(y_cond, E[y_cond | x_t]), shape (n,), exact targets in chunks."""
     pairs = coupling.coupling.sample if isinstance(coupling, PreparedCoupling) else coupling.sample
-    t, x0, x1, z, xt = _draw("loss_floor", pairs, times, schedule, key, n)
-    y = _conditional_target(schedule, target, t, x0, x1, z)
+    path = _draw("loss_floor", pairs, times, schedule, key, n)
+    t, xt = path.t, path.xt
+    y = _conditional_target(schedule, target, path)
 
     def one(args):
         ti, xi, yi = args

@@ -153,9 +153,7 @@ def test_loss_floor_chunking_and_targets(x64):
     np.testing.assert_allclose(chunked.mean, whole.mean, rtol=1e-12)
     np.testing.assert_allclose(chunked.stderr, whole.stderr, rtol=1e-10)
     # same key: the x0 floor E|x0 - E[x0|x_t]|^2 equals the mean of its definition
-    t, x0, x1, _, xt = losses._draw(
-        "test", coupling.sample, losses._DEFAULT_TIMES["uniform"], sched, key, 1000
-    )
+    t, x0, x1, _, xt, _ = data.sample_path(key, coupling, sched, 1000)
     x0_hat = fmjax.convert.velocity_to_x0(sched, t, xt, exact.velocity(coupling, sched, t, xt))
     np.testing.assert_allclose(whole.mean, jnp.mean(jnp.sum((x0 - x0_hat) ** 2, -1)), rtol=1e-10)
 
@@ -261,9 +259,8 @@ def test_times_are_drawn_on_the_schedules_interval():
     """vp is singular at t = 1: its training times stay in [0, 0.999], linear's are unchanged."""
     pairs, n = _base_pairs(), 4096
     key = jax.random.key(3)
-    uniform = losses._DEFAULT_TIMES["uniform"]
-    t_vp = losses._draw("t", pairs, uniform, schedules.vp(), key, n)[0]
-    t_lin = losses._draw("t", pairs, uniform, schedules.linear(), key, n)[0]
+    t_vp = data.sample_path(key, pairs, schedules.vp(), n).t
+    t_lin = data.sample_path(key, pairs, schedules.linear(), n).t
     assert float(t_vp.max()) <= 0.999 and float(t_lin.max()) > 0.999  # control: same draws
     np.testing.assert_allclose(t_vp, 0.999 * t_lin, rtol=1e-6)
     loss = losses.cfm(lambda p, t, x: jnp.zeros_like(x), pairs, schedules.vp(), 256)
@@ -402,9 +399,7 @@ def test_latent_noise_is_independent_of_times_and_pairs(x64):
     z was then Phi^-1 of the uniform behind t, so a network learned z from (t, x_t))."""
     n = 4096
     pairs = data.independent_pairs(data.gaussian_source(1), data.gaussian_source(1))
-    t, x0, x1, z, _ = losses._draw(
-        "t", pairs, losses._DEFAULT_TIMES["uniform"], BROWN, jax.random.key(0), n
-    )
+    t, x0, x1, z, _, _ = data.sample_path(jax.random.key(0), pairs, BROWN, n)
     for other in (t, x0[:, 0], x1[:, 0]):
         assert abs(np.corrcoef(np.asarray(z[:, 0]), np.asarray(other))[0, 1]) < 4 / np.sqrt(n)
     # control: the noise drawn from the time key is a function of t

@@ -114,11 +114,7 @@ def _kinetic(coupling, schedule, key, ts, n):
     """E|u_t(X_t)|^2 at each time of ``ts``, X_t = b x0 + a x1 + gamma z from coupled pairs."""
 
     def at(k, t):
-        k1, k2 = jax.random.split(k)
-        x0, x1 = coupling.sample(k1, n)
-        a, b, _, _ = schedule(t)
-        g = schedule.gamma(t)[0]
-        xt = b * x0 + a * x1 + g * jax.random.normal(k2, x0.shape, x0.dtype)
+        xt = data.sample_path(k, coupling, schedule, n, t=t).xt
         u = exact.velocity(coupling, schedule, t, xt)
         return jnp.mean(jnp.sum(u * u, axis=-1))
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, convert, exact, losses, models, plot, sample, schedules, train
+from fmjax import _checks, convert, data, exact, losses, models, plot, sample, schedules, train
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
@@ -161,11 +161,7 @@ def _field_errors(field, coupling, schedule, key, ts, n):
     """E|u_hat - u|^2 and E|s_hat - s|^2 over x ~ p_t at each t (fresh pairs and noise)."""
 
     def one(t, k):
-        k1, k2 = jax.random.split(k)
-        x0, x1 = coupling.sample(k1, n)
-        a, b, _, _ = schedule(t)
-        x = b * x0 + a * x1 + schedule.gamma(t)[0] * jax.random.normal(k2, x0.shape, x0.dtype)
-        tt = jnp.full((n,), t, x.dtype)
+        tt, _, _, _, x, _ = data.sample_path(k, coupling, schedule, n, t=t)
         ev = exact.evaluate(coupling, schedule, tt, x, ("velocity", "score"))
         eu = jnp.sum((field(tt, x) - ev.velocity) ** 2, -1).mean()
         es = jnp.sum((field.score(tt, x) - ev.score) ** 2, -1).mean()

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from fmjax import _checks, exact
+from fmjax import _checks, data, exact
 from fmjax._typing import Velocity
 from fmjax.mixtures import JointGaussianMixture
 from fmjax.schedules import Schedule
@@ -31,7 +31,8 @@ def velocity_error(
     """Mean squared velocity error E_{X_t ~ p_t} |v(t, X_t) - u(t, X_t)|^2 at each time.
 
     X_t = b_t X0 + a_t X1 (+ gamma_t Z for a schedule with latent noise) is sampled exactly from
-    coupled pairs (X0, X1) of ``coupling`` (fresh pairs at each time); all times are evaluated
+    coupled pairs (X0, X1) of ``coupling`` by ``fmjax.data.sample_path`` (fresh pairs and noise
+    at each time, from ``split(key, T)``); all times are evaluated
     at once by ``vmap`` over t, each with a scalar t and an (n, d) batch, so the exact field
     factors its covariances once per time.
     Jit at the call site for speed, e.g.
@@ -68,12 +69,7 @@ def velocity_error(
     ts = _times(fn, ts, schedule, joint.means.dtype)
 
     def at(k, t):
-        x0, x1 = joint.sample(k, n)
-        a, b, _, _ = schedule(t)
-        xt = b * x0 + a * x1
-        if schedule.has_noise:  # (static) the same draws as before for noise-free schedules
-            g, _, _ = schedule.gamma(t)
-            xt = xt + g * jax.random.normal(jax.random.fold_in(k, 1), xt.shape, xt.dtype)
+        xt = data.sample_path(k, joint, schedule, n, t=t).xt
         diff = velocity(t, xt) - reference(t, xt)
         return jnp.mean(jnp.sum(jnp.square(diff), axis=-1))
 
