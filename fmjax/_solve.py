@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,6 +127,48 @@ def as_pytree(velocity: Velocity) -> Velocity:
     except TypeError:
         return velocity
     return pv
+
+
+FIELD_CONTRACT = "a field (t, x) -> (..., d) taking t a scalar and t of shape x.shape[:-1]"
+
+
+@eqx.filter_jit
+def _probe(field, t, x):
+    return field(t, x)
+
+
+def check_field(fn: str, name: str, field: Any, x: Any) -> Callable:
+    """``field`` if it keeps fmjax's one calling contract for fields on points shaped like ``x``.
+
+    Every entry point may call a field ``(t, x)`` with t a scalar (the samplers: one time per
+    step) or with t of shape x.shape[:-1] (the losses: one time per point), so a field must take
+    both. Each form is traced abstractly (no compile, no FLOP, also under an outer jit), through
+    a jitted probe whose trace is cached like the solve's (a new partial of the same function
+    with same-shaped arrays traces nothing). A form that raises is named in a ``TypeError``, a
+    form that returns another shape than x's in a ``ValueError``.
+    """
+    _checks.check_callable(fn, name, field, FIELD_CONTRACT)
+    shape, dtype = tuple(np.shape(x)), getattr(x, "dtype", None)
+    dtype = np.dtype(dtype) if dtype is not None else np.result_type(float)
+    xs = jax.ShapeDtypeStruct(shape, dtype)
+    tree = as_pytree(field)
+    try:  # the cached probe needs a hashable static part; else a plain abstract trace
+        hash(eqx.partition(tree, eqx.is_array)[1])
+        trace = functools.partial(eqx.filter_eval_shape, _probe, tree)
+    except TypeError:
+        trace = functools.partial(jax.eval_shape, tree)
+    for form, t_shape in (("a scalar t", ()), (f"t of shape {shape[:-1]}", shape[:-1])):
+        try:
+            out = trace(jax.ShapeDtypeStruct(t_shape, dtype), xs)
+        except Exception as e:  # noqa: BLE001 - report any failure of a user callable
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            got = f"with {form} and x of shape {shape} it raised {type(e).__name__}: {message}"
+            _checks.fail(fn, name, FIELD_CONTRACT, got, TypeError)
+        if getattr(out, "shape", None) != shape:
+            got = getattr(out, "shape", type(out).__name__)
+            what = f"{FIELD_CONTRACT}, returning x's shape {shape}"
+            _checks.fail(fn, name, what, f"with {form}: output {got}")
+    return field
 
 
 def resolve_schedule(fn: str, schedule: Schedule | None, velocity: Any) -> Schedule | None:

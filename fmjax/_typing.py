@@ -23,7 +23,8 @@ PyTree = Any
 """Any pytree of arrays (parameters, optimizer states, mixtures)."""
 
 Velocity = Callable[[Float[Array, "..."], Float[Array, "... d"]], Float[Array, "... d"]]
-"""A velocity field ``velocity(t, x) -> (..., d)``: t scalar or broadcastable to x.shape[:-1]."""
+"""A velocity field ``velocity(t, x) -> (..., d)`` taking t a scalar and t of shape x.shape[:-1]
+(fmjax's one calling contract, checked at every entry point by ``_solve.check_field``)."""
 
 ApplyFn = Callable[..., Float[Array, "n d"]]
 """A model's ``apply(params, t (n,), x (n, d)) -> (n, d)``."""

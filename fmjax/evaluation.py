@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from fmjax import _checks, data, exact, likelihood, metrics, problems, sample
+from fmjax import _checks, _solve, data, exact, likelihood, metrics, problems, sample
 from fmjax._report import to_json, write_json
 from fmjax._typing import Velocity
 
@@ -232,7 +232,8 @@ def evaluate(
 
     Args:
         velocity: a field ``(t, x) -> (..., d)`` taking per-point times t (n,) and a batch x
-            (n, d), and a scalar t with a batch (the samplers' call). For the exact field pass
+            (n, d), and a scalar t with a batch (the samplers' call); both forms are checked at
+            entry (``TypeError`` naming the form that fails). For the exact field pass
             ``exact.velocity_field(exact.prepare(problem.coupling), problem.schedule)`` (the
             prepared coupling factors once; unprepared, every call factors anew).
         problem: a name of ``fmjax.problems.names()`` or a ``Problem``.
@@ -274,6 +275,7 @@ def evaluate(
         divergence = "exact" if problem.dim <= 16 else "hutchinson"
     c, s = problem.coupling, problem.schedule
     dtype = c.means.dtype
+    _solve.check_field(_FN, "velocity", velocity, jax.ShapeDtypeStruct((n, c.dim), dtype))
     keys = jax.random.split(key, 8)
 
     prepared = exact.prepare(c)  # time-free factors for an independent coupling

@@ -127,8 +127,8 @@ def autodiff_divergence(
         div u_t(x), shape (...).
     """
     fn = "likelihood.autodiff_divergence"
-    _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
     x = _solve.check_x(fn, x, "x")
+    _solve.check_field(fn, "velocity", velocity, x)
     probes = _probes(fn, method, key, probe, n_probes, x)
     return _velocity_and_divergence(velocity, jnp.asarray(t, x.dtype), x, probes)[1]
 
@@ -193,8 +193,8 @@ def _augmented_solve(fn, velocity, x, t_from, t_to, schedule, probe_kw, solve_kw
 
 def _prepare(fn, velocity, x, name, t, schedule, source_log_prob):
     """Checked inputs: (x, schedule, t_min, t, log p_{t_min})."""
-    _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
     x = _solve.check_x(fn, x, name)
+    _solve.check_field(fn, "velocity", velocity, x)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
     t_min, t_max = (0.0, 1.0) if schedule is None else schedule.interval
     t = t_max if t is None else _solve.check_time(fn, "t", t, schedule)

@@ -307,3 +307,56 @@ def test_under_vmap(entry):
     got = jax.vmap(entry, in_axes=(None, 0, 0))(params, xs, keys)
     want = jnp.stack([entry(params, xs[i], keys[i]) for i in range(2)])
     chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- one calling contract
+
+
+def _per_point_only(t, x):  # written for t (n,): t[:, None] fails on a scalar t
+    return x * t[:, None]
+
+
+def _scalar_only(t, x):  # written for a scalar t: a (n,) t cannot broadcast against (n, d)
+    return x * jnp.reshape(t, (1,) * x.ndim)
+
+
+def _both(t, x):
+    return x * jnp.broadcast_to(jnp.asarray(t)[..., None], x.shape)
+
+
+_FIELD_ENTRIES = {
+    "sample.ode": lambda v, x0: sample.ode(v, x0, solver="euler", steps=2),
+    "sample.sde": lambda v, x0: sample.sde(
+        v, schedules.linear(), x0, key=jax.random.key(0), steps=3
+    ),  # fmt: skip
+    "sample.sde(score=)": lambda v, x0: sample.sde(
+        _both, schedules.linear(), x0, key=jax.random.key(0), steps=3, score=v
+    ),
+    "likelihood.log_likelihood": lambda v, x0: likelihood.log_likelihood(
+        v, x0, solver="euler", steps=2
+    ),
+    "likelihood.autodiff_divergence": lambda v, x0: likelihood.autodiff_divergence(v, 0.5, x0),
+    "metrics.velocity_error": lambda v, x0: fmjax.metrics.velocity_error(
+        v, COUPLING, COSINE, jnp.array([0.5]), 4, key=jax.random.key(0)
+    ),  # fmt: skip
+    "metrics.velocity_error(reference=)": lambda v, x0: fmjax.metrics.velocity_error(
+        _both, COUPLING, COSINE, jnp.array([0.5]), 4, key=jax.random.key(0), reference=v
+    ),
+    "evaluate": lambda v, x0: fmjax.evaluate(v, "demo_2d", key=jax.random.key(0), n=8),
+}
+
+
+@pytest.mark.parametrize("entry", list(_FIELD_ENTRIES))
+def test_every_entry_point_checks_both_time_forms_of_a_field(entry):
+    """A field must take t a scalar and t of shape x.shape[:-1] (the samplers call the first,
+    the losses the second). A field that takes only one form is refused at entry, naming the
+    argument and the form that failed, not with a raw IndexError from inside a solver. The
+    control: a field taking both forms passes the same check (``_solve.check_field``)."""
+    run = _FIELD_ENTRIES[entry]
+    x0 = jax.random.normal(jax.random.key(1), (5, 2))
+    name = "reference" if "reference" in entry else "score" if "score" in entry else "velocity"
+    with pytest.raises(TypeError, match=f"`{name}`.*with a scalar t .*raised"):
+        run(_per_point_only, x0)
+    with pytest.raises(TypeError, match=rf"`{name}`.*with t of shape \(.*\) .*raised"):
+        run(_scalar_only, x0)
+    fmjax._solve.check_field("test", name, _both, x0)  # the control passes the check

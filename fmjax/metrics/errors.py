@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from fmjax import _checks, data, exact
+from fmjax import _checks, _solve, data, exact
 from fmjax._typing import Velocity
 from fmjax.mixtures import JointGaussianMixture
 from fmjax.schedules import Schedule
@@ -67,6 +67,9 @@ def velocity_error(
         reference = functools.partial(exact.velocity, coupling, schedule)
     _checks.check_callable(fn, "reference", reference, "None or a velocity field (t, x)")
     ts = _times(fn, ts, schedule, joint.means.dtype)
+    points = jax.ShapeDtypeStruct((n, joint.dim), joint.means.dtype)
+    _solve.check_field(fn, "velocity", velocity, points)
+    _solve.check_field(fn, "reference", reference, points)
 
     def at(k, t):
         xt = data.sample_path(k, joint, schedule, n, t=t).xt

@@ -91,6 +91,7 @@ def ode(
     fn = "sample.ode"
     _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
     x0 = _solve.check_x(fn, x0)
+    _solve.check_field(fn, "velocity", velocity, x0)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
     t0, t1 = _solve.resolve_times(fn, t0, t1, schedule)
     out = _solve.solve(

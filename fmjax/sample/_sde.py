@@ -325,6 +325,7 @@ def sde(
     _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
     _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
     x0 = _solve.check_x(fn, x0)
+    _solve.check_field(fn, "velocity", velocity, x0)
     key = _checks.check_key(fn, "key", key)
     name = _checks.check_choice(fn, "solver", solver, tuple(SDE_SOLVERS))
     steps = _checks.check_int(fn, "steps", steps)
@@ -333,7 +334,7 @@ def sde(
     if score is None:
         _check_derived_score(fn, schedule, velocity, time)
     else:
-        _checks.check_callable(fn, "score", score, "None or a callable (t, x) -> (..., d)")
+        _solve.check_field(fn, "score", score, x0)
         score = _solve.as_pytree(score)
     velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
     if time == "reversed":
