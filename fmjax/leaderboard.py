@@ -28,6 +28,8 @@ __all__ = ["LEADERBOARD_PROBLEMS", "leaderboard", "add_parser", "run"]
 #: Problems of ``leaderboard`` by default (quick: without the 256-D one).
 LEADERBOARD_PROBLEMS = ("gmm_1d", "demo_2d", "gmm_2d_joint", "eight_gaussians", "two_modes_3d",
                         "digits_gmm", "gmm_256")  # fmt: skip
+#: ``fmjax evaluate --all --quick``: the settings of ``leaderboard`` (CI; see ``add_parser``).
+_QUICK = dict(steps=300, n=300, width=64, channels=8)
 _COLUMNS = ("problem", "model", "relative_velocity_error", "excess_loss", "nll_gap", "energy",
             "energy_noise", "nfe_to_accuracy")  # fmt: skip
 
@@ -190,7 +192,7 @@ def _run_all(args) -> int:
     kw = dict(steps=args.steps, n=args.n, seed=args.seed, out=args.out)
     if args.quick:
         names = names if args.problem else LEADERBOARD_PROBLEMS[:-1]
-        kw.update(steps=300, n=300, width=64, channels=8)
+        kw.update(_QUICK)
     try:
         for name in names:
             _checks.check_choice("cli", "--problem", name, problems.names())

@@ -192,8 +192,13 @@ _KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 class _ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> Conv3x3, + Dense(time/class embedding), GroupNorm -> SiLU -> Conv3x3,
-    plus a (1x1-projected) skip."""
+    """Residual block with scale-shift conditioning (DDPM / ADM, BigGAN-style):
+    GroupNorm -> SiLU -> Conv3x3; (scale, shift) = Dense(2 channels)(SiLU(embedding));
+    GroupNorm * (1 + scale) + shift -> SiLU -> Conv3x3; plus a (1x1-projected) skip.
+
+    The embedding modulates the normalised features: added before the GroupNorm instead, a
+    per-channel shift is removed by the normalisation whenever a group holds one channel.
+    """
 
     channels: int
     groups: int
@@ -205,8 +210,10 @@ class _ResBlock(nn.Module):
         kw = dict(param_dtype=self.param_dtype, precision=self.precision, kernel_init=_KERNEL_INIT)
         r = nn.silu(nn.GroupNorm(self._groups(h.shape[-1]), param_dtype=self.param_dtype)(h))
         r = nn.Conv(self.channels, (3, 3), **kw)(r)
-        r = r + nn.Dense(self.channels, **kw)(nn.silu(emb))[:, None, None, :]
-        r = nn.silu(nn.GroupNorm(self._groups(self.channels), param_dtype=self.param_dtype)(r))
+        mod = nn.Dense(2 * self.channels, **kw)(nn.silu(emb))[:, None, None, :]
+        scale, shift = jnp.split(mod, 2, axis=-1)
+        r = nn.GroupNorm(self._groups(self.channels), param_dtype=self.param_dtype)(r)
+        r = nn.silu(r * (1.0 + scale) + shift)
         r = nn.Conv(self.channels, (3, 3), **kw)(r)
         if h.shape[-1] != self.channels:
             h = nn.Conv(self.channels, (1, 1), **kw)(h)
@@ -223,10 +230,12 @@ class UNet(nn.Module):
     level i, ``num_res_blocks`` residual blocks of ``channels * channel_mults[i]`` channels,
     then a stride-2 Conv (except at the last level); two middle blocks; the mirror path with
     skip connections (concatenated) and nearest-neighbour upsampling + Conv; GroupNorm, SiLU,
-    Conv3x3 to C. Every residual block adds a projection of the embedding: sinusoidal time
-    features -> Dense(4 channels) -> SiLU -> Dense(4 channels), plus a learned class embedding
-    when ``num_classes`` is set. H and W must be divisible by 2^(L-1); the 8x8 digits take
-    ``channel_mults=(1, 2)`` (8x8 and 4x4) or ``(1, 2, 2)``.
+    Conv3x3 to C. The embedding is sinusoidal time features -> Dense(4 channels) -> SiLU ->
+    Dense(4 channels), plus a learned class embedding when ``num_classes`` is set; every
+    residual block maps it by Dense to a per-channel (scale, shift) applied after its second
+    GroupNorm, ``norm(h) * (1 + scale) + shift`` (the scale-shift norm of DDPM / ADM), so t and
+    y reach the output whatever the number of channels per group. H and W must be divisible by
+    2^(L-1); the 8x8 digits take ``channel_mults=(1, 2)`` (8x8 and 4x4) or ``(1, 2, 2)``.
 
     Attributes:
         image_shape: (H, W, C) of one image; x has H*W*C features (``dim``), row-major, i.e.
@@ -342,7 +351,8 @@ def init(model: nn.Module, *, key: PRNGKeyArray, dim: int | None = None) -> PyTr
 
     An ``MLP`` (or any other module) gets Flax's own initialisers (``model.init``). A ``UNet``
     gets the same LeCun-normal scale from one random draw: kernels N(0, 1 / fan_in) (fan_in =
-    the product of all but the last axis), class embeddings N(0, 1), biases 0 and GroupNorm
+    the product of all but the last axis; the residual blocks' scale-shift Dense included, so t
+    and y change the output from the start), class embeddings N(0, 1), biases 0 and GroupNorm
     scales 1. (Flax's per-layer initialisers take ~30 s to compile for the UNet on a CPU; this
     takes ~1 s.)
 

@@ -1,6 +1,8 @@
-"""Velocity MLP: shapes, broadcasting of t, the Meta 2-D config, a hand-written reference."""
+"""Models: MLP shapes, broadcasting of t, the Meta 2-D config, a hand-written reference; the
+UNet; every shipped configuration responds to t, x and y."""
 
 import functools
+import importlib
 import math
 
 import chex
@@ -8,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from fmjax import models
 
@@ -249,3 +252,191 @@ def test_unet_invalid_settings_raise(kwargs, error, match):
     model = models.UNet(**kwargs)
     with pytest.raises(error, match=match):
         jax.eval_shape(model.init, jax.random.key(0), 0.0, jnp.zeros((1, model.dim)))
+
+
+# ----------------------------------------------------------------------------- every shipped
+# configuration sees its inputs: changing t (0.1 -> 0.9), x (another draw) and, for a
+# class-conditional model, y (a class -> another, a class -> the null class) changes the output
+# at initialisation by more than 1 % of its norm. The check is about the architecture, so the
+# parameters are random (models.init).
+
+_RESPONSE = 0.01  # |f(changed) - f| / |f|
+
+
+def _experiment_models() -> dict[str, nn.Module]:
+    """Every network each registered experiment trains, at its default and quick settings
+    (through the experiment's own ``_models(config)``: a new experiment or preset is covered)."""
+    from fmjax.experiments import registry
+
+    out = {}
+    for name, fn in registry.EXPERIMENTS.items():
+        builder = importlib.import_module(fn.__module__)._models
+        cls = registry.CONFIGS[name]
+        for preset, cfg in (("default", cls()), ("quick", cls.quick())):
+            out.update({f"{name} ({preset}): {k}": m for k, m in builder(cfg).items()})
+    return out
+
+
+def _train_models() -> dict[str, nn.Module]:
+    """``fmjax train`` (``experiments.train_model``): default and quick, both time embeddings."""
+    tm = importlib.import_module("fmjax.experiments.train_model")
+    out = {}
+    for preset, make in (("default", tm.TrainConfig), ("quick", tm.TrainConfig.quick)):
+        for emb in ("raw", "fourier"):
+            out[f"fmjax train ({preset}, {emb})"] = tm._model(make(time_embedding=emb))
+    return out
+
+
+def _leaderboard_models() -> dict[str, nn.Module]:
+    """``fmjax evaluate --all`` with and without ``--quick``: the built-in models per problem."""
+    import inspect
+    from types import SimpleNamespace
+
+    from fmjax import leaderboard, problems
+
+    defaults = inspect.signature(leaderboard.leaderboard).parameters
+    full = {k: defaults[k].default for k in ("width", "channels")}
+    quick = {k: leaderboard._QUICK[k] for k in ("width", "channels")}
+    out = {}
+    for name in leaderboard.LEADERBOARD_PROBLEMS:
+        # the models need only d and the image shape: the problem's shapes (eval_shape), not
+        # its build (gmm_256 validates 64 covariances of 256 x 256; digits_gmm runs EM)
+        builder, _, image_shape = problems._REGISTRY[name]
+        if image_shape is None:
+            dim = jax.eval_shape(lambda b=builder: b(jnp.float32)).dim
+        else:
+            dim = math.prod(image_shape)  # flattened images
+        problem = SimpleNamespace(dim=dim, image_shape=image_shape)
+        for preset, kw in (("full", full), ("quick", quick)):
+            built = leaderboard._builtin_models(problem, **kw)
+            out.update({f"leaderboard ({preset}) {name}: {k}": m for k, m in built.items()})
+    return out
+
+
+def _builtin_models() -> dict[str, nn.Module]:
+    """The classes' own defaults, and class-conditional UNets: the default one and the smallest
+    shipped one (quick digits: 8 channels, one level, one channel per GroupNorm group)."""
+    digits = importlib.import_module("fmjax.experiments.digits")  # the module, not the function
+    quick_unet = digits._models(digits.DigitsConfig.quick())["UNet"]
+    return {
+        "MLP defaults": models.MLP(dim=2),
+        "UNet defaults": models.UNet(),
+        "UNet defaults, num_classes=10": models.UNet(num_classes=10),
+        "quick digits UNet, num_classes=10": quick_unet.clone(num_classes=10),
+    }
+
+
+SHIPPED = {
+    "experiments": _experiment_models,
+    "fmjax train": _train_models,
+    "leaderboard": _leaderboard_models,
+    "built-in": _builtin_models,
+}
+
+
+def _rel(a, b) -> float:
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _responses(found: list[nn.Module]) -> list[dict[str, float]]:
+    """Relative output change when t, x or y changes, per model, for randomly initialised params
+    (models.init). One compiled call for all of them: separate calls cost ~1.5x the compile
+    time (mostly Flax's truncated-normal init)."""
+    inputs = []
+    for model in found:
+        x, x_other = jax.random.normal(jax.random.key(1), (2, 16, model.dim))
+        xs = jnp.stack([x, x, x_other, x, x])
+        ts = jnp.array([0.1, 0.9, 0.1, 0.1, 0.1])[:, None]
+        if getattr(model, "num_classes", None) is None:
+            inputs.append((ts[:3], xs[:3], None))
+        else:  # class 3 in rows 0-2, class 4 in row 3, the null class (num_classes) in row 4
+            inputs.append((ts, xs, jnp.array([3, 3, 3, 4, model.num_classes])[:, None]))
+
+    @jax.jit
+    def outputs(key):
+        outs = []
+        for model, (ts, xs, ys) in zip(found, inputs, strict=True):
+            params = models.init(model, key=key)
+            y = {} if ys is None else {"y": ys}
+            outs.append(model.apply(params, ts, xs, **y))
+        return outs
+
+    rows = []
+    for out in outputs(jax.random.key(0)):
+        r = {"t": _rel(out[1], out[0]), "x": _rel(out[2], out[0])}
+        if out.shape[0] == 5:
+            r.update(y=_rel(out[3], out[0]), y_null=_rel(out[4], out[0]))
+        rows.append(r)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shipped_responses():
+    """{source: {label: responses}} for every shipped model (each architecture computed once)."""
+    found = {source: build() for source, build in SHIPPED.items()}
+    unique = list(dict.fromkeys(m for labelled in found.values() for m in labelled.values()))
+    by_model = dict(zip(unique, _responses(unique), strict=True))
+    return {src: {k: by_model[m] for k, m in labelled.items()} for src, labelled in found.items()}
+
+
+@pytest.mark.parametrize("source", sorted(SHIPPED))
+def test_every_shipped_model_sees_its_inputs(shipped_responses, source):
+    found = shipped_responses[source]
+    assert found, source
+    deaf = {k: r for k, r in found.items() if min(r.values()) <= _RESPONSE}
+    assert not deaf, f"outputs change by <= {_RESPONSE:.0%} when an input changes: {deaf}"
+
+
+def test_shipped_models_include_every_preset():
+    # The collection is not silently empty: both digits UNets, the leaderboard UNets, every
+    # registered experiment at both presets.
+    from fmjax.experiments import registry
+
+    labels = " | ".join(_experiment_models())
+    for name in registry.EXPERIMENTS:
+        assert f"{name} (default)" in labels and f"{name} (quick)" in labels
+    unets = [m for m in _experiment_models().values() if isinstance(m, models.UNet)]
+    shapes = {(m.channels, m.channel_mults) for m in unets}
+    assert {(8, (1,)), (32, (1, 2))} <= shapes
+
+
+class _AdditiveBlock(nn.Module):
+    """Control only: the residual block before scale-shift conditioning, where the embedding
+    was added per channel just before the second GroupNorm."""
+
+    channels: int
+    groups: int
+    param_dtype: jnp.dtype
+    precision: str | None
+
+    @nn.compact
+    def __call__(self, h, emb):
+        kw = dict(param_dtype=self.param_dtype, precision=self.precision)
+        groups = math.gcd(self.groups, self.channels)
+        r = nn.silu(nn.GroupNorm(math.gcd(self.groups, h.shape[-1]))(h))
+        r = nn.Conv(self.channels, (3, 3), **kw)(r)
+        r = r + nn.Dense(self.channels, **kw)(nn.silu(emb))[:, None, None, :]
+        r = nn.silu(nn.GroupNorm(groups)(r))
+        r = nn.Conv(self.channels, (3, 3), **kw)(r)
+        if h.shape[-1] != self.channels:
+            h = nn.Conv(self.channels, (1, 1), **kw)(h)
+        return h + r
+
+
+class _AdditiveUNet(models.UNet):
+    """Control only: a UNet class of its own (its compiled calls are never shared with
+    ``models.UNet``'s), built with ``_AdditiveBlock`` while ``models._ResBlock`` is patched."""
+
+
+def test_control_additive_conditioning_is_blind_with_one_channel_per_group(monkeypatch):
+    # The old design on the quick digits UNet (8 channels, 8 groups): GroupNorm removes a
+    # per-channel shift, so t and y change the output by ~1e-6 relative (float32 round-off)
+    # and the check above fails; x still matters.
+    monkeypatch.setattr(models, "_ResBlock", _AdditiveBlock)
+    one_per_group = _AdditiveUNet(channels=8, channel_mults=(1,), embedding_dim=16, num_classes=10)
+    # the same block with two channels per group does see t (the check is not too strict)
+    two_per_group = _AdditiveUNet(channels=16, groups=8, channel_mults=(1,), embedding_dim=16)
+    r, r2 = _responses([one_per_group, two_per_group])
+    assert r["x"] > _RESPONSE
+    assert max(r["t"], r["y"], r["y_null"]) < 1e-4, r
+    assert min(r2.values()) > _RESPONSE, r2

@@ -81,6 +81,11 @@ def _check_sizes(sizes) -> None:
         _checks.fail(_FN, "config.batch_sizes", "increasing multiples of the first", sizes)
 
 
+def _models(cfg: CFMConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: an MLP on the 2-D demo problem."""
+    return {"MLP": _mlp(2, cfg.width, cfg.depth)}
+
+
 def _start_params(model, coupling, s, cfg: CFMConfig, key, progress: bool):
     """Parameters after ``pretrain_steps`` of CFM (a fresh initialisation if 0)."""
     if not cfg.pretrain_steps:
@@ -158,7 +163,7 @@ def cfm_equals_fm(
     out = _outdir(out)
     k_train, k_ref, k_ref2, k_rep = jax.random.split(jax.random.key(cfg.seed), 4)
     coupling, s = demo_problem()
-    model = _mlp(2, cfg.width, cfg.depth)
+    model = _models(cfg)["MLP"]
     params = _start_params(model, coupling, s, cfg, k_train, progress)
     n_ref = cfg.n_reference
     g_ref = _batch_grad(losses.marginal_fm(model.apply, coupling, s, n_ref), params, k_ref)

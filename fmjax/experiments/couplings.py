@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, couplings, data, exact, losses, metrics, plot, schedules
+from fmjax import _checks, couplings, data, exact, losses, metrics, models, plot, schedules
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
@@ -216,6 +216,16 @@ def _minibatch_cost(p0, p1, batch_size: int, key, repeats: int = 4) -> float:
     return float(np.mean(costs))
 
 
+def _model(cfg: CouplingsConfig, dim: int) -> models.MLP:
+    return _mlp(dim, cfg.width, cfg.depth)
+
+
+def _models(cfg: CouplingsConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: an MLP per problem in ``learned_problems``."""
+    shapes = jax.eval_shape(coupling_problems, cfg.seed)  # only d is needed: no mixture fits
+    return {f"MLP ({p})": _model(cfg, shapes[p][0].dim) for p in cfg.learned_problems}
+
+
 def _learned(p0, p1, mot, cfg: CouplingsConfig, key, progress: bool) -> dict:
     """OT-CFM at each batch size: E|v - u_mot|^2 on mixture_ot's p_t (mean over t), the
     minibatch pair cost, and the independent exact field's distance to u_mot for scale."""
@@ -238,7 +248,7 @@ def _learned(p0, p1, mot, cfg: CouplingsConfig, key, progress: bool) -> dict:
         "large_batch_pair_cost": _minibatch_cost(p0, p1, cfg.n_large_batch, k_cost, repeats=2),
     }
     for b in cfg.batch_sizes:
-        model = _mlp(p0.dim, cfg.width, cfg.depth)
+        model = _model(cfg, p0.dim)
         fit = _train(model, losses.cfm(model.apply, ot, linear, b), k_train, cfg.steps,
                      cfg.learning_rate, progress)  # fmt: skip
         err = _velocity_errors(model, fit.params, mot.coupling, linear, k_err, ts, cfg.n_samples)
@@ -246,7 +256,7 @@ def _learned(p0, p1, mot, cfg: CouplingsConfig, key, progress: bool) -> dict:
         out["pair_cost"].append(_minibatch_cost(p0, p1, b, k_cost))
     # Control: the same network and budget trained on pairs of the mixture_ot coupling itself
     # (largest batch size): its error is what training alone leaves.
-    model = _mlp(p0.dim, cfg.width, cfg.depth)
+    model = _model(cfg, p0.dim)
     b = max(cfg.batch_sizes)
     fit = _train(model, losses.cfm(model.apply, mot.coupling.sample, linear, b), k_train,
                  cfg.steps, cfg.learning_rate, progress)  # fmt: skip

@@ -98,10 +98,15 @@ class _Trained(NamedTuple):
     floor: float
 
 
+def _models(cfg: DemoConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: an MLP on the 2-D demo problem."""
+    return {"MLP": _mlp(2, cfg.width, cfg.depth)}
+
+
 def _train_model(coupling, s, cfg: DemoConfig, keys: _Keys, progress: bool) -> _Trained:
     """CFM training; the loss floor is computed on the draw of the held-out loss (same key, n),
     so the exact row's held-out loss equals the floor up to float round-off."""
-    model = _mlp(2, cfg.width, cfg.depth)
+    model = _models(cfg)["MLP"]
     loss_fn = losses.cfm(model.apply, coupling.sample, s, cfg.batch_size)
     with _phase(f"exact CFM loss floor ({cfg.n_eval} points)", progress):
         floor = _f(losses.loss_floor(coupling, s, cfg.n_eval, key=keys.eval).mean)

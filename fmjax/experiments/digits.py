@@ -99,6 +99,7 @@ class DigitsConfig(_Config):
 
 
 def _models(cfg: DigitsConfig) -> dict:
+    """The networks this experiment trains, by label (the same two in both parts)."""
     return {
         "MLP": models.MLP(dim=_DIM, width=cfg.mlp_width, depth=cfg.mlp_depth),
         "UNet": models.UNet(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import convert, losses, plot, sample, schedules
+from fmjax import convert, losses, models, plot, sample, schedules
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
@@ -110,10 +110,15 @@ def _first_time(ts, frac, level) -> float | None:
     return float(ts[hit[0]]) if hit.size else None
 
 
+def _models(cfg: FlowsScoresConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: a Fourier-time MLP on the 3-D problem."""
+    kw = dict(n_frequencies=cfg.n_frequencies, max_frequency=cfg.max_frequency)
+    return {"MLP": _mlp(3, cfg.width, cfg.depth, time_embedding="fourier", **kw)}
+
+
 def _fields(coupling, s, cfg: FlowsScoresConfig, key, progress: bool) -> dict:
     """The learned velocity (Fourier-time MLP trained by CFM) and the exact one."""
-    model = _mlp(3, cfg.width, cfg.depth, time_embedding="fourier",
-                 n_frequencies=cfg.n_frequencies, max_frequency=cfg.max_frequency)  # fmt: skip
+    model = _models(cfg)["MLP"]
     loss_fn = losses.cfm(model.apply, coupling.sample, s, cfg.batch_size)
     fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress)
     return {

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, exact, losses, plot, problems, sample, schedules
+from fmjax import _checks, exact, losses, models, plot, problems, sample, schedules
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
@@ -126,6 +126,11 @@ def _exact_paths(problems: dict, scheds: dict, cfg: GMMConfig, key, out: Path):
     return nfe, energy, plot.save(fig, out / "trajectories.png")
 
 
+def _models(cfg: GMMConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: one 2-D MLP (per coupling in ``trained``)."""
+    return {"MLP": _mlp(2, cfg.width, cfg.depth)}
+
+
 def _learned_errors(problems: dict, s, cfg: GMMConfig, key, progress: bool, out: Path) -> dict:
     """Train one MLP per coupling in ``cfg.trained``; E|v - u|^2 over t vs the zero field."""
     k_train, k_err = jax.random.split(key)
@@ -133,7 +138,7 @@ def _learned_errors(problems: dict, s, cfg: GMMConfig, key, progress: bool, out:
     curves, vel_err, zero_err = {}, {}, {}
     for cname in cfg.trained:
         c = problems[cname]
-        model = _mlp(2, cfg.width, cfg.depth)
+        model = _models(cfg)["MLP"]
         loss_fn = losses.cfm(model.apply, c.sample, s, cfg.batch_size)
         fit = _train(model, loss_fn, k_train, cfg.steps, cfg.learning_rate, progress)
         err = _velocity_errors(model, fit.params, c, s, k_err, jnp.asarray(ts), 1000)

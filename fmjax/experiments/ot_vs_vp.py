@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fmjax import _checks, data, losses, plot, sample, schedules
+from fmjax import _checks, data, losses, models, plot, sample, schedules
 from fmjax.experiments._common import (
     ExperimentResult,
     _Config,
@@ -58,9 +58,14 @@ DATASETS: dict[str, Callable] = {
 _PANEL_TS = (0.1, 0.5, 0.7, 0.9, 0.95, 0.97, 1.0)
 
 
+def _models(cfg: OTvsVPConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: a raw-time 2-D MLP (one per path)."""
+    return {"MLP": _mlp(2, cfg.width, cfg.depth, time_embedding="raw")}
+
+
 def _train_path(sampler, s, cfg: OTvsVPConfig, key, progress: bool):
     """An MLP trained by CFM from N(0, I) to ``sampler`` on the path of schedule ``s``."""
-    model = _mlp(2, cfg.width, cfg.depth, time_embedding="raw")
+    model = _models(cfg)["MLP"]
     pairs = data.independent_pairs(data.gaussian_source(2), sampler)
     loss_fn = losses.cfm(model.apply, pairs, s, cfg.batch_size)
     fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress)

@@ -131,9 +131,18 @@ class _Learned:
         )
 
 
+def _model(cfg: SIConfig, dim: int) -> models.MLP:
+    return _mlp(dim, cfg.width, cfg.depth)
+
+
+def _models(cfg: SIConfig) -> dict[str, models.MLP]:
+    """The networks this experiment trains, by label: the drift / score MLP of each problem."""
+    return {f"MLP ({name})": _model(cfg, c.dim) for name, c in si_problems().items()}
+
+
 def _train_pair(c, s, cfg: SIConfig, key, progress: bool) -> tuple[_Learned, dict]:
     """Drift and score MLPs trained together (one compiled loop): the sum of the two losses."""
-    model = _mlp(c.dim, cfg.width, cfg.depth)
+    model = _model(cfg, c.dim)
     kw = dict(time_sampler=losses.uniform_eps_time(1e-3))
     parts = {
         t: losses.cfm(model.apply, c.sample, s, cfg.batch_size, target=t, **kw)
