@@ -238,28 +238,6 @@ def _map(c: JointGaussianMixture) -> _Map:
     return _Map(log_w, m0, m1, q0, q1, q, g, lam)
 
 
-def _is_map(c: JointGaussianMixture) -> bool | None:
-    """Whether every component is x1 = m1 + A (x0 - m0) with A symmetric positive-definite:
-    A = S10 S00^{-1} symmetric and S11 = A S00 A, to max(1e-10, 1e3 eps) relative (float64
-    check on the concrete covariances); ``None`` for a traced coupling."""
-    if isinstance(c.covs, jax.core.Tracer):
-        return None
-    covs = np.asarray(c.covs, np.float64)
-    d = c.dim
-    s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
-    if not np.any(s10):
-        return False
-    a = np.swapaxes(np.linalg.solve(s00, np.swapaxes(s10, -1, -2)), -1, -2)
-    tol = max(1e-10, 1e3 * float(np.finfo(c.covs.dtype).eps))
-    scale = np.max(np.abs(a), axis=(-2, -1))
-    if np.any(np.max(np.abs(a - np.swapaxes(a, -1, -2)), axis=(-2, -1)) > tol * scale):
-        return False
-    resid = s11 - a @ s00 @ np.swapaxes(a, -1, -2)
-    if np.any(np.max(np.abs(resid), axis=(-2, -1)) > tol * np.max(np.abs(s11), axis=(-2, -1))):
-        return False
-    return bool(np.min(np.linalg.eigvalsh(0.5 * (a + np.swapaxes(a, -1, -2)))) > 0)
-
-
 def _pad_map(f: _Map, k_pad: int) -> _Map:
     """Zero-weight padding components (log-weight -inf, identity factors)."""
     k, d = f.m0.shape

@@ -134,7 +134,8 @@ def _joint(weights, m0, s0, m1, s1, cross, exact_ot: bool) -> JointGaussianMixtu
     bottom = jnp.concatenate([_t(cross), s1], axis=-1)
     covs = jnp.concatenate([top, bottom], axis=-2)
     means = jnp.concatenate([m0, m1], axis=-1)
-    return JointGaussianMixture._from_leaves(weights, means, covs)
+    structure = "map" if exact_ot else "general"  # each component x1 = m1 + A (x0 - m0)
+    return JointGaussianMixture._from_leaves(weights, means, covs, structure=structure)
 
 
 # ----------------------------------------------------------------------------- checks

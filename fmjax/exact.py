@@ -73,7 +73,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from fmjax import _checks, _kernels, _lowdim, _pencil
 from fmjax._typing import Precision
-from fmjax.mixtures import GaussianMixture, JointGaussianMixture
+from fmjax.mixtures import GaussianMixture, JointGaussianMixture, structure_of
 from fmjax.schedules import Schedule
 
 __all__ = [
@@ -153,15 +153,6 @@ class PreparedCoupling:
         return self.coupling.n_components
 
 
-def _is_independent(c: JointGaussianMixture) -> bool | None:
-    """Whether every component has S01 = S10 = 0; ``None`` for a traced coupling."""
-    if isinstance(c.covs, jax.core.Tracer):
-        return None
-    covs = np.asarray(c.covs)
-    d = c.dim
-    return bool(not np.any(covs[:, :d, d:]) and not np.any(covs[:, d:, :d]))
-
-
 def prepare(
     coupling: JointGaussianMixture,
     *,
@@ -209,8 +200,9 @@ def prepare(
     for name, flag in {**flags, "deterministic": deterministic}.items():
         if flag is not None and not isinstance(flag, bool):
             _checks.fail("exact.prepare", name, "None, True or False", flag, TypeError)
+    structure = _structure(coupling)
     if independent is None:
-        independent = bool(_is_independent(coupling))
+        independent = structure == "independent"
     factors = _pencil._pencil_jit(coupling) if independent else None
     if factors is None:
         noise_diagonal = False
@@ -219,10 +211,18 @@ def prepare(
     if independent:
         deterministic = False
     elif deterministic is None:
-        deterministic = bool(_pencil._is_map(coupling))
+        deterministic = structure == "map"
     if deterministic:
         factors = _pencil._map_jit(coupling)
     return PreparedCoupling(coupling, factors, independent, noise_diagonal, bool(deterministic))
+
+
+def _structure(c: JointGaussianMixture) -> str:
+    """The declared structure; a "general" concrete coupling is read off its numbers (``prepare``
+    is the one place that looks; a traced one stays "general")."""
+    if c.structure != "general" or not _checks.is_concrete(c.covs):
+        return c.structure
+    return structure_of(np.asarray(c.covs), c.dim)
 
 
 def _check_inputs(fn: str, c, sched, t, x):
@@ -257,10 +257,12 @@ def _unwrap(fn: str, c, sched: Schedule | None = None):
 def _run(fn, want: frozenset, c, sched, t, x, precision):
     """Validate, flatten the batch, and evaluate ``want`` on the points x (N, d).
 
-    Paths: time-free factors (a ``PreparedCoupling`` of an independent coupling, or a concrete
-    independent coupling with one t per point, factored here; with a noisy schedule only where
-    V^T V is diagonal); else with one t the per-time Cholesky factors once for all points;
-    else per point, vmapped.
+    Paths: with one t and d <= 8 the low-dimension kernel; time-free factors (a
+    ``PreparedCoupling``, or a coupling whose static ``structure`` is "independent" or "map"
+    with one t per point, factored here; with a noisy schedule only where V^T V is diagonal);
+    else with one t the per-time Cholesky factors once for all points; else per point
+    (vectorised small-d factors, or vmapped). The structure is pytree metadata, never read off
+    the numbers here: eager, closed over and jit-argument calls take the same kernel.
     """
     _checks.check_precision(f"exact.{fn}", "precision", precision)
     prepared = isinstance(c, PreparedCoupling)
@@ -272,11 +274,13 @@ def _run(fn, want: frozenset, c, sched, t, x, precision):
     d = c.dim
     batch = jnp.broadcast_shapes(t.shape, x.shape[:-1])
     xf = jnp.broadcast_to(x, batch + (d,)).reshape(-1, d)
-    if not prepared and t.size > 1 and _is_independent(c):
+    # The structure is static metadata of the coupling (never read off the numbers here), so an
+    # eager call, a closure under jit and a jit argument take the same kernel.
+    if not prepared and t.size > 1 and c.structure == "independent":
         factors = _pencil._pencil_jit(c)
         if sched.has_noise and not _pencil._gram_is_diagonal(factors):
             factors = None  # noise not diagonal in the pencil basis: per-time path
-    elif not prepared and t.size > 1 and not sched.has_noise and _pencil._is_map(c):
+    elif not prepared and t.size > 1 and not sched.has_noise and c.structure == "map":
         factors = _pencil._map_jit(c)
     resp = want == {"responsibilities"}
     if t.size == 1 and d <= _lowdim.MAX_D and want <= _lowdim.WANTS:

@@ -228,10 +228,10 @@ class _MixtureBase:
                     (jax.tree_util.GetAttrKey(f), getattr(m, f))
                     for f in ("weights", "means", "covs")
                 ),
-                None,
+                m._aux(),
             ),
-            lambda _, leaves: cls._from_leaves(*leaves),
-            flatten_func=lambda m: ((m.weights, m.means, m.covs), None),
+            lambda aux, leaves: cls._from_leaves(*leaves, **dict(aux)),
+            flatten_func=lambda m: ((m.weights, m.means, m.covs), m._aux()),
         )
 
     @classmethod
@@ -245,6 +245,11 @@ class _MixtureBase:
 
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _aux(self) -> tuple:
+        """Static pytree metadata, ``((name, value), ...)`` (hashable): what survives flatten /
+        unflatten, jit and vmap."""
+        return ()
 
     @property
     def n_components(self) -> int:
@@ -432,8 +437,20 @@ class GaussianMixture(_MixtureBase):
         )
 
 
+#: The structures a coupling may declare (``JointGaussianMixture(..., structure=...)``).
+STRUCTURES = ("general", "independent", "map")
+
+
 class JointGaussianMixture(_MixtureBase):
     """Mixture of K Gaussians on R^{2d} coupling X0 (first d coordinates) and X1 (last d).
+
+    Its ``structure`` is static pytree metadata, set where it is known: ``"independent"``
+    (S01 = S10 = 0 in every component; ``independent_coupling``), ``"map"`` (every component is
+    x1 = m1 + A (x0 - m0) with A symmetric positive-definite; ``couplings.gaussian_ot`` and
+    ``mixture_ot``) or ``"general"``. It survives flatten / unflatten, ``jit`` (closed over or as
+    an argument), ``vmap`` and stacking, and selects the kernel of ``fmjax.exact`` (a time-free
+    factorisation for the first two with one t per point): no structure is detected from the
+    numbers at call time, so the same coupling takes the same kernel however it is passed.
 
     Args:
         weights: (K,) mixture weights, >= 0, summing to 1.
@@ -445,32 +462,58 @@ class JointGaussianMixture(_MixtureBase):
             then does not exist (NaN), but sampling and every quantity of ``fmjax.exact`` do,
             wherever the path covariance S_t = b^2 S00 + a b (S01 + S10) + a^2 S11 (+ gamma^2 I)
             is positive definite; ``couplings.check_path`` checks that on a schedule's interval.
+        structure: ``"general"`` (default), ``"independent"`` or ``"map"`` (see above); a
+            declared structure is verified on the covariances here, once.
 
     Raises:
         TypeError, ValueError: as for ``GaussianMixture``, where the SPD and dtype checks apply
             to the blocks S00 and S11; ``ValueError`` if the joint dimension is odd, or a joint
             covariance is not symmetric or not positive semi-definite (Schur complement
-            S11 - S10 S00^{-1} S01 with an eigenvalue below -1e3 eps cond(S00) max|S11|).
+            S11 - S10 S00^{-1} S01 with an eigenvalue below -1e3 eps cond(S00) max|S11|), or
+            the covariances do not have the declared ``structure``.
 
     Warns:
         IllConditionedWarning: for a block S00 or S11 with condition number above
             ``cond_warn(dtype)``.
     """
 
-    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
-        w = _as_float("mixtures.JointGaussianMixture", weights, "weights")
-        m = _as_float("mixtures.JointGaussianMixture", means, "means")
-        c = _as_float("mixtures.JointGaussianMixture", covs, "covs")
-        _validate("mixtures.JointGaussianMixture", w, m, c, dim_name="2d", joint=True)
+    __slots__ = ("structure",)
+
+    def __init__(
+        self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike, *, structure: str = "general"
+    ):
+        fn = "mixtures.JointGaussianMixture"
+        _checks.check_choice(fn, "structure", structure, STRUCTURES)
+        w = _as_float(fn, weights, "weights")
+        m = _as_float(fn, means, "means")
+        c = _as_float(fn, covs, "covs")
+        _validate(fn, w, m, c, dim_name="2d", joint=True)
         if m.shape[1] % 2:
             raise ValueError(
                 f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}"
             )
+        if structure != "general" and _is_concrete(c):
+            found = structure_of(np.asarray(c), m.shape[1] // 2)
+            if found != structure:
+                _checks.fail(fn, "structure", f"the covariances' own ({found!r})", structure)
         dtype = jnp.result_type(w, m, c)
         object.__setattr__(self, "weights", w.astype(dtype))
         object.__setattr__(self, "means", m.astype(dtype))
         object.__setattr__(self, "covs", c.astype(dtype))
         object.__setattr__(self, "_factor", None)
+        object.__setattr__(self, "structure", structure)
+
+    @classmethod
+    def _from_leaves(cls, weights, means, covs, structure: str = "general"):
+        obj = super()._from_leaves(weights, means, covs)
+        object.__setattr__(obj, "structure", structure)
+        return obj
+
+    def _aux(self) -> tuple:
+        return (("structure", self.structure),)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", structure={self.structure!r})"
 
     @property
     def dim(self) -> int:
@@ -506,6 +549,31 @@ class JointGaussianMixture(_MixtureBase):
         return GaussianMixture._from_leaves(self.weights, m1, s11)
 
 
+def structure_of(covs: np.ndarray, dim: int) -> str:
+    """The structure of concrete joint covariances (K, 2d, 2d), read off the numbers.
+
+    "independent": S01 = S10 = 0 exactly. "map": A = S10 S00^{-1} symmetric positive-definite
+    and S11 = A S00 A^T, to max(1e-10, 1e3 eps) relative (a float64 check). Else "general".
+    Used once, where a structure is declared or ``exact.prepare`` is asked to look; never to
+    choose a kernel at call time.
+    """
+    tol = max(1e-10, 1e3 * float(np.finfo(covs.dtype).eps))
+    covs = np.asarray(covs, np.float64)
+    d = dim
+    s00, s10, s11 = covs[:, :d, :d], covs[:, d:, :d], covs[:, d:, d:]
+    if not np.any(covs[:, :d, d:]) and not np.any(s10):
+        return "independent"
+    a = np.swapaxes(np.linalg.solve(s00, np.swapaxes(s10, -1, -2)), -1, -2)
+    scale = np.max(np.abs(a), axis=(-2, -1))
+    if np.any(np.max(np.abs(a - np.swapaxes(a, -1, -2)), axis=(-2, -1)) > tol * scale):
+        return "general"
+    resid = s11 - a @ s00 @ np.swapaxes(a, -1, -2)
+    if np.any(np.max(np.abs(resid), axis=(-2, -1)) > tol * np.max(np.abs(s11), axis=(-2, -1))):
+        return "general"
+    spd = np.min(np.linalg.eigvalsh(0.5 * (a + np.swapaxes(a, -1, -2)))) > 0
+    return "map" if spd else "general"
+
+
 def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGaussianMixture:
     """Product coupling p0 x p1 as a joint mixture with K0 * K1 components.
 
@@ -534,7 +602,7 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     )
     # Products of valid weights and block-diagonal SPD matrices are valid: skip re-validation
     # (it would also fail under a trace-free but expensive eigen-decomposition for large K).
-    out = JointGaussianMixture._from_leaves(w, m, c)
+    out = JointGaussianMixture._from_leaves(w, m, c, structure="independent")
     if _is_concrete(p0.covs, p1.covs):
         # The sampling factor is block-diagonal in the two marginal factors: K0 + K1 Cholesky
         # factorisations of d x d instead of K0 K1 of 2d x 2d.

@@ -429,7 +429,7 @@ def _independent(key, k, d, dtype=None):
     m0, m1, s00, s01, s10, s11 = c.blocks()
     z = jnp.zeros_like(s01)
     covs = jnp.concatenate([jnp.concatenate([s00, z], -1), jnp.concatenate([z, s11], -1)], -2)
-    return fmjax.JointGaussianMixture(c.weights, c.means, covs)
+    return fmjax.JointGaussianMixture(c.weights, c.means, covs, structure="independent")
 
 
 _QS = ("velocity", "log_prob", "score", "divergence")
@@ -513,7 +513,7 @@ def test_cross_covariance_keeps_the_per_time_path(x64):
         .set(0.05 * jnp.eye(d))
     )
     c = fmjax.JointGaussianMixture(ind.weights, ind.means, ind.covs + cross)
-    assert exact._is_independent(ind) and not exact._is_independent(c)
+    assert ind.structure == "independent" and exact._structure(c) == "general"
     assert not exact.prepare(c).independent and exact.prepare(c).factors is None
     ts = jax.random.uniform(jax.random.key(0), (30,))
     x = jax.random.normal(jax.random.key(1), (30, d))
@@ -559,7 +559,11 @@ def test_prepared_coupling_through_jit_new_times_no_retrace(x64):
     # prepare under jit (independence declared: a traced coupling cannot be inspected).
     p2 = jax.jit(lambda c: exact.prepare(c, independent=True))(c)
     np.testing.assert_allclose(field(p2, ts, x), exact.velocity(c, sched, ts, x), rtol=1e-12)
-    assert not jax.jit(exact.prepare)(c).independent  # traced and undeclared: per-time path
+    # the declared structure survives the trace; a traced undeclared one cannot be inspected
+    assert jax.jit(exact.prepare)(c).independent
+    general = fmjax.JointGaussianMixture(c.weights, c.means, c.covs)
+    assert exact.prepare(general).independent  # concrete: prepare reads it off the numbers
+    assert not jax.jit(exact.prepare)(general).independent  # traced, undeclared: per-time path
     f = exact.velocity_field(prepared, sched)
     np.testing.assert_allclose(f(0.4, x), exact.velocity(c, sched, 0.4, x), rtol=1e-12)
     chex.assert_shape(exact.marginal(prepared, sched, 0.4).means, (3, 2))

@@ -333,3 +333,63 @@ def test_lowdim_time_free_kernel_float32_far_from_the_mass():
             errs = _errors(got, w[:3], _LOW)
             for q in _LOW:
                 assert errs[q] < TOL[q], (t, q, errs)
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def _kernel_spy(monkeypatch):
+    """Record the name of every top-level kernel ``exact._run`` calls (at trace time)."""
+    calls = []
+    for module, name in (
+        (_pencil, "_accumulate_free_jit"),
+        (_pencil, "_accumulate_map_jit"),
+        (_lowdim, "_accumulate_low_free_jit"),
+        (_kernels, "_accumulate_points_jit"),
+        (_kernels, "_accumulate_jit"),
+    ):
+        kernel = getattr(module, name)
+
+        def spy(*args, _kernel=kernel, _name=name, **kwargs):
+            calls.append(_name)
+            return _kernel(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("d", [2, 16])
+@pytest.mark.parametrize("structure", ["independent", "map", "general"])
+def test_structure_picks_one_kernel_however_the_coupling_is_passed(d, structure, monkeypatch):
+    """Issue 22: the structure is static pytree metadata, so an eager call, jit with the coupling
+    closed over and jit with it as an argument take the same kernel (one t per point). It once
+    took the per-point Cholesky path as a jit argument (46-53x slower). Control: the same
+    numbers declared "general" take another kernel than "independent" / "map"."""
+    p = fmjax.random_gaussian_mixture(jax.random.key(2), 3, d, mean_scale=2.0)
+    if structure == "map":
+        c = fmjax.couplings.mixture_ot(fmjax.standard_normal(d), p).coupling
+    else:
+        c = fmjax.independent_coupling(fmjax.standard_normal(d), p)
+        if structure == "general":
+            c = fmjax.JointGaussianMixture._from_leaves(c.weights, c.means, c.covs)
+    assert c.structure == structure
+    sched = schedules.cosine()
+    t = jnp.linspace(0.1, 0.9, 24)
+    x = jax.random.normal(jax.random.key(3), (24, d))
+    calls = _kernel_spy(monkeypatch)
+    kernels = []
+    for run in (
+        lambda: exact.velocity(c, sched, t, x),
+        lambda: jax.jit(lambda t, x: exact.velocity(c, sched, t, x))(t, x),
+        lambda: jax.jit(lambda c, t, x: exact.velocity(c, sched, t, x))(c, t, x),
+    ):
+        calls.clear()
+        jax.eval_shape(run)
+        kernels.append(tuple(calls))
+    assert len(set(kernels)) == 1, kernels
+    time_free = {"_accumulate_free_jit", "_accumulate_map_jit", "_accumulate_low_free_jit"}
+    assert bool(time_free & set(kernels[0])) == (structure != "general"), kernels[0]
+    # the mark survives flatten / unflatten and stacking (fit_many's batch of mixtures)
+    leaves, treedef = jax.tree.flatten(c)
+    assert jax.tree.unflatten(treedef, leaves).structure == structure
+    assert jax.tree.map(lambda *a: jnp.stack(a), c, c).structure == structure
