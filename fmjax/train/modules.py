@@ -138,21 +138,24 @@ def _describe_leaf(leaf: Any) -> str:
 def check_params(fn: str, name: str, params: PyTree) -> None:
     """``TypeError`` naming ``name`` unless every leaf is a floating (or complex) array or a
     Python float: integer, boolean, key and non-array leaves cannot be differentiated."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_module)[0]:
         dtype = getattr(leaf, "dtype", None)
         if isinstance(leaf, float) or (
             dtype is not None and jax.dtypes.issubdtype(dtype, np.inexact)
         ):
             continue
         if is_module(leaf):
-            what = f"a {type(leaf).__qualname__} module inside a pytree"
+            what = f"the {type(leaf).__qualname__} module inside a pytree"
             hint = "pass the module itself as `params`"
-        elif dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        elif dtype is not None and (
+            jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+            or jax.dtypes.issubdtype(dtype, np.unsignedinteger)
+        ):
             what = _describe_leaf(leaf)
-            hint = "pass an NNX module with RNG streams itself, not its nnx.state"
-        elif dtype is not None and np.issubdtype(dtype, np.unsignedinteger):
-            what = _describe_leaf(leaf)
-            hint = "a uint32 leaf is often a raw PRNG key or an NNX RNG count: pass the module"
+            hint = (
+                "a key or uint32 leaf is often an RNG stream of an nnx.state: pass the NNX "
+                "module itself"
+            )
         else:
             what = _describe_leaf(leaf)
             hint = "only floating-point leaves can be trained"

@@ -113,7 +113,8 @@ def _models(fn: str, config: FitConfig, params: PyTree, instances: PyTree) -> in
         _checks.fail(fn, name, "concrete arrays (call it outside jit/vmap)", "a tracer", TypeError)
     if not jax.tree.leaves(params):
         _checks.fail(fn, name, "a pytree with array leaves", params)
-    modules.check_params(fn, name, params)
+    if config.model is None:  # a module's parts are checked by its library
+        modules.check_params(fn, name, params)
     if not config.batched:
         return None
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params)}
