@@ -200,11 +200,14 @@ def _responds(velocity):
     return dt, dx
 
 
-@pytest.mark.parametrize("name", ["plain", "batch_norm", "dropout", "equinox"])
+@pytest.mark.parametrize("name", ["plain", "batch_norm", "dropout", "equinox", "small"])
 def test_every_module_responds_to_t_and_x(name, request):
-    res = request.getfixturevalue(name)
-    res = res[1] if name == "batch_norm" else res
-    model = res.params if name == "equinox" else _eval(res.params)
+    if name == "small":  # the short fits' configuration, as initialised
+        model = _eval(_small())
+    else:
+        res = request.getfixturevalue(name)
+        res = res[1] if name == "batch_norm" else res
+        model = res.params if name == "equinox" else _eval(res.params)
     dt, dx = _responds(model)
     assert dt > 0.01 and dx > 0.01, (dt, dx)
 

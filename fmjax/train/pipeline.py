@@ -31,7 +31,14 @@ from fmjax.train.checkpoint import Checkpointer, restore
 from fmjax.train.config import FitConfig, RunOptions
 from fmjax.train.fingerprint import fingerprint
 from fmjax.train.host import History, Progress, chunk_bounds
-from fmjax.train.step import State, init_state, make_chunk, output_structs
+from fmjax.train.step import (
+    State,
+    checkpointed,
+    from_checkpoint,
+    init_state,
+    make_chunk,
+    output_structs,
+)
 
 __all__ = ["FitResult", "fit", "fit_many"]
 
@@ -261,7 +268,7 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
             pending = None
             hist, host_state = history.as_dict(), jax.device_get(state)
             _check_finite(fn, host_state, hist, start=start, end=e, ckpt=ckpt)
-            ckpt.save(e, host_state, hist, run_fingerprint)
+            ckpt.save(e, checkpointed(host_state), hist, run_fingerprint)
         if stopping:
             break
     if pending is not None:
@@ -279,10 +286,11 @@ def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, 
     start)``."""
     start = 0
     if ckpt is not None:
-        state, restored, start = restore(
-            ckpt, state, history.target, steps=options.steps, resume=options.resume,
-            fingerprint=run_fingerprint, fn=fn,
+        saved, restored, start = restore(
+            ckpt, checkpointed(state), history.target, steps=options.steps,
+            resume=options.resume, fingerprint=run_fingerprint, fn=fn,
         )  # fmt: skip
+        state = from_checkpoint(saved)
         history.append(restored["loss"], restored.get("aux"))
     placement = _placement(config, state, instances, m)
     state, keys, instances = _place(placement, state, keys, instances)

@@ -14,7 +14,14 @@ from fmjax._typing import PyTree
 from fmjax.train import modules
 from fmjax.train.config import FitConfig
 
-__all__ = ["State", "init_state", "make_chunk", "output_structs"]
+__all__ = [
+    "State",
+    "checkpointed",
+    "from_checkpoint",
+    "init_state",
+    "make_chunk",
+    "output_structs",
+]
 
 
 class State(NamedTuple):
@@ -26,6 +33,26 @@ class State(NamedTuple):
     step: jax.Array  # int32 scalar: number of steps done
     # A module's carried variables (NNX batch statistics, ...): updated by the loss, not trained.
     model_state: PyTree = None
+
+
+class _Saved(NamedTuple):
+    """What a checkpoint holds for a state without module state: the four fields of the
+    ``State`` of earlier fmjax, so their checkpoints restore (orbax matches the structure)."""
+
+    params: PyTree
+    opt_state: PyTree
+    ema_params: PyTree
+    step: jax.Array
+
+
+def checkpointed(state: State) -> PyTree:
+    """The pytree a checkpoint of ``state`` holds (and restores into)."""
+    return state if state.model_state is not None else _Saved(*state[:4])
+
+
+def from_checkpoint(tree: PyTree) -> State:
+    """The ``State`` of a restored :func:`checkpointed` tree."""
+    return tree if isinstance(tree, State) else State(*tree)
 
 
 def _copy(tree: PyTree) -> PyTree:
