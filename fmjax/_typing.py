@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
+from flax import nnx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 __all__ = [
     "ApplyFn",
     "LossFn",
+    "Module",
     "PairSampler",
     "Precision",
     "PyTree",
@@ -28,6 +31,9 @@ Velocity = Callable[[Float[Array, "..."], Float[Array, "... d"]], Float[Array, "
 
 ApplyFn = Callable[..., Float[Array, "n d"]]
 """A model's ``apply(params, t (n,), x (n, d)) -> (n, d)``."""
+
+Module = nnx.Module | eqx.Module
+"""A Flax NNX or Equinox module ``model(t (n,), x (n, d)) -> (n, d)``, trained whole by ``fit``."""
 
 LossFn = Callable[..., Any]
 """``loss_fn(params, key) -> scalar`` or ``-> (scalar, aux)``; ``(params, key, inst)`` too."""

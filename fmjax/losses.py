@@ -1,7 +1,10 @@
 """Flow-matching losses as factories returning ``loss_fn(params, key) -> scalar``.
 
 Every loss draws ``batch_size`` pairs (x0, x1) and times t, forms x_t = b_t x0 + a_t x1 and
-regresses ``apply_fn(params, t, x_t)`` onto a target:
+regresses ``apply_fn(params, t, x_t)`` onto a target. In place of ``apply_fn`` the losses take a
+Flax NNX or Equinox module: the loss is then ``loss_fn(model, key)`` and calls ``model(t, x_t)``
+(train it with ``fmjax.fit(loss_fn, model, ...)``, which passes the module at its current
+parameters and state; the module given to the loss only says which convention to use):
 
 * ``cfm``: the conditional target da x1 + db x0 (or x1, or x0 for prediction targets);
   with ``sigma_min`` the path of Lipman et al. (2023), x_t = (1 - (1 - sigma_min) t) x0 + t x1;
@@ -59,10 +62,11 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from fmjax import _checks, convert, data, exact
-from fmjax._typing import ApplyFn, LossFn, PairSampler, TimeSampler
+from fmjax._typing import ApplyFn, LossFn, Module, PairSampler, TimeSampler
 from fmjax.exact import PreparedCoupling
 from fmjax.mixtures import JointGaussianMixture
 from fmjax.schedules import Schedule, linear, sigma_min_schedule
+from fmjax.train.modules import is_module
 
 __all__ = [
     "LossFloor",
@@ -340,6 +344,21 @@ def _resolve_schedule(fn: str, schedule, sigma_min) -> Schedule:
 # ----------------------------------------------------------------------------- shared pieces
 
 
+def _call_module(model, t, x):
+    return model(t, x)
+
+
+def _apply(fn: str, apply_fn) -> ApplyFn:
+    """``apply(params, t, x)``: ``apply_fn`` itself, or for a module ``model(t, x)``."""
+    if is_module(apply_fn):
+        return _call_module
+    _checks.check_callable(
+        f"losses.{fn}", "apply_fn", apply_fn,
+        "a callable apply(params, t, x) or a Flax NNX / Equinox module",
+    )  # fmt: skip
+    return apply_fn
+
+
 def _check_common(fn, size_name, batch_size, target, reduction, bregman_spec):
     _checks.check_int(f"losses.{fn}", size_name, batch_size, 1)
     _checks.check_choice(f"losses.{fn}", "target", target, TARGETS)
@@ -423,7 +442,7 @@ def _per_sample(div: Bregman, y, pred, reduction):
 
 
 def cfm(
-    apply_fn: ApplyFn,
+    apply_fn: ApplyFn | Module,
     sample_pairs: PairSampler,
     schedule: Schedule | None,
     batch_size: int,
@@ -441,7 +460,9 @@ def cfm(
     "score" the prediction is -gamma * output), x1 ("x1") or x0 ("x0"); D = |.|^2 by default.
 
     Args:
-        apply_fn: model ``apply_fn(params, t (n,), x (n, d)) -> (n, d)``.
+        apply_fn: model ``apply_fn(params, t (n,), x (n, d)) -> (n, d)``, or a Flax NNX /
+            Equinox module ``model(t (n,), x (n, d)) -> (n, d)``: the loss is then
+            ``loss_fn(model, key)`` (the module it is given is the one called).
         sample_pairs: ``(key, n) -> (x0 (n, d), x1 (n, d))``, e.g. ``data.independent_pairs``,
             a JointGaussianMixture's ``.sample``, or ``ot_pairs(...)`` for OT-CFM.
         schedule: affine schedule; must be ``linear()`` or None when ``sigma_min`` is given.
@@ -457,13 +478,13 @@ def cfm(
             ``mahalanobis(M)``, ``exponential()``, ``logsumexp()``, or a callable).
 
     Returns:
-        ``loss_fn(params, key) -> scalar``.
+        ``loss_fn(params, key) -> scalar`` (``loss_fn(model, key)`` for a module).
     """
     div = _check_common("cfm", "batch_size", batch_size, target, reduction, bregman)
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
     _check_target_noise("cfm", schedule, target, conditional=True)
     times = _time_sampler("cfm", time_sampler)
-    _checks.check_callable("losses.cfm", "apply_fn", apply_fn)
+    apply_fn = _apply("cfm", apply_fn)
     _checks.check_callable("losses.cfm", "sample_pairs", sample_pairs)
 
     def loss_fn(params, key):
@@ -532,7 +553,7 @@ def ot_pairs(
 
 
 def marginal_fm(
-    apply_fn: ApplyFn,
+    apply_fn: ApplyFn | Module,
     coupling: JointGaussianMixture | PreparedCoupling,
     schedule: Schedule | None,
     batch_size: int,
@@ -552,7 +573,8 @@ def marginal_fm(
     For a Bregman D its gradient has the same expectation as ``cfm``'s and its value is lower by
     the loss floor. Arguments as ``cfm``, with the coupling (a ``JointGaussianMixture`` or an
     ``exact.prepare``d one, sampled through ``.coupling``) in place of sample_pairs; the
-    "velocity" target is allowed for any noise here (the exact target is finite).
+    "velocity" target is allowed for any noise here (the exact target is finite). A Flax NNX /
+    Equinox module in place of ``apply_fn`` makes it ``loss_fn(model, key)``, as for ``cfm``.
 
     ``time_groups=G`` (a divisor of ``batch_size``) draws G times per batch, each shared by
     batch_size / G consecutive points, instead of one per point: the loss stays an unbiased
@@ -567,6 +589,7 @@ def marginal_fm(
     schedule = _resolve_schedule("marginal_fm", schedule, sigma_min)
     _check_target_noise("marginal_fm", schedule, target, conditional=False)
     times = _time_sampler("marginal_fm", time_sampler)
+    apply_fn = _apply("marginal_fm", apply_fn)
     target_fn = functools.partial(_exact_target, coupling, schedule, target)
     if time_groups is not None:
         groups = _checks.check_int("losses.marginal_fm", "time_groups", time_groups, 1)

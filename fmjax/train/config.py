@@ -13,6 +13,7 @@ import optax
 
 from fmjax import _checks
 from fmjax._typing import LossFn
+from fmjax.train.modules import ModelSpec
 
 __all__ = ["FitConfig", "OptimizerSpec", "RunOptions", "make_optimizer"]
 
@@ -156,6 +157,9 @@ class FitConfig:
         batched: train a batch of models (``fit_many``) with ``vmap``.
         with_instances: a batch of problem instances is the third argument of ``loss_fn``.
         mesh: the ``jax.sharding.Mesh`` the state and batch are placed on, or ``None``.
+        model: for a Flax NNX / Equinox module passed to ``fit``, what stays fixed while it
+            trains (a :class:`~fmjax.train.modules.ModelSpec`; ``loss_fn`` then takes the
+            module), ``None`` for a pytree of parameters. Set by ``fit`` from its ``params``.
     """
 
     loss_fn: LossFn
@@ -166,6 +170,7 @@ class FitConfig:
     batched: bool
     with_instances: bool
     mesh: jax.sharding.Mesh | None
+    model: ModelSpec | None = None
 
     @classmethod
     def create(

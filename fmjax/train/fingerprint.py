@@ -1,7 +1,7 @@
 """What a run is, as JSON-able strings stored in its checkpoints: the loss function and the batch
 size it draws, the optimizer configuration, EMA, aux, the parameters' structure, shapes and
-dtypes, and the keys. A resume compares the stored fingerprint with the new run's
-(:func:`differences`)."""
+dtypes, a module's kind, class and carried state (Flax NNX / Equinox), and the keys. A resume
+compares the stored fingerprint with the new run's (:func:`differences`)."""
 
 from __future__ import annotations
 
@@ -124,10 +124,30 @@ def _keys(keys) -> str:
     return f"{impl} {data.shape} sha256={hashlib.sha256(data.tobytes()).hexdigest()[:16]}"
 
 
-def fingerprint(config: FitConfig, params: PyTree, keys) -> dict[str, str]:
-    """The run's fingerprint: name -> description (strings, stored as JSON)."""
-    leaves, treedef = jax.tree.flatten(params)
+def _tree(tree: PyTree) -> str:
+    """Structure, dtypes and shapes of a pytree of arrays."""
+    leaves, treedef = jax.tree.flatten(tree)
     shapes = ", ".join(f"{np.dtype(x.dtype)}{list(np.shape(x))}" for x in leaves)
+    return f"{treedef} [{shapes}]"
+
+
+def _model(config: FitConfig, model_state: PyTree) -> str:
+    """A module's kind, class and carried state (NNX batch statistics, ...) and, for NNX, which
+    variables are RNG streams; ``"None"`` for a pytree of parameters."""
+    spec = config.model
+    if spec is None:
+        return "None"
+    if spec.kind == "equinox":
+        return f"equinox {spec.name}, static {jax.tree.structure(spec.static)}"
+    rngs = [f"{what} {a}{list(shape)}" for what, a, shape in spec.rng_leaves]
+    return f"nnx {spec.name}, state {_tree(model_state)}, rngs [{', '.join(rngs)}]"
+
+
+def fingerprint(
+    config: FitConfig, params: PyTree, keys, model_state: PyTree = None
+) -> dict[str, str]:
+    """The run's fingerprint: name -> description (strings, stored as JSON). For a module,
+    ``params`` are its trained arrays and ``model_state`` its carried state."""
     return {
         "loss_fn": _name(config.loss_fn),
         "batch_size": repr(_batch_size(config.loss_fn)),
@@ -136,7 +156,8 @@ def fingerprint(config: FitConfig, params: PyTree, keys) -> dict[str, str]:
         "has_aux": repr(config.has_aux),
         "models": "batched" if config.batched else "single",
         "with_instances": repr(config.with_instances),
-        "params": f"{treedef} [{shapes}]",
+        "params": _tree(params),
+        "model": _model(config, model_state),
         "key": _keys(keys),
     }
 

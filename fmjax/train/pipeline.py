@@ -4,10 +4,13 @@ trains a batch of models (seeds or problem instances) in one compiled call with 
 
 A loss is any function ``loss_fn(params, key) -> scalar`` (or ``-> (scalar, aux)`` with
 ``has_aux=True``) that ``jax.grad`` can differentiate, e.g. one built by ``fmjax.losses.cfm``.
+:func:`fit` also trains a Flax NNX or Equinox module passed whole (``loss_fn(model, key)``; see
+``fmjax.train.modules`` for what is trained, carried and fixed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -22,12 +25,20 @@ from jaxtyping import Float, PRNGKeyArray
 from fmjax import _checks
 from fmjax._typing import LossFn, PyTree
 from fmjax.sharding import batch_sharding, replicated
+from fmjax.train import modules
 from fmjax.train.cache import LRU, signature, trace_config
 from fmjax.train.checkpoint import Checkpointer, restore
 from fmjax.train.config import FitConfig, RunOptions
 from fmjax.train.fingerprint import fingerprint
 from fmjax.train.host import History, Progress, chunk_bounds
-from fmjax.train.step import State, init_state, make_chunk, output_structs
+from fmjax.train.step import (
+    State,
+    checkpointed,
+    from_checkpoint,
+    init_state,
+    make_chunk,
+    output_structs,
+)
 
 __all__ = ["FitResult", "fit", "fit_many"]
 
@@ -41,8 +52,12 @@ class FitResult(NamedTuple):
     """What a fit returns.
 
     Attributes:
-        params: final parameters (for :func:`fit_many`, with a leading model axis ``M``).
-        ema_params: exponential moving average of the parameters, or ``None`` without EMA.
+        params: final parameters (for :func:`fit_many`, with a leading model axis ``M``); for a
+            Flax NNX / Equinox module passed to :func:`fit`, the trained module, a new object of
+            the same kind (NNX: in the mode it was given, usually train mode; call
+            ``result.params.eval()`` before using it as a velocity field).
+        ema_params: exponential moving average of the parameters, or ``None`` without EMA (for
+            a module: a module with the averaged parameters and the final carried state).
         opt_state: final optimizer state.
         step: number of optimizer steps done, counting those restored from a checkpoint.
         losses: loss of every step ``0 .. step - 1``, shape ``(step,)`` (``(M, step)`` for
@@ -105,6 +120,8 @@ def _models(fn: str, config: FitConfig, params: PyTree, instances: PyTree) -> in
         _checks.fail(fn, name, "concrete arrays (call it outside jit/vmap)", "a tracer", TypeError)
     if not jax.tree.leaves(params):
         _checks.fail(fn, name, "a pytree with array leaves", params)
+    if config.model is None:  # a module's parts are checked by its library
+        modules.check_params(fn, name, params)
     if not config.batched:
         return None
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params)}
@@ -120,16 +137,33 @@ def _models(fn: str, config: FitConfig, params: PyTree, instances: PyTree) -> in
     return m
 
 
-def _output_structs(fn: str, config: FitConfig, params, keys, instances, m: int | None):
+def _output_structs(fn: str, config: FitConfig, params, keys, instances, m: int | None,
+                    model_state: PyTree = None):  # fmt: skip
     """``(loss, aux)`` shapes of one step, from one trace of the loss per configuration."""
 
     def key() -> tuple:  # output shapes do not depend on where the inputs live
-        return config, signature((params, keys, instances), shardings=False), trace_config()
+        args = (params, keys, instances, model_state)
+        return config, signature(args, shardings=False), trace_config()
 
     structs, _ = _STRUCTS.get_or_make(
-        key, lambda: output_structs(fn, config, params, keys, instances, m)
+        key, lambda: output_structs(fn, config, params, keys, instances, m, model_state)
     )
     return structs
+
+
+def _module(fn: str, config: FitConfig, params) -> tuple[FitConfig, PyTree, PyTree, PyTree]:
+    """For a Flax NNX / Equinox module: ``(config with its spec, trained params, carried state,
+    RNG state)``; a pytree of parameters passes through (``config, params, None, None``)."""
+    if not modules.is_module(params):
+        return config, params, None, None
+    if config.batched:
+        _checks.fail(
+            fn, "params_batch",
+            "a pytree of parameters with a leading model axis (train Flax NNX / Equinox modules "
+            "one at a time with fit)", type(params).__qualname__, TypeError,
+        )  # fmt: skip
+    spec, params, model_state, rngs = modules.split(fn, params)
+    return dataclasses.replace(config, model=spec), params, model_state, rngs
 
 
 def _placement(config: FitConfig, state: State, instances, m: int | None) -> _Placement | None:
@@ -145,7 +179,11 @@ def _placement(config: FitConfig, state: State, instances, m: int | None) -> _Pl
     if m is None:
         return _Placement(jax.tree.map(lambda _: rep, state), rep, rep, rep)
     split = batch_sharding(mesh)
-    state_sh = State(*(jax.tree.map(lambda _: split, part) for part in state[:3]), rep)
+    state_sh = State(
+        *(jax.tree.map(lambda _: split, part) for part in state[:3]),
+        rep,
+        jax.tree.map(lambda _: split, state.model_state),
+    )
     return _Placement(state_sh, split, jax.tree.map(lambda _: split, instances), rep)
 
 
@@ -230,7 +268,7 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
             pending = None
             hist, host_state = history.as_dict(), jax.device_get(state)
             _check_finite(fn, host_state, hist, start=start, end=e, ckpt=ckpt)
-            ckpt.save(e, host_state, hist, run_fingerprint)
+            ckpt.save(e, checkpointed(host_state), hist, run_fingerprint)
         if stopping:
             break
     if pending is not None:
@@ -248,10 +286,11 @@ def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, 
     start)``."""
     start = 0
     if ckpt is not None:
-        state, restored, start = restore(
-            ckpt, state, history.target, steps=options.steps, resume=options.resume,
-            fingerprint=run_fingerprint, fn=fn,
+        saved, restored, start = restore(
+            ckpt, checkpointed(state), history.target, steps=options.steps,
+            resume=options.resume, fingerprint=run_fingerprint, fn=fn,
         )  # fmt: skip
+        state = from_checkpoint(saved)
         history.append(restored["loss"], restored.get("aux"))
     placement = _placement(config, state, instances, m)
     state, keys, instances = _place(placement, state, keys, instances)
@@ -280,15 +319,21 @@ def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, 
 
 def _assemble(config: FitConfig, state: State, history: History, *, t_start: float,
               compile_time: float, run_steps: int, run_time: float,
-              start: int) -> FitResult:  # fmt: skip
-    """The :class:`FitResult` of a finished run (model axis first for a batch of models)."""
+              start: int, rngs: PyTree = None) -> FitResult:  # fmt: skip
+    """The :class:`FitResult` of a finished run (model axis first for a batch of models); a
+    module's params (and EMA) merged back into a module of the kind ``fit`` was given."""
     hist = history.as_dict()
     losses, aux = hist["loss"], hist.get("aux")
     if config.batched:  # (steps, M, ...) -> (M, steps, ...)
         losses, aux = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), (losses, aux))
+    params, ema = state.params, state.ema_params
+    if config.model is not None:
+        params = modules.assemble(config.model, params, state.model_state, rngs)
+        if ema is not None:
+            ema = modules.assemble(config.model, ema, state.model_state, rngs)
     return FitResult(
-        params=state.params,
-        ema_params=state.ema_params,
+        params=params,
+        ema_params=ema,
         opt_state=state.opt_state,
         step=int(state.step),
         losses=losses,
@@ -303,14 +348,15 @@ def _assemble(config: FitConfig, state: State, history: History, *, t_start: flo
 def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instances) -> FitResult:
     """prepare (check, initial state, history) -> restore / run chunks -> assemble."""
     t_start = time.perf_counter()
+    config, params, model_state, rngs = _module(fn, config, params)
     m = _models(fn, config, params, instances)
     keys = _check_keys(fn, keys, m)
-    structs = _output_structs(fn, config, params, keys, instances, m)
-    state = init_state(config, params)
+    structs = _output_structs(fn, config, params, keys, instances, m, model_state)
+    state = init_state(config, params, model_state)
     history = History(*structs, config.has_aux)
     ckpt, run_fingerprint = None, None
     if options.checkpoint_dir is not None:
-        run_fingerprint = fingerprint(config, params, keys)
+        run_fingerprint = fingerprint(config, params, keys, model_state)
         ckpt = Checkpointer(options.checkpoint_dir, options.max_checkpoints, fn)
     try:
         state, compile_time, run_steps, run_time, start = _train(
@@ -320,7 +366,7 @@ def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instance
         if ckpt is not None:
             ckpt.close()
     return _assemble(config, state, history, t_start=t_start, compile_time=compile_time,
-                     run_steps=run_steps, run_time=run_time, start=start)  # fmt: skip
+                     run_steps=run_steps, run_time=run_time, start=start, rngs=rngs)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- public API
@@ -361,10 +407,34 @@ def fit(
     shapes, dtypes and shardings (``compile_time`` is then 0.0). As with ``jax.jit``, ``loss_fn``
     must be pure: Python state it reads is frozen at its first trace.
 
+    Modules: ``params`` may be a Flax NNX or an Equinox module passed whole, with a loss that
+    takes the module (``losses.cfm(model, ...)`` calls ``model(t, x)``; any
+    ``loss_fn(model, key)`` will do). Each step merges the module from its parts, calls the loss
+    and differentiates the trained part only:
+
+    * NNX (``nnx.split(model, nnx.Param, nnx.RngState, ...)``): the ``nnx.Param`` variables are
+      trained. Every other variable (BatchNorm's running statistics ``BatchStat``, a user's
+      ``nnx.Variable``) is carried: what the loss call leaves in it is what the next step sees,
+      and it is checkpointed with the parameters. The RNG streams (``nnx.Rngs``, e.g. of
+      ``nnx.Dropout``) are reseeded at every step from that step's key (stream ``j`` from
+      ``fold_in(fold_in(key, i), 0x0D0F0000 + j)``), so the masks depend on ``key`` and the step
+      only, as the loss's draws do, and a resumed run draws the same ones. The module trains in
+      the mode it is given (new NNX modules are in train mode: BatchNorm normalises by batch
+      statistics and updates its running averages, Dropout drops); switch the result to eval
+      mode with ``result.params.eval()`` (running statistics, no dropout) to use it as a field.
+    * Equinox (``eqx.partition(model, eqx.is_inexact_array)``): floating arrays are trained, the
+      rest (integer arrays, functions, ...) is static. Stateful layers that take an
+      ``eqx.nn.State`` are not carried: call them with a state of your own inside the model.
+
+    ``FitResult.params`` (and ``ema_params``) is then a new module of the same kind; the module
+    given is not modified. The compiled program is reused for a module of equal structure.
+
     Args:
         loss_fn: ``loss_fn(params, key) -> scalar`` (``-> (scalar, aux)`` with ``has_aux=True``);
-            must be jit- and grad-able.
-        params: initial parameters (pytree of arrays); not modified (copied before donation).
+            must be jit- and grad-able. For a module, ``loss_fn(model, key)``.
+        params: initial parameters (pytree of floating-point arrays), or a Flax NNX / Equinox
+            module (above); not modified (copied before donation). A leaf that cannot be
+            differentiated (integer, key, function) is a ``TypeError`` naming ``params``.
         key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
         steps: total number of optimizer steps (a resumed run trains ``steps - restored`` more).
         optimizer: an optax transformation (compose clipping, schedules, ... with optax). When
@@ -382,8 +452,8 @@ def fit(
             its arrays and the run's fingerprint (the loss function's name and the batch size it
             draws where known: a ``batch_size`` attribute or closure variable, the optimizer's
             configuration, ``ema_decay``, ``has_aux``, the params' structure, shapes and dtypes,
-            the key). The directory is locked while the fit runs: a second fit on it raises
-            ``RuntimeError``.
+            a module's class and carried state, the key). The directory is locked while the fit
+            runs: a second fit on it raises ``RuntimeError``.
         checkpoint_every: save every that many steps (and always at the end). A state whose
             losses since the last save or whose params / optimizer state are not finite is
             never saved: the fit stops with ``FloatingPointError`` naming the step where the
@@ -471,7 +541,8 @@ def fit_many(
         loss_fn: ``loss_fn(params, key) -> scalar`` for one model, or
             ``loss_fn(params, key, instance)`` when ``instances`` is given.
         params_batch: initial parameters with a leading model axis ``M`` on every leaf
-            (e.g. ``jax.vmap(model.init)(keys, ...)``).
+            (e.g. ``jax.vmap(model.init)(keys, ...)``); a pytree of floating-point arrays (a
+            Flax NNX / Equinox module is a ``TypeError``: train modules with :func:`fit`).
         keys: ``M`` PRNG keys (shape ``(M,)`` typed keys or ``(M, 2)`` raw keys).
         steps: number of optimizer steps (the same for all models).
         instances: optional pytree with a leading axis ``M`` (e.g. a batch of mixtures) passed
