@@ -19,6 +19,19 @@ Vanden-Eijnden, dX = [u + eps s] dt + sqrt(2 eps) dW. Without ``score=`` the der
 used, valid only for an N(0, I) source and no latent noise: a schedule with noise, or an exact
 field whose coupling has another source, is refused.
 
+Default diffusion. Any g keeps the marginals in exact arithmetic, but with a learned velocity the
+derived score's error is the velocity's error times a_t / (b_t (da_t b_t - a_t db_t)), unbounded
+as b_t -> 0, and g^2 / 2 multiplies it into the drift: a constant g collapses the modes of a
+learned field, the more so the more steps reach close to t_max. So ``diffusion=None`` (the
+default) with the derived score is the vanishing diffusion
+
+    g(t)^2 = 2 b_t (da_t b_t - a_t db_t),   g^2 / 2 * score = a_t u - da_t x,
+
+which has no division at all: the velocity's error reaches the drift times at most 1 + a_t. It
+does not depend on how time is parametrised (g^2 dt is invariant) and for the linear path reads
+g(t)^2 = 2 (1 - t), drift (1 + t) u - x. It is 0 where b_t = 0, so ``eps=0`` (no denoising step)
+is allowed there. With a given score the default stays the constant g = 1.
+
 Reversed time (data at s = 0, noise at s = 1): the velocity is v_s = dx/ds, the schedule reads
 x_s = b_s x_data + a_s x_noise and g is a function of s. With t = 1 - s this is the forward
 problem u_t(x) = -v_{1-t}(x), a_t = b_{1-t}, b_t = a_{1-t}, g(t) <- g(1 - t), on the flipped
@@ -134,6 +147,29 @@ class _Constant:
 
     def __call__(self, t):
         return jnp.broadcast_to(self.value, jnp.shape(t)).astype(jnp.result_type(t))
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["scale"], meta_fields=["schedule"]
+)
+@dataclasses.dataclass(frozen=True)
+class _Vanishing:
+    """g(t)^2 = scale * b_t (da_t b_t - a_t db_t) (forward clock): with the derived score,
+    g^2 / 2 * score = scale / 2 * (a_t u - da_t x), free of the 1 / b_t singularity."""
+
+    schedule: Schedule
+    scale: Array
+
+    def __call__(self, t):
+        a, b, da, db = self.schedule(t)
+        g2 = self.scale * b * (da * b - a * db)
+        return jnp.sqrt(jnp.maximum(g2, 0.0)).astype(jnp.result_type(t))
+
+
+# The default diffusion with a given score (no derivation, nothing singular to compensate).
+_GIVEN_SCORE_DIFFUSION = 1.0
+# Scale of ``_Vanishing``, the default with the derived score: g^2 / 2 * score = a u - da x.
+_VANISHING_SCALE = 2.0
 
 
 def _as_diffusion(fn: str, diffusion) -> Callable[[Array], Array]:
@@ -270,7 +306,7 @@ def sde(
     x0: Float[ArrayLike, "... d"],
     *,
     key: PRNGKeyArray,
-    diffusion: float | Callable[[Array], Array] = 1.0,
+    diffusion: float | Callable[[Array], Array] | None = None,
     steps: int = 100,
     solver: str = "euler",
     eps: float | None = None,
@@ -299,12 +335,17 @@ def sde(
         x0: source samples at t_min, shape (..., d) (from N(0, I) unless ``score`` is given).
         key: PRNG key of the Brownian motion (keyword-only).
         diffusion: g(t) >= 0, a number or an elementwise callable of the caller's time
-            (eps(t) = g(t)^2 / 2; upstream's eps = 2 is ``diffusion=2.0``).
+            (eps(t) = g(t)^2 / 2; upstream's eps = 2 is ``diffusion=2.0``). Default (None):
+            with the derived score g(t)^2 = 2 b_t (da_t b_t - a_t db_t) (in the forward clock;
+            2 (1 - t) for the linear path), which vanishes at the data end so that the score's
+            1 / b_t does not amplify a learned velocity's error into the drift (a constant g
+            collapses the modes of a learned field; any g keeps the marginals of the exact
+            one); with ``score=`` the constant 1.
         steps: total number of equal steps, including the final denoising ODE step.
         solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise).
         eps: the SDE runs on [t_min, t_max - eps], then one Euler ODE step covers the rest.
             Default (t_max - t_min) / steps (the last step of the grid); 0 requires g(t_max) = 0
-            (no denoising step).
+            (no denoising step), as the default diffusion has where b_{t_max} = 0.
         brownian: "virtual" (``diffrax.VirtualBrownianTree``) or "unsafe"
             (``diffrax.UnsafeBrownianPath``, faster, fixed forward steps only). Different paths.
         time: "forward" (t = 0 noise, t = 1 data) or "reversed" (s = 0 data, s = 1 noise;
@@ -335,10 +376,16 @@ def sde(
     else:
         _checks.check_callable(fn, "score", score, "None or a callable (t, x) -> (..., d)")
         score = _solve.as_pytree(score)
-    velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
+    if diffusion is None and score is not None:
+        diffusion = _GIVEN_SCORE_DIFFUSION
+    g = None if diffusion is None else _solve.as_pytree(_as_diffusion(fn, diffusion))
+    velocity = _solve.as_pytree(velocity)
     if time == "reversed":
-        velocity, schedule, g = _Flipped(velocity), _flip_schedule(schedule), _FlipG(g)
+        velocity, schedule = _Flipped(velocity), _flip_schedule(schedule)
+        g = None if g is None else _FlipG(g)
         score = None if score is None else _FlippedScore(score)
+    if g is None:  # built in the forward clock, on the (flipped) schedule
+        g = _Vanishing(schedule, jnp.asarray(_VANISHING_SCALE))
     eps = _check_eps(fn, eps, steps, schedule.interval)
     _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity, derived=score is None)
 
