@@ -29,8 +29,9 @@ default) with the derived score is the vanishing diffusion
 
 which has no division at all: the velocity's error reaches the drift times at most 1 + a_t. It
 does not depend on how time is parametrised (g^2 dt is invariant) and for the linear path reads
-g(t)^2 = 2 (1 - t), drift (1 + t) u - x. It is 0 where b_t = 0, so ``eps=0`` (no denoising step)
-is allowed there. With a given score the default stays the constant g = 1.
+g(t)^2 = 2 (1 - t), drift (1 + t) u - x. The drift is computed in that form, finite up to t_max,
+so ``eps=0`` (no denoising step) is allowed with it. With a given score the default stays the
+constant g = 1.
 
 Reversed time (data at s = 0, noise at s = 1): the velocity is v_s = dx/ds, the schedule reads
 x_s = b_s x_data + a_s x_noise and g is a function of s. With t = 1 - s this is the forward
@@ -150,7 +151,7 @@ class _Constant:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["scale"], meta_fields=["schedule"]
+    jax.tree_util.register_dataclass, data_fields=[], meta_fields=["schedule", "scale"]
 )
 @dataclasses.dataclass(frozen=True)
 class _Vanishing:
@@ -158,7 +159,7 @@ class _Vanishing:
     g^2 / 2 * score = scale / 2 * (a_t u - da_t x), free of the 1 / b_t singularity."""
 
     schedule: Schedule
-    scale: Array
+    scale: float  # static, like the schedule: a Python float keeps the dtype of x
 
     def __call__(self, t):
         a, b, da, db = self.schedule(t)
@@ -234,6 +235,10 @@ class _SDEArgs(NamedTuple):
 
 def _sde_drift(t, x, args: _SDEArgs):
     u = _solve.check_output("sample.sde", "velocity", args.velocity(t, x), x)
+    if args.score is None and isinstance(args.diffusion, _Vanishing):
+        # g^2 / 2 * score with the 1 / (b (da b - a db)) of the score cancelled: no singularity.
+        a, _, da, _ = args.schedule(t)
+        return u + 0.5 * args.diffusion.scale * (a * u - da * x)
     g = args.diffusion(t)
     g2 = g * g
     if args.score is None:
@@ -345,7 +350,7 @@ def sde(
         solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise).
         eps: the SDE runs on [t_min, t_max - eps], then one Euler ODE step covers the rest.
             Default (t_max - t_min) / steps (the last step of the grid); 0 requires g(t_max) = 0
-            (no denoising step), as the default diffusion has where b_{t_max} = 0.
+            (no denoising step), or the default diffusion.
         brownian: "virtual" (``diffrax.VirtualBrownianTree``) or "unsafe"
             (``diffrax.UnsafeBrownianPath``, faster, fixed forward steps only). Different paths.
         time: "forward" (t = 0 noise, t = 1 data) or "reversed" (s = 0 data, s = 1 noise;
@@ -385,9 +390,10 @@ def sde(
         g = None if g is None else _FlipG(g)
         score = None if score is None else _FlippedScore(score)
     if g is None:  # built in the forward clock, on the (flipped) schedule
-        g = _Vanishing(schedule, jnp.asarray(_VANISHING_SCALE))
+        g = _Vanishing(schedule, _VANISHING_SCALE)
     eps = _check_eps(fn, eps, steps, schedule.interval)
-    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity, derived=score is None)
+    singular = score is None and not isinstance(g, _Vanishing)  # the 1 / b_t of the score
+    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity, derived=singular)
 
     t_min, t_max = schedule.interval
     n_sde = steps - 1 if eps > 0 else steps
