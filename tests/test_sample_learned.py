@@ -13,8 +13,8 @@ relative standard error is about sqrt(2) * 0.36 / 0.3825 / sqrt(n w_k) = 1.33 / 
 with n = 10000 points, 1.3% for the heaviest mode (w = 0.3) and 4.2% for the lightest (w = 0.1),
 measured 2-5% at n = 8000 over 40 exact draws. So +-15% is at least 3.5 standard errors of a
 consistent sampler, and leaves room for the model's own bias (its ODE samples: 1.05-1.12).
-Measured (n = 20000): new default 0.94-1.02 (100/200 steps), 0.92-1.02 (1000 steps); constant
-g = 1: 0.43-0.80 (200 steps), 0.26-0.76 (1000 steps); exact field 0.95-1.04 either way.
+Measured with these keys: default diffusion 1.03-1.08 (100 steps), 0.99-1.03 (200), 0.97-1.03
+(1000); constant g = 1: 0.50-0.87, 0.43-0.82, 0.26-0.79; exact field 0.95-1.07 either way.
 Brownian paths are ``"unsafe"`` (the same Gaussian increments on the step grid as the default
 virtual tree, much faster at 1000 steps).
 """
@@ -63,6 +63,6 @@ def test_default_diffusion_keeps_the_spread_of_a_learned_field(demo, steps):
 
 def test_constant_diffusion_collapses_a_learned_field(demo):
     """Control (b), the reported bug: the old default g = 1 on the learned field narrows some
-    mode below 0.85 at the default steps (measured 0.43-0.80 at 200 steps)."""
+    mode below 0.85 at the default steps (measured 0.50-0.87 at 100 steps)."""
     r = _ratios(demo, "learned", diffusion=1.0)
     assert r.min() < BAND[0], r
