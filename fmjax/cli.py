@@ -206,7 +206,14 @@ def _add_sample(sub) -> None:
                    "heun, euler; SDE: euler (default), heun, shark")  # fmt: skip
     p.add_argument("--steps", type=int, default=None,
                    help="fixed steps (default: ODE adaptive, SDE 200)")  # fmt: skip
-    p.add_argument("--diffusion", type=float, default=1.0, help="SDE noise scale g (default 1.0)")
+    p.add_argument(
+        "--diffusion",
+        type=float,
+        default=None,
+        help="SDE: a constant noise scale g (default: g(t)^2 = 2 (1 - t) on the linear path, "
+        "vanishing at the data end where the score from a learned velocity is ill-conditioned; "
+        "see fmjax.sample.sde)",
+    )
 
 
 def _add_bench(sub) -> None:
@@ -530,7 +537,8 @@ def _cmd_sample(args) -> int:
     _check("check_int", "--n", args.n)
     if args.steps is not None:
         _check("check_int", "--steps", args.steps)
-    _check("check_positive", "--diffusion", args.diffusion, allow_zero=True)
+    if args.diffusion is not None:
+        _check("check_positive", "--diffusion", args.diffusion, allow_zero=True)
     velocity, s, target, label = _velocity_and_target(args)
     out = _claim(args)
     phase = _Progress(args)

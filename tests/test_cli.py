@@ -99,6 +99,20 @@ def test_train_then_sample_with_toml_config(tmp_path, capsys):
     assert (smp / "samples.png").stat().st_size > 5000
 
 
+def test_sample_sde_uses_the_default_diffusion(tmp_path, monkeypatch):
+    """`fmjax sample --method sde` leaves `diffusion` to `sample.sde`'s default (vanishing at
+    the data end, issue 21); control: `--diffusion 0.5` is passed on."""
+    from fmjax import sample
+
+    seen, sde = [], sample.sde
+    monkeypatch.setattr(sample, "sde", lambda *a, **kw: seen.append(kw) or sde(*a, **kw))
+    for i, (flags, want) in enumerate((([], None), (["--diffusion", "0.5"], 0.5))):
+        argv = ["sample", "--exact", "--method", "sde", "--n", "50", "--steps", "4"]
+        assert main([*argv, *flags, "--out", str(tmp_path / str(i)), "--no-progress"]) == 0
+        assert seen and {kw["diffusion"] for kw in seen} == {want}  # a first and a timed call
+        seen.clear()
+
+
 def test_sample_exact_field_matches_target(tmp_path, capsys):
     out = tmp_path / "exact"
     assert main(["sample", "--exact", "--n", "400", "--out", str(out)]) == 0

@@ -639,6 +639,31 @@ def test_sde_without_score_refuses_where_it_cannot_derive_one(x64):
     sample.sde(fmjax.exact.velocity_field(rev, s), s, x0, key=k, steps=4, time="reversed")
 
 
+def test_sde_default_diffusion(x64):
+    """The default diffusion with the derived score is g(t)^2 = 2 b_t (da_t b_t - a_t db_t),
+    pi cos(pi t / 2) on the cosine path, in either clock, and allows eps = 0; with a given
+    score it is the constant 1. Round-off only (float64), so 1e-9; the control: g = 1 differs."""
+    c, p1 = _problem(jax.random.key(40))
+    s = schedules.cosine()
+    v = functools.partial(fmjax.exact.velocity, c, s)
+    x0 = sample.draw_source(jax.random.key(41), 32, D, dtype=jnp.float64)
+    kw = dict(key=jax.random.key(42), steps=20, brownian="unsafe")
+    default = sample.sde(v, s, x0, **kw).x
+    g = lambda t: jnp.sqrt(jnp.pi * jnp.cos(0.5 * jnp.pi * t))  # noqa: E731
+    np.testing.assert_allclose(default, sample.sde(v, s, x0, diffusion=g, **kw).x, atol=1e-9)
+    assert np.abs(default - sample.sde(v, s, x0, diffusion=1.0, **kw).x).max() > 1e-2
+    # Reversed clock (data at s = 0): the same g of the forward time, so the same samples.
+    c_rev = fmjax.independent_coupling(p1, mixtures.standard_normal(D, jnp.float64))
+    v_rev = functools.partial(fmjax.exact.velocity, c_rev, s)
+    rev = sample.sde(v_rev, s, x0, time="reversed", **kw).x
+    np.testing.assert_allclose(rev, default, atol=1e-9)
+    # The drift u + a u - da x is finite at t_max: no denoising step needed.
+    assert bool(jnp.all(jnp.isfinite(sample.sde(v, s, x0, eps=0.0, **kw).x)))
+    score = functools.partial(fmjax.exact.score, c, s)
+    given = sample.sde(v, s, x0, score=score, **kw).x
+    np.testing.assert_allclose(given, sample.sde(v, s, x0, score=score, diffusion=1.0, **kw).x)
+
+
 def test_sde_with_score_matches_derived_score(x64):
     """For an N(0, I) source, passing the exact score equals deriving it from the velocity."""
     c, _ = _problem(jax.random.key(33))

@@ -19,6 +19,23 @@ Vanden-Eijnden, dX = [u + eps s] dt + sqrt(2 eps) dW. Without ``score=`` the der
 used, valid only for an N(0, I) source and no latent noise: a schedule with noise, or an exact
 field whose coupling has another source, is refused.
 
+Default diffusion. Any g keeps the marginals in exact arithmetic, but with a learned velocity the
+derived score's error is the velocity's error times a_t / (b_t (da_t b_t - a_t db_t)), unbounded
+as b_t -> 0, and g^2 / 2 multiplies it into the drift: a constant g collapses the modes of a
+learned field, the more so the more steps reach close to t_max. So ``diffusion=None`` (the
+default) with the derived score is the vanishing diffusion
+
+    g(t)^2 = 2 b_t (da_t b_t - a_t db_t),   g^2 / 2 * score = a_t u - da_t x,
+
+which has no division at all: the velocity's error reaches the drift times at most 1 + a_t. It
+does not depend on how time is parametrised (g^2 dt is invariant) and for the linear path reads
+g(t)^2 = 2 (1 - t), drift (1 + t) u - x. The drift is computed in that form, finite up to t_max,
+so ``eps=0`` (no denoising step) is allowed with it. The factor 2 mixes more than 1 and amplifies
+less than 4: on the demo problem with a learned field (200 and 1000 steps), every mode's spread
+stayed within about 5% of the target's with 2, against up to 13% off with 1 and 16% with 4.
+With a given score (no 1 / b_t of the derivation to tame) the default stays the constant g = 1.
+In reversed time the default is the same function of the forward time t = 1 - s.
+
 Reversed time (data at s = 0, noise at s = 1): the velocity is v_s = dx/ds, the schedule reads
 x_s = b_s x_data + a_s x_noise and g is a function of s. With t = 1 - s this is the forward
 problem u_t(x) = -v_{1-t}(x), a_t = b_{1-t}, b_t = a_{1-t}, g(t) <- g(1 - t), on the flipped
@@ -136,6 +153,29 @@ class _Constant:
         return jnp.broadcast_to(self.value, jnp.shape(t)).astype(jnp.result_type(t))
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=[], meta_fields=["schedule", "scale"]
+)
+@dataclasses.dataclass(frozen=True)
+class _Vanishing:
+    """g(t)^2 = scale * b_t (da_t b_t - a_t db_t) (forward clock): with the derived score,
+    g^2 / 2 * score = scale / 2 * (a_t u - da_t x), free of the 1 / b_t singularity."""
+
+    schedule: Schedule
+    scale: float  # static, like the schedule: a Python float keeps the dtype of x
+
+    def __call__(self, t):
+        a, b, da, db = self.schedule(t)
+        g2 = self.scale * b * (da * b - a * db)
+        return jnp.sqrt(jnp.maximum(g2, 0.0)).astype(jnp.result_type(t))
+
+
+# The default diffusion with a given score (no derivation, nothing singular to compensate).
+_GIVEN_SCORE_DIFFUSION = 1.0
+# Scale of ``_Vanishing``, the default with the derived score: g^2 / 2 * score = a u - da x.
+_VANISHING_SCALE = 2.0
+
+
 def _as_diffusion(fn: str, diffusion) -> Callable[[Array], Array]:
     """A callable g; a number becomes ``_Constant`` (checked >= 0 when concrete)."""
     if callable(diffusion):
@@ -198,6 +238,10 @@ class _SDEArgs(NamedTuple):
 
 def _sde_drift(t, x, args: _SDEArgs):
     u = _solve.check_output("sample.sde", "velocity", args.velocity(t, x), x)
+    if args.score is None and isinstance(args.diffusion, _Vanishing):
+        # g^2 / 2 * score with the 1 / (b (da b - a db)) of the score cancelled: no singularity.
+        a, _, da, _ = args.schedule(t)
+        return u + 0.5 * args.diffusion.scale * (a * u - da * x)
     g = args.diffusion(t)
     g2 = g * g
     if args.score is None:
@@ -270,7 +314,7 @@ def sde(
     x0: Float[ArrayLike, "... d"],
     *,
     key: PRNGKeyArray,
-    diffusion: float | Callable[[Array], Array] = 1.0,
+    diffusion: float | Callable[[Array], Array] | None = None,
     steps: int = 100,
     solver: str = "euler",
     eps: float | None = None,
@@ -299,12 +343,17 @@ def sde(
         x0: source samples at t_min, shape (..., d) (from N(0, I) unless ``score`` is given).
         key: PRNG key of the Brownian motion (keyword-only).
         diffusion: g(t) >= 0, a number or an elementwise callable of the caller's time
-            (eps(t) = g(t)^2 / 2; upstream's eps = 2 is ``diffusion=2.0``).
+            (eps(t) = g(t)^2 / 2; upstream's eps = 2 is ``diffusion=2.0``). Default (None):
+            with the derived score g(t)^2 = 2 b_t (da_t b_t - a_t db_t) (in the forward clock;
+            2 (1 - t) for the linear path), which vanishes at the data end so that the score's
+            1 / b_t does not amplify a learned velocity's error into the drift (a constant g
+            collapses the modes of a learned field; any g keeps the marginals of the exact
+            one); with ``score=`` the constant 1.
         steps: total number of equal steps, including the final denoising ODE step.
         solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise).
         eps: the SDE runs on [t_min, t_max - eps], then one Euler ODE step covers the rest.
             Default (t_max - t_min) / steps (the last step of the grid); 0 requires g(t_max) = 0
-            (no denoising step).
+            (no denoising step), or the default diffusion.
         brownian: "virtual" (``diffrax.VirtualBrownianTree``) or "unsafe"
             (``diffrax.UnsafeBrownianPath``, faster, fixed forward steps only). Different paths.
         time: "forward" (t = 0 noise, t = 1 data) or "reversed" (s = 0 data, s = 1 noise;
@@ -336,12 +385,19 @@ def sde(
     else:
         _solve.check_field(fn, "score", score, x0)
         score = _solve.as_pytree(score)
-    velocity, g = _solve.as_pytree(velocity), _solve.as_pytree(_as_diffusion(fn, diffusion))
+    if diffusion is None and score is not None:
+        diffusion = _GIVEN_SCORE_DIFFUSION
+    g = None if diffusion is None else _solve.as_pytree(_as_diffusion(fn, diffusion))
+    velocity = _solve.as_pytree(velocity)
     if time == "reversed":
-        velocity, schedule, g = _Flipped(velocity), _flip_schedule(schedule), _FlipG(g)
+        velocity, schedule = _Flipped(velocity), _flip_schedule(schedule)
+        g = None if g is None else _FlipG(g)
         score = None if score is None else _FlippedScore(score)
+    if g is None:  # built in the forward clock, on the (flipped) schedule
+        g = _Vanishing(schedule, _VANISHING_SCALE)
     eps = _check_eps(fn, eps, steps, schedule.interval)
-    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity, derived=score is None)
+    singular = score is None and not isinstance(g, _Vanishing)  # the 1 / b_t of the score
+    _check_diffusion(fn, g, eps, schedule.interval, x0, key, velocity, derived=singular)
 
     t_min, t_max = schedule.interval
     n_sde = steps - 1 if eps > 0 else steps
