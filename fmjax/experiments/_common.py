@@ -50,6 +50,8 @@ _MAY_BE_ZERO = ("seed", "pretrain_steps", "gmm_pool")
 
 def _check_field(fn: str, name: str, kind: str, v):
     """``v`` checked (and normalised) against the field type ``kind`` (a string annotation)."""
+    if kind.endswith(" | None"):  # optional: None (the library's default) or the inner type
+        return None if v is None else _check_field(fn, name, kind[: -len(" | None")], v)
     if kind == "int":
         return _checks.check_int(fn, name, v, minimum=0 if name in _MAY_BE_ZERO else 1)
     if kind == "float":
@@ -78,8 +80,9 @@ class _Config:
 
     def __post_init__(self):
         """Check every field against its declared type (``int``, ``float``, ``str``, ``bool``,
-        ``tuple[X, ...]``): a value of another type (``steps = 1.5`` in a config file) is a
-        ``TypeError`` naming the field; ints are >= 1 (>= 0 for seeds), floats finite > 0.
+        ``tuple[X, ...]``, ``X | None``): a value of another type (``steps = 1.5`` in a config
+        file) is a ``TypeError`` naming the field; ints are >= 1 (>= 0 for seeds), floats finite
+        > 0.
         Ints given for floats become floats, lists given for tuples become tuples."""
         fn = f"experiments.{type(self).__name__}"
         for f in dataclasses.fields(self):

@@ -56,7 +56,9 @@ class DemoConfig(_Config):
     n_eval: int = 2000
     n_paths: int = 300
     sde_steps: int = 200
-    diffusion: float = 1.0
+    # None: sample.sde's default for a score derived from the velocity, g^2 -> 0 at the data end
+    # (a constant g = 1 shrank the modes of a learned field, issue 21).
+    diffusion: float | None = None
     seed: int = 0
 
     _QUICK = dict(steps=300, width=32, depth=2, n_eval=500, n_paths=100, sde_steps=50)
