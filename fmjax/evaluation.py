@@ -13,6 +13,13 @@ problem (or a ``Problem`` built by hand), and measures
   exact NLL -log p1 of the same samples, and their gap, an estimate of KL(p1 || q) >= 0;
 * the energy distance and the sliced 2-Wasserstein distance of ODE samples (adaptive Tsit5)
   to exact target samples, with the same statistics between two exact samples (noise level);
+* two-sided checks of the ODE samples (``metrics.sample_checks``): their cross-entropy
+  E_q[-log p1(X)] under the exact target against the target's entropy (estimated on exact
+  samples, with its standard error), below it for a sampler that collapses modes, above for
+  one that spreads them (the energy distance barely moves under collapse: it stays near its
+  noise level), and per component of p1 the weight, mean and spread (trace of the covariance)
+  of the samples by exact responsibilities against the truth, with the same on exact samples
+  as the noise level; with ``sde=True`` the same checks of samples of ``fmjax.sample.sde``;
 * the NFE a fixed-step solver (midpoint by default) needs for a given accuracy: the endpoint
   RMSE against the adaptive solve from the same source points, relative to the target's RMS
   spread sqrt(tr Cov p1), must be below ``tol``.
@@ -40,6 +47,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from fmjax import _checks, _solve, data, exact, likelihood, metrics, problems, sample
 from fmjax._report import to_json, write_json
 from fmjax._typing import Velocity
+from fmjax.mixtures import GaussianMixture
 
 __all__ = ["EvaluationReport", "evaluate", "write_report"]
 
@@ -67,14 +75,37 @@ class EvaluationReport(NamedTuple):
         excess_loss_stderr: its Monte Carlo standard error (the difference of the per-draw
             terms, so the shared noise of the draws cancels; 0 for the exact field).
         nll: -E log q(X1) of n exact target samples under the flow, nats.
-        target_nll: -E log p1(X1) of the same samples (the target's entropy estimate), nats.
-        nll_gap: nll - target_nll, an estimate of KL(p1 || q) (>= 0 up to noise), nats.
+        target_entropy: -E log p1(X1) of the same samples, the estimate of the target's
+            entropy H(p1) (the reference of ``nll`` and of ``sample_cross_entropy``), nats.
+        target_entropy_stderr: its standard error, std(-log p1(X1)) / sqrt(n).
+        nll_gap: nll - target_entropy, an estimate of KL(p1 || q) (>= 0 up to noise), nats.
         bits_per_dim_gap: nll_gap / (d ln 2).
         energy: energy distance of n ODE samples (adaptive Tsit5) to n exact target samples.
         energy_noise: energy distance between two exact target samples of size n.
         sliced_w2: sliced 2-Wasserstein distance (not squared) of the ODE samples to the exact
             ones, or None with ``w2=False``.
         sliced_w2_noise: the same between two exact target samples, or None.
+        sample_cross_entropy: -E log p1(X) of the n ODE samples X ~ q, nats: ``target_entropy``
+            up to noise for q = p1, below it when q collapses modes, above when it spreads them.
+        cross_entropy_z: (sample_cross_entropy - target_entropy) in standard errors of the
+            difference (two independent samples): ~N(0, 1) for an exact sampler.
+        component_weight_error: (K,) weight of each component of p1 among the ODE samples (mean
+            exact responsibility) minus its true weight.
+        component_mean_error: (K,) |responsibility-weighted mean - m_k| / sqrt(tr S_k).
+        component_spread_ratio: (K,) trace of the responsibility-weighted covariance / tr S_k
+            (1 exact, < 1 collapsed, > 1 spread out).
+        worst_spread_ratio: the spread ratio farthest from 1 (in |log ratio|).
+        max_weight_error: max over components of |component_weight_error|.
+        max_mean_error: max over components of ``component_mean_error``.
+        worst_spread_ratio_noise, max_weight_error_noise, max_mean_error_noise: the same
+            statistics of the n exact target samples (their noise level at this n).
+        sde_energy: energy distance of n SDE samples (``sample.sde`` with its defaults, from
+            the same source points) to the exact target samples, or None without ``sde=True``.
+        sde_nfe: velocity evaluations of the SDE solve, or None.
+        sde_cross_entropy, sde_cross_entropy_z, sde_component_weight_error,
+            sde_component_mean_error, sde_component_spread_ratio, sde_worst_spread_ratio,
+            sde_max_weight_error, sde_max_mean_error: the checks above for the SDE samples, or
+            None without ``sde=True``.
         nfe_adaptive: velocity evaluations of the adaptive solve.
         nfe_to_accuracy: fewest fixed-step evaluations with relative endpoint RMSE <= tol, or
             None if no tried step count reached it.
@@ -99,13 +130,35 @@ class EvaluationReport(NamedTuple):
     excess_loss: float
     excess_loss_stderr: float
     nll: float
-    target_nll: float
+    target_entropy: float
+    target_entropy_stderr: float
     nll_gap: float
     bits_per_dim_gap: float
     energy: float
     energy_noise: float
     sliced_w2: float | None
     sliced_w2_noise: float | None
+    sample_cross_entropy: float
+    cross_entropy_z: float
+    component_weight_error: Float[np.ndarray, " K"]
+    component_mean_error: Float[np.ndarray, " K"]
+    component_spread_ratio: Float[np.ndarray, " K"]
+    worst_spread_ratio: float
+    max_weight_error: float
+    max_mean_error: float
+    worst_spread_ratio_noise: float
+    max_weight_error_noise: float
+    max_mean_error_noise: float
+    sde_energy: float | None
+    sde_nfe: int | None
+    sde_cross_entropy: float | None
+    sde_cross_entropy_z: float | None
+    sde_component_weight_error: Float[np.ndarray, " K"] | None
+    sde_component_mean_error: Float[np.ndarray, " K"] | None
+    sde_component_spread_ratio: Float[np.ndarray, " K"] | None
+    sde_worst_spread_ratio: float | None
+    sde_max_weight_error: float | None
+    sde_max_mean_error: float | None
     nfe_adaptive: int
     nfe_to_accuracy: int | None
     nfe_solver: str
@@ -119,9 +172,27 @@ class EvaluationReport(NamedTuple):
         return to_json(self)
 
     def summary(self) -> dict[str, Any]:
-        """The scalar entries (no curves), as plain JSON values."""
+        """The scalar entries (no curves, no per-component arrays), as plain JSON values."""
         skip = ("ts", "velocity_error", "velocity_scale", "nfe_step_counts", "nfe_errors")
-        return {k: v for k, v in self.to_dict().items() if k not in skip}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in skip and not k.startswith(("component_", "sde_component_"))
+        }
+
+
+def _check_fields(checks: metrics.SampleChecks, reference: metrics.SampleChecks) -> dict:
+    """The report's fields of ``checks`` (generated samples) against ``reference`` (exact)."""
+    return {
+        "cross_entropy": _f(checks.cross_entropy),
+        "cross_entropy_z": _f(checks.cross_entropy_z(reference)),
+        "component_weight_error": np.asarray(checks.weight_error),
+        "component_mean_error": np.asarray(checks.mean_error),
+        "component_spread_ratio": np.asarray(checks.spread_ratio),
+        "worst_spread_ratio": _f(checks.worst_spread_ratio),
+        "max_weight_error": _f(checks.max_weight_error),
+        "max_mean_error": _f(checks.max_mean_error),
+    }
 
 
 def _f(x) -> float:
@@ -203,6 +274,33 @@ def _nfe(velocity, x0, reference, problem, solver, tol, step_counts):
     )
 
 
+def _merge_equal(p: GaussianMixture) -> GaussianMixture:
+    """``p`` with equal components merged, in order of first appearance (the target of an
+    independent coupling repeats each of its components once per source component)."""
+    means, covs = np.asarray(p.means), np.asarray(p.covs)
+    flat = np.concatenate([means, covs.reshape(len(means), -1)], axis=1)
+    _, first, inverse = np.unique(flat, axis=0, return_index=True, return_inverse=True)
+    if len(first) == len(means):
+        return p
+    group = np.argsort(np.argsort(first))[inverse.reshape(-1)]  # rank of first appearance
+    weights = np.bincount(group, weights=np.asarray(p.weights, np.float64))
+    keep = np.sort(first)
+    return GaussianMixture(jnp.asarray(weights, p.weights.dtype), p.means[keep], p.covs[keep])
+
+
+def _standard_source(problem: problems.Problem) -> bool:
+    """Whether the problem's source is an independent N(0, I) and its schedule has no latent
+    noise, where ``sample.sde`` may derive the score from the velocity."""
+    c, d = problem.coupling, problem.dim
+    means, covs = np.asarray(c.means), np.asarray(c.covs)
+    return (
+        not problem.schedule.has_noise
+        and np.allclose(means[:, :d], 0.0)
+        and np.allclose(covs[:, :d, :d], np.eye(d))
+        and not np.any(covs[:, :d, d:])
+    )
+
+
 def _check_problem(problem) -> problems.Problem:
     if isinstance(problem, str):
         return problems.get(problem)
@@ -226,6 +324,8 @@ def evaluate(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     likelihood_steps: int | None = None,
+    sde: bool = False,
+    sde_steps: int | None = None,
     out: str | os.PathLike | None = None,
 ) -> EvaluationReport:
     """Score ``velocity`` against the exact answers of ``problem`` (see the module docstring).
@@ -250,6 +350,12 @@ def evaluate(
         rtol, atol: tolerances of the adaptive solves (sampling and likelihood).
         likelihood_steps: None (adaptive Tsit5 at rtol, atol) or a number of fixed midpoint
             steps for the likelihood (cheaper, with a discretisation error in the NLL).
+        sde: also sample by ``fmjax.sample.sde`` (its default diffusion and solver, the score
+            derived from the velocity) from the ODE's source points and check those samples
+            (the ``sde_*`` fields). The derivation needs a problem whose source is an
+            independent N(0, I) and a schedule without latent noise (not ``gmm_1d`` or
+            ``gmm_2d_joint``).
+        sde_steps: steps of the SDE solve, or None for ``sample.sde``'s default.
         out: folder for ``report.json`` and the figures ``velocity_error.png``,
             ``nfe.png`` and ``samples.png``, or None for none.
 
@@ -267,6 +373,14 @@ def evaluate(
     )
     nfe_solver = _checks.check_choice(_FN, "nfe_solver", nfe_solver, _SOLVERS)
     nfe_tol = _checks.check_positive(_FN, "nfe_tol", nfe_tol)
+    _checks.check_instance(_FN, "sde", sde, bool, "True or False")
+    sde_kw = {}
+    if sde_steps is not None:
+        sde_kw["steps"] = _checks.check_int(_FN, "sde_steps", sde_steps, 1)
+    if sde and not _standard_source(problem):
+        _checks.fail(_FN, "sde", f"False for problem {problem.name!r} (the SDE derives the score "
+                     "from the velocity: the source must be an independent N(0, I) and the "
+                     "schedule without latent noise)", sde)  # fmt: skip
     fixed = {}
     if likelihood_steps is not None:
         steps = _checks.check_int(_FN, "likelihood_steps", likelihood_steps, 1)
@@ -292,13 +406,24 @@ def evaluate(
         key=keys[3] if divergence == "hutchinson" else None, rtol=rtol, atol=atol, **fixed,
     )  # fmt: skip
     nll = -_f(jnp.mean(ll.log_prob))
-    target_nll = -_f(jnp.mean(c.target().log_prob(x1)))
+    p1 = _merge_equal(c.target())
+    exact_checks = metrics.sample_checks(x1, p1)  # the target's entropy and the noise levels
+    target_entropy = _f(exact_checks.cross_entropy)
 
     x0 = c.source().sample(keys[4], n)
     sol = sample.ode(velocity, x0, schedule=s, rtol=rtol, atol=atol)
-    x_ref2 = c.target().sample(keys[5], n)
+    x_ref2 = p1.sample(keys[5], n)
     energy = _f(metrics.energy_distance(sol.x, x1))
     energy_noise = _f(metrics.energy_distance(x_ref2, x1))
+    ode_fields = _check_fields(metrics.sample_checks(sol.x, p1), exact_checks)
+    sde_fields = {f"sde_{k}": None for k in (*ode_fields, "energy", "nfe")}
+    ode_fields["sample_cross_entropy"] = ode_fields.pop("cross_entropy")
+    if sde:
+        sde_sol = sample.sde(velocity, s, x0, key=keys[7], **sde_kw)
+        sde_checks = metrics.sample_checks(sde_sol.x, p1)
+        sde_fields = {f"sde_{k}": v for k, v in _check_fields(sde_checks, exact_checks).items()}
+        sde_fields["sde_energy"] = _f(metrics.energy_distance(sde_sol.x, x1))
+        sde_fields["sde_nfe"] = int(sde_sol.nfe)
     sw = sw_noise = None
     if w2:
         sw = math.sqrt(max(0.0, _f(metrics.sliced_wasserstein(sol.x, x1, key=keys[6]))))
@@ -306,7 +431,7 @@ def evaluate(
     nfe = _nfe(velocity, x0, sol.x, problem, nfe_solver, nfe_tol, tuple(nfe_step_counts))
 
     mean_err, mean_scale = _f(jnp.mean(err)), _f(jnp.mean(scale))
-    gap = nll - target_nll
+    gap = nll - target_entropy
     report = EvaluationReport(
         problem=problem.name,
         dim=problem.dim,
@@ -322,13 +447,19 @@ def evaluate(
         excess_loss=float(excess_terms.mean()),
         excess_loss_stderr=float(excess_terms.std(ddof=1) / math.sqrt(n)),
         nll=nll,
-        target_nll=target_nll,
+        target_entropy=target_entropy,
+        target_entropy_stderr=_f(exact_checks.cross_entropy_stderr),
         nll_gap=gap,
         bits_per_dim_gap=gap / (problem.dim * math.log(2)),
         energy=energy,
         energy_noise=energy_noise,
         sliced_w2=sw,
         sliced_w2_noise=sw_noise,
+        **ode_fields,
+        worst_spread_ratio_noise=_f(exact_checks.worst_spread_ratio),
+        max_weight_error_noise=_f(exact_checks.max_weight_error),
+        max_mean_error_noise=_f(exact_checks.max_mean_error),
+        **sde_fields,
         nfe_adaptive=int(sol.nfe),
         nfe_to_accuracy=nfe.nfe,
         nfe_solver=nfe_solver,

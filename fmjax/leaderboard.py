@@ -146,6 +146,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="outputs/evaluate", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--no-w2", action="store_true", help="skip the sliced W2 (needs ott-jax)")
+    p.add_argument("--sde", action="store_true", help="--model/--exact: also check samples of "
+                   "the SDE sampler (its defaults; problems with an N(0, I) source)")  # fmt: skip
 
 
 def run(args) -> int:
@@ -179,7 +181,8 @@ def run(args) -> int:
         _checks.check_positive("cli", "--tol", args.tol)
         print(f"fmjax evaluate: {label} on {problem.name} ({problem.description}) ...")
         report = evaluate(velocity, problem, key=jax.random.key(args.seed), n=args.n,
-                          nfe_tol=args.tol, w2=not args.no_w2, out=args.out)  # fmt: skip
+                          nfe_tol=args.tol, w2=not args.no_w2, sde=args.sde,
+                          out=args.out)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise SystemExit(str(e)) from None
     print(json.dumps(report.summary(), indent=1))

@@ -14,6 +14,8 @@ Errors of a learned model against the exact GMM answers:
 * ``velocity_error``: E|v(t, X_t) - u_t(X_t)|^2 over X_t ~ p_t, as a curve over times,
 * ``component_stats``: weights, means and covariances of samples per exact-responsibility
   component of the target (collapse and spread of each mode both show),
+* ``sample_checks``: those moments and the cross-entropy E_q[-log p] of samples under the exact
+  target (below its entropy: collapse, above: spread),
 * ``nll``: mean negative log-likelihood of samples under an exact density,
 * ``nfe_to_accuracy``: fewest solver steps whose samples are within a tolerance.
 
@@ -22,7 +24,9 @@ with sizes and options static. ``sliced_wasserstein`` and ``w2`` need ott-jax (`
 """
 
 from fmjax.metrics.components import ComponentStats as ComponentStats
+from fmjax.metrics.components import SampleChecks as SampleChecks
 from fmjax.metrics.components import component_stats as component_stats
+from fmjax.metrics.components import sample_checks as sample_checks
 from fmjax.metrics.errors import NFEResult as NFEResult
 from fmjax.metrics.errors import nfe_to_accuracy as nfe_to_accuracy
 from fmjax.metrics.errors import nll as nll
@@ -45,4 +49,6 @@ __all__ = [
     "NFEResult",
     "component_stats",
     "ComponentStats",
+    "sample_checks",
+    "SampleChecks",
 ]
