@@ -491,7 +491,8 @@ def _cmd_train(args) -> int:
 
 
 def _velocity_and_target(args):
-    """(velocity, schedule, target sampler, label) of ``--model`` or the exact demo field."""
+    """(velocity, schedule, target sampler, label, exact target mixture or None) of ``--model``
+    or the exact demo field."""
     from fmjax import exact, experiments
     from fmjax.experiments.train_model import target
 
@@ -500,10 +501,12 @@ def _velocity_and_target(args):
             trained = experiments.load_model(args.model)
         except ValueError as e:
             raise _exit(e) from None
-        sampler, _ = target(trained.config.data)
-        return trained.velocity, trained.schedule, sampler, f"model {args.model}"
+        sampler, coupling = target(trained.config.data)
+        mixture = None if coupling is None else coupling.target()
+        return trained.velocity, trained.schedule, sampler, f"model {args.model}", mixture
     coupling, s = experiments.demo_problem()
-    return exact.velocity_field(coupling, s), s, coupling.target().sample, "exact GMM velocity"
+    p1 = coupling.target()
+    return exact.velocity_field(coupling, s), s, p1.sample, "exact GMM velocity", p1
 
 
 def _draw(args, velocity, s, key):
@@ -539,7 +542,7 @@ def _cmd_sample(args) -> int:
         _check("check_int", "--steps", args.steps)
     if args.diffusion is not None:
         _check("check_positive", "--diffusion", args.diffusion, allow_zero=True)
-    velocity, s, target, label = _velocity_and_target(args)
+    velocity, s, target, label, mixture = _velocity_and_target(args)
     out = _claim(args)
     phase = _Progress(args)
     key = jax.random.key(args.seed or 0)
@@ -553,6 +556,18 @@ def _cmd_sample(args) -> int:
     with phase(f"energy distance of {n_ref} samples to {n_ref} target samples"):
         ref = np.asarray(target(jax.random.fold_in(key, 2), args.n))
         energy = float(metrics.energy_distance(x[:n_ref], ref[:n_ref]))
+    checks = {}
+    if mixture is not None:  # collapse lowers the cross-entropy below the entropy, spread raises it
+        got, want = metrics.sample_checks(x, mixture), metrics.sample_checks(ref, mixture)
+        checks = {
+            "cross_entropy": got.cross_entropy,
+            "target_entropy": want.cross_entropy,
+            "target_entropy_stderr": want.cross_entropy_stderr,
+            "cross_entropy_z": got.cross_entropy_z(want),
+            "worst_spread_ratio": got.worst_spread_ratio,
+            "worst_spread_ratio_noise": want.worst_spread_ratio,
+        }
+        checks = {k: float(v) for k, v in checks.items()}
     with phase(f"writing samples.npy, samples.png and results.json to {out}"):
         np.save(out / "samples.npy", x)
         figure = {"target samples": ref, f"{method} samples": x}
@@ -561,6 +576,7 @@ def _cmd_sample(args) -> int:
             "options": {k: v for k, v in vars(args).items() if k != "command"},
             "nfe": int(timing.out.nfe),
             "energy_distance": energy,
+            **checks,
             "first_call_s": timing.first_s,
             "run_time_s": timing.median_s,
             "samples": out / "samples.npy",

@@ -31,7 +31,8 @@ LEADERBOARD_PROBLEMS = ("gmm_1d", "demo_2d", "gmm_2d_joint", "eight_gaussians", 
 #: ``fmjax evaluate --all --quick``: the settings of ``leaderboard`` (CI; see ``add_parser``).
 _QUICK = dict(steps=300, n=300, width=64, channels=8)
 _COLUMNS = ("problem", "model", "relative_velocity_error", "excess_loss", "nll_gap", "energy",
-            "energy_noise", "nfe_to_accuracy")  # fmt: skip
+            "energy_noise", "sample_cross_entropy", "target_entropy", "cross_entropy_z",
+            "worst_spread_ratio", "nfe_to_accuracy")  # fmt: skip
 
 
 def _builtin_models(problem: problems.Problem, width: int, channels: int) -> dict:

@@ -519,3 +519,39 @@ def test_component_stats_jits_and_validates(key):
         metrics.component_stats(x[:, :1], p)
     with pytest.raises(TypeError, match="metrics.component_stats: `mixture`"):
         metrics.component_stats(x, fmjax.independent_coupling(p, p))
+
+
+# ----------------------------------------------------------------------------- sample_checks
+
+
+def test_sample_checks_two_sided_and_calibrated(key, x64):
+    """The cross-entropy of exact samples is the entropy within its standard error: over R = 64
+    independent pairs of exact samples (n = 1000) the z of ``cross_entropy_z`` has mean ~0 (Z
+    standard errors: 1 / sqrt(64)) and std ~1 (a wrong standard error, e.g. without the sqrt(n)
+    or one sample's only, moves it by > 40%). Controls: modes shrunk by 30% toward their means
+    lower the cross-entropy by ~(1 - 0.49) d / 2 = 0.51 nats (d = 2, separated modes), widened
+    by 30% raise it by ~0.69 nats; both are many standard errors away, and the worst spread
+    ratio shows which way."""
+    p = _three_modes()
+    n, r = 1000, 64
+    checks = jax.jit(jax.vmap(lambda k: metrics.sample_checks(p.sample(k, n), p)))
+    a = checks(jax.random.split(jax.random.fold_in(key, 0), r))
+    b = checks(jax.random.split(jax.random.fold_in(key, 1), r))
+    z = np.asarray(a.cross_entropy_z(b))
+    assert abs(z.mean()) < Z / math.sqrt(r) and 0.7 < z.std() < 1.3, (z.mean(), z.std())
+    nlp = -p.log_prob(p.sample(jax.random.fold_in(key, 2), n))
+    one = metrics.sample_checks(p.sample(jax.random.fold_in(key, 2), n), p)
+    np.testing.assert_allclose(one.cross_entropy_stderr, nlp.std(ddof=1) / math.sqrt(n))
+    assert one.weight_error.shape == one.spread_ratio.shape == (3,)
+
+    x = p.sample(jax.random.fold_in(key, 3), n)
+    centre = p.means[jnp.argmax(p.responsibilities(x), axis=-1)]
+    for factor, shift in ((0.7, -0.51), (1.3, 0.69)):
+        moved = metrics.sample_checks(centre + factor * (x - centre), p)
+        diff = float(moved.cross_entropy - one.cross_entropy)
+        assert abs(diff - shift) < 0.15, (factor, diff)
+        assert abs(float(moved.cross_entropy_z(one))) > 8
+        assert abs(float(moved.worst_spread_ratio) - factor**2) < 0.2
+        assert (float(moved.worst_spread_ratio) - 1) * (factor - 1) > 0  # the right side
+    with pytest.raises(ValueError, match="metrics.sample_checks: `samples` must be at least 2"):
+        metrics.sample_checks(x[:1], p)
