@@ -378,9 +378,8 @@ def evaluate(
     if sde_steps is not None:
         sde_kw["steps"] = _checks.check_int(_FN, "sde_steps", sde_steps, 1)
     if sde and not _standard_source(problem):
-        _checks.fail(_FN, "sde", f"False for problem {problem.name!r} (the SDE derives the score "
-                     "from the velocity: the source must be an independent N(0, I) and the "
-                     "schedule without latent noise)", sde)  # fmt: skip
+        why = "the SDE derives the score from the velocity, which needs an N(0, I) source"
+        _checks.fail(_FN, "sde", f"False for problem {problem.name!r} ({why})", sde)
     fixed = {}
     if likelihood_steps is not None:
         steps = _checks.check_int(_FN, "likelihood_steps", likelihood_steps, 1)
@@ -412,7 +411,7 @@ def evaluate(
 
     x0 = c.source().sample(keys[4], n)
     sol = sample.ode(velocity, x0, schedule=s, rtol=rtol, atol=atol)
-    x_ref2 = p1.sample(keys[5], n)
+    x_ref2 = c.target().sample(keys[5], n)
     energy = _f(metrics.energy_distance(sol.x, x1))
     energy_noise = _f(metrics.energy_distance(x_ref2, x1))
     ode_fields = _check_fields(metrics.sample_checks(sol.x, p1), exact_checks)

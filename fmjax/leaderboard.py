@@ -124,7 +124,9 @@ def add_parser(sub) -> None:
         "evaluate",
         help="score a trained model (or the exact field) against a problem's exact answers",
         description="Velocity error over t, excess loss over the exact floor, NLL against the "
-        "exact log-density, energy distance and sliced W2 to exact samples, and the NFE for a "
+        "exact log-density, energy distance and sliced W2 to exact samples, the cross-entropy "
+        "of the samples under the exact target against its entropy and their per-component "
+        "weights, means and spreads (collapse and spread both show), and the NFE for a "
         "given accuracy, of a model written by `fmjax train` (--model DIR) or of the exact "
         "field (--exact) on a problem of fmjax.problems; writes report.json and PNG figures.",
     )

@@ -160,7 +160,7 @@ def test_argument_errors(exact_field):
     with pytest.raises(ValueError, match="evaluation.evaluate: `sde` must be False for problem"):
         fmjax.evaluate(exact_field, "gmm_1d", key=jax.random.key(0), sde=True)
     with pytest.raises(ValueError, match="evaluation.evaluate: `sde_steps` must be"):
-        fmjax.evaluate(exact_field, "demo_2d", key=jax.random.key(0), sde=True, sde_steps=0)
+        fmjax.evaluate(exact_field, "gmm_1d", key=jax.random.key(0), sde_steps=0)
 
 
 def test_cli_evaluate_exact(tmp_path, capsys):
