@@ -119,6 +119,9 @@ def test_sample_exact_field_matches_target(tmp_path, capsys):
     res = json.loads((out / "results.json").read_text())
     assert abs(res["energy_distance"]) < 0.05  # exact field: noise level only
     assert res["nfe"] > 0
+    # the two-sided checks against the exact demo GMM (controls: tests/test_evaluation.py)
+    assert abs(res["cross_entropy_z"]) < 4 and res["target_entropy_stderr"] > 0
+    assert 0.3 < res["worst_spread_ratio"] < 3 and "worst_spread_ratio_noise" in res
     # A status line per phase on stderr, with its time (none with --no-progress: the control
     # is in test_train_then_sample_with_toml_config).
     lines = capsys.readouterr().err.splitlines()
