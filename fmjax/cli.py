@@ -558,7 +558,8 @@ def _cmd_sample(args) -> int:
         energy = float(metrics.energy_distance(x[:n_ref], ref[:n_ref]))
     checks = {}
     if mixture is not None:  # collapse lowers the cross-entropy below the entropy, spread raises it
-        got, want = metrics.sample_checks(x, mixture), metrics.sample_checks(ref, mixture)
+        checks_of = jax.jit(metrics.sample_checks)  # x and ref: one program
+        got, want = checks_of(x, mixture), checks_of(ref, mixture)
         checks = {
             "cross_entropy": got.cross_entropy,
             "target_entropy": want.cross_entropy,

@@ -54,6 +54,7 @@ __all__ = ["EvaluationReport", "evaluate", "write_report"]
 _FN = "evaluation.evaluate"
 _SOLVERS = {"euler": 1, "midpoint": 2}
 _STEP_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+_sample_checks = jax.jit(metrics.sample_checks)  # one program (eagerly: dozens of op compiles)
 
 
 class EvaluationReport(NamedTuple):
@@ -406,7 +407,7 @@ def evaluate(
     )  # fmt: skip
     nll = -_f(jnp.mean(ll.log_prob))
     p1 = _merge_equal(c.target())
-    exact_checks = metrics.sample_checks(x1, p1)  # the target's entropy and the noise levels
+    exact_checks = _sample_checks(x1, p1)  # the target's entropy and the noise levels
     target_entropy = _f(exact_checks.cross_entropy)
 
     x0 = c.source().sample(keys[4], n)
@@ -414,12 +415,12 @@ def evaluate(
     x_ref2 = c.target().sample(keys[5], n)
     energy = _f(metrics.energy_distance(sol.x, x1))
     energy_noise = _f(metrics.energy_distance(x_ref2, x1))
-    ode_fields = _check_fields(metrics.sample_checks(sol.x, p1), exact_checks)
+    ode_fields = _check_fields(_sample_checks(sol.x, p1), exact_checks)
     sde_fields = {f"sde_{k}": None for k in (*ode_fields, "energy", "nfe")}
     ode_fields["sample_cross_entropy"] = ode_fields.pop("cross_entropy")
     if sde:
         sde_sol = sample.sde(velocity, s, x0, key=keys[7], **sde_kw)
-        sde_checks = metrics.sample_checks(sde_sol.x, p1)
+        sde_checks = _sample_checks(sde_sol.x, p1)
         sde_fields = {f"sde_{k}": v for k, v in _check_fields(sde_checks, exact_checks).items()}
         sde_fields["sde_energy"] = _f(metrics.energy_distance(sde_sol.x, x1))
         sde_fields["sde_nfe"] = int(sde_sol.nfe)

@@ -534,24 +534,30 @@ def test_sample_checks_two_sided_and_calibrated(key, x64):
     ratio shows which way."""
     p = _three_modes()
     n, r = 1000, 64
-    checks = jax.jit(jax.vmap(lambda k: metrics.sample_checks(p.sample(k, n), p)))
-    a = checks(jax.random.split(jax.random.fold_in(key, 0), r))
-    b = checks(jax.random.split(jax.random.fold_in(key, 1), r))
+
+    @jax.jit
+    def draws(keys):  # 2r + 1 exact samples, then the last one shrunk and widened
+        xs = jax.vmap(lambda k: p.sample(k, n))(keys)
+        centre = p.means[jnp.argmax(p.responsibilities(xs[-1]), axis=-1)]
+        moved = [centre + f * (xs[-1] - centre) for f in (0.7, 1.3)]
+        return jnp.concatenate([xs, jnp.stack(moved)])
+
+    batch = draws(jax.random.split(key, 2 * r + 1))
+    x = batch[2 * r]
+    c = jax.jit(jax.vmap(metrics.sample_checks, in_axes=(0, None)))(batch, p)  # one program
+    a, b = (jax.tree.map(lambda v, s=s: v[s], c) for s in (slice(0, r), slice(r, 2 * r)))
     z = np.asarray(a.cross_entropy_z(b))
     assert abs(z.mean()) < Z / math.sqrt(r) and 0.7 < z.std() < 1.3, (z.mean(), z.std())
-    nlp = -p.log_prob(p.sample(jax.random.fold_in(key, 2), n))
-    one = metrics.sample_checks(p.sample(jax.random.fold_in(key, 2), n), p)
+    one, shrunk, wide = (jax.tree.map(lambda v, i=i: v[i], c) for i in (2 * r, -2, -1))
+    nlp = -p.log_prob(x)
+    np.testing.assert_allclose(one.cross_entropy, nlp.mean())
     np.testing.assert_allclose(one.cross_entropy_stderr, nlp.std(ddof=1) / math.sqrt(n))
     assert one.weight_error.shape == one.spread_ratio.shape == (3,)
-
-    x = p.sample(jax.random.fold_in(key, 3), n)
-    centre = p.means[jnp.argmax(p.responsibilities(x), axis=-1)]
-    for factor, shift in ((0.7, -0.51), (1.3, 0.69)):
-        moved = metrics.sample_checks(centre + factor * (x - centre), p)
+    for moved, factor, shift in ((shrunk, 0.7, -0.51), (wide, 1.3, 0.69)):
         diff = float(moved.cross_entropy - one.cross_entropy)
         assert abs(diff - shift) < 0.15, (factor, diff)
         assert abs(float(moved.cross_entropy_z(one))) > 8
         assert abs(float(moved.worst_spread_ratio) - factor**2) < 0.2
         assert (float(moved.worst_spread_ratio) - 1) * (factor - 1) > 0  # the right side
-    with pytest.raises(ValueError, match="metrics.sample_checks: `samples` must be at least 2"):
+    with pytest.raises(ValueError, match=r"sample_checks: `samples` must be at least 2 points"):
         metrics.sample_checks(x[:1], p)

@@ -136,10 +136,10 @@ def sample_checks(samples: Float[ArrayLike, "n d"], mixture: GaussianMixture) ->
     Returns:
         ``SampleChecks`` with scalar and (K,) fields.
     """
+    if jnp.shape(samples)[:1] in ((0,), (1,)):
+        _checks.fail("metrics.sample_checks", "samples", "at least 2 points", jnp.shape(samples))
     stats = component_stats(samples, mixture)  # checks the arguments
     x = jnp.asarray(samples, mixture.means.dtype)
-    if x.shape[0] < 2:
-        _checks.fail("metrics.sample_checks", "samples", "at least 2 points", f"shape {x.shape}")
     nlp = -mixture.log_prob(x)
     ratio = stats.spread_ratio
     return SampleChecks(
