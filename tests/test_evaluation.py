@@ -164,23 +164,37 @@ def test_argument_errors(exact_field):
 
 
 def test_cli_evaluate_exact(tmp_path, capsys):
+    from fmjax import cli
+
+    out = tmp_path / "ev"
+    args = ["evaluate", "--exact", "--problem", "gmm_1d", "--n", "100", "--no-w2",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    fields = ("excess_loss", "sample_cross_entropy", "target_entropy", "worst_spread_ratio")
+    assert "gmm_1d" in printed and all(f'"{f}"' in printed for f in fields)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["mean_velocity_error"] < 1e-8 and saved["n"] == 100
+    assert len(saved["component_spread_ratio"]) == 3 and saved["sde_cross_entropy"] is None
+    with pytest.raises(SystemExit, match="problems.get: `name` must be one of"):
+        cli.main(["evaluate", "--exact", "--problem", "nope"])
+
+
+@pytest.mark.slow  # ~50 s on 2 busy cores (a second problem compiled, and the SDE)
+def test_cli_evaluate_exact_sde(tmp_path, capsys):
     # With --sde (demo_2d: an N(0, I) source) the report has the SDE samples' checks too.
     from fmjax import cli
 
     out = tmp_path / "ev"
-    args = ["evaluate", "--exact", "--problem", "demo_2d", "--n", "100", "--no-w2", "--sde",
-            "--out", str(out)]  # fmt: skip
+    args = ["evaluate", "--exact", "--problem", "demo_2d", "--n", "200", "--no-w2", "--sde"]
+    args += ["--out", str(out)]
     assert cli.main(args) == 0
-    printed = capsys.readouterr().out
-    fields = ("excess_loss", "sample_cross_entropy", "target_entropy", "sde_cross_entropy")
-    assert "demo_2d" in printed and all(f'"{f}"' in printed for f in fields)
+    assert '"sde_cross_entropy"' in capsys.readouterr().out
     saved = json.loads((out / "report.json").read_text())
-    assert saved["mean_velocity_error"] < 1e-8 and saved["n"] == 100
     assert len(saved["sde_component_spread_ratio"]) == 5 and saved["sde_nfe"] > 0
     # exact field, both samplers keep the marginals: the cross-entropies within noise
     assert abs(saved["cross_entropy_z"]) < 4 and abs(saved["sde_cross_entropy_z"]) < 4
-    with pytest.raises(SystemExit, match="problems.get: `name` must be one of"):
-        cli.main(["evaluate", "--exact", "--problem", "nope"])
+    assert saved["sde_energy"] < 0.05
 
 
 def test_leaderboard_table_and_cli_validation():
