@@ -92,7 +92,7 @@ class LossFloor(NamedTuple):
 
     Attributes:
         mean: the floor estimate, scalar.
-        stderr: its Monte Carlo standard error, scalar (NaN for n = 1).
+        stderr: its Monte Carlo standard error, scalar (``loss_floor`` requires n >= 2).
     """
 
     mean: Float[Array, ""]
@@ -662,7 +662,7 @@ def loss_floor(
     Args:
         coupling: the joint mixture of (X0, X1), or an ``exact.prepare``d one.
         schedule: affine schedule (or None with ``sigma_min``), with or without noise.
-        n: number of Monte Carlo samples (static).
+        n: number of Monte Carlo samples (static), at least 2 (the standard error needs two).
         key: PRNG key.
         time_sampler, target, sigma_min, reduction, bregman: as in ``cfm``.
         chunk_size: points per exact-velocity evaluation (memory bound; static).
@@ -671,6 +671,7 @@ def loss_floor(
         ``LossFloor(mean, stderr)``: the estimate and its Monte Carlo standard error.
     """
     div = _check_common("loss_floor", "n", n, target, reduction, bregman)
+    _checks.check_int("losses.loss_floor", "n", n, 2)  # a standard error needs two samples
     _check_coupling("loss_floor", coupling)
     _checks.check_key("losses.loss_floor", "key", key)
     schedule = _resolve_schedule("loss_floor", schedule, sigma_min)
@@ -678,7 +679,7 @@ def loss_floor(
     times = _time_sampler("loss_floor", time_sampler)
     chunk_size = _checks.check_int("losses.loss_floor", "chunk_size", chunk_size, 1)
     terms = _floor_terms(coupling, schedule, key, div, int(n), times, target, reduction, chunk_size)
-    return LossFloor(jnp.mean(terms), jnp.std(terms, ddof=1) / math.sqrt(n))  # NaN for n = 1
+    return LossFloor(jnp.mean(terms), jnp.std(terms, ddof=1) / math.sqrt(n))
 
 
 @functools.partial(jax.jit, static_argnames=("n", "times", "target", "reduction", "chunk_size"))

@@ -275,6 +275,16 @@ def test_loss_floor_key_is_keyword_only():
         losses.loss_floor(coupling, schedules.linear(), 8, key=None)
 
 
+def test_loss_floor_needs_two_samples_for_its_stderr():
+    """n = 1 gave a NaN standard error without a word: it is a ValueError naming `n`; n = 2
+    gives a finite one (control)."""
+    coupling = fmjax.random_joint_mixture(jax.random.key(0), 2, 2)
+    with pytest.raises(ValueError, match=r"losses.loss_floor: `n` must be an int >= 2, got 1"):
+        losses.loss_floor(coupling, schedules.linear(), 1, key=jax.random.key(0))
+    two = losses.loss_floor(coupling, schedules.linear(), 2, key=jax.random.key(0))
+    assert np.isfinite(float(two.mean)) and np.isfinite(float(two.stderr))
+
+
 def test_sigma_min_schedule_matches_custom(x64):
     sm = schedules.sigma_min_schedule(0.05)
     ref = schedules.custom(lambda t: t, lambda t: 1 - 0.95 * t, check_endpoints=False)
