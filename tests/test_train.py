@@ -1,7 +1,8 @@
 """Tests of fmjax.train: convergence to a closed form, exact agreement with a hand-rolled optax
 loop and EMA, invariance to chunking, bit-identical resume and a pure restore, checkpoint errors
 (bit flips and truncation caught by the checksum, no non-finite state saved, a changed run
-fingerprint refused unless forced, a locked directory, a resume that says so),
+fingerprint refused unless forced, a locked directory, a resume that says so), a non-finite
+loss or state stopping the fit with or without checkpoints,
 no recompilation across chunks or across calls with an equal configuration and shapes (and
 recompilation when the program changes, optimizer hyperparameters included), vmapped training
 equal to separate runs, and argument validation in the one error format."""
@@ -372,6 +373,37 @@ def test_non_finite_state_is_never_saved(tmp_path):
         good = train.fit(loss, _zeros(), optimizer=_nan_after(100), checkpoint_dir=ckpt,
                          resume="force", **kw)  # fmt: skip
     assert good.resumed_from == 5 and _same_run(good, res)
+
+
+def test_non_finite_stops_the_fit_without_checkpoints():
+    """Without checkpoint_dir the same policy as with one: it used to return NaN parameters
+    without a word. A loss that turns NaN at step 8 (params NaN in the update of step 7) is a
+    FloatingPointError naming step 8; NaN params behind finite losses (the last update) are
+    caught at the end; fit_many names the step and the models; finite runs pass (control)."""
+    x, y = _problem()
+    loss = _minibatch_loss(x, y)
+    kw = dict(key=jax.random.key(0), steps=20, steps_per_call=5, progress=False)
+    msg = r"fit: the loss became non-finite at step 8 \(nan\); the fit stopped at step 15 and no"
+    with pytest.raises(FloatingPointError, match=msg + " checkpoint_dir"):
+        train.fit(loss, _zeros(), optimizer=_nan_after(7), **kw)
+    with pytest.raises(FloatingPointError, match=r"state .* non-finite by step 20"):
+        train.fit(loss, _zeros(), optimizer=_nan_after(19), **kw)
+    res = train.fit(loss, _zeros(), optimizer=_nan_after(100), **kw)
+    assert res.step == 20 and np.isfinite(res.losses).all()
+    # A diverging SGD (no NaN put in by hand): the squared loss overflows to inf, then NaN.
+    with pytest.raises(FloatingPointError, match=r"the loss became non-finite at step \d+"):
+        train.fit(loss, _zeros(), optimizer=optax.sgd(1e3), **kw)
+    (xs, ys), many_loss = _regression_instances(3)
+    scale = jnp.array([1.0, 1.0, jnp.inf])  # model 2's loss is inf from step 0
+    scaled = lambda p, k, inst: many_loss(p, k, inst[:2]) * inst[2]  # noqa: E731
+    params = jax.tree.map(lambda a: jnp.stack([a] * 3), _zeros())
+    keys = jax.random.split(jax.random.key(1), 3)
+    kw = dict(keys=keys, steps=10, steps_per_call=5, progress=False)
+    msg = r"fit_many: .* at step 0 \(\[.*inf\]\) for model\(s\) \[2\]"
+    with pytest.raises(FloatingPointError, match=msg):
+        train.fit_many(scaled, params, instances=(xs, ys, scale), **kw)
+    ok = train.fit_many(scaled, params, instances=(xs, ys, jnp.ones(3)), **kw)
+    assert np.isfinite(ok.losses).all()
 
 
 def test_changed_fingerprint_is_refused_unless_forced(tmp_path):

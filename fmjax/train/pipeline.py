@@ -213,29 +213,53 @@ def _program(config: FitConfig, structs, placement: _Placement | None, args) -> 
     return compiled, 0.0 if hit else time.perf_counter() - t0
 
 
-def _check_finite(fn: str, state, hist: dict, *, start: int, end: int, ckpt: Checkpointer):
-    """``FloatingPointError`` if the losses of steps ``start .. end - 1`` or the (host) state
-    are not finite: such a state is never saved, so no finite checkpoint is rotated out."""
-    losses = np.asarray(hist["loss"])[start:end]
-    bad = ~np.isfinite(losses.reshape(len(losses), -1)).all(axis=1)
-    floats = [np.asarray(a) for a in jax.tree.leaves(state)]
-    state_ok = all(np.isfinite(a).all() for a in floats if np.issubdtype(a.dtype, np.inexact))
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
+
+
+def _state_finite(state) -> bool:
+    """Whether every floating leaf of ``state`` is finite: on the host for a host state, else
+    one reduction on the device and one boolean read back (no copy of the state)."""
+    floats = [a for a in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    if not any(isinstance(a, jax.Array) for a in floats):
+        return all(np.isfinite(a).all() for a in floats)
+    return bool(_all_finite(floats))
+
+
+def _check_finite(
+    fn: str, losses=None, *, begin: int, end: int, state_ok: bool = True, ckpt: Checkpointer | None
+) -> None:
+    """``FloatingPointError`` if the losses of steps ``begin .. end - 1`` (``(steps,)``, for
+    ``fit_many`` ``(steps, M)``; None: none) are not finite, or ``state_ok`` is False.
+
+    The one policy of ``fit`` and ``fit_many``, with or without checkpoints: the losses of every
+    chunk are checked as they are read (on the host already), the state (params, optimizer
+    state, EMA) wherever a checkpoint is due and at the end of the run. A non-finite state is
+    never saved, so no finite checkpoint is rotated out."""
+    losses = np.zeros(0) if losses is None else np.asarray(losses)[: end - begin]
+    bad = ~np.isfinite(losses).all(axis=tuple(range(1, losses.ndim)))
     if not bad.any() and state_ok:
         return
-    last = ckpt.latest_step()
-    kept = (
-        f"the last finite checkpoint is kept at step {last} in {ckpt.path}"
-        if last is not None
-        else f"no checkpoint was written to {ckpt.path}"
-    )
+    if ckpt is None:
+        kept = "no checkpoint_dir was given: nothing was saved"
+    else:
+        last = ckpt.latest_step()
+        kept = f"the state of step {end} was not saved and " + (
+            f"the last finite checkpoint is kept at step {last} in {ckpt.path}"
+            if last is not None
+            else f"no checkpoint was written to {ckpt.path}"
+        )
     if bad.any():
-        first = start + int(np.argmax(bad))
-        what = f"the loss became non-finite at step {first} ({losses[first - start]})"
+        row = int(np.argmax(bad))
+        what = f"the loss became non-finite at step {begin + row} ({losses[row]})"
+        if losses.ndim > 1:  # fit_many: which models
+            what += f" for model(s) {np.flatnonzero(~np.isfinite(losses[row])).tolist()}"
     else:
         what = f"the train state (params / optimizer state) became non-finite by step {end}"
     raise FloatingPointError(
-        f"{fn}: {what}; the state of step {end} was not saved and {kept}. Lower the learning "
-        "rate, clip the gradients or check `loss_fn`."
+        f"{fn}: {what}; the fit stopped at step {end} and {kept}. Lower the learning rate, clip "
+        "the gradients or check `loss_fn`."
     )
 
 
@@ -244,35 +268,40 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
                 ckpt: Checkpointer | None, run_fingerprint: dict | None,
                 fn: str) -> State:  # fmt: skip
     """Run steps ``start .. options.steps`` chunk by chunk; the losses of chunk ``k`` are read
-    while chunk ``k + 1`` runs. Saves checkpoints at multiples of ``checkpoint_every``, at the
-    end and when ``options.stop()`` turns true (then stops), unless the losses or the state are
-    not finite (``FloatingPointError``)."""
+    (and checked) while chunk ``k + 1`` runs. Saves checkpoints at multiples of
+    ``checkpoint_every``, at the end and when ``options.stop()`` turns true (then stops). A
+    non-finite loss or state stops the fit with ``FloatingPointError`` (``_check_finite``), with
+    or without checkpoints: a non-finite loss when its chunk is read (at most one chunk after
+    it ran), a non-finite state where a checkpoint is due and at the end."""
     steps, every = options.steps, options.checkpoint_every
     pending = None  # (begin, end, losses, aux) of the chunk whose outputs are not read yet
 
-    def drain():
+    def drain(end: int):
         b, e, losses, auxes = pending
         losses = np.asarray(losses)[: e - b]
         auxes = jax.tree.map(lambda a: np.asarray(a)[: e - b], auxes)
         history.append(losses, auxes)
         report(e, losses, auxes if history.has_aux else None)
+        _check_finite(fn, losses, begin=b, end=end, ckpt=ckpt)
 
+    e = start
     for b, e in chunk_bounds(start, steps, chunk_len, every):
         state, losses, auxes = program(state, keys, jnp.asarray(e - b, jnp.int32), instances)
         if pending is not None:
-            drain()
+            drain(e)
         pending = (b, e, losses, auxes)
         stopping = options.stop is not None and bool(options.stop())
         if ckpt is not None and (e == steps or (every and e % every == 0) or stopping):
-            drain()
+            drain(e)
             pending = None
-            hist, host_state = history.as_dict(), jax.device_get(state)
-            _check_finite(fn, host_state, hist, start=start, end=e, ckpt=ckpt)
-            ckpt.save(e, checkpointed(host_state), hist, run_fingerprint)
+            host_state = jax.device_get(state)
+            _check_finite(fn, begin=e, end=e, state_ok=_state_finite(host_state), ckpt=ckpt)
+            ckpt.save(e, checkpointed(host_state), history.as_dict(), run_fingerprint)
         if stopping:
             break
     if pending is not None:
-        drain()
+        drain(e)
+        _check_finite(fn, begin=e, end=e, state_ok=_state_finite(state), ckpt=ckpt)
     return jax.block_until_ready(state)
 
 
@@ -456,8 +485,7 @@ def fit(
             runs: a second fit on it raises ``RuntimeError``.
         checkpoint_every: save every that many steps (and always at the end). A state whose
             losses since the last save or whose params / optimizer state are not finite is
-            never saved: the fit stops with ``FloatingPointError`` naming the step where the
-            loss became non-finite, and the last finite checkpoint is kept.
+            never saved (the last finite checkpoint is kept): see ``FloatingPointError``.
         max_checkpoints: how many checkpoints to keep (``None``: all).
         resume: ``True``: continue from the latest checkpoint in ``checkpoint_dir`` if there is
             one (bit-identical to an uninterrupted run); its checksum must verify (else
@@ -491,7 +519,11 @@ def fit(
             of another run (different fingerprint) without ``resume="force"``.
         RuntimeError: a checkpoint that cannot be restored or fails its checksum (the message
             names its path), or a ``checkpoint_dir`` locked by another fit.
-        FloatingPointError: the loss or state became non-finite before a checkpoint was due.
+        FloatingPointError: a non-finite loss or state, with or without ``checkpoint_dir``;
+            the message names the step where the loss became non-finite. The losses of every
+            chunk are checked as they are read (the fit stops at most one chunk of
+            ``steps_per_call`` steps later), the params / optimizer state / EMA where a
+            checkpoint is due and at the end (one reduction on the device).
     """
     fn = "train.fit"
     config = FitConfig.create(
@@ -557,6 +589,10 @@ def fit_many(
     Returns:
         A :class:`FitResult` whose params, ema params and opt state have the leading axis
         ``M`` and whose ``losses`` have shape ``(M, steps)``.
+
+    Raises:
+        FloatingPointError: as :func:`fit`, when any model's loss or state is non-finite; the
+            message names the step and the models.
     """
     fn = "train.fit_many"
     config = FitConfig.create(
