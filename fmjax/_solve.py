@@ -29,6 +29,7 @@ __all__ = [
     "RK4",
     "Solved",
     "as_pytree",
+    "check_result",
     "check_time",
     "check_x",
     "nfe",
@@ -297,8 +298,23 @@ def nfe(solver: diffrax.AbstractSolver, num_steps: Int[ArrayLike, ""]) -> Int[Ar
 # ----------------------------------------------------------------------------- the solve
 
 
-def _check_result(fn: str, sol, y1, t0: float, t1: float, max_steps: int, schedule) -> None:
-    """Eagerly: a failed or non-finite solve becomes a ValueError naming the likely cause."""
+def check_result(
+    fn: str,
+    sol,
+    y1,
+    t0: float,
+    t1: float,
+    max_steps: int,
+    schedule,
+    cause: Callable[[str], tuple[str, str]] | None = None,
+) -> None:
+    """Eagerly: a failed or non-finite solve becomes a ValueError naming the likely cause.
+
+    Call it only on a concrete result (never under a trace). ``cause(what)``, called only for
+    non-finite states of a successful solve (``what`` says which solve), may name the argument
+    that made them, as ``(name, must_be)`` (``sample.sde`` probes its velocity, score and
+    diffusion); otherwise the end time or the velocity is named.
+    """
     finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(y1))
     ok = sol.result == diffrax.RESULTS.successful
     if ok and finite:
@@ -311,6 +327,9 @@ def _check_result(fn: str, sol, y1, t0: float, t1: float, max_steps: int, schedu
     else:
         what = "returned non-finite states"
     what = f"the solve from t0={t0:g} to t1={t1:g} {what}"
+    if ok and cause is not None:
+        name, must_be = cause(what)
+        _checks.fail(fn, name, must_be, "non-finite")
     if schedule is None:
         _checks.fail(
             fn,
@@ -381,7 +400,7 @@ def solve(
         sol = sol.result.error_if(sol, sol.result != diffrax.RESULTS.successful)
         y1 = jax.tree.map(lambda a: a[-1], sol.ys)
     else:
-        _check_result(fn, sol, y1, t0, t1, cap, schedule)
+        check_result(fn, sol, y1, t0, t1, cap, schedule)
     num_steps = sol.stats["num_steps"]
     count = nfe(slv, num_steps)
     if save_ts is None:

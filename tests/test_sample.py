@@ -340,6 +340,49 @@ def test_sde_validation():
         sample.sde(v, s, x0, key=0)
 
 
+def _nan_from(t0, t, x):
+    """x, NaN from time t0 on (t a scalar or of shape x.shape[:-1])."""
+    return jnp.where(jnp.broadcast_to(jnp.asarray(t)[..., None], x.shape) > t0, jnp.nan, x)
+
+
+def _g_window(lo, hi, inside, t):
+    """Diffusion 1, ``inside`` on (lo, hi)."""
+    return jnp.where((t > lo) & (t < hi), inside, 1.0)
+
+
+def test_sde_non_finite_samples_name_the_cause():
+    """Eagerly, like sample.ode, non-finite samples raise instead of being returned: a
+    ValueError naming the argument that is non-finite at the last finite state, and the step.
+    The diffusion is NaN only on (0.505, 0.515), between the 33 times the eager probe of g
+    checks, so only the states show it. Controls: the same fields finite pass; under jit
+    nothing is checked (the NaN samples come back). The thresholds are pytree leaves
+    (``jax.tree_util.Partial``): one compile per structure."""
+    s, x0, k = schedules.linear(), jnp.ones((8, D)), jax.random.key(0)
+    nan_from = lambda t0: jax.tree_util.Partial(_nan_from, jnp.asarray(t0))  # noqa: E731
+    g = lambda v: jax.tree_util.Partial(_g_window, 0.505, 0.515, jnp.asarray(v))  # noqa: E731
+    v = nan_from(2.0)  # finite on [0, 1]
+    step = r"non-finite in step {} of 100, t in \[{}\]; the {}\w* is non-finite"
+    msg = r"sample.sde: `velocity` must be finite .*" + step.format(52, "0.51, 0.52", "velocity")
+    with pytest.raises(ValueError, match=msg):
+        sample.sde(nan_from(0.505), s, x0, key=k)
+    with pytest.raises(ValueError, match=r"`velocity` .*in the denoising step of 100"):
+        sample.sde(nan_from(0.985), s, x0, key=k)  # only the last (ODE) step meets it
+    assert np.isfinite(sample.sde(v, s, x0, key=k).x).all()  # control
+    # With a score and a diffusion (one compile; the saved trajectory spares the rerun).
+    sde = lambda vel, score, gv: sample.sde(  # noqa: E731
+        vel, s, x0, key=k, score=score, diffusion=g(gv), save_trajectory=True
+    )
+    with pytest.raises(ValueError, match=r"`velocity` .*" + step.format(52, "0.51, 0.52", "vel")):
+        sde(nan_from(0.505), v, 1.0)
+    with pytest.raises(ValueError, match=r"`score` .*" + step.format(42, "0.41, 0.42", "score")):
+        sde(v, nan_from(0.405), 1.0)
+    with pytest.raises(ValueError, match=r"`diffusion` .*" + step.format(52, "0.51, 0.52", "diff")):
+        sde(v, v, jnp.nan)
+    assert np.isfinite(sde(v, v, 2.0).x).all()  # control
+    jitted = jax.jit(lambda x: sample.sde(nan_from(0.505), s, x, key=k).x)(x0)
+    assert np.isnan(jitted).all()
+
+
 def test_sde_key_is_keyword_only():
     v = lambda t, x: -x  # noqa: E731
     with pytest.raises(TypeError):

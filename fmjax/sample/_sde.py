@@ -408,9 +408,56 @@ def sde(
     if eps > 0:  # denoising step: Euler step of the probability-flow ODE to t_max
         x = x + eps * velocity(jnp.asarray(t_max - eps, x0.dtype), x)
         nfe, num_steps = nfe + 1, num_steps + 1
+    if _checks.is_concrete(x):  # eagerly, like sample.ode: non-finite samples raise
+        clock = (lambda t: 1.0 - t) if time == "reversed" else (lambda t: t)
+        run = functools.partial(_solve_sde, name, brownian, args, x0, key, t_min, t_max - eps)
+        saved = sol.ys if save_trajectory else None
+        cause = functools.partial(_cause, run, args, x0, x, saved, eps, n_sde, clock)
+        _solve.check_result(fn, sol, x, clock(t_min), clock(t_max), steps, None, cause)
     if not save_trajectory:
         return SDESolution(x, None, None, nfe, num_steps)
     return SDESolution(x, *_trajectory(sol, x, eps, t_min, t_max, n_sde, time), nfe, num_steps)
+
+
+def _cause(run, args: _SDEArgs, x0, x, saved, eps, n_sde, clock, what) -> tuple[str, str]:
+    """``(name, must_be)`` for non-finite samples: the first step whose end state is not finite,
+    and which of velocity, score and diffusion is non-finite at the last finite state (at both
+    ends of that step), else ``steps`` (the step itself overflowed). Runs only on failure: the
+    states on the step grid come from a rerun with the trajectory (same key, same path) unless
+    it was saved."""
+    xs = run(n_sde, True).ys if saved is None else saved
+    ts = np.linspace(*np.asarray(run.args[-2:], np.float64), n_sde + 1)
+    if eps > 0:  # the denoising step (probability-flow ODE, the velocity only)
+        xs = jnp.concatenate([xs, x[None]], axis=0)
+        ts = np.append(ts, ts[-1] + eps)
+    finite = np.asarray(jnp.isfinite(xs).reshape(len(xs), -1).all(axis=1))
+    k = int(np.argmin(finite))  # the first non-finite state (one exists)
+    if k == 0:
+        return "x0", f"finite ({what})"
+    denoise = eps > 0 and k == len(ts) - 1
+    ta, tb = clock(ts[k - 1]), clock(ts[k])
+    step = (
+        f"the denoising step of {len(ts) - 1}, t in [{ta:g}, {tb:g}]"
+        if denoise
+        else f"step {k} of {len(ts) - 1}, t in [{ta:g}, {tb:g}]"
+    )
+    xk = xs[k - 1]
+    times = [jnp.asarray(t, x0.dtype) for t in ((ts[k - 1],) if denoise else ts[k - 1 : k + 1])]
+    fields = {"velocity": lambda t: args.velocity(t, xk)}
+    if not denoise and args.score is not None:
+        fields["score"] = lambda t: args.score(t, xk)
+    if not denoise:
+        fields["diffusion"] = args.diffusion
+    bad = [n for n, f in fields.items() if not all(bool(jnp.isfinite(f(t)).all()) for t in times)]
+    where = f"the SDE's states became non-finite in {step}"
+    if bad:
+        also = f"; also non-finite: {', '.join(bad[1:])}" if len(bad) > 1 else ""
+        last = f"the {bad[0]} is non-finite at the last finite state{also}"
+        return bad[0], f"finite on the states it meets ({where}; {last})"
+    return "steps", (
+        f"large enough for a stable solve ({where}, with velocity, score and diffusion finite "
+        "at the last finite state: the step overflowed; take more steps or a smaller diffusion)"
+    )
 
 
 def _exact_coupling(velocity):
