@@ -368,7 +368,11 @@ def sde(
 
     Raises:
         TypeError: for a velocity, schedule, key or diffusion of the wrong type.
-        ValueError: naming the argument, for bad solver, steps, eps, diffrax or shapes.
+        ValueError: naming the argument, for bad solver, steps, eps, diffrax or shapes; and,
+            eagerly (never under a trace), for non-finite samples, as ``sample.ode``: naming
+            the velocity, score or diffusion that is non-finite at the last finite state (or
+            ``steps`` when all three are finite there: the step overflowed), and the step.
+            Found on failure only, by a rerun that saves the trajectory (same key, same path).
     """
     fn = "sample.sde"
     _checks.check_callable(fn, "velocity", velocity, "a callable (t, x) -> (..., d)")
@@ -426,7 +430,8 @@ def _cause(run, args: _SDEArgs, x0, x, saved, eps, n_sde, clock, what) -> tuple[
     states on the step grid come from a rerun with the trajectory (same key, same path) unless
     it was saved."""
     xs = run(n_sde, True).ys if saved is None else saved
-    ts = np.linspace(*np.asarray(run.args[-2:], np.float64), n_sde + 1)
+    t0, t1 = run.args[-2:]  # the SDE's interval [t_min, t_max - eps], forward clock
+    ts = np.linspace(t0, t1, n_sde + 1)
     if eps > 0:  # the denoising step (probability-flow ODE, the velocity only)
         xs = jnp.concatenate([xs, x[None]], axis=0)
         ts = np.append(ts, ts[-1] + eps)
