@@ -356,21 +356,23 @@ def test_sde_non_finite_samples_name_the_cause():
     The diffusion is NaN only on (0.505, 0.515), between the 33 times the eager probe of g
     checks, so only the states show it. Controls: the same fields finite pass; under jit
     nothing is checked (the NaN samples come back). The thresholds are pytree leaves
-    (``jax.tree_util.Partial``): one compile per structure."""
+    (``jax.tree_util.Partial``): one compile per structure; the unsafe Brownian path compiles
+    faster."""
     s, x0, k = schedules.linear(), jnp.ones((8, D)), jax.random.key(0)
+    sde_ = functools.partial(sample.sde, key=k, brownian="unsafe")
     nan_from = lambda t0: jax.tree_util.Partial(_nan_from, jnp.asarray(t0))  # noqa: E731
     g = lambda v: jax.tree_util.Partial(_g_window, 0.505, 0.515, jnp.asarray(v))  # noqa: E731
     v = nan_from(2.0)  # finite on [0, 1]
     step = r"non-finite in step {} of 100, t in \[{}\]; the {}\w* is non-finite"
     msg = r"sample.sde: `velocity` must be finite .*" + step.format(52, "0.51, 0.52", "velocity")
     with pytest.raises(ValueError, match=msg):
-        sample.sde(nan_from(0.505), s, x0, key=k)
+        sde_(nan_from(0.505), s, x0)
     with pytest.raises(ValueError, match=r"`velocity` .*in the denoising step of 100"):
-        sample.sde(nan_from(0.985), s, x0, key=k)  # only the last (ODE) step meets it
-    assert np.isfinite(sample.sde(v, s, x0, key=k).x).all()  # control
+        sde_(nan_from(0.985), s, x0)  # only the last (ODE) step meets it
+    assert np.isfinite(sde_(v, s, x0).x).all()  # control
     # With a score and a diffusion (one compile; the saved trajectory spares the rerun).
-    sde = lambda vel, score, gv: sample.sde(  # noqa: E731
-        vel, s, x0, key=k, score=score, diffusion=g(gv), save_trajectory=True
+    sde = lambda vel, score, gv: sde_(  # noqa: E731
+        vel, s, x0, score=score, diffusion=g(gv), save_trajectory=True
     )
     with pytest.raises(ValueError, match=r"`velocity` .*" + step.format(52, "0.51, 0.52", "vel")):
         sde(nan_from(0.505), v, 1.0)
@@ -379,7 +381,7 @@ def test_sde_non_finite_samples_name_the_cause():
     with pytest.raises(ValueError, match=r"`diffusion` .*" + step.format(52, "0.51, 0.52", "diff")):
         sde(v, v, jnp.nan)
     assert np.isfinite(sde(v, v, 2.0).x).all()  # control
-    jitted = jax.jit(lambda x: sample.sde(nan_from(0.505), s, x, key=k).x)(x0)
+    jitted = jax.jit(lambda x: sde_(nan_from(0.505), s, x).x)(x0)
     assert np.isnan(jitted).all()
 
 
