@@ -284,8 +284,12 @@ def test_under_outer_jit_traced_once(entry):
     for seed in (0, 1):
         got = jitted(*_inputs(seed))
         want = entry(*_inputs(seed))
-        # Same program up to XLA's fusion of the outer jit: float32 round-off only.
-        chex.assert_trees_all_close(got, want, rtol=2e-4, atol=2e-5)
+        # Same program up to XLA's fusion of the outer jit: float32 round-off only. The UNet's
+        # ~25 layers (GroupNorms, convolutions) carry round-off of its activations' scale into
+        # every output: 4e-5 absolute on outputs of RMS 0.5 (1e-4 of the scale; the additive
+        # UNet had 3.9e-5 too), so small outputs need an absolute tolerance of that scale.
+        atol = 1e-4 if entry is unet_velocity else 2e-5
+        chex.assert_trees_all_close(got, want, rtol=2e-4, atol=atol)
         assert np.all(np.isfinite(np.asarray(got)))
 
 
