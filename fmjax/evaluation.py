@@ -292,14 +292,7 @@ def _merge_equal(p: GaussianMixture) -> GaussianMixture:
 def _standard_source(problem: problems.Problem) -> bool:
     """Whether the problem's source is an independent N(0, I) and its schedule has no latent
     noise, where ``sample.sde`` may derive the score from the velocity."""
-    c, d = problem.coupling, problem.dim
-    means, covs = np.asarray(c.means), np.asarray(c.covs)
-    return (
-        not problem.schedule.has_noise
-        and np.allclose(means[:, :d], 0.0)
-        and np.allclose(covs[:, :d, :d], np.eye(d))
-        and not np.any(covs[:, :d, d:])
-    )
+    return not problem.schedule.has_noise and problem.coupling.is_standard_normal(0)
 
 
 def _check_problem(problem) -> problems.Problem:

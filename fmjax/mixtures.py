@@ -512,6 +512,22 @@ class JointGaussianMixture(_MixtureBase):
     def _aux(self) -> tuple:
         return (("structure", self.structure),)
 
+    def is_standard_normal(self, end: int = 0) -> bool:
+        """Whether X_end (``end`` 0: the source, 1: the target) is an N(0, I) independent of the
+        other end, in every component: the case where a velocity determines the score
+        (``sample.sde`` without ``score=``). Reads concrete arrays (not under a trace)."""
+        fn = "mixtures.JointGaussianMixture.is_standard_normal"
+        if end not in (0, 1):
+            _checks.fail(fn, "end", "0 (the source) or 1 (the target)", end)
+        d = self.dim
+        side = slice(0, d) if end == 0 else slice(d, 2 * d)
+        means, covs = np.asarray(self.means), np.asarray(self.covs)
+        return bool(
+            np.allclose(means[:, side], 0.0)
+            and np.allclose(covs[:, side, side], np.eye(d))
+            and not np.any(covs[:, :d, d:])
+        )
+
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", structure={self.structure!r})"
 

@@ -332,3 +332,20 @@ def test_sample_gradient_with_respect_to_covs_still_flows(x64):
     g = jax.grad(f)(0.0)
     assert abs(float(fd)) > 1e-3
     np.testing.assert_allclose(g, fd, rtol=1e-6)
+
+
+def test_is_standard_normal_reads_each_end():
+    """The source of independent_coupling(N(0, I), p1) is standard, its target is not; a
+    shifted source, a scaled one or a cross-covariance (the OT map) are the controls."""
+    p1 = fmjax.random_gaussian_mixture(jax.random.key(0), 3, 2)
+    c = fmjax.independent_coupling(fmjax.standard_normal(2), p1)
+    assert c.is_standard_normal(0) and not c.is_standard_normal(1)
+    assert fmjax.independent_coupling(p1, fmjax.standard_normal(2)).is_standard_normal(1)
+    shifted = fmjax.GaussianMixture(jnp.ones(1), jnp.full((1, 2), 0.1), jnp.eye(2)[None])
+    scaled = fmjax.GaussianMixture(jnp.ones(1), jnp.zeros((1, 2)), 1.1 * jnp.eye(2)[None])
+    for p0 in (shifted, scaled):
+        assert not fmjax.independent_coupling(p0, p1).is_standard_normal(0)
+    ot = fmjax.couplings.mixture_ot(fmjax.standard_normal(2), p1).coupling
+    assert not ot.is_standard_normal(0)  # N(0, I) marginal, but coupled to x1
+    with pytest.raises(ValueError, match="is_standard_normal: `end`"):
+        c.is_standard_normal(2)
