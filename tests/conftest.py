@@ -45,3 +45,23 @@ class _CompileCounter:
 def count_compiles():
     """``with count_compiles() as c: ...`` then ``c.n`` is the number of XLA compilations."""
     return _CompileCounter
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the exact engine's kernels (rows of ``fmjax.exact._plan``'s table B) called
+    while the test runs, in order (under an outer jit: at trace time)."""
+    from fmjax.exact import _plan
+
+    calls = []
+
+    def spy(name, kernel):
+        def run(*args, **kwargs):
+            calls.append(name)
+            return kernel(*args, **kwargs)
+
+        return run
+
+    for name, kernel in list(_plan.KERNELS.items()):
+        monkeypatch.setitem(_plan.KERNELS, name, spy(name, kernel))
+    return calls

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import _kernels, _pencil, exact, schedules
+from fmjax import exact, schedules
+from fmjax.exact import _cholesky, _prepared, _stream
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import reference
 
@@ -72,9 +73,9 @@ def test_streaming_blocks_match_single_block(x64, monkeypatch, fresh_kernels):
     x = _points(c, sched, 0.4, jax.random.key(1))
     qs = ("velocity", "log_prob", "score", "divergence")
     whole = exact.evaluate(c, sched, 0.4, x, qs)
-    monkeypatch.setattr(_kernels, "_BLOCK_BUDGET", 1)
+    monkeypatch.setattr(_stream, "BLOCK_BUDGET", 1)
     jax.clear_caches()  # the compiled kernels baked the old budget in
-    assert _kernels._block_size(x.shape[0], 6, 2) == 1
+    assert _stream.block_size(x.shape[0], 6, 2) == 1
     streamed = exact.evaluate(c, sched, 0.4, x, qs)
     for q in qs:
         np.testing.assert_allclose(getattr(streamed, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
@@ -91,16 +92,20 @@ def test_prime_component_count_is_padded_not_split_into_blocks_of_one(
     qs = ("velocity", "log_prob", "score", "divergence")
     whole = exact.evaluate(c, sched, 0.6, x, qs)
     n, d = x.shape
-    monkeypatch.setattr(_kernels, "_BLOCK_BUDGET", 3 * (3 * n * d + 32 * d * d))
+    monkeypatch.setattr(_stream, "BLOCK_BUDGET", 3 * (3 * n * d + 32 * d * d))
     jax.clear_caches()  # the compiled kernels baked the old budget in
-    assert _kernels._block_size(n, 7, d) == 3  # ceil(7 / 3) = 3 steps of 3, the last padded
-    assert _kernels._block_size(n, 6, d) == 3
+    assert _stream.block_size(n, 7, d) == 3  # ceil(7 / 3) = 3 steps of 3, the last padded
+    assert _stream.block_size(n, 6, d) == 3
     padded = exact.evaluate(c, sched, 0.6, x, qs)
     for q in qs:
         np.testing.assert_allclose(getattr(padded, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
     # Control: padding with a non-zero weight would change the answer.
-    bad = _kernels._pad(c, 9)
-    bad = type(bad)._from_leaves(bad.weights.at[7].set(0.5) / 1.5, bad.means, bad.covs)
+    blocks = _stream.to_blocks(_cholesky.comps(c), 3)  # (3, 3, ...): component 0 copied twice
+    padded = jax.tree.map(lambda a: a.reshape((9,) + a.shape[2:]), blocks)
+    assert np.all(np.isneginf(padded.log_w[7:])) and np.all(padded.s00[7:] == c.covs[:1, :d, :d])
+    w = jnp.exp(padded.log_w).at[7].set(0.5) / 1.5
+    means = jnp.concatenate([padded.m0, padded.m1], 1)
+    bad = type(c)._from_leaves(w, means, jnp.concatenate([c.covs, c.covs[:2]]))
     assert _rel(exact.velocity(bad, sched, 0.6, x), whole.velocity) > 1e-3
 
 
@@ -115,16 +120,16 @@ def test_block_count_of_prime_k():
         b = min(k, max(1, budget // (3 * limit_n * d + 32 * d * d)))
         return _m.ceil(k / b)
 
-    exact_budget = _kernels._BLOCK_BUDGET
+    exact_budget = _stream.BLOCK_BUDGET
     try:
-        _kernels._BLOCK_BUDGET = budget
+        _stream.BLOCK_BUDGET = budget
         for k in (256, 257):
-            bsz = _kernels._block_size(limit_n, k, d)
+            bsz = _stream.block_size(limit_n, k, d)
             assert bsz <= 64
             assert -(-k // bsz) == steps(k)
-        assert -(-257 // _kernels._block_size(limit_n, 257, d)) == 5
+        assert -(-257 // _stream.block_size(limit_n, 257, d)) == 5
     finally:
-        _kernels._BLOCK_BUDGET = exact_budget
+        _stream.BLOCK_BUDGET = exact_budget
 
 
 def test_many_point_and_per_point_kernels_agree(x64):
@@ -461,7 +466,7 @@ def test_time_free_path_matches_per_time_path(x64, name, t):
 
 
 @pytest.mark.parametrize("name", TIME_FREE_SCHEDULES)
-def test_time_free_path_with_one_time_per_point(x64, name, monkeypatch):
+def test_time_free_path_with_one_time_per_point(x64, name, kernel_calls):
     """One t per point: a concrete independent coupling takes the time-free path by itself, and
     agrees with the vmapped per-point Cholesky path (``prepare(c, independent=False)``)."""
     sched = SCHEDULES[name]
@@ -471,17 +476,13 @@ def test_time_free_path_with_one_time_per_point(x64, name, monkeypatch):
         [jnp.array([0.0, 1e-3, 0.5, sched.t_max]), jax.random.uniform(jax.random.key(1), (n - 4,))]
     ) * (sched.t_max / 1.0)
     x = 3.0 * jax.random.normal(jax.random.key(2), (n, 4))
-    calls = []
-    free = _pencil._accumulate_free_jit
-    monkeypatch.setattr(
-        _pencil, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
-    )
+    calls = kernel_calls
     got = exact.evaluate(c, sched, ts, x, _QS)
-    assert calls  # the time-free path was taken
+    assert "pencil" in calls  # the time-free path was taken
     via_prepare = exact.evaluate(exact.prepare(c), sched, ts, x, _QS)
     calls.clear()
     want = exact.evaluate(exact.prepare(c, independent=False), sched, ts, x, _QS)
-    assert not calls  # ... and not here
+    assert "pencil" not in calls  # ... and not here
     for q in _QS:
         assert _rel(getattr(got, q), getattr(want, q)) < 1e-10, q
         np.testing.assert_array_equal(getattr(got, q), getattr(via_prepare, q))
@@ -513,7 +514,7 @@ def test_cross_covariance_keeps_the_per_time_path(x64):
         .set(0.05 * jnp.eye(d))
     )
     c = fmjax.JointGaussianMixture(ind.weights, ind.means, ind.covs + cross)
-    assert ind.structure == "independent" and exact._structure(c) == "general"
+    assert ind.structure == "independent" and _prepared._structure(c) == "general"
     assert not exact.prepare(c).independent and exact.prepare(c).factors is None
     ts = jax.random.uniform(jax.random.key(0), (30,))
     x = jax.random.normal(jax.random.key(1), (30, d))
