@@ -102,10 +102,9 @@ def test_prime_component_count_is_padded_not_split_into_blocks_of_one(
     # Control: padding with a non-zero weight would change the answer.
     blocks = _stream.to_blocks(_cholesky.comps(c), 3)  # (3, 3, ...): component 0 copied twice
     padded = jax.tree.map(lambda a: a.reshape((9,) + a.shape[2:]), blocks)
-    assert np.all(np.isneginf(padded.log_w[7:])) and np.all(padded.s00[7:] == c.covs[:1, :d, :d])
+    assert np.all(np.isneginf(padded.log_w[7:])) and np.all(padded.covs[7:] == c.covs[:1])
     w = jnp.exp(padded.log_w).at[7].set(0.5) / 1.5
-    means = jnp.concatenate([padded.m0, padded.m1], 1)
-    bad = type(c)._from_leaves(w, means, jnp.concatenate([c.covs, c.covs[:2]]))
+    bad = type(c)._from_leaves(w, padded.means, padded.covs)
     assert _rel(exact.velocity(bad, sched, 0.6, x), whole.velocity) > 1e-3
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import _kernels, exact, schedules
+from fmjax import exact, schedules
+from fmjax.exact import _plan, _stream
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import component_terms, reference
 
@@ -135,7 +136,7 @@ def test_divergence_merge_across_blocks_of_one(x64, monkeypatch, fresh_kernels):
     want = reference(c.weights, c.means, c.covs, sched, 0.4, x, divergence=True)[4]
     prepared = exact.prepare(c)
     whole = [exact.divergence(a, sched, t, x) for a in (c, prepared) for t in (0.4, ts)]
-    monkeypatch.setattr(_kernels, "_BLOCK_BUDGET", 1)
+    monkeypatch.setattr(_stream, "BLOCK_BUDGET", 1)
     jax.clear_caches()  # the compiled kernels baked the old budget in
     split = [exact.divergence(a, sched, t, x) for a in (c, prepared) for t in (0.4, ts)]
     for a, b in zip(whole, split, strict=True):
@@ -144,7 +145,9 @@ def test_divergence_merge_across_blocks_of_one(x64, monkeypatch, fresh_kernels):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_per_point_small_d_kernel_matches_vmapped_lapack(x64, monkeypatch, noisy=True):
+def test_per_point_small_d_kernel_matches_vmapped_lapack(
+    x64, monkeypatch, kernel_calls, noisy=True
+):
     """One t per point on a general joint coupling: the vectorised small-d kernel (right-looking
     factors over all points and components) against the vmapped shared-t kernel (LAPACK), every
     quantity, float64 round-off: 1e-10. Control: the kernel is really taken (and not for
@@ -155,16 +158,12 @@ def test_per_point_small_d_kernel_matches_vmapped_lapack(x64, monkeypatch, noisy
         sched = sched.with_noise(schedules.brownian(0.5))
     x = 2.5 * jax.random.normal(jax.random.key(0), (40, D))
     ts = jax.random.uniform(jax.random.key(1), (40,)).at[:2].set(jnp.array([0.0, 1.0]))
-    calls = []
-    kern = _kernels._accumulate_points_jit
-    monkeypatch.setattr(
-        _kernels, "_accumulate_points_jit", lambda *a, **k: calls.append(1) or kern(*a, **k)
-    )
+    calls = kernel_calls
     got = exact.evaluate(c, sched, ts, x, _QS)
-    assert len(calls) == 1
-    monkeypatch.setattr(_kernels, "_SMALL_D", 0)
+    assert calls == ["cholesky_points"]
+    monkeypatch.setattr(_plan, "LOW_D", 0)
     want = exact.evaluate(c, sched, ts, x, _QS)
-    assert len(calls) == 1
+    assert calls == ["cholesky_points", "cholesky_vmap"]
     for q in _QS:
         w = np.asarray(getattr(want, q))
         err = np.max(np.abs(np.asarray(getattr(got, q)) - w)) / max(np.max(np.abs(w)), 1.0)

@@ -1,5 +1,5 @@
-"""The shared-t fast paths of the exact engine: the low-dimension kernel (``_lowdim``, d <= 8)
-and the CPU's point chunks (``_kernels._plan`` / ``_stream``), each against the general
+"""The fast rows of the exact engine's table (``fmjax.exact._plan``): the low-d layout (``lowd``,
+``lowd_pencil``, d <= 8) and the CPU's point chunks (``_stream.sizes``), each against the general
 kernel in one piece, in float64 (round-off of well-conditioned d x d factors: 1e-10), with a
 control that the comparison can fail and that the path under test was really taken."""
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import _kernels, _lowdim, _pencil, exact, schedules
+from fmjax import exact, schedules
+from fmjax.exact import _lowdim, _plan, _stream
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import reference
 from tests.test_exact_float32 import TOL, _errors, _far_points
@@ -40,14 +41,18 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1.0))
 
 
-def _low(c, sched, t, x, want=_LOW):
-    t = jnp.asarray(t, x.dtype)
-    return _lowdim._accumulate_low_jit(c, sched, t, x, frozenset(want), "highest")
+def _kernel(name, c, sched, t, x, want=_LOW, chunked=False, f=None):
+    """The kernel of table B's row ``name`` on points x (N, d)."""
+    kernel = _plan.Kernel(name, chunked)
+    return _plan.run(kernel, c, f, sched, jnp.asarray(t, x.dtype), x, frozenset(want), "highest")
+
+
+def _low(c, sched, t, x, want=_LOW, chunked=False):
+    return _kernel("lowd", c, sched, t, x, want, chunked)
 
 
 def _general(c, sched, t, x, want=_LOW):
-    t = jnp.asarray(t, x.dtype)
-    return _kernels._accumulate_jit(c, sched, t, x, frozenset(want), "highest")
+    return _kernel("cholesky", c, sched, t, x, want)
 
 
 def _points(c, sched, t, n, seed=1):
@@ -81,7 +86,7 @@ def test_lowdim_kernel_matches_the_general_kernel(x64, d, names):
         assert _rel(one[q], _general(c, schedules.cosine(), 0.3, x, (q,))[q]) < 1e-10
 
 
-def test_lowdim_kernel_control_misaligned_weighted_sums_fail(x64, monkeypatch):
+def test_lowdim_kernel_control_misaligned_weighted_sums_fail(x64, monkeypatch, fresh_kernels):
     """Control: the weighted-sum factor of the components in reverse order (the velocity of
     component K - 1 - k weighted by alpha_k) is caught by the same comparison."""
     c = random_joint_mixture(jax.random.key(4), 6, 2, mean_scale=2.0)
@@ -90,20 +95,17 @@ def test_lowdim_kernel_control_misaligned_weighted_sums_fail(x64, monkeypatch):
     want = _general(c, sched, 0.5, x)
     back = _lowdim._back
     monkeypatch.setattr(_lowdim, "_back", lambda *a: back(*a)[::-1])
-    got = _lowdim._accumulate_low(c, sched, jnp.asarray(0.5), x, frozenset(_LOW), "highest")
+    jax.clear_caches()  # retrace with the misaligned factor
+    got = _low(c, sched, 0.5, x)
     assert _rel(got["velocity"], want["velocity"]) > 1e-3
     assert _rel(got["score"], want["score"]) > 1e-3
 
 
-def test_lowdim_kernel_is_taken_for_shared_t_only(monkeypatch):
+def test_lowdim_kernel_is_taken_for_shared_t_only(kernel_calls):
     """exact.* with one t at d <= 8 for velocity, log p and score goes through ``_lowdim``, for
     a prepared coupling too; the divergence, responsibilities, one t per point (time-free
     factors or not) and d = 9 do not."""
-    calls = []
-    kern = _lowdim._accumulate_low_jit
-    monkeypatch.setattr(
-        _lowdim, "_accumulate_low_jit", lambda *a, **k: calls.append(a[3].shape) or kern(*a, **k)
-    )
+    calls = kernel_calls
     sched = schedules.linear()
     c = random_joint_mixture(jax.random.key(0), 4, 2)
     x = jnp.ones((5, 2))
@@ -113,14 +115,14 @@ def test_lowdim_kernel_is_taken_for_shared_t_only(monkeypatch):
         fmjax.independent_coupling(fmjax.standard_normal(2), fmjax.standard_normal(2))
     )
     exact.velocity(ind, sched, 0.5, x)  # prepared (time-free factors), one t: here too
-    assert len(calls) == 3
+    assert calls == ["lowd"] * 3
     exact.evaluate(c, sched, 0.5, x, _ALL)
     exact.responsibilities(c, sched, 0.5, x)
     exact.velocity(c, sched, jnp.full((5,), 0.5), x)
     exact.velocity(ind, sched, jnp.full((5,), 0.5), x)  # one t per point: the pencil kernel
     c9 = random_joint_mixture(jax.random.key(0), 4, 9)
     exact.velocity(c9, sched, 0.5, jnp.ones((5, 9)))
-    assert len(calls) == 3
+    assert calls.count("lowd") == 3
 
 
 def test_lowdim_kernel_float32_far_from_the_mass():
@@ -146,15 +148,13 @@ def test_lowdim_kernel_chunks_and_blocks(x64, monkeypatch, fresh_kernels):
     c = random_joint_mixture(jax.random.key(2), 7, 3, mean_scale=2.0)
     sched = schedules.cosine()
     x = _points(c, sched, 0.4, 46)  # 50 points: 7 chunks of 8, the last with 6 padded rows
-    monkeypatch.setattr(_kernels, "_on_cpu", lambda: False)
     whole = _low(c, sched, 0.4, x)
-    monkeypatch.setattr(_kernels, "_on_cpu", lambda: True)
-    monkeypatch.setattr(_lowdim, "_BLOCK", 2)
-    monkeypatch.setattr(_lowdim, "_CACHE_ELEMS", 8 * 3 * 2)
-    monkeypatch.setattr(_lowdim, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(_lowdim, "BLOCK", 2)
+    monkeypatch.setattr(_stream, "CACHE_ELEMS", 8 * 3 * 2)
+    monkeypatch.setattr(_stream, "MIN_CHUNK", 1)
     jax.clear_caches()
-    assert _lowdim._chunks(50, 3 * 2) == 7
-    split = _low(c, sched, 0.4, x)
+    assert _stream.sizes(50, 7, 3, arrays=0, chunked=True, block=2, cached=_lowdim.CACHED) == (2, 7)
+    split = _low(c, sched, 0.4, x, chunked=True)
     for q in _LOW:
         np.testing.assert_allclose(split[q], whole[q], rtol=1e-12, atol=1e-12)
     assert _rel(jnp.roll(split["velocity"], 8, axis=0), whole["velocity"]) > 1e-2
@@ -164,17 +164,17 @@ def _chunk_budget(monkeypatch, n_per_chunk, k, d, min_chunk=1):
     """Force the CPU's chunking at d > 8: chunks of about n_per_chunk points and blocks of at
     most k components (for min_chunk = n_per_chunk; with min_chunk = 1 blocks of up to
     n_per_chunk k)."""
-    monkeypatch.setattr(_kernels, "_on_cpu", lambda: True)
-    monkeypatch.setattr(_kernels, "_MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(_kernels, "_CACHE_ELEMS", n_per_chunk * k * d)
+    monkeypatch.setattr(_plan, "backend", lambda: "cpu")
+    monkeypatch.setattr(_stream, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(_stream, "CACHE_ELEMS", 2 * n_per_chunk * k * d)  # 2 cached terms
     jax.clear_caches()
 
 
 def test_general_kernels_in_chunks_match_one_piece(x64, monkeypatch, fresh_kernels):
-    """d = 10 (above _CHUNK_MIN_D): the per-time kernel (joint coupling, one t), the time-free
+    """d = 10 (above _plan.LOW_D): the per-time kernel (joint coupling, one t), the time-free
     kernel (prepared independent coupling, one t and one t per point, with latent noise) and the
     deterministic-map kernel, every quantity, in chunks of ~8 points against one piece: 1e-12.
-    Control: ``_plan`` really splits, and the one-piece answers match the reference."""
+    Control: ``_stream.sizes`` really splits, and the one-piece answers match the reference."""
     d, k, n = 10, 4, 37
     sched = schedules.trig(schedules.brownian(0.5))
     joint = random_joint_mixture(jax.random.key(0), k, d, mean_scale=2.0)
@@ -191,15 +191,14 @@ def test_general_kernels_in_chunks_match_one_piece(x64, monkeypatch, fresh_kerne
         ("map", exact.prepare(det), schedules.cosine(), 0.4),
         ("map, t per point", exact.prepare(det), schedules.cosine(), ts),
     ]
-    monkeypatch.setattr(_kernels, "_on_cpu", lambda: False)
-    jax.clear_caches()
-    assert _kernels._plan(n, k, d)[1] == 1
+    monkeypatch.setattr(_plan, "backend", lambda: "gpu")
+    assert _stream.sizes(n, k, d, arrays=3, chunked=False)[1] == 1
     whole = [exact.evaluate(c, s, t, x, _ALL) for _, c, s, t in cases]
     ref = reference(joint.weights, joint.means, joint.covs, sched, 0.4, x, divergence=True)
     np.testing.assert_allclose(whole[0].velocity, ref[0], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(whole[0].divergence, ref[4], rtol=1e-10, atol=1e-10)
     _chunk_budget(monkeypatch, 8, k, d)
-    assert _kernels._plan(n, k, d) == (k, 4)
+    assert _stream.sizes(n, k, d, arrays=3, chunked=True) == (k, 5)  # 8 points, the last 5
     for (name, c, s, t), w in zip(cases, whole, strict=True):
         got = exact.evaluate(c, s, t, x, _ALL)
         for q in _ALL:
@@ -224,7 +223,7 @@ def test_chunked_kernel_memory_does_not_grow_with_components(monkeypatch, fresh_
         out = {}
         for k in (4, 64):
             c = random_joint_mixture(jax.random.key(k), k, d)
-            assert _kernels._plan(n, k, d)[1] > 1
+            assert _stream.sizes(n, k, d, arrays=3, chunked=True)[1] > 1
             out[k] = field.lower(c, 0.5, x).compile().memory_analysis().temp_size_in_bytes
         return out
 
@@ -261,7 +260,7 @@ def _times(n):
 )
 def test_lowdim_time_free_kernel_matches_the_pencil_kernel(x64, d, sources, names):
     """One t per point on a prepared independent coupling: the low-d layout of the time-free
-    kernel equals ``_pencil._accumulate_free`` to 1e-10 on velocity, log p and score, with and
+    kernel equals the ``pencil`` row's to 1e-10 on velocity, log p and score, with and
     without latent noise (standard normal source: noise diagonal), K = 6 and K = 3 x 6 = 18 (two
     blocks of 9) with a mixture source; every combination at d = 3."""
     for normal_source in sources:
@@ -274,7 +273,7 @@ def test_lowdim_time_free_kernel_matches_the_pencil_kernel(x64, d, sources, name
                 continue
             x = _points(c, sched, 0.5, 36)
             ts = jnp.clip(_times(x.shape[0]), sched.t_min, sched.t_max)
-            got = _lowdim._accumulate_low_free_jit(f, sched, ts, x, frozenset(_LOW), "highest")
+            got = _kernel("lowd_pencil", None, sched, ts, x, f=f)
             want = _pencil_free(f, sched, ts, x)
             for q in _LOW:
                 assert _rel(got[q], want[q]) < 1e-10, (normal_source, name, q)
@@ -283,10 +282,10 @@ def test_lowdim_time_free_kernel_matches_the_pencil_kernel(x64, d, sources, name
 
 
 def _pencil_free(f, sched, ts, x, want=_LOW):
-    return _pencil._accumulate_free_jit(f, sched, ts, x, want=frozenset(want), precision="highest")
+    return _kernel("pencil", None, sched, ts, x, want, f=f)
 
 
-def test_lowdim_time_free_kernel_is_taken_and_chunks(x64, monkeypatch, fresh_kernels):
+def test_lowdim_time_free_kernel_is_taken_and_chunks(x64, monkeypatch, fresh_kernels, kernel_calls):
     """exact.* with one t per point on a prepared independent coupling at d <= 8 takes it (not
     for the divergence); chunks of 8 points give the same answer to 1e-12. Controls: the kernel
     is called, the chunks really split, and the wrong times (reversed) are caught."""
@@ -295,23 +294,21 @@ def test_lowdim_time_free_kernel_is_taken_and_chunks(x64, monkeypatch, fresh_ker
     sched = schedules.linear()
     x = _points(c, sched, 0.5, 46)
     ts = _times(x.shape[0])
-    calls = []
-    kern = _lowdim._accumulate_low_free_jit
-    monkeypatch.setattr(
-        _lowdim, "_accumulate_low_free_jit", lambda *a, **k: calls.append(1) or kern(*a, **k)
-    )
+    calls = kernel_calls
+    monkeypatch.setattr(_plan, "backend", lambda: "gpu")
     whole = exact.evaluate(prepared, sched, ts, x, _LOW)
-    assert len(calls) == 1
+    assert calls == ["lowd_pencil"]
     full = exact.evaluate(prepared, sched, ts, x, _ALL)  # the divergence: the pencil kernel
-    assert len(calls) == 1
+    assert calls == ["lowd_pencil", "pencil"]
     for q in _LOW:
         assert _rel(getattr(whole, q), getattr(full, q)) < 1e-10
     assert _rel(exact.velocity(prepared, sched, ts[::-1], x), whole.velocity) > 1e-2
-    monkeypatch.setattr(_kernels, "_on_cpu", lambda: True)
-    monkeypatch.setattr(_lowdim, "_CACHE_ELEMS", 8 * 2 * 16)
-    monkeypatch.setattr(_lowdim, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(_plan, "backend", lambda: "cpu")
+    monkeypatch.setattr(_stream, "CACHE_ELEMS", 8 * 2 * 6)
+    monkeypatch.setattr(_stream, "MIN_CHUNK", 1)
     jax.clear_caches()
-    assert _lowdim._chunks(50, 2 * 16) == 7
+    sizes = _stream.sizes(50, 6, 2, arrays=0, chunked=True, block=_lowdim.BLOCK, cached=1)
+    assert sizes == (6, 7)
     split = exact.evaluate(prepared, sched, ts, x, _LOW)
     for q in _LOW:
         np.testing.assert_allclose(getattr(split, q), getattr(whole, q), rtol=1e-12, atol=1e-12)
@@ -338,29 +335,9 @@ def test_lowdim_time_free_kernel_float32_far_from_the_mass():
 # ----------------------------------------------------------------------------- structure
 
 
-def _kernel_spy(monkeypatch):
-    """Record the name of every top-level kernel ``exact._run`` calls (at trace time)."""
-    calls = []
-    for module, name in (
-        (_pencil, "_accumulate_free_jit"),
-        (_pencil, "_accumulate_map_jit"),
-        (_lowdim, "_accumulate_low_free_jit"),
-        (_kernels, "_accumulate_points_jit"),
-        (_kernels, "_accumulate_jit"),
-    ):
-        kernel = getattr(module, name)
-
-        def spy(*args, _kernel=kernel, _name=name, **kwargs):
-            calls.append(_name)
-            return _kernel(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("d", [2, 16])
 @pytest.mark.parametrize("structure", ["independent", "map", "general"])
-def test_structure_picks_one_kernel_however_the_coupling_is_passed(d, structure, monkeypatch):
+def test_structure_picks_one_kernel_however_the_coupling_is_passed(d, structure, kernel_calls):
     """Issue 22: the structure is static pytree metadata, so an eager call, jit with the coupling
     closed over and jit with it as an argument take the same kernel (one t per point). It once
     took the per-point Cholesky path as a jit argument (46-53x slower). Control: the same
@@ -376,7 +353,7 @@ def test_structure_picks_one_kernel_however_the_coupling_is_passed(d, structure,
     sched = schedules.cosine()
     t = jnp.linspace(0.1, 0.9, 24)
     x = jax.random.normal(jax.random.key(3), (24, d))
-    calls = _kernel_spy(monkeypatch)
+    calls = kernel_calls
     kernels = []
     for run in (
         lambda: exact.velocity(c, sched, t, x),
@@ -387,7 +364,7 @@ def test_structure_picks_one_kernel_however_the_coupling_is_passed(d, structure,
         jax.eval_shape(run)
         kernels.append(tuple(calls))
     assert len(set(kernels)) == 1, kernels
-    time_free = {"_accumulate_free_jit", "_accumulate_map_jit", "_accumulate_low_free_jit"}
+    time_free = {"pencil", "otmap", "lowd_pencil"}
     assert bool(time_free & set(kernels[0])) == (structure != "general"), kernels[0]
     # the mark survives flatten / unflatten and stacking (fit_many's batch of mixtures)
     leaves, treedef = jax.tree.flatten(c)

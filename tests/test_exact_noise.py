@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import _pencil, exact, schedules
+from fmjax import exact, schedules
 from fmjax.mixtures import random_joint_mixture
 from tests.reference import reference
 
@@ -188,40 +188,36 @@ def test_small_noise_limit_is_the_noise_free_engine(x64):
         pytest.param("vp+sinesquared", "normal_source", marks=pytest.mark.slow),
     ],
 )
-def test_time_free_path_keeps_diagonal_noise(x64, name, kind, monkeypatch):
+def test_time_free_path_keeps_diagonal_noise(x64, name, kind, kernel_calls):
     """S00 = I or S11 = c I: V^T V is diagonal, the time-free path is taken with noise (shared
     and per-point t) and agrees with the per-time Cholesky path to 1e-10."""
     sched = NOISY[name]
     c = _coupling(kind, d=3)
     prepared = exact.prepare(c)
     assert prepared.independent and prepared.noise_diagonal
-    calls = []
-    free = _pencil._accumulate_free_jit
-    monkeypatch.setattr(
-        _pencil, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
-    )
+    calls = kernel_calls
     x = _points(c)
     for t in (0.0, 1e-3, 0.5, sched.t_max):
         got = exact.evaluate(prepared, sched, t, x, _QS)
         want = exact.evaluate(c, sched, t, x, _QS)  # raw coupling, shared t: per-time path
         for q in _QS:
             assert _rel(getattr(got, q), getattr(want, q)) < 1e-10, (q, t)
-    assert len(calls) == 4
+    assert calls.count("pencil") == 4
     n = 40
     ts = jax.random.uniform(jax.random.key(1), (n,)) * sched.t_max
     ts = ts.at[:3].set(jnp.array([0.0, 1e-3, sched.t_max]))
     x = 2.0 * jax.random.normal(jax.random.key(2), (n, 3))
     got = exact.evaluate(prepared, sched, ts, x, _QS)
-    auto = exact.evaluate(c, sched, ts, x, _QS)  # concrete, unprepared: detected at call time
-    assert len(calls) == 6
+    auto = exact.evaluate(c, sched, ts, x, _QS)  # unprepared: V^T V checked on device
+    assert calls.count("pencil") == 6
     want = exact.evaluate(exact.prepare(c, independent=False), sched, ts, x, _QS)
-    assert len(calls) == 6  # the per-point Cholesky path
+    assert calls.count("pencil") == 6  # the per-point Cholesky path
     for q in _QS:
         assert _rel(getattr(got, q), getattr(want, q)) < 1e-10, q
         np.testing.assert_array_equal(getattr(got, q), getattr(auto, q))
 
 
-def test_noise_not_diagonal_falls_back_to_the_per_time_path(x64, monkeypatch):
+def test_noise_not_diagonal_falls_back_to_the_per_time_path(x64, kernel_calls):
     """General S00, S11: V^T V is not diagonal, so a noisy schedule takes the per-time path (and
     matches the reference) while a noise-free one keeps the time-free path. Control: forcing the
     time-free path with noise (``noise_diagonal=True``) drops V^T V's off-diagonal: wrong."""
@@ -229,19 +225,17 @@ def test_noise_not_diagonal_falls_back_to_the_per_time_path(x64, monkeypatch):
     prepared = exact.prepare(c)
     assert prepared.independent and not prepared.noise_diagonal
     sched = NOISY["trig(brownian)"]
-    calls = []
-    free = _pencil._accumulate_free_jit
-    monkeypatch.setattr(
-        _pencil, "_accumulate_free_jit", lambda *a, **k: calls.append(1) or free(*a, **k)
-    )
+    calls = kernel_calls
     x = _points(c)
     ts = jnp.linspace(0.0, 1.0, x.shape[0])
     got = exact.evaluate(prepared, sched, 0.4, x, _QS)
     got_pp = exact.evaluate(prepared, sched, ts, x, _QS)
-    got_auto = exact.evaluate(c, sched, ts, x, _QS)
-    assert not calls
+    assert "pencil" not in calls
+    got_auto = exact.evaluate(c, sched, ts, x, _QS)  # unprepared: V^T V checked on device,
+    assert calls[-2:] == ["pencil", "cholesky_points"]  # both traced, the second one runs
+    calls.clear()
     exact.evaluate(prepared, sched.with_noise(None), ts, x, _QS)
-    assert len(calls) == 1
+    assert calls == ["pencil"]
     want = reference(c.weights, c.means, c.covs, sched, 0.4, x, divergence=True)
     for q, w in zip(_QS, (want[0], want[1], want[2], want[4]), strict=True):
         assert _rel(getattr(got, q), w) < 1e-10, q

@@ -32,19 +32,29 @@ from fmjax.schedules import Schedule
 
 
 class Comps(NamedTuple):
-    """A coupling's per-component arrays (leading axis K), the stream's unit."""
+    """A coupling's per-component arrays (leading axis K), the stream's unit (its blocks are a
+    reshape of the coupling's arrays, sliced into S00, S01, ... one block at a time)."""
 
     log_w: Float[Array, " K"]  # log pi_k
-    m0: Float[Array, "K d"]
-    m1: Float[Array, "K d"]
-    s00: Float[Array, "K d d"]
-    s01: Float[Array, "K d d"]
-    s10: Float[Array, "K d d"]
-    s11: Float[Array, "K d d"]
+    means: Float[Array, "K 2d"]
+    covs: Float[Array, "K 2d 2d"]
+
+    def blocks(self):
+        """(m0, m1, S00, S01, S10, S11), as ``JointGaussianMixture.blocks``."""
+        d = self.means.shape[-1] // 2
+        m, c = self.means, self.covs
+        return (
+            m[..., :d],
+            m[..., d:],
+            c[..., :d, :d],
+            c[..., :d, d:],
+            c[..., d:, :d],
+            c[..., d:, d:],
+        )
 
 
 def comps(c: JointGaussianMixture) -> Comps:
-    return Comps(jnp.log(c.weights), *c.blocks())
+    return Comps(jnp.log(c.weights), c.means, c.covs)
 
 
 class Factors(NamedTuple):
@@ -62,16 +72,17 @@ def path_blocks(cb: Comps, sched: Schedule, t):
     """Per-component mean, velocity mean, covariance and cross-covariance of (X_t, dX_t); ``t``
     a scalar, or (N, 1) / (N, 1, 1)-shaped coefficients broadcast in front of the components."""
     a, b, da, db = sched(t)
+    m0, m1, s00, s01, s10, s11 = cb.blocks()
     e2 = e3 = ()
     if jnp.ndim(t) > 0:  # one t per point: (N, 1, 1) before (B, d), (N, 1, 1, 1) before (B, d, d)
         e2, e3 = (-1, 1, 1), (-1, 1, 1, 1)
-        cb = jax.tree.map(lambda v: v[None], cb)
+        m0, m1, s00, s01, s10, s11 = (u[None] for u in (m0, m1, s00, s01, s10, s11))
     a2, b2, da2, db2 = (jnp.reshape(u, e2) for u in (a, b, da, db))
     a3, b3, da3, db3 = (jnp.reshape(u, e3) for u in (a, b, da, db))
-    mu = b2 * cb.m0 + a2 * cb.m1
-    dmu = db2 * cb.m0 + da2 * cb.m1
-    cov = b3 * b3 * cb.s00 + a3 * b3 * (cb.s01 + cb.s10) + a3 * a3 * cb.s11
-    cross = b3 * db3 * cb.s00 + a3 * db3 * cb.s01 + b3 * da3 * cb.s10 + a3 * da3 * cb.s11
+    mu = b2 * m0 + a2 * m1
+    dmu = db2 * m0 + da2 * m1
+    cov = b3 * b3 * s00 + a3 * b3 * (s01 + s10) + a3 * a3 * s11
+    cross = b3 * db3 * s00 + a3 * db3 * s01 + b3 * da3 * s10 + a3 * da3 * s11
     if sched.has_noise:
         g, _, g_dg = sched.gamma(t)
         eye = jnp.eye(mu.shape[-1], dtype=cov.dtype).reshape((1,) * (cov.ndim - 2) + cov.shape[-2:])

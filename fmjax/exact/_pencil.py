@@ -66,7 +66,8 @@ def gram_is_diagonal(f: Pencil) -> jax.Array:
     boolean array: computed on device, traced or not)."""
     gram = jnp.einsum("kij,kil->kjl", f.v, f.v, precision="highest")
     norm = jnp.sqrt(jnp.diagonal(gram, axis1=-2, axis2=-1))
-    off = gram / (norm[:, :, None] * norm[:, None, :]) - jnp.eye(f.v.shape[-1], dtype=f.v.dtype)[None]
+    eye = jnp.eye(f.v.shape[-1], dtype=f.v.dtype)[None]
+    off = gram / (norm[:, :, None] * norm[:, None, :]) - eye
     tol = max(1e-10, 1e3 * float(jnp.finfo(f.v.dtype).eps))
     return jnp.max(jnp.abs(off), initial=0.0) <= tol
 
