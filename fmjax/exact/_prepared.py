@@ -110,10 +110,9 @@ class PreparedCoupling:
             return self
         c = jax.tree.map(lambda a: a.astype(dtype), self.coupling)
         out = object.__new__(PreparedCoupling)
-        for name in ("coupling", "request", "factors", "independent", "noise_diagonal",
-                     "deterministic", "dtype"):  # fmt: skip
-            object.__setattr__(out, name, getattr(self, name))
         object.__setattr__(out, "coupling", c)
+        for name in _META:
+            object.__setattr__(out, name, getattr(self, name))
         object.__setattr__(out, "dtype", str(jnp.dtype(dtype)))
         form = _pencil if self.independent else _otmap if self.deterministic else None
         object.__setattr__(out, "factors", None if form is None else form.factor(c))
