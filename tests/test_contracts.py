@@ -83,6 +83,12 @@ def exact_independent_per_point(params, x, key):
     return exact.velocity(_INDEPENDENT, COSINE, _times(x), x)
 
 
+def exact_prepared_jacobian(params, x, key):
+    """The velocity Jacobian on the time-free path, one t per point."""
+    del params, key
+    return exact.velocity_jacobian(_PREPARED, COSINE, _times(x), x)
+
+
 def exact_prepared_responsibilities(params, x, key):
     del params, key
     return exact.responsibilities(_PREPARED, COSINE, _times(x), x)
@@ -230,13 +236,24 @@ def unet_velocity(params, x, key):
     return _UNET.apply(_UNET_PARAMS, _times(x), jnp.tile(x, (1, 32)))
 
 
-EXACT = [_exact(n) for n in ("velocity", "log_prob", "score", "divergence", "responsibilities")]
+EXACT = [
+    _exact(n)
+    for n in (
+        "velocity",
+        "log_prob",
+        "score",
+        "divergence",
+        "velocity_jacobian",
+        "responsibilities",
+    )
+]
 ENTRIES = [
     *EXACT,
     exact_evaluate,
     exact_marginal,
     exact_field,
     exact_prepared,
+    exact_prepared_jacobian,
     exact_independent_per_point,
     exact_prepared_responsibilities,
     ode_fixed,

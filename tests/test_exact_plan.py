@@ -314,10 +314,9 @@ def test_prepared_coupling_is_consistent_by_construction(x64):
         _plan.Kernel("pencil"), other, p.factors, sched, ts, x, frozenset({"velocity"}), "highest"
     )["velocity"]
     assert _rel(old, want) > 1e-3
-    with pytest.raises((TypeError, ValueError)):
-        dataclasses.replace(p, factors=p.factors)
-    with pytest.raises(TypeError):
-        dataclasses.replace(p, independent=False)
+    for field, value in (("factors", p.factors), ("independent", False)):
+        with pytest.raises(ValueError, match="init=False"):
+            dataclasses.replace(p, **{field: value})
 
 
 def test_every_exact_entry_point_promotes_mixed_dtypes(x64):
@@ -344,12 +343,12 @@ def test_every_exact_entry_point_promotes_mixed_dtypes(x64):
     lossy = 0
     for name, f in entries.items():
         for coupling in (c64, exact.prepare(c64)):
-            want = f(coupling, t64, x64)
-            for got in (f(coupling, t32, x32), f(coupling, t32[:1], x32)):
+            for tt32, tt64 in ((t32, t64), (t32[:1], t64[:1])):  # one t per point, one t
+                want = f(coupling, tt64, x64)
+                got = f(coupling, tt32, x32)
                 for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
                     assert g.dtype == jnp.float64, name
-                    if np.shape(g) == np.shape(w):
-                        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12, err_msg=name)
+                    np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12, err_msg=name)
         both = f(exact.prepare(c32), t64, x64)  # a float32 coupling, float64 points
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(both)), name
         low = f(c32, t32, x32)

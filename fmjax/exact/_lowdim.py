@@ -119,10 +119,9 @@ def pencil_prep(fb: _pencil.Pencil, want: frozenset):
         return jnp.transpose(m, (2, 0, 1)).reshape(d * bsz, d)
 
     means = jnp.concatenate([fb.m0, fb.m1, jnp.ones((bsz, 1), fb.m0.dtype)], 1)
-    back = jnp.concatenate(
-        ([rows(fb.s00v)] if "velocity" in want else []) + ([rows(fb.v)] if "score" in want else []),
-        axis=1,
-    )
+    back = [rows(fb.s00v)] if "velocity" in want else []
+    back += [rows(fb.v)] if "score" in want else []
+    back = jnp.concatenate(back, axis=1) if back else None  # log p alone: no weighted sums
     return (
         rows(fb.v).T,
         cols(fb.p0),
