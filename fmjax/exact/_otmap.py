@@ -63,8 +63,7 @@ def terms(fb: Map, chunk, sched: Schedule, t, want: frozenset, precision) -> _st
     n, d = x.shape
     bsz = fb.m0.shape[0]
     need_v, need_s, _ = _stream.needs(want)
-    qs = _pencil.stacked(fb.q)
-    y = jnp.matmul(x, qs, precision=precision).reshape(n, bsz, d)
+    y = jnp.matmul(x, _pencil.stacked(fb.q), precision=precision).reshape(n, bsz, d)
     y = y - (c.b * fb.q0[None] + c.a * fb.q1[None])
     h = c.b + c.a * fb.l[None]
     inv = 1.0 / h
@@ -75,26 +74,4 @@ def terms(fb: Map, chunk, sched: Schedule, t, want: frozenset, precision) -> _st
     if need_s:  # s_k = -Q sig
         sig = jnp.einsum("bji,nbj->nbi", fb.g, z, precision=precision) * inv
 
-    def sums(p):
-        bv = bs = None
-        if need_v:
-            means = c.db[:, 0] * jnp.matmul(p, fb.m0, precision=precision)
-            means = means + c.da[:, 0] * jnp.matmul(p, fb.m1, precision=precision)
-            q = (p[:, :, None] * r * y).reshape(n, bsz * d)
-            bv = means + jnp.matmul(q, qs.T, precision=precision)
-        if need_s:
-            bs = -jnp.matmul((p[:, :, None] * sig).reshape(n, bsz * d), qs.T, precision=precision)
-        return jnp.sum(p, axis=1), bv, bs
-
-    def explicit():  # in x space, so that the co-moments centre exactly (one-hot blocks)
-        dmu = c.db * fb.m0[None] + c.da * fb.m1[None]
-        v = dmu + jnp.einsum("bij,nbj->nbi", fb.q, r * y, precision=precision)
-        s = -jnp.einsum("bij,nbj->nbi", fb.q, sig, precision=precision)
-        return v, s, jnp.sum(r, -1)
-
-    def jac_sum(p):
-        q = (p[:, :, None] * r).reshape(n, bsz * d)
-        rows = _pencil.outer_rows(fb.q, fb.q)
-        return jnp.matmul(q, rows, precision=precision).reshape(n, d, d)
-
-    return _stream.Terms(logp, explicit, sums, jac_sum)
+    return _pencil.diagonal_terms(logp, c, fb, fb.q, fb.q, y, r, sig, want, precision)

@@ -121,31 +121,36 @@ def terms(fb: Pencil, chunk, sched: Schedule, t, want: frozenset, precision) -> 
     if need_v:
         rn = c.b * c.db + c.a * c.da * fb.lam[None]
         r = (rn if c.g_dg is None else rn + c.g_dg * fb.gram[None]) * inv
-    w = y * inv
+    return diagonal_terms(logp, c, fb, fb.s00v, fb.v, y, r, y * inv, want, precision)
 
-    def means(p):  # sum_k p_k dmu_k
-        return c.db[:, 0] * jnp.matmul(p, fb.m0, precision=precision) + c.da[:, 0] * jnp.matmul(
-            p, fb.m1, precision=precision
-        )
+
+def diagonal_terms(logp, c: Coeffs, fb, back, fwd, y, r, sig, want, precision) -> _stream.Terms:
+    """The terms of a time-free form, v_k = dmu_k + back_k (r y), s_k = -fwd_k sig and
+    grad v_k = back_k diag(r) fwd_k^T (the pencil: S00 V and V; the OT map: Q and Q), on
+    (N, B, d) coordinates y, scalings r and sig; ``fb`` has the block's means m0, m1."""
+    n, bsz, d = y.shape
+    need_v, need_s, _ = _stream.needs(want)
 
     def sums(p):
         bv = bs = None
         if need_v:
             q = (p[:, :, None] * r * y).reshape(n, bsz * d)
-            bv = means(p) + jnp.matmul(q, stacked(fb.s00v).T, precision=precision)
+            bv = c.db[:, 0] * jnp.matmul(p, fb.m0, precision=precision)
+            bv = bv + c.da[:, 0] * jnp.matmul(p, fb.m1, precision=precision)
+            bv = bv + jnp.matmul(q, stacked(back).T, precision=precision)
         if need_s:
-            qs = (p[:, :, None] * w).reshape(n, bsz * d)
-            bs = -jnp.matmul(qs, stacked(fb.v).T, precision=precision)
+            qs = (p[:, :, None] * sig).reshape(n, bsz * d)
+            bs = -jnp.matmul(qs, stacked(fwd).T, precision=precision)
         return jnp.sum(p, axis=1), bv, bs
 
     def explicit():  # in x space, so that the co-moments centre exactly (one-hot blocks)
         dmu = c.db * fb.m0[None] + c.da * fb.m1[None]
-        v = dmu + jnp.einsum("bij,nbj->nbi", fb.s00v, r * y, precision=precision)
-        s = -jnp.einsum("bij,nbj->nbi", fb.v, w, precision=precision)
+        v = dmu + jnp.einsum("bij,nbj->nbi", back, r * y, precision=precision)
+        s = -jnp.einsum("bij,nbj->nbi", fwd, sig, precision=precision)
         return v, s, jnp.sum(r, -1)
 
     def jac_sum(p):
         q = (p[:, :, None] * r).reshape(n, bsz * d)
-        return jnp.matmul(q, outer_rows(fb.s00v, fb.v), precision=precision).reshape(n, d, d)
+        return jnp.matmul(q, outer_rows(back, fwd), precision=precision).reshape(n, d, d)
 
     return _stream.Terms(logp, explicit, sums, jac_sum)

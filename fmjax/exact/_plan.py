@@ -136,44 +136,41 @@ def _jit(fn):
     return jax.jit(fn, static_argnames=_STATIC)
 
 
+def _lowd(prep, terms, comps, pts, want, chunked):
+    """The low-d layout's stream: fixed blocks, chunks outside the component scan."""
+    n, d = jax.tree.leaves(pts)[0].shape
+    k = comps.log_w.shape[0]
+    bsz, n_chunks = _stream.sizes(
+        n, k, d, arrays=0, chunked=chunked, block=_lowdim.BLOCK, cached=_lowdim.CACHED
+    )
+    dtype = jax.tree.leaves(pts)[0].dtype
+    return _stream.run(
+        prep, terms, comps, pts, want, d=d, dtype=dtype, bsz=bsz, n_chunks=n_chunks, outer=True
+    )
+
+
 @_jit
 def lowd(c, f, sched, t, x, *, want, precision, chunked):
-    n, d = x.shape
     ctr = _lowdim.centre(c, sched, t, precision)
-    bsz, n_chunks = _stream.sizes(
-        n, c.n_components, d, arrays=0, chunked=chunked, block=_lowdim.BLOCK, cached=_lowdim.CACHED
-    )
-    return _stream.run(
+    return _lowd(
         lambda cb: _lowdim.cholesky_prep(cb, sched, t, ctr, want, precision),
         lambda pb, xc: _lowdim.cholesky_terms(pb, xc, want, precision),
         _cholesky.comps(c),
         x - ctr[None],
         want,
-        d=d,
-        dtype=x.dtype,
-        bsz=bsz,
-        n_chunks=n_chunks,
-        outer=True,
+        chunked,
     )
 
 
 @_jit
 def lowd_pencil(c, f, sched, t, x, *, want, precision, chunked):
-    n, d = x.shape
-    bsz, n_chunks = _stream.sizes(
-        n, f.m0.shape[0], d, arrays=0, chunked=chunked, block=_lowdim.BLOCK, cached=_lowdim.CACHED
-    )
-    return _stream.run(
+    return _lowd(
         lambda fb: _lowdim.pencil_prep(fb, want),
         lambda pb, chunk: _lowdim.pencil_terms(pb, chunk, want, precision),
         f,
         (x, _lowdim.pencil_coeffs(sched, t)),
         want,
-        d=d,
-        dtype=x.dtype,
-        bsz=bsz,
-        n_chunks=n_chunks,
-        outer=True,
+        chunked,
     )
 
 
