@@ -1,5 +1,6 @@
 """fmjax: flow matching and stochastic interpolants on Gaussian mixtures, with exact answers."""
 
+from fmjax import conditional as conditional
 from fmjax import convert as convert
 from fmjax import couplings as couplings
 from fmjax import data as data
@@ -31,6 +32,7 @@ __all__ = [
     "FitResult",
     "GaussianMixture",
     "JointGaussianMixture",
+    "conditional",
     "convert",
     "couplings",
     "data",

@@ -99,6 +99,24 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d", joint: bool
         )
 
 
+def _check_labels(owner: str, labels, k: int) -> tuple[int, ...] | None:
+    """Labels as a tuple of K ints >= 0 (static metadata), or ``None``; checked eagerly."""
+    if labels is None:
+        return None
+    if isinstance(labels, jax.core.Tracer):
+        _checks.fail(owner, "labels", "concrete (static metadata)", "a traced array", TypeError)
+    lab = np.asarray(labels)
+    if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
+        _checks.fail(
+            owner, "labels", "an integer array of shape (K,)", f"dtype {lab.dtype}", TypeError
+        )
+    if lab.shape != (k,):
+        _checks.fail(owner, "labels", f"of shape (K={k},)", f"shape {lab.shape}")
+    if np.any(lab < 0):
+        _checks.fail(owner, "labels", ">= 0", f"min {lab.min()}")
+    return tuple(int(v) for v in lab)
+
+
 class IllConditionedWarning(UserWarning):
     """A covariance is valid but so ill-conditioned that results in its dtype lose accuracy."""
 
@@ -214,10 +232,11 @@ class _MixtureBase:
     ``sample`` factors in-graph, which keeps gradients with respect to ``covs`` exact.
     """
 
-    __slots__ = ("weights", "means", "covs", "_factor")
+    __slots__ = ("weights", "means", "covs", "_factor", "labels")
     weights: Float[Array, " K"]
     means: Float[Array, "K n"]
     covs: Float[Array, "K n n"]
+    labels: tuple[int, ...] | None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -235,12 +254,13 @@ class _MixtureBase:
         )
 
     @classmethod
-    def _from_leaves(cls, weights, means, covs):
+    def _from_leaves(cls, weights, means, covs, labels: tuple[int, ...] | None = None):
         obj = object.__new__(cls)
         object.__setattr__(obj, "weights", weights)
         object.__setattr__(obj, "means", means)
         object.__setattr__(obj, "covs", covs)
         object.__setattr__(obj, "_factor", None)
+        object.__setattr__(obj, "labels", labels)
         return obj
 
     def __setattr__(self, name, value):
@@ -249,7 +269,12 @@ class _MixtureBase:
     def _aux(self) -> tuple:
         """Static pytree metadata, ``((name, value), ...)`` (hashable): what survives flatten /
         unflatten, jit and vmap."""
-        return ()
+        return () if self.labels is None else (("labels", self.labels),)
+
+    @property
+    def n_classes(self) -> int | None:
+        """Number of classes C = max(labels) + 1 of a labelled mixture, else ``None``."""
+        return None if self.labels is None else max(self.labels) + 1
 
     @property
     def n_components(self) -> int:
@@ -380,6 +405,10 @@ class GaussianMixture(_MixtureBase):
         weights: (K,) mixture weights, >= 0, summing to 1.
         means: (K, d) component means.
         covs: (K, d, d) symmetric positive-definite component covariances.
+        labels: optional (K,) integer class of each component, >= 0 (keyword-only). Stored as
+            static pytree metadata (a tuple of ints: it survives flatten / unflatten, ``jit``,
+            ``vmap`` and stacking of equally labelled mixtures); the classes are 0..C-1 with
+            C = ``n_classes`` = max + 1. Class-conditional quantities: ``fmjax.conditional``.
 
     Raises:
         TypeError: naming the argument, for complex arrays or a dtype other than float32 /
@@ -394,7 +423,9 @@ class GaussianMixture(_MixtureBase):
             = 0.01 / eps (8.4e4 in float32, 4.5e13 in float64).
     """
 
-    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
+    def __init__(
+        self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike, *, labels: ArrayLike = None
+    ):
         w = _as_float("mixtures.GaussianMixture", weights, "weights")
         m = _as_float("mixtures.GaussianMixture", means, "means")
         c = _as_float("mixtures.GaussianMixture", covs, "covs")
@@ -404,6 +435,8 @@ class GaussianMixture(_MixtureBase):
         object.__setattr__(self, "means", m.astype(dtype))
         object.__setattr__(self, "covs", c.astype(dtype))
         object.__setattr__(self, "_factor", None)
+        lab = _check_labels("mixtures.GaussianMixture", labels, w.shape[0])
+        object.__setattr__(self, "labels", lab)
 
     @property
     def dim(self) -> int:
@@ -464,6 +497,8 @@ class JointGaussianMixture(_MixtureBase):
             is positive definite; ``couplings.check_path`` checks that on a schedule's interval.
         structure: ``"general"`` (default), ``"independent"`` or ``"map"`` (see above); a
             declared structure is verified on the covariances here, once.
+        labels: optional (K,) integer class of each component (pair), >= 0, as for
+            ``GaussianMixture``; ``source()`` and ``target()`` keep them.
 
     Raises:
         TypeError, ValueError: as for ``GaussianMixture``, where the SPD and dtype checks apply
@@ -480,7 +515,13 @@ class JointGaussianMixture(_MixtureBase):
     __slots__ = ("structure",)
 
     def __init__(
-        self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike, *, structure: str = "general"
+        self,
+        weights: ArrayLike,
+        means: ArrayLike,
+        covs: ArrayLike,
+        *,
+        structure: str = "general",
+        labels: ArrayLike = None,
     ):
         fn = "mixtures.JointGaussianMixture"
         _checks.check_choice(fn, "structure", structure, STRUCTURES)
@@ -502,15 +543,16 @@ class JointGaussianMixture(_MixtureBase):
         object.__setattr__(self, "covs", c.astype(dtype))
         object.__setattr__(self, "_factor", None)
         object.__setattr__(self, "structure", structure)
+        object.__setattr__(self, "labels", _check_labels(fn, labels, w.shape[0]))
 
     @classmethod
-    def _from_leaves(cls, weights, means, covs, structure: str = "general"):
-        obj = super()._from_leaves(weights, means, covs)
+    def _from_leaves(cls, weights, means, covs, structure: str = "general", labels=None):
+        obj = super()._from_leaves(weights, means, covs, labels)
         object.__setattr__(obj, "structure", structure)
         return obj
 
     def _aux(self) -> tuple:
-        return (("structure", self.structure),)
+        return (("structure", self.structure),) + super()._aux()
 
     def is_standard_normal(self, end: int = 0) -> bool:
         """Whether X_end (``end`` 0: the source, 1: the target) is an N(0, I) independent of the
@@ -557,12 +599,12 @@ class JointGaussianMixture(_MixtureBase):
     def source(self) -> GaussianMixture:
         """Marginal law of X0 (K components, some possibly equal)."""
         m0, _, s00, _, _, _ = self.blocks()
-        return GaussianMixture._from_leaves(self.weights, m0, s00)
+        return GaussianMixture._from_leaves(self.weights, m0, s00, self.labels)
 
     def target(self) -> GaussianMixture:
         """Marginal law of X1 (K components, some possibly equal)."""
         _, m1, _, _, _, s11 = self.blocks()
-        return GaussianMixture._from_leaves(self.weights, m1, s11)
+        return GaussianMixture._from_leaves(self.weights, m1, s11, self.labels)
 
 
 def structure_of(covs: np.ndarray, dim: int) -> str:
@@ -595,6 +637,7 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
 
     Component k = i * K1 + j pairs source component i with target component j; its covariance is
     block-diagonal (no cross-covariance).
+    A labelled target (``p1.labels``) labels component k with the class of target component j.
 
     Raises:
         ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
@@ -618,7 +661,8 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     )
     # Products of valid weights and block-diagonal SPD matrices are valid: skip re-validation
     # (it would also fail under a trace-free but expensive eigen-decomposition for large K).
-    out = JointGaussianMixture._from_leaves(w, m, c, structure="independent")
+    labels = None if p1.labels is None else p1.labels * k0  # component i * K1 + j: class of j
+    out = JointGaussianMixture._from_leaves(w, m, c, structure="independent", labels=labels)
     if _is_concrete(p0.covs, p1.covs):
         # The sampling factor is block-diagonal in the two marginal factors: K0 + K1 Cholesky
         # factorisations of d x d instead of K0 K1 of 2d x 2d.

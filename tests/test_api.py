@@ -14,6 +14,7 @@ import fmjax
 PACKAGE = pathlib.Path(fmjax.__file__).parent
 PUBLIC_MODULES = [
     "fmjax",
+    "fmjax.conditional",
     "fmjax.convert",
     "fmjax.couplings",
     "fmjax.data",

@@ -1,0 +1,110 @@
+"""Labelled mixtures and class-conditional exact quantities (fmjax.conditional), schedule change
+(convert.change_schedule), guided sampling and the conditional report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import conditional as cond
+from fmjax import exact, schedules
+
+LABELS = np.array([0, 1, 0, 2, 1])
+
+
+@pytest.fixture
+def problem(x64):
+    """A 2-D labelled target (5 components, 3 classes) from N(0, I), in float64."""
+    p1 = fmjax.random_gaussian_mixture(jax.random.PRNGKey(0), 5, 2, dtype=jnp.float64)
+    p1 = fmjax.GaussianMixture(p1.weights, p1.means, p1.covs, labels=LABELS)
+    return p1, fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), p1)
+
+
+def _sub(p1, y):
+    """Class y's sub-coupling built by hand: its components only, weights renormalised."""
+    m = LABELS == y
+    w = p1.weights[m]
+    target = fmjax.GaussianMixture(w / w.sum(), p1.means[m], p1.covs[m])
+    return fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), target)
+
+
+def test_labels_validated_and_static(x64, problem):
+    p1, c = problem
+    w, m, s = p1.weights, p1.means, p1.covs
+    for bad, err in (
+        ([0, 1], ValueError),
+        ([0, -1, 0, 1, 1], ValueError),
+        (np.zeros(5), TypeError),
+        (np.ones(5, bool), TypeError),
+    ):
+        with pytest.raises(err, match="`labels` must be"):
+            fmjax.GaussianMixture(w, m, s, labels=bad)
+    assert p1.labels == tuple(LABELS) and p1.n_classes == 3
+    assert c.labels == tuple(LABELS) and c.target().labels == tuple(LABELS)
+    assert jax.tree.unflatten(*reversed(jax.tree.flatten(c))).labels == c.labels
+    assert jax.jit(lambda q: q)(c).labels == c.labels
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), p1, p1)
+    assert stacked.labels == p1.labels
+    assert jax.vmap(lambda q: q.n_classes + q.weights.sum())(stacked).shape == (2,)
+    assert fmjax.GaussianMixture(w, m, s).labels is None  # unlabelled: as before
+
+
+def test_conditional_quantities_equal_sub_mixture(problem):
+    """u_t(x|y), log p_t(x|y), score(x|y) with one label per point (one t per point; one shared
+    t) equal the engine on a sub-mixture built by hand, to 1e-12 (float64 rounding of two
+    evaluation orders), also through exact.prepare; a wrong label and unnormalised weights (the
+    controls) are far off."""
+    p1, c = problem
+    s = schedules.cosine()
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 2))
+    y = jnp.array([0, 1, 2, 0, 1, 2, 3, 3])  # 3 = the null class: unconditional
+    ts = jnp.linspace(0.1, 0.9, 8)
+    q = ("velocity", "log_prob", "score")
+    ev = cond.evaluate(c, s, ts, x, y, q)
+    for cls in range(4):
+        sel = np.asarray(y) == cls
+        ref = exact.evaluate(_sub(p1, cls) if cls < 3 else c, s, ts, x, q)
+        for name in q:
+            np.testing.assert_allclose(getattr(ev, name)[sel], getattr(ref, name)[sel], atol=1e-12)
+    prepared = exact.prepare(c)
+    np.testing.assert_allclose(cond.velocity(prepared, s, ts, x, y), ev.velocity, atol=1e-12)
+    shared = cond.velocity(prepared, s, 0.3, x, y)  # one t for all points
+    np.testing.assert_allclose(shared, cond.velocity(c, s, jnp.full(8, 0.3), x, y), atol=1e-12)
+    scalar = cond.velocity(c, s, ts, x, 1)  # one label for all points
+    np.testing.assert_allclose(scalar, exact.velocity(_sub(p1, 1), s, ts, x), atol=1e-12)
+    # Controls: another class's field, and the log-density without renormalisation.
+    assert jnp.max(jnp.abs(cond.velocity(c, s, ts, x, 0) - scalar)) > 0.1
+    m = LABELS == 1
+    raw = fmjax.independent_coupling(
+        fmjax.standard_normal(2, jnp.float64),
+        fmjax.GaussianMixture._from_leaves(p1.weights[m], p1.means[m], p1.covs[m]),
+    )
+    gap = exact.log_prob(raw, s, ts, x) - cond.log_prob(c, s, ts, x, 1)
+    np.testing.assert_allclose(gap, jnp.log(p1.weights[m].sum()), atol=1e-12)
+
+
+def test_class_posterior_is_bayes(problem):
+    """P(y | X_t = x) = pi_y p_t(x|y) / p_t(x) (Bayes, with the densities of p_t's components
+    grouped by label by hand, mixtures code) to 1e-12; sums to 1; the control without the
+    prior pi_y fails. Under jit."""
+    _, c = problem
+    s = schedules.linear()
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(2), (6, 2))
+    post = jax.jit(cond.class_posterior, static_argnums=1)(c, s, 0.7, x)
+    pt = exact.marginal(c, s, 0.7)
+    pi = np.array([pt.weights[LABELS == y].sum() for y in range(3)])
+    logp_y = np.stack(
+        [
+            fmjax.GaussianMixture(
+                pt.weights[m] / pt.weights[m].sum(), pt.means[m], pt.covs[m]
+            ).log_prob(x)
+            for m in (LABELS == y for y in range(3))
+        ],
+        -1,
+    )
+    bayes = np.exp(np.log(pi)[None] + logp_y - np.asarray(pt.log_prob(x))[:, None])
+    np.testing.assert_allclose(post, bayes, atol=1e-12)
+    np.testing.assert_allclose(post.sum(-1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(cond.class_weights(c), pi, atol=1e-15)
+    assert np.max(np.abs(jax.nn.softmax(logp_y, -1) - post)) > 1e-2  # control: no prior
