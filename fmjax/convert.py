@@ -63,6 +63,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from fmjax import _checks
+from fmjax._reschedule import ScheduleChanged as ScheduleChanged
+from fmjax._reschedule import change_schedule as change_schedule
 from fmjax.schedules import Schedule
 
 __all__ = [
@@ -80,6 +82,8 @@ __all__ = [
     "velocity_to_drift",
     "as_velocity",
     "from_velocity",
+    "change_schedule",
+    "ScheduleChanged",
     "TARGETS",
 ]
 

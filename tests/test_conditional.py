@@ -108,3 +108,42 @@ def test_class_posterior_is_bayes(problem):
     np.testing.assert_allclose(post.sum(-1), 1.0, atol=1e-12)
     np.testing.assert_allclose(cond.class_weights(c), pi, atol=1e-15)
     assert np.max(np.abs(jax.nn.softmax(logp_y, -1) - post)) > 1e-2  # control: no prior
+
+
+def test_change_schedule_exact_for_every_pair(x64):
+    """The exact field of each built-in noise-free schedule, changed to any other, equals the
+    exact field of that other to 1e-10 (relative to 1 + |u|; float64, bisection to 2^-64) on
+    64 times spanning the overlap of their ratio ranges, ends included (VP's a_0 > 0 and its
+    interval's end 1 - eps narrow the overlap; it is the field's `schedule.interval`). Control:
+    a wrong inverse of the ratio (linear's, for cosine) is off by > 1e-2; cosine's own closed
+    form agrees."""
+    p1 = fmjax.random_gaussian_mixture(jax.random.PRNGKey(0), 3, 2, dtype=jnp.float64)
+    c = exact.prepare(fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), p1))
+    scheds = [
+        schedules.linear(),
+        schedules.cosine(),
+        schedules.polynomial(2.0),
+        schedules.polynomial(0.5),
+        schedules.vp(),
+    ]
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (64, 2))
+
+    def err(field, target):
+        r = jnp.linspace(*field.schedule.interval, 64)
+        ref = exact.velocity(c, target, r, x)
+        return float(jnp.max(jnp.abs(field(r, x) - ref) / (1.0 + jnp.abs(ref))))
+
+    for source in scheds:
+        for target in scheds:
+            changed = fmjax.convert.change_schedule(exact.velocity_field(c, source), source, target)
+            assert err(changed, target) < 1e-10, (source.name, target.name)
+    lo, hi = fmjax.convert.change_schedule(lambda t, x: x, scheds[4], scheds[0]).schedule.interval
+    assert 6e-3 < lo < 7e-3 and 0.98 < hi < 0.995  # VP's ends: a_0 = 6.6e-3, t_max = 1 - 1e-3
+    cos, lin = scheds[1], scheds[0]
+    right = fmjax.convert.change_schedule(
+        exact.velocity_field(c, cos), cos, lin, snr_inverse=lambda r: jnp.arctan(r) / (0.5 * jnp.pi)
+    )
+    wrong = fmjax.convert.change_schedule(
+        exact.velocity_field(c, cos), cos, lin, snr_inverse=lambda r: 1.0 - 1.0 / (1.0 + r)
+    )
+    assert err(right, lin) < 1e-10 and err(wrong, lin) > 1e-2
