@@ -14,6 +14,8 @@ from fmjax import sample as sample
 from fmjax import schedules as schedules
 from fmjax import sharding as sharding
 from fmjax import train as train
+from fmjax._guidance import ConditionalReport as ConditionalReport
+from fmjax._guidance import evaluate_conditional as evaluate_conditional
 from fmjax.evaluation import EvaluationReport as EvaluationReport
 from fmjax.evaluation import evaluate as evaluate
 from fmjax.mixtures import GaussianMixture as GaussianMixture
@@ -54,4 +56,6 @@ __all__ = [
     "problems",
     "evaluate",
     "EvaluationReport",
+    "evaluate_conditional",
+    "ConditionalReport",
 ]

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int, PRNGKeyArray
 
 from fmjax import _checks, exact
 from fmjax._typing import Precision
@@ -39,6 +39,8 @@ __all__ = [
     "evaluate",
     "given",
     "log_prob",
+    "sample",
+    "labelled_pairs",
     "score",
     "velocity",
     "velocity_field",
@@ -322,3 +324,60 @@ def velocity_field(
         "conditional.velocity_field", "schedule", schedule, Schedule, "an fmjax Schedule"
     )
     return ConditionalField(coupling, schedule, precision)
+
+
+def sample(
+    key: PRNGKeyArray,
+    coupling: JointGaussianMixture | exact.PreparedCoupling,
+    n: int,
+    y: Int[ArrayLike, " n"] | None = None,
+) -> tuple[Float[Array, "n d"], Float[Array, "n d"], Int[Array, " n"]]:
+    """Draw ``n`` labelled pairs ``(x0, x1, y)`` (n static).
+
+    Args:
+        key: PRNG key.
+        coupling: a labelled coupling (or its ``exact.prepare``).
+        n: number of pairs.
+        y: optional (n,) classes to draw from (pair i from class y_i's sub-mixture); default:
+            classes drawn with their prior pi (each pair's class is its component's label).
+
+    Returns:
+        x0 (n, d), x1 (n, d) and the labels y (n,) int32.
+    """
+    c = _coupling("sample", coupling)
+    n = _checks.check_int("conditional.sample", "n", n)
+    _checks.check_key("conditional.sample", "key", key)
+    labels = jnp.asarray(np.asarray(c.labels), jnp.int32)
+    if y is not None:
+        y = _check_y("sample", y, c.n_classes - 1)
+        if y.shape != (n,):
+            _checks.fail("conditional.sample", "y", f"of shape (n={n},)", f"shape {y.shape}")
+    factor = c._sampling_factor(True)  # (K, 2d, 2d), F F^T = covs (cached when concrete)
+    z, comp = _sample_jit(c.weights, c.means, factor, labels, key, n, y)
+    return z[:, : c.dim], z[:, c.dim :], labels[comp]
+
+
+@functools.partial(jax.jit, static_argnums=5)
+def _sample_jit(weights, means, factor, labels, key, n: int, y):
+    """(n, 2d) draws and their components; with labels ``y`` each from its class's components."""
+    k_comp, k_noise = jax.random.split(key)
+    logits = jnp.log(weights)
+    if y is None:
+        comp = jax.random.categorical(k_comp, logits, shape=(n,))
+    else:
+        member = labels[None, :] == y[:, None]  # (n, K)
+        comp = jax.random.categorical(k_comp, jnp.where(member, logits[None], -jnp.inf), axis=-1)
+    eps = jax.random.normal(k_noise, (n, means.shape[-1]), means.dtype)
+    z = means[comp] + jnp.einsum("nij,nj->ni", factor[comp], eps, precision="highest")
+    return z, comp
+
+
+def labelled_pairs(coupling: JointGaussianMixture | exact.PreparedCoupling):
+    """The pair sampler ``(key, n) -> (x0, x1, y)`` of a labelled coupling, for the
+    conditional losses (``losses.cfm(..., num_classes=C)``)."""
+    _coupling("labelled_pairs", coupling)
+    return functools.partial(_labelled_draw, coupling)
+
+
+def _labelled_draw(coupling, key, n):
+    return sample(key, coupling, n)

@@ -452,6 +452,8 @@ def cfm(
     sigma_min: float | None = None,
     reduction: str = "sum",
     bregman: Bregman | None = None,
+    num_classes: int | None = None,
+    p_uncond: float = 0.0,
 ) -> LossFn:
     """Conditional flow matching loss ``loss_fn(params, key) -> scalar`` (jit- and grad-able).
 
@@ -476,11 +478,23 @@ def cfm(
         reduction: "sum" (over d, mean over batch) or "mean" (over all elements, i.e. / d).
         bregman: the divergence D(y, y_hat) (``squared()`` if None; ``bregman(F)``,
             ``mahalanobis(M)``, ``exponential()``, ``logsumexp()``, or a callable).
+        num_classes: class-conditional training (classifier-free guidance): ``sample_pairs``
+            returns ``(x0, x1, y)`` with labels y (n,) in 0..C-1 (e.g.
+            ``conditional.labelled_pairs(coupling)``) and the model is called
+            ``apply_fn(params, t, x_t, y)`` (``model(t, x_t, y)``), y replaced by the null
+            class C = ``num_classes`` with probability ``p_uncond`` (dropout drawn from
+            ``fold_in(key, 0xC1A55)``, independent of the points).
+        p_uncond: label-dropout probability in [0, 1] (with ``num_classes``).
 
     Returns:
         ``loss_fn(params, key) -> scalar`` (``loss_fn(model, key)`` for a module).
     """
     div = _check_common("cfm", "batch_size", batch_size, target, reduction, bregman)
+    if num_classes is not None:
+        return _cfm_conditional(
+            apply_fn, sample_pairs, schedule, batch_size, time_sampler, target, sigma_min,
+            reduction, div, num_classes, p_uncond,
+        )  # fmt: skip
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
     _check_target_noise("cfm", schedule, target, conditional=True)
     times = _time_sampler("cfm", time_sampler)
@@ -492,6 +506,49 @@ def cfm(
         t, xt = path.t, path.xt
         y = _conditional_target(schedule, target, path)
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
+        return jnp.mean(_per_sample(div, y, pred, reduction))
+
+    return loss_fn
+
+
+_DROPOUT_SALT = 0xC1A55
+
+
+def _cfm_conditional(
+    apply_fn, sample_pairs, schedule, batch_size, time_sampler, target, sigma_min, reduction,
+    div, num_classes, p_uncond,
+) -> LossFn:
+    """``cfm`` with labels from the pair sampler and label dropout to the null class."""
+    fn = "losses.cfm"
+    num_classes = _checks.check_int(fn, "num_classes", num_classes, 1)
+    p_uncond = _checks.as_float(fn, "p_uncond", p_uncond)
+    if not 0.0 <= p_uncond <= 1.0:
+        _checks.fail(fn, "p_uncond", "in [0, 1]", p_uncond)
+    schedule = _resolve_schedule("cfm", schedule, sigma_min)
+    _check_target_noise("cfm", schedule, target, conditional=True)
+    times = _time_sampler("cfm", time_sampler)
+    module = is_module(apply_fn)
+    _apply("cfm", apply_fn)
+    _checks.check_callable(fn, "sample_pairs", sample_pairs)
+
+    def loss_fn(params, key):
+        drawn = {}
+
+        def pairs(k, n):  # the labels ride along the pairs' own key (sample_path's convention)
+            out = sample_pairs(k, n)
+            if not isinstance(out, tuple | list) or len(out) != 3:
+                _checks.fail(fn, "sample_pairs", "a callable (key, n) -> (x0, x1, y) with "
+                             "`num_classes`", type(out).__name__, TypeError)  # fmt: skip
+            drawn["y"] = jnp.asarray(out[2], jnp.int32)
+            return out[0], out[1]
+
+        path = _draw("cfm", pairs, times, schedule, key, batch_size)
+        drop = jax.random.bernoulli(jax.random.fold_in(key, _DROPOUT_SALT), p_uncond, (batch_size,))
+        labels = jnp.where(drop, num_classes, drawn["y"])
+        t, xt = path.t, path.xt
+        y = _conditional_target(schedule, target, path)
+        out = params(t, xt, labels) if module else apply_fn(params, t, xt, labels)
+        pred = _prediction(schedule, target, t, out)
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
     return loss_fn
