@@ -14,10 +14,10 @@ from fmjax import sample as sample
 from fmjax import schedules as schedules
 from fmjax import sharding as sharding
 from fmjax import train as train
-from fmjax._guidance import ConditionalReport as ConditionalReport
-from fmjax._guidance import evaluate_conditional as evaluate_conditional
 from fmjax.evaluation import EvaluationReport as EvaluationReport
 from fmjax.evaluation import evaluate as evaluate
+from fmjax.guidance import ConditionalReport as ConditionalReport
+from fmjax.guidance import evaluate_conditional as evaluate_conditional
 from fmjax.mixtures import GaussianMixture as GaussianMixture
 from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture
 from fmjax.mixtures import independent_coupling as independent_coupling

@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "fmjax.couplings",
     "fmjax.data",
     "fmjax.exact",
+    "fmjax.guidance",
     "fmjax.experiments",
     "fmjax.leaderboard",
     "fmjax.likelihood",
