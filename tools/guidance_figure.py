@@ -21,10 +21,10 @@ WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 def labelled_problem() -> fmjax.JointGaussianMixture:
-    """3 classes on a ring of radius 2.5, two components each, interleaved so classes overlap."""
+    """3 overlapping classes on a ring of radius 2.5, two components (std 0.8) each."""
     angles = np.arange(6) * 2 * math.pi / 6
     means = 2.5 * np.stack([np.cos(angles), np.sin(angles)], -1)
-    covs = np.stack([0.5**2 * np.eye(2)] * 6)
+    covs = np.stack([0.8**2 * np.eye(2)] * 6)
     target = fmjax.GaussianMixture(
         np.full(6, 1 / 6), means, covs, labels=np.array([0, 1, 2, 0, 1, 2])
     )
