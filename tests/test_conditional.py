@@ -13,12 +13,22 @@ from fmjax import exact, schedules
 LABELS = np.array([0, 1, 0, 2, 1])
 
 
+@pytest.fixture(scope="module")
+def labelled():
+    """A 2-D labelled target (5 components, 3 classes) from N(0, I), in float64 (built once)."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        p1 = fmjax.random_gaussian_mixture(jax.random.PRNGKey(0), 5, 2, dtype=jnp.float64)
+        p1 = fmjax.GaussianMixture(p1.weights, p1.means, p1.covs, labels=LABELS)
+        return p1, fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), p1)
+    finally:
+        jax.config.update("jax_enable_x64", prev)
+
+
 @pytest.fixture
-def problem(x64):
-    """A 2-D labelled target (5 components, 3 classes) from N(0, I), in float64."""
-    p1 = fmjax.random_gaussian_mixture(jax.random.PRNGKey(0), 5, 2, dtype=jnp.float64)
-    p1 = fmjax.GaussianMixture(p1.weights, p1.means, p1.covs, labels=LABELS)
-    return p1, fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), p1)
+def problem(x64, labelled):
+    return labelled
 
 
 def _sub(p1, y):
@@ -233,3 +243,25 @@ def test_digits_gmm_labelled():
     post = np.asarray(g.responsibilities(fmjax.data.digits(flat=True)))  # component k = class k
     assert np.mean(post.argmax(-1) == y) > 0.9
     assert np.mean(np.roll(post, 1, axis=-1).argmax(-1) == y) < 0.2
+
+
+def test_bad_inputs_are_named(problem):
+    _, c = problem
+    s = schedules.linear()
+    x = jnp.zeros((2, 2))
+    plain = fmjax.independent_coupling(fmjax.standard_normal(2), fmjax.standard_normal(2))
+    with pytest.raises(ValueError, match="conditional.velocity: `coupling` must be labelled"):
+        cond.velocity(plain, s, 0.5, x, 0)
+    with pytest.raises(ValueError, match=r"conditional.velocity: `y` must be in 0..3"):
+        cond.velocity(c, s, 0.5, x, 4)
+    with pytest.raises(TypeError, match="conditional.velocity: `y` must be an integer"):
+        cond.velocity(c, s, 0.5, x, 1.0)
+    with pytest.raises(ValueError, match="sample.guided: `null` must be given"):
+        fmjax.sample.guided(lambda t, x, y: x, jnp.zeros(2, int))
+    noisy = s.with_noise(schedules.brownian())
+    with pytest.raises(ValueError, match="convert.change_schedule: `target` must be a schedule"):
+        fmjax.convert.change_schedule(lambda t, x: x, s, noisy)
+    with pytest.raises(ValueError, match="losses.cfm: `p_uncond` must be in"):
+        fmjax.losses.cfm(
+            lambda p, t, x, y: x, cond.labelled_pairs(c), s, 8, num_classes=3, p_uncond=1.5
+        )
