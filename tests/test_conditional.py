@@ -195,23 +195,27 @@ def test_guided_report_exact_at_w1_and_guidance_sharpens(problem):
 
 def test_guided_sampler_and_conditional_cfm(problem):
     """sample.guided at w = 0 / 1 is the unconditional / conditional exact field (to 1e-12);
-    losses.cfm with labels: the exact conditional field attains the exact conditional floor
-    (loss of the field at the true labels < the loss at shifted labels, the control), label
+    losses.cfm with labels: the labels arrive aligned with their pairs (a predictor of the class
+    mean E[X1 | y] scores lower at the true labels than at shifted ones, the control), label
     dropout with p_uncond = 1 feeds only the null class; the conditional MLP responds to y."""
     _, c = problem
     s = schedules.linear()
     field = cond.velocity_field(c, s)
     x = jax.random.normal(jax.random.PRNGKey(4), (6, 2))
     y = jnp.array([0, 1, 2, 0, 1, 2])
-    for w, ref in ((0.0, exact.velocity(c, s, 0.4, x)), (1.0, field(0.4, x, y))):
+    both = field(0.4, jnp.concatenate([x, x]), jnp.concatenate([y, jnp.full(6, 3)]))
+    np.testing.assert_allclose(both[6:], exact.velocity(c, s, 0.4, x), atol=1e-12)  # null class
+    for w, ref in ((0.0, both[6:]), (1.0, both[:6])):
         np.testing.assert_allclose(fmjax.sample.guided(field, y, w)(0.4, x), ref, atol=1e-12)
     seen = []
+    target = c.target()
+    means = jnp.stack([cond.given(c, k).target().mean() for k in range(3)] + [target.mean()])
 
-    def apply(params, t, xt, labels):
-        return field(t, xt, jnp.where(labels < 3, (labels + params) % 3, labels))
+    def apply(params, t, xt, labels):  # predicts E[X1 | y] of the label it is given (+ params)
+        return means[jnp.where(labels < 3, (labels + params) % 3, labels)]
 
     pairs = cond.labelled_pairs(c)
-    loss = jax.jit(fmjax.losses.cfm(apply, pairs, s, 256, num_classes=3, p_uncond=0.0))
+    loss = jax.jit(fmjax.losses.cfm(apply, pairs, s, 256, target="x1", num_classes=3))
     k = jax.random.PRNGKey(5)
     assert float(loss(0, k)) < float(loss(1, k)) - 1.0
     dropped = fmjax.losses.cfm(
