@@ -491,10 +491,8 @@ def cfm(
     """
     div = _check_common("cfm", "batch_size", batch_size, target, reduction, bregman)
     if num_classes is not None:
-        return _cfm_conditional(
-            apply_fn, sample_pairs, schedule, batch_size, time_sampler, target, sigma_min,
-            reduction, div, num_classes, p_uncond,
-        )  # fmt: skip
+        args = (apply_fn, sample_pairs, schedule, batch_size, time_sampler, target, sigma_min)
+        return _cfm_conditional(*args, reduction, div, num_classes, p_uncond)
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
     _check_target_noise("cfm", schedule, target, conditional=True)
     times = _time_sampler("cfm", time_sampler)
@@ -515,8 +513,17 @@ _DROPOUT_SALT = 0xC1A55
 
 
 def _cfm_conditional(
-    apply_fn, sample_pairs, schedule, batch_size, time_sampler, target, sigma_min, reduction,
-    div, num_classes, p_uncond,
+    apply_fn,
+    sample_pairs,
+    schedule,
+    batch_size,
+    time_sampler,
+    target,
+    sigma_min,
+    reduction,
+    div,
+    num_classes,
+    p_uncond,
 ) -> LossFn:
     """``cfm`` with labels from the pair sampler and label dropout to the null class."""
     fn = "losses.cfm"
@@ -537,8 +544,8 @@ def _cfm_conditional(
         def pairs(k, n):  # the labels ride along the pairs' own key (sample_path's convention)
             out = sample_pairs(k, n)
             if not isinstance(out, tuple | list) or len(out) != 3:
-                _checks.fail(fn, "sample_pairs", "a callable (key, n) -> (x0, x1, y) with "
-                             "`num_classes`", type(out).__name__, TypeError)  # fmt: skip
+                what = "a callable (key, n) -> (x0, x1, y) with `num_classes`"
+                _checks.fail(fn, "sample_pairs", what, type(out).__name__, TypeError)
             drawn["y"] = jnp.asarray(out[2], jnp.int32)
             return out[0], out[1]
 
