@@ -289,7 +289,7 @@ def test_checkpoint_of_other_model_raises(tmp_path):
     )
     x4, y4 = _problem(d=4)
     kw = dict(key=jax.random.key(0), steps=10, checkpoint_dir=ckpt, progress=False)
-    with pytest.raises(ValueError, match=f"`checkpoint_dir`.*{ckpt / '5'}.*differs in params"):
+    with pytest.raises(ValueError, match=f"`checkpoint_dir`.*{ckpt / '5'}.*differs in .*params"):
         train.fit(_minibatch_loss(x4, y4), _zeros(4), **kw)
     with pytest.warns(UserWarning, match="resume='force'"):
         with pytest.raises(RuntimeError, match=str(ckpt / "5")):
@@ -445,6 +445,70 @@ def test_changed_fingerprint_is_refused_unless_forced(tmp_path):
     assert train.fit(loss, _zeros(), optimizer=optax.sgd(0.1), steps=8, **kw).resumed_from == 5
     with pytest.raises(ValueError, match="differs in optimizer"):
         train.fit(loss, _zeros(), optimizer=optax.sgd(0.2), steps=10, **kw)
+
+
+def test_fingerprint_covers_the_loss_structure(tmp_path):
+    """A resume compares a loss of ``fmjax.losses`` part by part, by content: another schedule,
+    data array or coupling (same shapes, other arrays), target, time sampler, reduction,
+    divergence, batch size or model activation is refused with "saved X, now Y" (they all
+    resumed silently when the loss was known by its function's name); a wrapper of the loss
+    is compared by the loss it holds. Control: the same fit rebuilt from equal new objects
+    resumes."""
+    import fmjax
+    from fmjax import data, losses, models, schedules
+
+    def joint(shift):  # one Gaussian on R^4 = (x0, x1), x1 shifted
+        return fmjax.JointGaussianMixture(
+            np.ones(1), np.array([[0, 0, shift, 0.0]]), np.eye(4)[None]
+        )
+
+    rows = jax.random.normal(jax.random.key(2), (64, 2))
+
+    def from_rows(x):
+        return data.independent_pairs(data.gaussian_source(2), data.from_array(x))
+
+    def mlp(activation="swish"):
+        return models.MLP(dim=2, width=8, depth=1, activation=activation, time_embedding="raw")
+
+    def loss(apply=None, pairs=None, schedule=None, batch=8, **kw):
+        apply = apply or mlp().apply
+        pairs = pairs or from_rows(rows)
+        return losses.cfm(apply, pairs, schedule or schedules.linear(), batch, **kw)
+
+    params = models.init(mlp(), key=jax.random.key(3))
+    ckpt = tmp_path / "ckpt"
+    kw = dict(key=jax.random.key(0), steps=2, checkpoint_dir=ckpt, progress=False)
+    train.fit(loss(), params, **kw)
+    before = _digest(ckpt)
+
+    changes = {
+        "schedule": (dict(schedule=schedules.cosine()), "linear.*now.*cosine"),
+        "sample_pairs": (dict(pairs=from_rows(rows.at[5, 1].add(1))), "arr=.*now.*arr="),
+        "target": (dict(target="x1"), "'velocity'.*now.*'x1'"),
+        "time_sampler": (dict(time_sampler="logit_normal"), "uniform_time.*now.*logit"),
+        "reduction": (dict(reduction="mean"), "'sum'.*now.*'mean'"),
+        "bregman": (dict(bregman=losses.exponential()), "squared.*now.*exponential"),
+        "batch_size": (dict(batch=16), "8.*now.*16"),
+        "apply_fn": (dict(apply=mlp("gelu").apply), "swish.*now.*gelu"),
+    }
+    for part, (change, match) in changes.items():
+        with pytest.raises(ValueError, match=rf"differs in .*loss\.{part}: saved .*{match}"):
+            train.fit(loss(**change), params, **kw)
+    moons = data.independent_pairs(data.gaussian_source(2), data.two_moons)
+    with pytest.raises(ValueError, match=r"loss\.sample_pairs: saved .*from_array.*now .*moons"):
+        train.fit(loss(pairs=moons), params, **kw)
+    inner = loss(schedule=schedules.cosine())
+    with pytest.raises(ValueError, match=r"loss: saved .\{apply_fn: .*now .*<lambda>\[inner="):
+        train.fit(lambda p, k: inner(p, k), params, **kw)
+    assert _digest(ckpt) == before  # nothing written by the refused runs
+    # Control: the same fit from new, equal objects (rows copied to NumPy) resumes, with
+    # nothing left to train.
+    assert train.fit(loss(pairs=from_rows(np.array(rows))), params, **kw).resumed_from == 2
+    # Couplings by content: equal arrays describe equal, another mean does not.
+    from fmjax.train.fingerprint import describe
+
+    assert describe(joint(1.0).sample) == describe(joint(1.0).sample)
+    assert describe(joint(1.0).sample) != describe(joint(1.5).sample)
 
 
 def test_second_writer_is_refused(tmp_path):

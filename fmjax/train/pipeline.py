@@ -27,7 +27,7 @@ from fmjax._typing import LossFn, PyTree
 from fmjax.sharding import batch_sharding, replicated
 from fmjax.train import modules
 from fmjax.train.cache import LRU, signature, trace_config
-from fmjax.train.checkpoint import Checkpointer, restore
+from fmjax.train.checkpoint import Checkpointer, check_writable, restore
 from fmjax.train.config import FitConfig, RunOptions
 from fmjax.train.fingerprint import fingerprint
 from fmjax.train.host import History, Progress, chunk_bounds
@@ -377,6 +377,8 @@ def _assemble(config: FitConfig, state: State, history: History, *, t_start: flo
 def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instances) -> FitResult:
     """prepare (check, initial state, history) -> restore / run chunks -> assemble."""
     t_start = time.perf_counter()
+    if options.checkpoint_dir is not None:  # before any work: fail in milliseconds
+        check_writable(fn, "checkpoint_dir", options.checkpoint_dir)
     config, params, model_state, rngs = _module(fn, config, params)
     m = _models(fn, config, params, instances)
     keys = _check_keys(fn, keys, m)
@@ -385,15 +387,17 @@ def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instance
     history = History(*structs, config.has_aux)
     ckpt, run_fingerprint = None, None
     if options.checkpoint_dir is not None:
-        run_fingerprint = fingerprint(config, params, keys, model_state)
+        run_fingerprint = fingerprint(config, params, keys, model_state, instances)
         ckpt = Checkpointer(options.checkpoint_dir, options.max_checkpoints, fn)
+    done = False
     try:
         state, compile_time, run_steps, run_time, start = _train(
             fn, config, options, state, keys, instances, history, ckpt, m, run_fingerprint
         )
+        done = True
     finally:
-        if ckpt is not None:
-            ckpt.close()
+        if ckpt is not None:  # after another error, a failed write does not hide it
+            ckpt.close(check=done)
     return _assemble(config, state, history, t_start=t_start, compile_time=compile_time,
                      run_steps=run_steps, run_time=run_time, start=start, rngs=rngs)  # fmt: skip
 
