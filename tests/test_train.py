@@ -9,9 +9,11 @@ equal to separate runs, and argument validation in the one error format."""
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sys
+import time
 
 import chex
 import flax.linen as nn
@@ -509,6 +511,68 @@ def test_fingerprint_covers_the_loss_structure(tmp_path):
 
     assert describe(joint(1.0).sample) == describe(joint(1.0).sample)
     assert describe(joint(1.0).sample) != describe(joint(1.5).sample)
+
+
+def _in_namespace(*mounts: str) -> list[str] | None:
+    """A command prefix that runs its command in a new user and mount namespace after
+    ``mounts`` (shell ``mount`` arguments), or None where namespaces cannot be made here."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    script = " && ".join(f"mount {m}" for m in mounts)
+    for flags in ("-rm", "-m"):  # a user namespace (any user), else root's own mount namespace
+        probe = subprocess.run(["unshare", flags, "sh", "-c", f"{script} && true"],
+                               capture_output=True)  # fmt: skip
+        if probe.returncode == 0:
+            return ["unshare", flags, "sh", "-c", f'{script} && exec "$@"', "sh"]
+    return None
+
+
+def test_unwritable_folders_fail_fast(tmp_path):
+    """A read-only checkpoint_dir or --out (a read-only bind mount: chmod does not stop root) and
+    a full disk (a 16 KiB tmpfs) fail in seconds with one line, and the process then exits at
+    once: a failed orbax save used to leave threads waiting 300 s at exit, and the fit raised a
+    raw OSError after 4 s, the CLI 380 traceback lines. Control: a writable folder trains."""
+    import subprocess
+
+    ro, full, rw = tmp_path / "ro", tmp_path / "full", tmp_path / "rw"
+    for d in (ro, full, rw):
+        d.mkdir()
+    prefix = _in_namespace(f"--bind -o ro {ro} {ro}", f"-t tmpfs -o size=16k tmpfs {full}")
+    if prefix is None:
+        pytest.skip("no read-only bind mount possible here (unshare -rm and unshare -m fail)")
+    script = os.path.join(os.path.dirname(__file__), "_unwritable_check.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([*prefix, sys.executable, script, str(ro), str(full), str(rw)],
+                          capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    total = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    unwritable = "must be a folder that can be created and written to, got '{}' (Read-only file "
+    expect = {
+        "cli_train": ("SystemExit", "cli: `--out` " + unwritable.format(ro)),
+        "cli_train_new": ("SystemExit", "cli: `--out` " + unwritable.format(ro / "n")),
+        "cli_sample": ("SystemExit", "cli: `--out` " + unwritable.format(ro / "s")),
+        "fit": ("ValueError", "train.fit: `checkpoint_dir` " + unwritable.format(ro)),
+        "fit_new": ("ValueError", "train.fit: `checkpoint_dir` " + unwritable.format(ro / "ck")),
+        "fit_full": ("RuntimeError", f"train.fit: cannot write checkpoint {full / 'ck' / '2'} "
+                     "(No space left on device); no checkpoint was completed"),
+        "fit_save_fails": ("RuntimeError", f"train.fit: cannot write checkpoint {ro / '2'} "
+                           "(Read-only file system)"),
+        "fit_control": ("ok", ""),
+    }  # fmt: skip
+    for case, (kind, start) in expect.items():
+        got_kind, msg, seconds = res[case]
+        assert (got_kind, msg[: len(start)]) == (kind, start), (case, msg)
+        assert "\n" not in msg and seconds < 30, (case, seconds)
+    # No traceback or log record around the lines, and no wait at exit (the process ends in
+    # about the time of its import and one small fit; it waited 300 s before).
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    assert total < 60 + sum(r[2] for r in res.values()), total
 
 
 def test_second_writer_is_refused(tmp_path):

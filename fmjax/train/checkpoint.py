@@ -144,6 +144,9 @@ class Checkpointer:
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=max_to_keep,
                     create=True,
+                    # Step directories are made before save() returns, so that an unwritable
+                    # folder fails there; made in the background, their failure left orbax's
+                    # writer threads waiting 300 s for a signal, keeping the process alive.
                     async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
                 ),
             )
@@ -261,7 +264,10 @@ class Checkpointer:
 
     def _unwritten(self, step: int, e: Exception) -> RuntimeError:
         last = self.manager.latest_step()
-        kept = f"the last complete checkpoint is step {last}" if last else "none was completed"
+        if last is None:
+            kept = "no checkpoint was completed"
+        else:
+            kept = f"the last complete checkpoint is step {last}"
         return RuntimeError(
             f"{self.fn}: cannot write checkpoint {self._where(step)} ({_cause(e)}); {kept} "
             f"in {self.path}. Free space or make the folder writable, then run again to resume."
