@@ -400,6 +400,13 @@ def _truncate(f):
     (f / "params.msgpack").write_bytes(raw[: len(raw) // 2])
 
 
+def _flip(f):
+    """XOR 8 bytes of the last weights: still a valid msgpack file of the right shapes."""
+    raw = bytearray((f / "params.msgpack").read_bytes())
+    raw[-12:-4] = bytes(b ^ 0xFF for b in raw[-12:-4])
+    (f / "params.msgpack").write_bytes(bytes(raw))
+
+
 def _config_type(f):
     spec = json.loads((f / "model.json").read_text())
     spec["config"]["steps"] = 1.5
@@ -411,6 +418,8 @@ BROKEN = {
                     r"model.json \(width 16, depth 2, raw\): \['params'\]\[.*\] has shape "
                     r"\((2, )?8,?\), expected \((2, )?16,?\)"),
     "truncated": (_truncate, "params.msgpack: is truncated or not a msgpack file"),
+    "flipped": (_flip, "params.msgpack: does not match the sha256 checksum recorded in "
+                "model.json"),
     "missing": (lambda f: (f / "params.msgpack").unlink(), "params.msgpack: is missing"),
     "not_json": (lambda f: (f / "model.json").write_text("{width: 8"),
                  "model.json: is not valid JSON"),
@@ -437,6 +446,30 @@ def test_broken_model_folders_give_one_clear_line(tmp_path, model_folder, name):
     with pytest.raises(ValueError, match=match):
         experiments.load_model(folder)
     assert experiments.load_model(model_folder).config.width == 8  # control
+
+
+def test_model_folder_without_checksum_loads_with_a_warning(tmp_path, model_folder):
+    """A folder written before model.json recorded the sha256 of params.msgpack loads, with a
+    warning that it is unverified (control: the intact folder loads without one)."""
+    import warnings
+
+    import jax
+
+    from fmjax import experiments
+
+    def drop(f):
+        spec = json.loads((f / "model.json").read_text())
+        del spec["params_sha256"]
+        (f / "model.json").write_text(json.dumps(spec))
+
+    folder = _broken(tmp_path, model_folder, "old", drop)
+    with pytest.warns(UserWarning, match="records no sha256 of params.msgpack"):
+        old = experiments.load_model(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = experiments.load_model(model_folder)
+    for a, b in zip(jax.tree.leaves(old.params), jax.tree.leaves(new.params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize(
