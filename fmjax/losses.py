@@ -22,6 +22,12 @@ Times: a time sampler draws on [0, 1] and the losses map its draws onto the sche
 interval ``[t_min, t_max]`` (the identity for schedules valid on all of [0, 1]), so a schedule
 singular at an end (``vp``) is never trained where its target is infinite.
 
+Run identity: the loss functions of ``cfm`` and ``marginal_fm`` carry ``loss_fn.structure``, a
+dict of what defines them (the model's apply function, the pair sampler or coupling, schedule,
+batch size, time sampler, target, reduction, divergence); ``fmjax.fit(checkpoint_dir=...)``
+stores it, described by content (array hashes, closure values), in the run's fingerprint and
+refuses to resume a checkpoint whose loss differs in any part.
+
 Keys: every loss draws its points with ``fmjax.data.sample_path`` (pairs from ``split(key)[0]``,
 times from ``split(key)[1]``, the latent noise z from ``fold_in(key, 0x5EED1)``), so ``cfm``,
 ``marginal_fm`` and ``loss_floor`` called with one key see the same (t, x0, x1, z, x_t), and so
@@ -506,6 +512,17 @@ def cfm(
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
+    loss_fn.structure = dict(
+        loss="cfm",
+        apply_fn=apply_fn,
+        sample_pairs=sample_pairs,
+        schedule=schedule,
+        batch_size=batch_size,
+        time_sampler=times,
+        target=target,
+        reduction=reduction,
+        bregman=div,
+    )
     return loss_fn
 
 
@@ -670,6 +687,18 @@ def marginal_fm(
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
+    loss_fn.structure = dict(
+        loss="marginal_fm",
+        apply_fn=apply_fn,
+        coupling=coupling,
+        schedule=schedule,
+        batch_size=batch_size,
+        time_sampler=times,
+        target=target,
+        reduction=reduction,
+        bregman=div,
+        time_groups=time_groups,
+    )
     return loss_fn
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -170,14 +172,19 @@ MODEL_FILES = ("params.msgpack", "model.json", "results.json", "training_loss.pn
 def save_model(trained: TrainedModel, out: str | os.PathLike) -> dict:
     """Write the model folder (parameters, config, loss figure, results); returns the results.
 
+    ``model.json`` holds the config and the sha256 of ``params.msgpack`` (``params_sha256``),
+    which :func:`load_model` verifies.
+
     ``final_loss`` in the results is the mean per-step training loss (the CFM loss of each
     step's minibatch) over the last 10% of steps, ``final_loss_steps`` those steps; the
     progress bar shows the same per-step loss, averaged over the steps of its last update.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "params.msgpack").write_bytes(flax.serialization.to_bytes(trained.params))
-    write_json(out / "model.json", {"config": trained.config.as_dict()})
+    raw = flax.serialization.to_bytes(trained.params)
+    (out / "params.msgpack").write_bytes(raw)
+    spec = {"config": trained.config.as_dict(), "params_sha256": hashlib.sha256(raw).hexdigest()}
+    write_json(out / "model.json", spec)
     fit = trained.fit
     results = {"config": trained.config.as_dict(), "loss_floor": trained.loss_floor,
                "velocity_error": trained.velocity_error}  # fmt: skip
@@ -203,7 +210,9 @@ def _bad(path: Path, what: str) -> ValueError:
     return ValueError(f"experiments.load_model: {path}: {what}")
 
 
-def _read_config(folder: Path) -> TrainConfig:
+def _read_config(folder: Path) -> tuple[TrainConfig, str | None]:
+    """The config of ``model.json`` and the sha256 of ``params.msgpack`` it records (None in
+    a folder written before checksums were)."""
     path = folder / "model.json"
     try:
         spec = json.loads(path.read_text())
@@ -213,13 +222,16 @@ def _read_config(folder: Path) -> TrainConfig:
         raise _bad(path, f"is not valid JSON ({e})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
         raise _bad(path, 'must be a JSON object {"config": {...}} as written by train_model')
+    digest = spec.get("params_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        raise _bad(path, f"holds an invalid params_sha256 (64 hex digits), got {digest!r:.80}")
     try:
-        return TrainConfig(**spec["config"])
+        return TrainConfig(**spec["config"]), digest
     except (TypeError, ValueError) as e:
         raise _bad(path, f"holds an invalid config: {e}") from None
 
 
-def _read_params(folder: Path, cfg: TrainConfig, template: PyTree) -> PyTree:
+def _read_params(folder: Path, cfg: TrainConfig, template: PyTree, digest: str | None) -> PyTree:
     path = folder / "params.msgpack"
     if not path.is_file():
         raise _bad(path, "is missing (the parameters of the model; rerun `fmjax train`)")
@@ -228,6 +240,15 @@ def _read_params(folder: Path, cfg: TrainConfig, template: PyTree) -> PyTree:
         state = flax.serialization.msgpack_restore(raw)
     except Exception as e:  # noqa: BLE001 - msgpack raises several types for broken input
         raise _bad(path, f"is truncated or not a msgpack file ({type(e).__name__}: {e})") from None
+    if digest is None:
+        warnings.warn(
+            f"experiments.load_model: {folder / 'model.json'} records no sha256 of params.msgpack "
+            "(written by an older fmjax): its parameters are loaded unverified",
+            stacklevel=3,
+        )
+    elif hashlib.sha256(raw).hexdigest() != digest:
+        what = "does not match the sha256 checksum recorded in model.json: it was changed or"
+        raise _bad(path, f"{what} damaged after `fmjax train` wrote it (rerun `fmjax train`)")
     want = jax.tree_util.tree_flatten_with_path(flax.serialization.to_state_dict(template))[0]
     try:
         got = dict(jax.tree_util.tree_flatten_with_path(state)[0])
@@ -250,17 +271,21 @@ def _read_params(folder: Path, cfg: TrainConfig, template: PyTree) -> PyTree:
 def load_model(folder: str | os.PathLike) -> TrainedModel:
     """The model saved by ``train_model(..., out=folder)`` (``fit`` and scores None).
 
+    ``params.msgpack`` is verified against the sha256 that ``save_model`` records in
+    ``model.json`` (a folder without one, from an older fmjax, loads with a warning).
+
     Raises:
         ValueError: one line naming the file and what is wrong: no folder or ``model.json``,
             ``model.json`` unreadable or holding an invalid config, ``params.msgpack`` missing,
-            truncated, or holding parameters of another shape (e.g. another width).
+            truncated, changed since it was written (its sha256 differs from the one in
+            ``model.json``), or holding parameters of another shape (e.g. another width).
     """
     folder = Path(folder)
     if not (folder / "model.json").is_file():
         _checks.fail("experiments.load_model", "folder", "a folder written by train_model "
                      "(with model.json)", str(folder))  # fmt: skip
-    cfg = _read_config(folder)
+    cfg, digest = _read_config(folder)
     model = _model(cfg)
     template = models.init(model, key=jax.random.key(0))
-    params = _read_params(folder, cfg, template)
+    params = _read_params(folder, cfg, template, digest)
     return TrainedModel(cfg, model, params, SCHEDULES[cfg.schedule]())
