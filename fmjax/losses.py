@@ -575,6 +575,19 @@ def _cfm_conditional(
         pred = _prediction(schedule, target, t, out)
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
+    loss_fn.structure = dict(
+        loss="cfm",
+        apply_fn=apply_fn,
+        sample_pairs=sample_pairs,
+        schedule=schedule,
+        batch_size=batch_size,
+        time_sampler=times,
+        target=target,
+        reduction=reduction,
+        bregman=div,
+        num_classes=num_classes,
+        p_uncond=p_uncond,
+    )
     return loss_fn
 
 
