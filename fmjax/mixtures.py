@@ -253,13 +253,23 @@ class _MixtureBase:
 
     @property
     def n_components(self) -> int:
-        """Number of components K."""
-        return self.weights.shape[0]
+        """Number of components K (the last axis of ``weights``)."""
+        return self.weights.shape[-1]
 
     def __repr__(self) -> str:
+        """Shapes as they are: a stacked batch (``jax.vmap`` of a constructor) shows its
+        ``batch_shape``, and leaves that are not arrays (``jax.tree.map(jnp.shape, m)``) show
+        as themselves."""
+        name, leaves = type(self).__name__, (self.weights, self.means, self.covs)
+        aux = "".join(f", {k}={v!r}" for k, v in self._aux())
+        if not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in leaves):
+            w, m, c = leaves
+            return f"{name}(weights={w!r}, means={m!r}, covs={c!r}{aux})"
+        batch = tuple(self.weights.shape[:-1])
+        head = f"batch_shape={batch}, " if batch else ""
         return (
-            f"{type(self).__name__}(n_components={self.n_components}, "
-            f"dim={self.means.shape[-1]}, dtype={self.means.dtype})"
+            f"{name}({head}n_components={self.weights.shape[-1]}, "
+            f"dim={self.means.shape[-1]}, dtype={self.means.dtype}{aux})"
         )
 
     def _sample_full(self, key: PRNGKeyArray, n: int, joint: bool = False) -> Float[Array, "n D"]:
@@ -527,9 +537,6 @@ class JointGaussianMixture(_MixtureBase):
             and np.allclose(covs[:, side, side], np.eye(d))
             and not np.any(covs[:, :d, d:])
         )
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", structure={self.structure!r})"
 
     @property
     def dim(self) -> int:
