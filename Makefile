@@ -28,7 +28,7 @@ bench: $(STAMP)
 
 # The documentation site, built strictly (a broken link or reference fails) into site/.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Serve site/ on localhost and check it in headless Chromium (Debian's chromium package).
 docs-check: docs

@@ -140,11 +140,16 @@ def add_parser(sub) -> None:
         "trained on every problem (or --problem A,B), scored with the exact field",
     )
     p.add_argument("--steps", type=int, default=3000, help="--all: training steps")
-    p.add_argument("--quick", action="store_true", help="--all: 300 steps, n = 300, width 64, "
-                   "no 256-D problem (CI settings)")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the leaderboard's CI settings: n = 300 and no sliced W2; with --all also 300 "
+        "steps, width 64, no 256-D problem",
+    )
     p.add_argument("--problem", default=None, help="a name of fmjax.problems (default: the "
                    "model's training target: gmm -> demo_2d, eight_gaussians)")  # fmt: skip
-    p.add_argument("--n", type=int, default=1000, help="samples per estimate (default 1000)")
+    p.add_argument("--n", type=int, default=None, help="samples per estimate (default 1000, "
+                   "--quick 300)")  # fmt: skip
     p.add_argument("--tol", type=float, default=0.01, help="NFE accuracy (default 0.01)")
     p.add_argument("--out", default="outputs/evaluate", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -160,6 +165,8 @@ def run(args) -> int:
     from fmjax import exact
 
     name = args.problem
+    if args.n is None:  # --quick: the leaderboard's quick sample size, for every source
+        args.n = _QUICK["n"] if args.quick else 1000
     if args.all:
         return _run_all(args)
     try:
@@ -183,8 +190,9 @@ def run(args) -> int:
         _checks.check_int("cli", "--n", args.n, 2)
         _checks.check_positive("cli", "--tol", args.tol)
         print(f"fmjax evaluate: {label} on {problem.name} ({problem.description}) ...")
+        w2 = not (args.no_w2 or args.quick)  # quick: no sliced W2, as the quick leaderboard
         report = evaluate(velocity, problem, key=jax.random.key(args.seed), n=args.n,
-                          nfe_tol=args.tol, w2=not args.no_w2, sde=args.sde,
+                          nfe_tol=args.tol, w2=w2, sde=args.sde,
                           out=args.out)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise SystemExit(str(e)) from None
@@ -198,7 +206,7 @@ def _run_all(args) -> int:
     kw = dict(steps=args.steps, n=args.n, seed=args.seed, out=args.out)
     if args.quick:
         names = names if args.problem else LEADERBOARD_PROBLEMS[:-1]
-        kw.update(_QUICK)
+        kw.update(_QUICK, n=args.n)
     try:
         for name in names:
             _checks.check_choice("cli", "--problem", name, problems.names())
