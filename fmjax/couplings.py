@@ -345,6 +345,12 @@ def transport_cost(coupling: JointGaussianMixture) -> Float[Array, ""]:
     """E|X1 - X0|^2 under a joint mixture, in closed form.
 
     sum_k w_k (|m1_k - m0_k|^2 + tr(S00_k + S11_k - S01_k - S10_k)).
+
+    Args:
+        coupling: the joint mixture of (X0, X1).
+
+    Returns:
+        E|X1 - X0|^2, a scalar.
     """
     _checks.check_instance(
         "couplings.transport_cost", "coupling", coupling, JointGaussianMixture,

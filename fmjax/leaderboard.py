@@ -66,6 +66,17 @@ def leaderboard(
 
     Returns:
         the rows; with ``out``, also written as ``leaderboard.json`` and ``leaderboard.md``.
+
+    Args:
+        names: problems of ``fmjax.problems`` to run.
+        steps: training steps per model.
+        batch_size: pairs per step.
+        width: hidden width of the MLP.
+        channels: base channels of the UNet.
+        n: samples per estimate of ``evaluate``.
+        seed: random seed.
+        out: folder for ``leaderboard.json`` and ``leaderboard.md``, or None.
+        progress: progress bars.
     """
     from fmjax import losses, models
     from fmjax._report import format_table
@@ -119,7 +130,11 @@ _DEFAULT_PROBLEM = {"gmm": "demo_2d", "eight_gaussians": "eight_gaussians"}
 
 
 def add_parser(sub) -> None:
-    """Register ``fmjax evaluate`` on an argparse subparsers object."""
+    """Register ``fmjax evaluate`` on an argparse subparsers object.
+
+    Args:
+        sub: the subparsers object of the ``fmjax`` parser.
+    """
     p = sub.add_parser(
         "evaluate",
         help="score a trained model (or the exact field) against a problem's exact answers",
@@ -159,7 +174,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    """The ``fmjax evaluate`` command; prints the summary, returns 0."""
+    """The ``fmjax evaluate`` command; prints the summary, returns 0.
+
+    Args:
+        args: the parsed arguments of ``fmjax evaluate``.
+
+    Returns:
+        the exit status, 0.
+    """
     import json
 
     from fmjax import exact
@@ -174,14 +196,20 @@ def run(args) -> int:
             from fmjax.experiments.train_model import load_model
 
             trained = load_model(args.model)
-            name = name or _DEFAULT_PROBLEM.get(trained.config.data)
+            cfg = trained.config
+            name = name or cfg.problem or _DEFAULT_PROBLEM.get(cfg.data)
             if name is None:
-                raise ValueError(f"cli: `--problem` must be given for a model trained on "
-                                 f"{trained.config.data!r} (no exact answers)")  # fmt: skip
+                raise ValueError(
+                    f"cli: `--problem` must be given for a model trained on {cfg.data!r} "
+                    "(no exact answers)"
+                )
             problem = problems.get(name)
-            if problem.dim != 2:
-                raise ValueError(f"cli: `--problem` must be 2-D for a `fmjax train` model, "
-                                 f"got {name!r} (d = {problem.dim})")  # fmt: skip
+            dim = 2 if cfg.problem is None else problems.get(cfg.problem).dim
+            if problem.dim != dim:
+                raise ValueError(
+                    f"cli: `--problem` must be {dim}-D for this model, got {name!r} "
+                    f"(d = {problem.dim})"
+                )
             velocity, label = trained.velocity, f"model {args.model}"
         else:
             problem = problems.get(name or "demo_2d")

@@ -109,6 +109,12 @@ def cond_warn(dtype) -> float:
     Relative errors of the factorisation-based quantities grow like cond * eps, so beyond this
     they can exceed 1%. At 1 / eps (8.4e6 in float32) the covariance is numerically singular in
     that dtype and is refused.
+
+    Args:
+        dtype: a float dtype.
+
+    Returns:
+        the condition-number threshold, a float.
     """
     return 0.01 / float(np.finfo(dtype).eps)
 
@@ -603,6 +609,13 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     Component k = i * K1 + j pairs source component i with target component j; its covariance is
     block-diagonal (no cross-covariance).
 
+    Args:
+        p0: the source mixture, dimension d.
+        p1: the target mixture, dimension d.
+
+    Returns:
+        the ``JointGaussianMixture`` on R^{2d}, structure "independent".
+
     Raises:
         ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
     """
@@ -646,6 +659,9 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
     Args:
         dim: dimension d >= 1.
         dtype: float dtype (default: JAX's default float, float64 under ``jax_enable_x64``).
+
+    Returns:
+        a one-component ``GaussianMixture``.
     """
     dim = _checks.check_int("mixtures.standard_normal", "dim", dim, 1)
     dtype = _checks.check_float_dtype(
@@ -659,7 +675,18 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
 def random_spd(
     key: PRNGKeyArray, n: int, dim: int, eps: float = 0.1, dtype=None
 ) -> Float[Array, "n dim dim"]:
-    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim)."""
+    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim).
+
+    Args:
+        key: PRNG key.
+        n: number of matrices.
+        dim: their size.
+        eps: added to the diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        ``(n, dim, dim)`` symmetric positive-definite matrices.
+    """
     dtype = _checks.check_float_dtype(
         "mixtures.random_spd", "dtype", dtype or jnp.result_type(float)
     )
@@ -694,7 +721,19 @@ def random_gaussian_mixture(
     eps: float = 0.1,
     dtype=None,
 ) -> GaussianMixture:
-    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs."""
+    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs.
+
+    Args:
+        key: PRNG key.
+        n_components: K.
+        dim: dimension d.
+        mean_scale: standard deviation of the means.
+        eps: added to every covariance's diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        a ``GaussianMixture`` of K components in R^dim.
+    """
     _check_random("random_gaussian_mixture", key, n_components, dim)
     return GaussianMixture(*_random_parts(key, n_components, dim, mean_scale, eps, dtype))
 
@@ -707,6 +746,18 @@ def random_joint_mixture(
     eps: float = 0.1,
     dtype=None,
 ) -> JointGaussianMixture:
-    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances."""
+    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances.
+
+    Args:
+        key: PRNG key.
+        n_components: K.
+        dim: dimension d.
+        mean_scale: standard deviation of the means.
+        eps: added to every covariance's diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        a ``JointGaussianMixture`` of K components on R^{2 dim} (structure "general").
+    """
     _check_random("random_joint_mixture", key, n_components, dim)
     return JointGaussianMixture(*_random_parts(key, n_components, 2 * dim, mean_scale, eps, dtype))
