@@ -351,6 +351,13 @@ def transport_cost(coupling: JointGaussianMixture) -> Float[Array, ""]:
 
     Returns:
         E|X1 - X0|^2, a scalar.
+
+    Example:
+        >>> import fmjax
+        >>> p1 = fmjax.GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [[[0.25]], [[0.25]]])
+        >>> c = fmjax.independent_coupling(fmjax.standard_normal(1), p1)
+        >>> float(transport_cost(c))  # |m1|^2 + var0 + var1 = 4 + 1 + 0.25
+        5.25
     """
     _checks.check_instance(
         "couplings.transport_cost", "coupling", coupling, JointGaussianMixture,

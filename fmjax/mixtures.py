@@ -618,6 +618,11 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
 
     Raises:
         ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
+
+    Example:
+        >>> p1 = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [[[0.25]], [[0.25]]])
+        >>> independent_coupling(standard_normal(1), p1)
+        JointGaussianMixture(n_components=2, dim=2, dtype=float32, structure='independent')
     """
     fn = "mixtures.independent_coupling"
     for name, p in (("p0", p0), ("p1", p1)):

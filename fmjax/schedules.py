@@ -330,6 +330,13 @@ def linear() -> Schedule:
 
     Returns:
         the ``Schedule``, valid on [0, 1].
+
+    Example:
+        >>> s = linear()
+        >>> [float(v) for v in s(0.25)]  # a_t, b_t, da_t, db_t
+        [0.25, 0.75, 1.0, -1.0]
+        >>> s.interval
+        (0.0, 1.0)
     """
     return Schedule("linear", _linear)
 

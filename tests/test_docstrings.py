@@ -89,3 +89,36 @@ def test_the_check_can_fail(doc, want):
     env: dict = {}
     exec(f"def f(x) -> int:\n    {doc}\n    return x\n", env)
     assert missing_sections(env["f"]) == want
+
+
+def _examples():
+    """The public callables whose docstrings hold ``>>>`` examples."""
+    return sorted(name for name, obj in PUBLIC.items() if ">>>" in (inspect.getdoc(obj) or ""))
+
+
+@pytest.mark.parametrize("name", _examples())
+def test_docstring_examples_run(name):
+    """Each docstring example runs as a doctest, in its module's namespace (float32)."""
+    import doctest
+
+    obj = PUBLIC[name]
+    globs = dict(vars(importlib.import_module(obj.__module__)))
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner()
+    for test in finder.find(obj, name, globs=globs):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0, name
+
+
+def test_doctest_can_fail():
+    """Control: a wrong expected output fails the same runner."""
+    import doctest
+
+    def f():
+        """>>> 1 + 1
+        3
+        """
+
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(f, "f", globs={}):
+        runner.run(test, out=lambda _: None)
+    assert runner.failures == 1
