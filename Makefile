@@ -32,7 +32,7 @@ docs: $(STAMP)
 
 # The same, with the quick-start notebook executed (quick settings) and rendered with its outputs.
 docs-notebooks: $(STAMP)
-	FMJAX_DOCS_EXECUTE=1 FMJAX_QUICK=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	FMJAX_DOCS_EXECUTE=true FMJAX_QUICK=1 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Serve site/ on localhost and check it in headless Chromium (Debian's chromium package).
 docs-check: docs
