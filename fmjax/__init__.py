@@ -14,6 +14,7 @@ from fmjax import sample as sample
 from fmjax import schedules as schedules
 from fmjax import sharding as sharding
 from fmjax import train as train
+from fmjax import typing as typing
 from fmjax.evaluation import EvaluationReport as EvaluationReport
 from fmjax.evaluation import evaluate as evaluate
 from fmjax.guidance import ConditionalReport as ConditionalReport
@@ -53,6 +54,7 @@ __all__ = [
     "sharding",
     "standard_normal",
     "train",
+    "typing",
     "problems",
     "evaluate",
     "EvaluationReport",

@@ -158,6 +158,10 @@ _TRAIN_OPTIONS = {
     "depth": (("--depth",), int, "hidden layers"),
     "learning_rate": (("--lr", "--learning-rate"), float, "peak learning rate, cosine decay"),
     "time_embedding": (("--time-embedding",), str, "raw or fourier"),
+    "problem": (("--problem",), str, "a named problem of fmjax.problems instead of --data "
+                "(e.g. digits_gmm): pairs from its coupling, exact scores reported"),
+    "model": (("--model",), str, "mlp, or unet (problems of images: digits_gmm)"),
+    "channels": (("--channels",), int, "UNet base channels"),
 }  # fmt: skip
 _CHECKPOINT_EVERY = 500
 
@@ -432,7 +436,7 @@ def _stopped(signum: int, step: int, cfg, ckpt: Path, trained: bool) -> int:
 
 def _train_flags(args) -> dict:
     flags = {f: getattr(args, f) for f in (*_TRAIN_OPTIONS, "seed")}
-    for name in ("steps", "batch_size", "width", "depth"):
+    for name in ("steps", "batch_size", "width", "depth", "channels"):
         if flags[name] is not None:
             _check("check_int", f"--{name.replace('_', '-')}", flags[name])
     if flags["learning_rate"] is not None:
@@ -474,7 +478,8 @@ def _cmd_train(args) -> int:
         _writable(ckpt, "--out")
     t_start = time.time()
     with _Signals() as signals:
-        print(f"fmjax train: {cfg.data}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
+        what = f"{cfg.problem or cfg.data}, {cfg.model}"
+        print(f"fmjax train: {what}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
               flush=True)  # fmt: skip
         try:
             trained = experiments.train_model(
@@ -510,14 +515,20 @@ def _velocity_and_target(args):
     """(velocity, schedule, target sampler, label, exact target mixture or None) of ``--model``
     or the exact demo field."""
     from fmjax import exact, experiments
-    from fmjax.experiments.train_model import target
+    from fmjax.experiments.train_model import trained_target
 
     if args.model:
         try:
             trained = experiments.load_model(args.model)
         except ValueError as e:
             raise _exit(e) from None
-        sampler, coupling = target(trained.config.data)
+        sampler, coupling, dim = trained_target(trained.config)
+        if dim != 2:
+            raise SystemExit(
+                f"cli: `--model` must be a 2-D model for fmjax sample, got one of problem "
+                f"{trained.config.problem!r} (d = {dim}); score it with fmjax evaluate "
+                f"--model {args.model}"
+            )
         mixture = None if coupling is None else coupling.target()
         return trained.velocity, trained.schedule, sampler, f"model {args.model}", mixture
     coupling, s = experiments.demo_problem()

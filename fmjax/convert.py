@@ -173,6 +173,16 @@ def velocity_to_x0(schedule: Schedule, t, x, u, *, score=None) -> Float[Array, "
     """x0_hat = (da x - a u) / (b da - a db). Singular where b da = a db.
 
     Args/Returns as ``velocity_to_x1``; returns the x0 (source / noise) prediction, (..., d).
+
+    Args:
+        schedule: affine schedule (with or without noise).
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        u: velocity at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
+
+    Returns:
+        the x0 (source / noise) prediction, (..., d).
     """
     a, b, da, db, x, u, gs = _noisy("velocity_to_x0", schedule, t, x, u, score)
     u = u + gs
@@ -200,19 +210,51 @@ def x0_to_velocity(schedule: Schedule, t, x, x0_hat, *, score=None) -> Float[Arr
     """u = (da x - D x0_hat) / a with D = b da - a db. Singular where a = 0 (t = 0).
 
     Args/Returns as ``x1_to_velocity`` with the prediction of X0 in place of X1.
+
+    Args:
+        schedule: affine schedule (with or without noise).
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        x0_hat: the x0 prediction at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
+
+    Returns:
+        the velocity u_t(x), (..., d).
     """
     a, b, da, db, x, x0_hat, gs = _noisy("x0_to_velocity", schedule, t, x, x0_hat, score)
     return (da * x - (b * da - a * db) * x0_hat) / a - gs
 
 
 def x1_to_x0(schedule: Schedule, t, x, x1_hat, *, score=None) -> Float[Array, "... d"]:
-    """x0_hat = (x - a x1_hat) / b (x + gamma^2 s for x with noise). Singular where b = 0."""
+    """x0_hat = (x - a x1_hat) / b (x + gamma^2 s for x with noise). Singular where b = 0.
+
+    Args:
+        schedule: affine schedule (with or without noise).
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        x1_hat: the x1 prediction at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
+
+    Returns:
+        the x0 prediction, (..., d).
+    """
     a, b, _, _, x, x1_hat, _ = _noisy("x1_to_x0", schedule, t, x, x1_hat, score)
     return (x - a * x1_hat) / b
 
 
 def x0_to_x1(schedule: Schedule, t, x, x0_hat, *, score=None) -> Float[Array, "... d"]:
-    """x1_hat = (x - b x0_hat) / a (x + gamma^2 s for x with noise). Singular where a = 0."""
+    """x1_hat = (x - b x0_hat) / a (x + gamma^2 s for x with noise). Singular where a = 0.
+
+    Args:
+        schedule: affine schedule (with or without noise).
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        x0_hat: the x0 prediction at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
+
+    Returns:
+        the x1 prediction, (..., d).
+    """
     a, b, _, _, x, x0_hat, _ = _noisy("x0_to_x1", schedule, t, x, x0_hat, score)
     return (x - b * x0_hat) / a
 
@@ -250,6 +292,16 @@ def score_to_velocity(
     source carries no information about X1).
 
     Args/Returns as ``velocity_to_score`` with the roles of velocity and score swapped.
+
+    Args:
+        schedule: affine schedule without noise.
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        score: the score grad_x log p_t(x), (..., d).
+        sigma0: standard deviation of the Gaussian source.
+
+    Returns:
+        the velocity u_t(x), (..., d).
     """
     _refuse_noise("score_to_velocity", schedule)
     a, b, da, db, x, s = _coeffs(schedule, t, x, score)
@@ -277,6 +329,15 @@ def score_to_denoiser(schedule: Schedule, t, x, score) -> Float[Array, "... d"]:
     """eta = -gamma s: the denoiser E[z | X_t = x] from the score (0 at the ends).
 
     Args/Returns as ``denoiser_to_score`` with the roles swapped.
+
+    Args:
+        schedule: a schedule with noise.
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d) (only their shape is used).
+        score: the score at (t, x), (..., d).
+
+    Returns:
+        the denoiser eta = E[z | X_t = x], (..., d).
     """
     _require_noise("score_to_denoiser", schedule)
     g = _gamma(schedule, t, x, score)[0]
@@ -308,6 +369,16 @@ def velocity_to_drift(schedule: Schedule, t, x, u, *, score=None) -> Float[Array
     """v = u + gamma dgamma s: the drift (gamma = 0 part) from the velocity and the score.
 
     Args/Returns as ``drift_to_velocity`` with the roles of u and v swapped.
+
+    Args:
+        schedule: a schedule (with noise; without, v = u).
+        t: time(s), scalar or broadcastable against x.shape[:-1].
+        x: points x_t, (..., d).
+        u: the probability-flow velocity at (t, x), (..., d).
+        score: the score at (t, x), (..., d); required when the schedule has noise.
+
+    Returns:
+        the drift v (the gamma = 0 part of the velocity), (..., d).
     """
     _, _, _, _, _, u, gs = _noisy("velocity_to_drift", schedule, t, x, u, score)
     return u + gs

@@ -345,6 +345,19 @@ def transport_cost(coupling: JointGaussianMixture) -> Float[Array, ""]:
     """E|X1 - X0|^2 under a joint mixture, in closed form.
 
     sum_k w_k (|m1_k - m0_k|^2 + tr(S00_k + S11_k - S01_k - S10_k)).
+
+    Args:
+        coupling: the joint mixture of (X0, X1).
+
+    Returns:
+        E|X1 - X0|^2, a scalar.
+
+    Example:
+        >>> import fmjax
+        >>> p1 = fmjax.GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [[[0.25]], [[0.25]]])
+        >>> c = fmjax.independent_coupling(fmjax.standard_normal(1), p1)
+        >>> float(transport_cost(c))  # |m1|^2 + var0 + var1 = 4 + 1 + 0.25
+        5.25
     """
     _checks.check_instance(
         "couplings.transport_cost", "coupling", coupling, JointGaussianMixture,

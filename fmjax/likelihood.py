@@ -63,7 +63,14 @@ class LikelihoodResult(NamedTuple):
 
 
 def standard_normal_log_prob(x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
-    """log N(x; 0, I) for x (..., d), in closed form."""
+    """log N(x; 0, I) for x (..., d), in closed form.
+
+    Args:
+        x: points, (..., d).
+
+    Returns:
+        log N(x; 0, I), (...).
+    """
     x = _checks.check_real_array("likelihood.standard_normal_log_prob", "x", x)
     if x.ndim < 1:
         _checks.fail("likelihood.standard_normal_log_prob", "x", "of shape (..., d)", "a scalar")

@@ -193,7 +193,11 @@ _SQUARED = Bregman("squared", _sq_potential, (), _sq)
 
 
 def squared() -> Bregman:
-    """|y - y_hat|^2 (F = |y|^2): the default loss of ``cfm`` and ``marginal_fm``."""
+    """|y - y_hat|^2 (F = |y|^2): the default loss of ``cfm`` and ``marginal_fm``.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
+    """
     return _SQUARED
 
 
@@ -208,6 +212,12 @@ def _maha_potential(y, m):
 
 def mahalanobis(matrix: Float[ArrayLike, "d d"]) -> Bregman:
     """(y - y_hat)^T M (y - y_hat) (F = y^T M y) for a symmetric positive definite M.
+
+    Args:
+        matrix: M, (d, d), symmetric positive definite.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
 
     Raises:
         ValueError: if M is not square, symmetric (to 1e-8 relative) and positive definite.
@@ -237,6 +247,12 @@ def exponential(scale: float = 1.0) -> Bregman:
     D = sum_i [exp(s y_i) - exp(s yh_i) - s exp(s yh_i)(y_i - yh_i)] / s^2; tends to the
     squared loss / 2 as scale -> 0 and weighs errors by exp(scale * y_hat): keep |scale y|
     moderate (overflow in float32 beyond scale |y| ~ 80).
+
+    Args:
+        scale: s, > 0.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
     """
     scale = _checks.check_positive("losses.exponential", "scale", scale)
     return Bregman(f"exponential({scale:g})", _exp_potential, (jnp.asarray(scale),))
@@ -247,7 +263,14 @@ def _lse_potential(y, ridge):
 
 
 def logsumexp(ridge: float = 0.1) -> Bregman:
-    """F(y) = log sum_i exp(y_i) + ridge |y|^2 / 2 (strictly convex for ridge > 0)."""
+    """F(y) = log sum_i exp(y_i) + ridge |y|^2 / 2 (strictly convex for ridge > 0).
+
+    Args:
+        ridge: weight of the quadratic term, > 0.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
+    """
     ridge = _checks.check_positive("losses.logsumexp", "ridge", ridge)
     return Bregman(f"logsumexp({ridge:g})", _lse_potential, (jnp.asarray(ridge),))
 
@@ -288,12 +311,23 @@ class _Call:
 
 
 def uniform_time() -> TimeSampler:
-    """t ~ U[0, 1]."""
+    """t ~ U[0, 1].
+
+    Returns:
+        a time sampler ``(key, n) -> t (n,)``.
+    """
     return lambda key, n: jax.random.uniform(key, (n,))
 
 
 def uniform_eps_time(eps: float = 1e-3) -> TimeSampler:
-    """t ~ U[eps, 1 - eps], keeping away from singular ends (e.g. VP at t = 1)."""
+    """t ~ U[eps, 1 - eps], keeping away from singular ends (e.g. VP at t = 1).
+
+    Args:
+        eps: distance kept from each end, in (0, 1/2).
+
+    Returns:
+        a time sampler ``(key, n) -> t (n,)``.
+    """
     eps = _checks.as_float("losses.uniform_eps_time", "eps", eps)
     if not 0.0 <= eps < 0.5:
         _checks.fail("losses.uniform_eps_time", "eps", "in [0, 0.5)", eps)
@@ -301,7 +335,15 @@ def uniform_eps_time(eps: float = 1e-3) -> TimeSampler:
 
 
 def logit_normal_time(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
-    """t = sigmoid(mean + std * N(0, 1)) (Esser et al., 2024): mass in the middle of [0, 1]."""
+    """t = sigmoid(mean + std * N(0, 1)) (Esser et al., 2024): mass in the middle of [0, 1].
+
+    Args:
+        mean: mean of the normal before the sigmoid.
+        std: its standard deviation, > 0.
+
+    Returns:
+        a time sampler ``(key, n) -> t (n,)``.
+    """
     fn = "losses.logit_normal_time"
     mean = _checks.as_float(fn, "mean", mean)
     if not math.isfinite(mean):
@@ -677,6 +719,23 @@ def marginal_fm(
     cross-covariance, no time-free form), where one t per point costs K Cholesky factorisations
     per point; couplings with a time-free form (independent, OT maps, ``exact.prepare``d) gain
     nothing from it.
+
+    Args:
+        apply_fn: ``apply(params, t (n,), x (n, d)) -> (n, d)``, or a Flax NNX / Equinox module
+            called as ``model(t, x)``.
+        coupling: the Gaussian-mixture coupling (or an ``exact.prepare``d one) whose exact target is
+            regressed on.
+        schedule: the schedule of the path (None: the coupling's own, for a Schrodinger bridge).
+        batch_size: points per loss evaluation.
+        time_sampler: as in ``cfm``.
+        target: "velocity", "x1", "x0", "drift" or "denoiser", as in ``cfm``.
+        sigma_min: as in ``cfm``.
+        reduction: as in ``cfm``.
+        bregman: as in ``cfm``.
+        time_groups: G times per batch (a divisor of ``batch_size``), or None for one per point.
+
+    Returns:
+        ``loss_fn(params, key) -> scalar`` (``loss_fn(model, key)`` for a module).
     """
     div = _check_common("marginal_fm", "batch_size", batch_size, target, reduction, bregman)
     sample_pairs = _check_coupling("marginal_fm", coupling)

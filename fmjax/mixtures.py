@@ -127,6 +127,12 @@ def cond_warn(dtype) -> float:
     Relative errors of the factorisation-based quantities grow like cond * eps, so beyond this
     they can exceed 1%. At 1 / eps (8.4e6 in float32) the covariance is numerically singular in
     that dtype and is refused.
+
+    Args:
+        dtype: a float dtype.
+
+    Returns:
+        the condition-number threshold, a float.
     """
     return 0.01 / float(np.finfo(dtype).eps)
 
@@ -278,13 +284,23 @@ class _MixtureBase:
 
     @property
     def n_components(self) -> int:
-        """Number of components K."""
-        return self.weights.shape[0]
+        """Number of components K (the last axis of ``weights``)."""
+        return self.weights.shape[-1]
 
     def __repr__(self) -> str:
+        """Shapes as they are: a stacked batch (``jax.vmap`` of a constructor) shows its
+        ``batch_shape``, and leaves that are not arrays (``jax.tree.map(jnp.shape, m)``) show
+        as themselves."""
+        name, leaves = type(self).__name__, (self.weights, self.means, self.covs)
+        aux = "".join(f", {k}={v!r}" for k, v in self._aux())
+        if not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in leaves):
+            w, m, c = leaves
+            return f"{name}(weights={w!r}, means={m!r}, covs={c!r}{aux})"
+        batch = tuple(self.weights.shape[:-1])
+        head = f"batch_shape={batch}, " if batch else ""
         return (
-            f"{type(self).__name__}(n_components={self.n_components}, "
-            f"dim={self.means.shape[-1]}, dtype={self.means.dtype})"
+            f"{name}({head}n_components={self.weights.shape[-1]}, "
+            f"dim={self.means.shape[-1]}, dtype={self.means.dtype}{aux})"
         )
 
     def _sample_full(self, key: PRNGKeyArray, n: int, joint: bool = False) -> Float[Array, "n D"]:
@@ -570,9 +586,6 @@ class JointGaussianMixture(_MixtureBase):
             and not np.any(covs[:, :d, d:])
         )
 
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", structure={self.structure!r})"
-
     @property
     def dim(self) -> int:
         """Dimension d of each of X0 and X1."""
@@ -639,8 +652,20 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     block-diagonal (no cross-covariance).
     A labelled target (``p1.labels``) labels component k with the class of target component j.
 
+    Args:
+        p0: the source mixture, dimension d.
+        p1: the target mixture, dimension d.
+
+    Returns:
+        the ``JointGaussianMixture`` on R^{2d}, structure "independent".
+
     Raises:
         ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
+
+    Example:
+        >>> p1 = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [[[0.25]], [[0.25]]])
+        >>> independent_coupling(standard_normal(1), p1)
+        JointGaussianMixture(n_components=2, dim=2, dtype=float32, structure='independent')
     """
     fn = "mixtures.independent_coupling"
     for name, p in (("p0", p0), ("p1", p1)):
@@ -683,6 +708,9 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
     Args:
         dim: dimension d >= 1.
         dtype: float dtype (default: JAX's default float, float64 under ``jax_enable_x64``).
+
+    Returns:
+        a one-component ``GaussianMixture``.
     """
     dim = _checks.check_int("mixtures.standard_normal", "dim", dim, 1)
     dtype = _checks.check_float_dtype(
@@ -696,7 +724,18 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
 def random_spd(
     key: PRNGKeyArray, n: int, dim: int, eps: float = 0.1, dtype=None
 ) -> Float[Array, "n dim dim"]:
-    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim)."""
+    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim).
+
+    Args:
+        key: PRNG key.
+        n: number of matrices.
+        dim: their size.
+        eps: added to the diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        ``(n, dim, dim)`` symmetric positive-definite matrices.
+    """
     dtype = _checks.check_float_dtype(
         "mixtures.random_spd", "dtype", dtype or jnp.result_type(float)
     )
@@ -731,7 +770,19 @@ def random_gaussian_mixture(
     eps: float = 0.1,
     dtype=None,
 ) -> GaussianMixture:
-    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs."""
+    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs.
+
+    Args:
+        key: PRNG key.
+        n_components: K.
+        dim: dimension d.
+        mean_scale: standard deviation of the means.
+        eps: added to every covariance's diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        a ``GaussianMixture`` of K components in R^dim.
+    """
     _check_random("random_gaussian_mixture", key, n_components, dim)
     return GaussianMixture(*_random_parts(key, n_components, dim, mean_scale, eps, dtype))
 
@@ -744,6 +795,18 @@ def random_joint_mixture(
     eps: float = 0.1,
     dtype=None,
 ) -> JointGaussianMixture:
-    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances."""
+    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances.
+
+    Args:
+        key: PRNG key.
+        n_components: K.
+        dim: dimension d.
+        mean_scale: standard deviation of the means.
+        eps: added to every covariance's diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        a ``JointGaussianMixture`` of K components on R^{2 dim} (structure "general").
+    """
     _check_random("random_joint_mixture", key, n_components, dim)
     return JointGaussianMixture(*_random_parts(key, n_components, 2 * dim, mean_scale, eps, dtype))

@@ -175,7 +175,11 @@ _REGISTRY: dict[str, tuple[Callable, str, tuple[int, int, int] | None]] = {
 
 
 def names() -> tuple[str, ...]:
-    """The registered problem names, in the order of the module's table."""
+    """The registered problem names, in the order of the module's table.
+
+    Returns:
+        the names, a tuple of str.
+    """
     return tuple(_REGISTRY)
 
 
@@ -185,6 +189,9 @@ def get(name: str, *, dtype=None) -> Problem:
     Args:
         name: one of ``names()``.
         dtype: float32 or float64 (default: JAX's default float).
+
+    Returns:
+        the ``Problem(name, coupling, schedule, description, image_shape)``.
 
     Raises:
         ValueError: for an unknown name; ImportError (naming ``fmjax[images]``) for
@@ -233,6 +240,9 @@ def digits_gmm(
         reg_covar: diagonal regularisation (> 0), in squared pixel units of [-1, 1].
         seed: random state of the k-means initialisation.
         dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        the 64-D ``GaussianMixture`` of ``n_components`` components.
 
     Raises:
         ImportError: naming ``fmjax[images]`` without scikit-learn.

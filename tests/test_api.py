@@ -33,6 +33,7 @@ PUBLIC_MODULES = [
     "fmjax.schedules",
     "fmjax.sharding",
     "fmjax.train",
+    "fmjax.typing",
 ]
 SUBPACKAGES = ["sample", "train", "metrics", "plot"]
 SHARED_ALIASES = {

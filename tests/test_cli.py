@@ -508,3 +508,38 @@ def test_train_help_shows_every_default(capsys):
         assert re.search(rf"{flag}\b.*?\(default {f.default}\)", text), f.name
     assert "--checkpoint-every CHECKPOINT_EVERY steps between checkpoints (default 500)" in text
     assert "(default outputs/train)" in text
+
+
+@pytest.mark.slow  # ~90 s on 2 cores loaded by other runs: training, checkpoints, exact scores
+def test_train_on_a_named_problem(tmp_path, capsys):
+    """``fmjax train --problem gmm_1d`` trains a 1-D MLP on the problem's coupling and reports
+    its exact loss floor and velocity error; the saved model loads back with that dimension."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    from fmjax import experiments, models
+
+    out = tmp_path / "p"
+    args = ["train", "--problem", "gmm_1d", "--steps", "20", "--width", "8", "--depth", "1"]
+    assert main([*args, "--batch-size", "16", "--out", str(out), "--no-progress"]) == 0
+    assert "fmjax train: gmm_1d, mlp" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["problem"] == "gmm_1d" and results["loss_floor"] > 0
+    assert results["velocity_error"] > 0
+    loaded = experiments.load_model(out)
+    assert loaded.model.dim == 1 and loaded.velocity(0.5, jnp.zeros((3, 1))).shape == (3, 1)
+    tm = importlib.import_module("fmjax.experiments.train_model")  # the module, not the function
+    unet = tm._model(tm.TrainConfig(problem="digits_gmm", model="unet", channels=8))
+    assert isinstance(unet, models.UNet) and unet.image_shape == (8, 8, 1)
+
+
+def test_train_problem_and_model_flags(tmp_path):
+    """``--model unet`` is refused for a problem that is not of images, ``--problem`` with
+    another ``--data`` and an unknown problem too (one line each, before any work)."""
+    with pytest.raises(SystemExit, match="`problem` must be one of .*digits_gmm.* with model"):
+        main(["train", "--problem", "gmm_1d", "--model", "unet", "--out", str(tmp_path / "u")])
+    with pytest.raises(SystemExit, match="`data` must be left at 'gmm'"):
+        main(["train", "--problem", "gmm_1d", "--data", "moons", "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match="`problem` must be one of"):
+        main(["train", "--problem", "nope", "--out", str(tmp_path / "n")])
