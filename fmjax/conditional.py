@@ -76,7 +76,14 @@ def _masks(labels: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def class_weights(coupling: JointGaussianMixture | exact.PreparedCoupling) -> Float[Array, " C"]:
-    """The class prior pi_y = P(Y = y) = sum of the weights of the components labelled y: (C,)."""
+    """The class prior pi_y = P(Y = y) = sum of the weights of the components labelled y.
+
+    Args:
+        coupling: a labelled coupling or its ``exact.prepare``.
+
+    Returns:
+        (C,): the class weights (summing to 1).
+    """
     c = _coupling("class_weights", coupling)
     return jnp.matmul(c.weights, _masks(c.labels, c.weights.dtype), precision="highest")
 
@@ -228,7 +235,19 @@ def velocity(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "... d"]:
-    """u_t(x | y) = E[dX_t | X_t = x, Y = y]: x (..., d), y (...) -> (..., d). See ``evaluate``."""
+    """u_t(x | y) = E[dX_t | X_t = x, Y = y], the velocity of class ``y``'s sub-mixture.
+
+    Args:
+        coupling: a labelled coupling (K components, C classes) or its ``exact.prepare``.
+        schedule: the affine schedule.
+        t: time(s), scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, (..., d).
+        y: labels in 0..C (C: the null class, unconditional), scalar or (...).
+        precision: matmul precision (static).
+
+    Returns:
+        (..., d): the class-conditional velocity.
+    """
     return _run("velocity", frozenset({"velocity"}), coupling, schedule, t, x, y, precision)[
         "velocity"
     ]
@@ -243,7 +262,19 @@ def log_prob(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "..."]:
-    """log p_t(x | y): x (..., d), y (...) -> (...). See ``evaluate``."""
+    """log p_t(x | y), the log-density of class ``y``'s sub-mixture at time t.
+
+    Args:
+        coupling: a labelled coupling (K components, C classes) or its ``exact.prepare``.
+        schedule: the affine schedule.
+        t: time(s), scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, (..., d).
+        y: labels in 0..C (C: the null class, unconditional), scalar or (...).
+        precision: matmul precision (static).
+
+    Returns:
+        (...): the class-conditional log-density.
+    """
     return _run("log_prob", frozenset({"log_prob"}), coupling, schedule, t, x, y, precision)[
         "log_prob"
     ]
@@ -258,7 +289,19 @@ def score(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "... d"]:
-    """grad_x log p_t(x | y): x (..., d), y (...) -> (..., d). See ``evaluate``."""
+    """grad_x log p_t(x | y), the score of class ``y``'s sub-mixture at time t.
+
+    Args:
+        coupling: a labelled coupling (K components, C classes) or its ``exact.prepare``.
+        schedule: the affine schedule.
+        t: time(s), scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, (..., d).
+        y: labels in 0..C (C: the null class, unconditional), scalar or (...).
+        precision: matmul precision (static).
+
+    Returns:
+        (..., d): the class-conditional score.
+    """
     return _run("score", frozenset({"score"}), coupling, schedule, t, x, y, precision)["score"]
 
 
@@ -270,9 +313,18 @@ def class_posterior(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "... C"]:
-    """P(Y = y | X_t = x), the responsibilities summed by label: x (..., d) -> (..., C).
+    """P(Y = y | X_t = x), the responsibilities summed by label.
 
     Its argmax is the Bayes classifier of X_t (at t = 1: of the target's samples).
+    Args:
+        coupling: a labelled coupling (K components, C classes) or its ``exact.prepare``.
+        schedule: the affine schedule.
+        t: time(s), scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, (..., d).
+        precision: matmul precision (static).
+
+    Returns:
+        (..., C): the class posterior (rows sum to 1).
     """
     c = _coupling("class_posterior", coupling)
     r = exact.responsibilities(coupling, schedule, t, x, precision=precision)
@@ -290,6 +342,11 @@ class ConditionalField:
 
     ``y`` in 0..C, C (``null``) the null class; ``y=None`` is the null class too, as for the
     UNet. A pytree (the coupling's arrays are leaves), usable by ``sample.guided``.
+
+    Args:
+        coupling: a labelled coupling or its ``exact.prepare``.
+        schedule: the affine schedule (static).
+        precision: matmul precision (static).
     """
 
     coupling: JointGaussianMixture | exact.PreparedCoupling
@@ -318,7 +375,16 @@ def velocity_field(
     *,
     precision: Precision = "highest",
 ) -> ConditionalField:
-    """The exact u_t(x | y) as a field ``(t, x, y)``; ``coupling`` may be prepared."""
+    """The exact u_t(x | y) as a field ``(t, x, y)``; ``coupling`` may be prepared.
+
+    Args:
+        coupling: a labelled coupling or its ``exact.prepare``.
+        schedule: the affine schedule.
+        precision: matmul precision (static).
+
+    Returns:
+        a ``ConditionalField`` (a pytree), callable as ``field(t, x, y)``.
+    """
     _coupling("velocity_field", coupling)
     _checks.check_instance(
         "conditional.velocity_field", "schedule", schedule, Schedule, "an fmjax Schedule"
@@ -374,7 +440,14 @@ def _sample_jit(weights, means, factor, labels, key, n: int, y):
 
 def labelled_pairs(coupling: JointGaussianMixture | exact.PreparedCoupling):
     """The pair sampler ``(key, n) -> (x0, x1, y)`` of a labelled coupling, for the
-    conditional losses (``losses.cfm(..., num_classes=C)``)."""
+    conditional losses (``losses.cfm(..., num_classes=C)``).
+
+    Args:
+        coupling: a labelled coupling or its ``exact.prepare``.
+
+    Returns:
+        a function ``(key, n) -> (x0 (n, d), x1 (n, d), y (n,))``.
+    """
     _coupling("labelled_pairs", coupling)
     return functools.partial(_labelled_draw, coupling)
 

@@ -294,6 +294,9 @@ def digits_gmm_labelled(
         seed: random state of the k-means initialisation.
         dtype: float dtype (default: JAX's default float).
 
+    Returns:
+        a labelled ``GaussianMixture`` on R^64 with 10 x ``components_per_class`` components.
+
     Raises:
         ImportError: naming ``fmjax[images]`` without scikit-learn.
     """
