@@ -554,6 +554,172 @@ case(
 case("from_mixture: a string", lambda: data.from_mixture("gmm"), "gmm", error=TypeError)
 
 
+# ----------------------------------------------------------------------------- issue 23
+# NaN policy (docs/concepts/errors.md): a non-finite input point gets a NaN result and a
+# RuntimeWarning naming the argument; the other points are computed as usual.
+
+XNAN = X.copy()
+XNAN[1, 0] = np.nan
+
+
+def _nan_rows_kept(result, clean, bad=1):
+    """Row ``bad`` of ``result`` is NaN and the other rows equal ``clean``'s."""
+    r, c = np.asarray(result), np.asarray(clean)
+    keep = np.arange(len(r)) != bad
+    return bool(np.isnan(r[bad]).all()) and np.allclose(r[keep], c[keep], rtol=1e-5, atol=1e-6)
+
+
+def _ll(x, **kw):
+    return likelihood.log_likelihood(V, x, t=1.0, **kw).log_prob
+
+
+case(
+    "log_likelihood: one NaN row in x (NaN there, the others kept)",
+    lambda: _ll(XNAN),
+    "x",
+    lambda r: _nan_rows_kept(r, _ll(X)),
+)
+case(
+    "sample_and_log_prob: one NaN row in x0 (NaN there, the others kept)",
+    lambda: likelihood.sample_and_log_prob(V, XNAN, t=1.0).log_prob,
+    "x0",
+    lambda r: _nan_rows_kept(r, likelihood.sample_and_log_prob(V, X, t=1.0).log_prob),
+)
+case(
+    "ode: one NaN row in x0 (NaN there, the others kept)",
+    lambda: sample.ode(V, XNAN, t0=0.0, t1=1.0).x,
+    "x0",
+    lambda r: _nan_rows_kept(r, X * np.exp(-1.0)),
+)
+case(
+    "sde: one NaN row in x0 (NaN there, the others kept)",
+    lambda: sample.sde(V, LIN, XNAN, key=KEY, steps=8).x,
+    "x0",
+    lambda r: _nan_rows_kept(r, sample.sde(V, LIN, X, key=KEY, steps=8).x),
+)
+
+
+def _nan_after(t_bad):
+    return lambda t, x: jnp.where(jnp.asarray(t)[..., None] > t_bad, jnp.nan, -x)
+
+
+case(
+    "ode: velocity NaN after t = 0.5 (adaptive; was blamed on t1)",
+    lambda: sample.ode(_nan_after(0.5), X, t0=0.0, t1=1.0),
+    "velocity",
+)
+case(
+    "ode: velocity NaN after t = 0.5 (fixed steps; was blamed on t1)",
+    lambda: sample.ode(_nan_after(0.5), X, t0=0.0, t1=1.0, solver="euler", steps=10),
+    "velocity",
+)
+case(
+    "log_likelihood: velocity NaN everywhere (was blamed on t1)",
+    lambda: likelihood.log_likelihood(_nan_after(-1.0), X, t=1.0),
+    "velocity",
+)
+case(
+    "evaluate: a NaN velocity (was '`max_steps` must be large enough')",
+    lambda: fmjax.evaluate(_nan_after(-1.0), "gmm_2d", key=KEY, n=16, w2=False, likelihood_steps=4),
+    "velocity",
+)
+case(
+    "evaluate: a velocity of another dimension",
+    lambda: fmjax.evaluate(lambda t, x: -x[..., :2], "two_modes_3d", key=KEY, n=16, w2=False),
+    "velocity",
+)
+case(
+    "evaluate: n = 1 (a standard error needs n >= 2)",
+    lambda: fmjax.evaluate(V, "gmm_2d", key=KEY, n=1),
+    "n",
+)
+case(
+    "loss_floor: n = 1 (a standard error needs n >= 2)",
+    lambda: losses.loss_floor(COUPLING, LIN, 1, key=KEY),
+    "n",
+)
+case(
+    "sample_checks: 1 sample (a standard error needs n >= 2)",
+    lambda: metrics.sample_checks(X[:1], GMM),
+    "samples",
+)
+
+# Crashes inside libraries, now named.
+case(
+    "fit: an integer leaf in params",
+    lambda: _fit(params=jax.tree.map(lambda a: a.astype(jnp.int32), PARAMS)),
+    "params",
+    error=TypeError,
+)
+case(
+    "fit: a loss returning an int",
+    lambda: _fit(loss=lambda p, k: jnp.asarray(1)),
+    "loss_fn",
+    error=TypeError,
+)
+case(
+    "ode: t1 = t0 + 1e-8 (one time in float32)",
+    lambda: sample.ode(V, X, t0=0.5, t1=0.5 + 1e-8),
+    "t1",
+)
+case(
+    "mahalanobis: a 3 x 3 matrix on d = 2 data",
+    lambda: losses.mahalanobis(np.eye(3))(jnp.ones((4, 2)), jnp.zeros((4, 2))),
+    "matrix",
+)
+case(
+    "mahalanobis: a 3 x 3 matrix in cfm on d = 2 data",
+    lambda: _cfm(bregman=losses.mahalanobis(np.eye(3)))(PARAMS, KEY),
+    "matrix",
+)
+case(
+    "bregman: a vector-valued potential",
+    lambda: losses.bregman(lambda y: y)(jnp.ones((4, 2)), jnp.zeros((4, 2))),
+    "potential",
+)
+
+
+def _ill_ot():
+    """A valid Gaussian OT coupling, ill-conditioned in float32 (cond 5e4 < 1 / eps)."""
+    c0 = np.diag([1.0, 2e-5]).astype(np.float32)
+    p0 = fmjax.GaussianMixture(np.ones(1, np.float32), np.zeros((1, 2), np.float32), c0[None])
+    ot = fmjax.couplings.gaussian_ot(p0, fmjax.standard_normal(2))
+    return fmjax.couplings.check_path(ot.coupling, LIN)
+
+
+case(
+    "check_path: a valid ill-conditioned OT coupling (accepted; was 'particles meet')",
+    _ill_ot,
+    "coupling",
+    lambda r: 0 < r < 1e-4,
+)
+
+# Dtypes under jax_enable_x64: float32 inputs are promoted.
+case(
+    "sde: float32 x0 under x64 (accepted; was 'Must have t0==ts[0]')",
+    lambda: sample.sde(V, LIN, X, key=KEY, steps=8).x,
+    "x0",
+    lambda r: finite(r) and r.dtype == np.float64,
+    x64=True,
+)
+case(
+    "ode: float32 x0 under x64 (accepted)",
+    lambda: sample.ode(V, X, t0=0.0, t1=1.0).x,
+    "x0",
+    lambda r: close(X * np.exp(-1.0))(r) and r.dtype == np.float64,
+    x64=True,
+)
+case(
+    "log_likelihood: float32 x, float64 source under x64 (accepted)",
+    lambda: (
+        likelihood.log_likelihood(V, X, t=1.0, source_log_prob=fmjax.standard_normal(2)).log_prob
+    ),
+    "x",
+    lambda r: finite(r) and r.dtype == np.float64,
+    x64=True,
+)
+
+
 # ----------------------------------------------------------------------------- classify
 
 

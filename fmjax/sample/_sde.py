@@ -379,6 +379,10 @@ def sde(
     _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
     x0 = _solve.check_x(fn, x0)
     _solve.check_field(fn, "velocity", velocity, x0)
+    # Times are Python floats, float64 under x64: the states follow them (as in sample.ode,
+    # whose diffrax solve promotes), else diffrax's float64 t0 misses the float32 step grid.
+    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.result_type(float)))
+    x0, bad = _solve.finite_rows(fn, "x0", x0, "sample")
     key = _checks.check_key(fn, "key", key)
     name = _checks.check_choice(fn, "solver", solver, tuple(SDE_SOLVERS))
     steps = _checks.check_int(fn, "steps", steps)
@@ -419,8 +423,9 @@ def sde(
         cause = functools.partial(_cause, run, args, x0, x, saved, eps, n_sde, clock)
         _solve.check_result(fn, sol, x, clock(t_min), clock(t_max), steps, None, cause)
     if not save_trajectory:
-        return SDESolution(x, None, None, nfe, num_steps)
-    return SDESolution(x, *_trajectory(sol, x, eps, t_min, t_max, n_sde, time), nfe, num_steps)
+        return SDESolution(_solve.mask_rows(bad, x), None, None, nfe, num_steps)
+    ts, xs = _trajectory(sol, x, eps, t_min, t_max, n_sde, time)
+    return SDESolution(_solve.mask_rows(bad, x), ts, _solve.mask_rows(bad, xs), nfe, num_steps)
 
 
 def _cause(run, args: _SDEArgs, x0, x, saved, eps, n_sde, clock, what) -> tuple[str, str]:

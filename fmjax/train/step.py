@@ -117,6 +117,13 @@ def output_structs(fn: str, config: FitConfig, params, keys, instances, m: int |
                 fn, "loss_fn", f"{fn}: with `has_aux=True`, `loss_fn` must return (loss, aux)"
             )
         loss, aux = out
+    if hasattr(loss, "dtype") and not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise _checks.named_error(
+            fn,
+            "loss_fn",
+            f"{fn}: `loss_fn` must return a floating-point loss, got {loss}",
+            TypeError,
+        )
     if not (hasattr(loss, "shape") and loss.shape == ()):
         hint = "" if config.has_aux else " (or set `has_aux=True` if it returns (loss, aux))"
         raise _checks.named_error(
