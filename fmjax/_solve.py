@@ -35,6 +35,7 @@ __all__ = [
     "check_x",
     "finite_rows",
     "mask_rows",
+    "promote_to_clock",
     "nfe",
     "resolve_schedule",
     "resolve_times",
@@ -111,6 +112,12 @@ def check_output(fn: str, name: str, out: Any, x: Array) -> Array:
         got = f"output of shape {shape}" if shape is not None else type(out).__name__
         _checks.fail(fn, name, f"a callable (t, x) -> array of x's shape {x.shape}", got)
     return out
+
+
+def promote_to_clock(x: Array) -> Array:
+    """``x`` in the promoted dtype of itself and the clock (Python float times: float64 under
+    x64, else float32), the dtype every solve computes in."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.result_type(float)))
 
 
 def finite_rows(fn: str, name: str, x: Array, result: str) -> tuple[Array, Array]:
@@ -399,7 +406,7 @@ def _finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
 
 
-def non_finite_time(sol, y1, t1: float, field, args, run) -> tuple[float, float] | None:
+def non_finite_time(sol, y1, t0: float, t1: float, field, args, run) -> tuple[float, float] | None:
     """Eagerly, after a failed or non-finite solve: ``(ta, tb)``, the times between which the
     field ``field(t, y, args)`` turned non-finite inside the solve, or None (the solve is fine,
     the field stays finite, or it turns non-finite only at the end t1, a singular end).
@@ -422,7 +429,7 @@ def non_finite_time(sol, y1, t1: float, field, args, run) -> tuple[float, float]
         i = int(np.argmax(bad))
         if ts[i] == t1:  # non-finite only on the last step: a singular end
             return None
-        return (float(ts[i - 1]) if i > 0 else float(ts[i]), float(ts[i]))
+        return (float(ts[i - 1]) if i > 0 else t0, float(ts[i]))
     t_stop = float(np.asarray(sol.ts)[-1])
     span = t1 - t_stop
     if abs(span) <= 1e-3 * max(abs(t1), 1.0):  # stopped at the end: a singular end
@@ -461,6 +468,9 @@ def solve(
     slv = _resolve_solver(fn, solver)
     rtol = _checks.check_positive(fn, "rtol", rtol)
     atol = _checks.check_positive(fn, "atol", atol)
+    # Times are Python floats, float64 under x64: the states follow them (float32 states on a
+    # float64 clock would miss diffrax's step grid), as diffrax's adaptive solve does anyway.
+    y0 = jax.tree.map(promote_to_clock, y0)
     dtype = jax.tree.leaves(y0)[0].dtype
     controller, cap = _controller(
         fn, slv, stepsize_controller, steps, t0, t1, rtol, atol, max_steps, dtype
@@ -490,7 +500,7 @@ def solve(
         sol = sol.result.error_if(sol, sol.result != diffrax.RESULTS.successful)
         y1 = jax.tree.map(lambda a: a[-1], sol.ys)
     else:
-        where = non_finite_time(sol, y1, t1, vector_field, args, run)
+        where = non_finite_time(sol, y1, t0, t1, vector_field, args, run)
         check_result(fn, sol, y1, t0, t1, cap, schedule, where=where)
     num_steps = sol.stats["num_steps"]
     count = nfe(slv, num_steps)

@@ -193,7 +193,7 @@ def _augmented_solve(fn, velocity, x, t_from, t_to, schedule, probe_kw, solve_kw
 
 def _prepare(fn, velocity, x, name, t, schedule, source_log_prob):
     """Checked inputs: (x, schedule, t_min, t, log p_{t_min})."""
-    x = _solve.check_x(fn, x, name)
+    x = _solve.promote_to_clock(_solve.check_x(fn, x, name))
     _solve.check_field(fn, "velocity", velocity, x)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
     t_min, t_max = (0.0, 1.0) if schedule is None else schedule.interval

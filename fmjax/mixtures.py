@@ -202,6 +202,16 @@ def _validate_covs(
             f"(smallest eigenvalue {eig_min[j]:.3g})",
         ) from None
     eig = np.linalg.eigvalsh(c)  # ascending, all > 0 here up to rounding
+    tiny = float(np.finfo(dtype).tiny)
+    if np.any(eig[:, 0] < tiny):  # subnormal variances: their factors and solves under/overflow
+        j = int(np.argmin(eig[:, 0]))
+        raise _checks.named_error(
+            owner,
+            "covs",
+            f"{owner}: `covs[{offset + j}]` must have its eigenvalues in {np.dtype(dtype)}'s "
+            f"normal range (>= {tiny:.3g}){where}, got smallest eigenvalue {eig[j, 0]:.3g} (use "
+            "float64 or rescale the data)",
+        )
     cond = eig[:, -1] / np.maximum(eig[:, 0], np.finfo(np.float64).tiny)
     cond = np.where(eig[:, 0] > 0, cond, np.inf)
     j = int(np.argmax(cond))

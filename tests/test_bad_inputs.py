@@ -720,6 +720,62 @@ case(
 )
 
 
+# Validation a construction grid can miss: checked again at the concrete times of a call.
+
+
+def _bump(t):  # 1 at t = 0.3001 only, 0 on every point of the construction grids
+    return jnp.maximum(0.0, 1.0 - jnp.abs(t - 0.3001) / 1e-5)
+
+
+def _collapsing():  # a = b = 0 at t = 0.3001 only
+    return schedules.custom(lambda t: t * (1 - _bump(t)), lambda t: (1 - t) * (1 - _bump(t)))
+
+
+def _spiky_trig():  # gamma = 2 > 1 at t = 0.3001 only: the trig coefficients are NaN there
+    spike = schedules.custom_noise(lambda t: 0.5 * t * (1 - t) + 2.0 * _bump(t))
+    return schedules.trig(spike)
+
+
+case(
+    "exact.velocity: custom a = b = 0 at t = 0.3001, off the check grid",
+    lambda: exact.velocity(COUPLING, _collapsing(), 0.3001, X),
+    "t",
+)
+case(
+    "exact.velocity: custom schedule, a good time (accepted)",
+    lambda: exact.velocity(COUPLING, _collapsing(), 0.5, X),
+    (),
+    lambda r: close(exact.velocity(COUPLING, LIN, 0.5, X))(r),
+)
+case(
+    "ode: t1 = 0.3001, where a custom a = b = 0",
+    lambda: sample.ode(V, X, schedule=_collapsing(), t0=0.0, t1=0.3001),
+    "t1",
+)
+case(
+    "exact.velocity: trig noise spike above 1 at t = 0.3001, off the check grid",
+    lambda: exact.velocity(COUPLING, _spiky_trig(), 0.3001, X),
+    "t",
+)
+case(
+    "metrics.velocity_error: ts at a trig noise spike",
+    lambda: metrics.velocity_error(V, COUPLING, _spiky_trig(), np.array([0.3001]), 8, key=KEY),
+    "ts",
+)
+case(
+    "gmm: float32 covariance 1e-40 I (below the normal range)",
+    lambda: _gmm(c=(1e-40 * C2).astype(np.float32)),
+    "covs",
+)
+case(
+    "gmm: float64 covariance 1e-40 I (accepted: normal in float64)",
+    lambda: _gmm(c=1e-40 * C2).log_prob(np.zeros(2)),
+    "covs",
+    lambda r: np.isfinite(np.asarray(r)),
+    x64=True,
+)
+
+
 # ----------------------------------------------------------------------------- classify
 
 

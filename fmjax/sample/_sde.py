@@ -381,7 +381,7 @@ def sde(
     _solve.check_field(fn, "velocity", velocity, x0)
     # Times are Python floats, float64 under x64: the states follow them (as in sample.ode,
     # whose diffrax solve promotes), else diffrax's float64 t0 misses the float32 step grid.
-    x0 = x0.astype(jnp.promote_types(x0.dtype, jnp.result_type(float)))
+    x0 = _solve.promote_to_clock(x0)
     x0, bad = _solve.finite_rows(fn, "x0", x0, "sample")
     key = _checks.check_key(fn, "key", key)
     name = _checks.check_choice(fn, "solver", solver, tuple(SDE_SOLVERS))
