@@ -22,6 +22,7 @@ the counts.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -823,6 +824,32 @@ def test_bad_input_is_answered(case):
 def test_cases_are_distinct():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 149
+
+
+def test_nan_rows_warn_naming_the_argument():
+    """A NaN point of x warns naming `x` and its row; control: finite x does not warn."""
+    with pytest.warns(RuntimeWarning, match=r"`x` has 1 point\(s\) .* at \[1\]"):
+        _ll(XNAN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert np.isfinite(np.asarray(_ll(X))).all()
+
+
+@pytest.mark.parametrize("solver, steps", [("tsit5", None), ("euler", 10)])
+def test_velocity_turning_nan_is_blamed_at_its_time(solver, steps):
+    """The time in the error brackets where the velocity turns NaN (t > 0.5); control: the
+    same velocity turning NaN only after t1 = 0.45 solves."""
+    with pytest.raises(ValueError) as info:
+        sample.ode(_nan_after(0.5), X, t0=0.0, t1=1.0, solver=solver, steps=steps)
+    assert info.value.arg == "velocity"
+    m = re.search(
+        r"non-finite at (?:a time between )?t = ([\d.]+)(?: and ([\d.]+))?", str(info.value)
+    )
+    ta = float(m.group(1))
+    tb = float(m.group(2) or ta)
+    assert 0.5 <= ta <= 0.6 + 1e-6 and tb <= 0.7 + 1e-6, (ta, tb)
+    out = sample.ode(_nan_after(0.5), X, t0=0.0, t1=0.45, solver=solver, steps=steps)
+    assert np.isfinite(np.asarray(out.x)).all()
 
 
 def _crash():
