@@ -155,14 +155,15 @@ class Schedule:
             )
         self.check_coefficients(fn, name, t)
 
-    def check_coefficients(self, fn: str, name: str, t: ArrayLike) -> None:
+    def check_coefficients(self, fn: str, name: str, t: ArrayLike, what: str | None = None) -> None:
         """Raise ``ValueError`` naming ``name`` where, at the concrete times ``t``, a
         coefficient (a, b, their derivatives, gamma, gamma * dgamma) is not finite, or
         a_t = b_t = gamma_t = 0 (x_t collapses to a point).
 
         The grids that ``custom``, ``custom_noise`` and ``trig`` check at construction can miss a
         singular time between their points; this catches it where it is used (one evaluation of
-        the coefficients at the times of an eager call). Traced times are not checked.
+        the coefficients at the times of an eager call). Traced times are not checked. ``what``
+        replaces the "must be ..." text.
         """
         if not _checks.is_concrete(t):
             return
@@ -178,13 +179,12 @@ class Schedule:
             flat = np.broadcast_to(t, bad.shape).ravel()
             at = float(flat[int(np.argmax(bad.ravel()))])
             why = "a non-finite coefficient" if not np.all(finite) else "a_t = b_t = gamma_t = 0"
-            _checks.fail(
-                fn,
-                name,
-                f"a time where the coefficients of {self.name} are finite and a_t, b_t, "
-                "gamma_t not all zero",
-                f"t = {at:.9g} ({why} there)",
-            )
+            if what is None:
+                what = (
+                    f"a time where the coefficients of {self.name} are finite and a_t, b_t, "
+                    "gamma_t not all zero"
+                )
+            _checks.fail(fn, name, what, f"t = {at:.9g} ({why} there)")
 
     def __call__(self, t: Float[ArrayLike, "..."]) -> _Coeffs:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""

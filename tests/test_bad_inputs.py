@@ -763,6 +763,20 @@ case(
     lambda: metrics.velocity_error(V, COUPLING, _spiky_trig(), np.array([0.3001]), 8, key=KEY),
     "ts",
 )
+
+
+def _collapsing_at(t0):  # a = b = 0 at t0 only (width 1e-7)
+    def bump(t):
+        return jnp.maximum(0.0, 1.0 - jnp.abs(t - t0) / 1e-7)
+
+    return schedules.custom(lambda t: t * (1 - bump(t)), lambda t: (1 - t) * (1 - bump(t)))
+
+
+case(
+    "sde: a = b = 0 at the step time 3/7, off the check grid",
+    lambda: sample.sde(V, _collapsing_at(3 / 7), X, key=KEY, steps=7, eps=0.0),
+    "schedule",
+)
 case(
     "gmm: float32 covariance 1e-40 I (below the normal range)",
     lambda: _gmm(c=(1e-40 * C2).astype(np.float32)),

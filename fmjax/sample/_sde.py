@@ -397,6 +397,7 @@ def sde(
         diffusion = _GIVEN_SCORE_DIFFUSION
     g = None if diffusion is None else _solve.as_pytree(_as_diffusion(fn, diffusion))
     velocity = _solve.as_pytree(velocity)
+    given = schedule
     if time == "reversed":
         velocity, schedule = _Flipped(velocity), _flip_schedule(schedule)
         g = None if g is None else _FlipG(g)
@@ -409,6 +410,10 @@ def sde(
 
     t_min, t_max = schedule.interval
     n_sde = steps - 1 if eps > 0 else steps
+    # The coefficients at the step times (a singular time between construction-grid points).
+    grid = np.linspace(t_min, t_max - eps, n_sde + 1)
+    what = "finite, with a_t, b_t, gamma_t not all zero, at the SDE's step times"
+    given.check_coefficients(fn, "schedule", 1.0 - grid if time == "reversed" else grid, what)
     args = _SDEArgs(velocity, schedule, g, score)
     sol = _solve_sde(name, brownian, args, x0, key, t_min, t_max - eps, n_sde, save_trajectory)
     x, num_steps = sol.ys[-1], sol.stats["num_steps"]
