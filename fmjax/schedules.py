@@ -169,8 +169,11 @@ class Schedule:
             return
         t = np.asarray(t)
         t = t.astype(np.result_type(t.dtype, np.float32)) if t.dtype.kind != "f" else t
-        a, b, da, db = (np.asarray(v, np.float64) for v in self(t))
-        g, _, g_dg = (np.asarray(v, np.float64) for v in self.gamma(t))
+        coeffs, noise = self(t), self.gamma(t)
+        if not _checks.is_concrete(coeffs, noise):  # concrete t inside an outer jit: staged
+            return
+        a, b, da, db = (np.asarray(v, np.float64) for v in coeffs)
+        g, _, g_dg = (np.asarray(v, np.float64) for v in noise)
         finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(da) & np.isfinite(db)
         finite &= np.isfinite(g) & np.isfinite(g_dg)
         collapsed = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.abs(g)) <= _DEGENERATE
