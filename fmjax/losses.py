@@ -151,11 +151,18 @@ class Bregman:
     ) -> Float[Array, "..."]:
         """D_F(y, y_hat) over the last axis, broadcast over the leading ones."""
         y, y_hat = jnp.asarray(y), jnp.asarray(y_hat)
+        d = y.shape[-1]
+        if self.closed_form is _maha and self.params[0].shape != (d, d):  # shapes: also traced
+            what = f"a (d, d) matrix for the data's d = {d}"
+            _checks.fail("losses.mahalanobis", "matrix", what, f"shape {self.params[0].shape}")
         if self.closed_form is not None:
             return self.closed_form(y, y_hat, *self.params)
         shape = jnp.broadcast_shapes(y.shape, y_hat.shape)
         y, y_hat = jnp.broadcast_to(y, shape), jnp.broadcast_to(y_hat, shape)
-        d = shape[-1]
+        out = jax.eval_shape(self.potential, jax.ShapeDtypeStruct((d,), y.dtype), *self.params)
+        if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+            got = f"output {getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}"
+            _checks.fail("losses.bregman", "potential", "a callable (d,) -> float scalar", got)
 
         def one(a, b):
             fb, gb = jax.value_and_grad(self.potential)(b, *self.params)

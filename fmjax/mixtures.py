@@ -51,33 +51,49 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d", joint: bool
     be singular, as for a deterministic optimal-transport coupling); see ``_validate_joint_covs``.
     """
     if weights.ndim != 1:
-        raise ValueError(f"{owner}: `weights` must have shape (K,), got {weights.shape}")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: `weights` must have shape (K,), got {weights.shape}"
+        )
     k = weights.shape[0]
     if k < 1:
-        raise ValueError(f"{owner}: need at least one component, got `weights` of shape (0,)")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: need at least one component, got `weights` of shape (0,)"
+        )
     if means.ndim != 2 or means.shape[0] != k:
-        raise ValueError(f"{owner}: `means` must have shape (K={k}, {dim_name}), got {means.shape}")
+        raise _checks.named_error(
+            owner,
+            "means",
+            f"{owner}: `means` must have shape (K={k}, {dim_name}), got {means.shape}",
+        )
     n = means.shape[1]
     if n < 1:
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "means",
             f"{owner}: `means` must have shape (K={k}, {dim_name}) with {dim_name} >= 1, "
-            f"got {means.shape}"
+            f"got {means.shape}",
         )
     if covs.shape != (k, n, n):
-        raise ValueError(
-            f"{owner}: `covs` must have shape (K={k}, {n}, {n}) to match `means`, got {covs.shape}"
+        raise _checks.named_error(
+            owner,
+            "covs",
+            f"{owner}: `covs` must have shape (K={k}, {n}, {n}) to match `means`, got {covs.shape}",
         )
     if not _is_concrete(weights, means, covs):
         return
     w, m = np.asarray(weights, np.float64), np.asarray(means, np.float64)
     for name, a in (("weights", w), ("means", m)):
         if not np.all(np.isfinite(a)):
-            raise ValueError(f"{owner}: `{name}` contains NaN or inf")
+            raise _checks.named_error(owner, name, f"{owner}: `{name}` contains NaN or inf")
     if np.any(w < 0):
-        raise ValueError(f"{owner}: `weights` must be >= 0, got min {w.min():.3g}")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: `weights` must be >= 0, got min {w.min():.3g}"
+        )
     # float32 sums of K weights carry ~K * 6e-8 error; 1e-5 admits that and rejects real mistakes.
     if abs(w.sum() - 1.0) > 1e-5:
-        raise ValueError(f"{owner}: `weights` must sum to 1 (within 1e-5), got {w.sum():.8g}")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: `weights` must sum to 1 (within 1e-5), got {w.sum():.8g}"
+        )
     dtype = np.dtype(jnp.result_type(weights, means, covs))
     tol_sym = 1e-5 if dtype == np.float32 else 1e-10
     # Covariances are checked in chunks of components so a large K x n x n array is never
@@ -139,14 +155,16 @@ def cond_warn(dtype) -> float:
 
 def _check_finite_symmetric(owner: str, c: np.ndarray, offset: int, tol_sym: float) -> None:
     if not np.all(np.isfinite(c)):
-        raise ValueError(f"{owner}: `covs` contains NaN or inf")
+        raise _checks.named_error(owner, "covs", f"{owner}: `covs` contains NaN or inf")
     scale = np.maximum(np.abs(c).max(axis=(1, 2)), np.finfo(np.float64).tiny)
     asym = np.abs(c - np.swapaxes(c, 1, 2)).max(axis=(1, 2)) / scale
     if np.any(asym > tol_sym):
         j = int(np.argmax(asym))
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` is not symmetric "
-            f"(relative asymmetry {asym[j]:.2g} > {tol_sym:g})"
+            f"(relative asymmetry {asym[j]:.2g} > {tol_sym:g})",
         )
 
 
@@ -177,10 +195,12 @@ def _validate_joint_covs(
     tol = 1e3 * float(np.finfo(dtype).eps) * cond00 * np.abs(s11).max(axis=(1, 2))
     if np.any(eig_min < -tol):
         j = int(np.argmin(eig_min + tol))
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` must be positive semi-definite (the Schur complement "
             f"S11 - S10 S00^-1 S01 has eigenvalue {eig_min[j]:.3g} < -{tol[j]:.3g}): no pair "
-            "(X0, X1) has these covariances"
+            "(X0, X1) has these covariances",
         )
     return max((cond0, j0), (cond1, j1))
 
@@ -199,11 +219,23 @@ def _validate_covs(
     except np.linalg.LinAlgError:
         eig_min = np.linalg.eigvalsh(c).min(axis=1)
         j = int(np.argmin(eig_min))
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` is not positive definite{where} "
-            f"(smallest eigenvalue {eig_min[j]:.3g})"
+            f"(smallest eigenvalue {eig_min[j]:.3g})",
         ) from None
     eig = np.linalg.eigvalsh(c)  # ascending, all > 0 here up to rounding
+    tiny = float(np.finfo(dtype).tiny)
+    if np.any(eig[:, 0] < tiny):  # subnormal variances: their factors and solves under/overflow
+        j = int(np.argmin(eig[:, 0]))
+        raise _checks.named_error(
+            owner,
+            "covs",
+            f"{owner}: `covs[{offset + j}]` must have its eigenvalues in {np.dtype(dtype)}'s "
+            f"normal range (>= {tiny:.3g}){where}, got smallest eigenvalue {eig[j, 0]:.3g} (use "
+            "float64 or rescale the data)",
+        )
     cond = eig[:, -1] / np.maximum(eig[:, 0], np.finfo(np.float64).tiny)
     cond = np.where(eig[:, 0] > 0, cond, np.inf)
     j = int(np.argmax(cond))
@@ -222,10 +254,13 @@ def _validate_covs(
         except np.linalg.LinAlgError:
             chol_ok = False
     if not chol_ok or cond[j] * eps >= 1:
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` must be positive definite in {np.dtype(dtype)}{where} "
             f"(condition number < 1 / eps = {1 / eps:.3g}, Cholesky factorisable in that "
-            f"dtype), got condition number {cond[j]:.3g} (use float64 or regularise the covariance)"
+            f"dtype), got condition number {cond[j]:.3g} (use float64 or regularise the "
+            "covariance)",
         )
     return float(cond[j]), offset + j
 
@@ -546,8 +581,10 @@ class JointGaussianMixture(_MixtureBase):
         c = _as_float(fn, covs, "covs")
         _validate(fn, w, m, c, dim_name="2d", joint=True)
         if m.shape[1] % 2:
-            raise ValueError(
-                f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}"
+            raise _checks.named_error(
+                fn,
+                "means",
+                f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}",
             )
         if structure != "general" and _is_concrete(c):
             found = structure_of(np.asarray(c), m.shape[1] // 2)

@@ -153,6 +153,41 @@ class Schedule:
                 f"in [{self.t_min:g}, {self.t_max:g}], the valid interval of {self.name}",
                 got,
             )
+        self.check_coefficients(fn, name, t)
+
+    def check_coefficients(self, fn: str, name: str, t: ArrayLike, what: str | None = None) -> None:
+        """Raise ``ValueError`` naming ``name`` where, at the concrete times ``t``, a
+        coefficient (a, b, their derivatives, gamma, gamma * dgamma) is not finite, or
+        a_t = b_t = gamma_t = 0 (x_t collapses to a point).
+
+        The grids that ``custom``, ``custom_noise`` and ``trig`` check at construction can miss a
+        singular time between their points; this catches it where it is used (one evaluation of
+        the coefficients at the times of an eager call). Traced times are not checked. ``what``
+        replaces the "must be ..." text.
+        """
+        if not _checks.is_concrete(t):
+            return
+        t = np.asarray(t)
+        t = t.astype(np.result_type(t.dtype, np.float32)) if t.dtype.kind != "f" else t
+        coeffs, noise = self(t), self.gamma(t)
+        if not _checks.is_concrete(coeffs, noise):  # concrete t inside an outer jit: staged
+            return
+        a, b, da, db = (np.asarray(v, np.float64) for v in coeffs)
+        g, _, g_dg = (np.asarray(v, np.float64) for v in noise)
+        finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(da) & np.isfinite(db)
+        finite &= np.isfinite(g) & np.isfinite(g_dg)
+        collapsed = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.abs(g)) <= _DEGENERATE
+        bad = ~finite | collapsed
+        if np.any(bad):
+            flat = np.broadcast_to(t, bad.shape).ravel()
+            at = float(flat[int(np.argmax(bad.ravel()))])
+            why = "a non-finite coefficient" if not np.all(finite) else "a_t = b_t = gamma_t = 0"
+            if what is None:
+                what = (
+                    f"a time where the coefficients of {self.name} are finite and a_t, b_t, "
+                    "gamma_t not all zero"
+                )
+            _checks.fail(fn, name, what, f"t = {at:.9g} ({why} there)")
 
     def __call__(self, t: Float[ArrayLike, "..."]) -> _Coeffs:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""

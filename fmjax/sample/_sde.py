@@ -404,6 +404,10 @@ def sde(
     _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
     x0 = _solve.check_x(fn, x0)
     _solve.check_field(fn, "velocity", velocity, x0)
+    # Times are Python floats, float64 under x64: the states follow them (as in sample.ode,
+    # whose diffrax solve promotes), else diffrax's float64 t0 misses the float32 step grid.
+    x0 = _solve.promote_to_clock(x0)
+    x0, bad = _solve.finite_rows(fn, "x0", x0, "sample")
     key = _checks.check_key(fn, "key", key)
     solver, levy, drift_evals = _sde_solver(fn, solver)
     steps = _checks.check_int(fn, "steps", steps)
@@ -418,6 +422,7 @@ def sde(
         diffusion = _GIVEN_SCORE_DIFFUSION
     g = None if diffusion is None else _solve.as_pytree(_as_diffusion(fn, diffusion))
     velocity = _solve.as_pytree(velocity)
+    given = schedule
     if time == "reversed":
         velocity, schedule = _Flipped(velocity), _flip_schedule(schedule)
         g = None if g is None else _FlipG(g)
@@ -430,6 +435,10 @@ def sde(
 
     t_min, t_max = schedule.interval
     n_sde = steps - 1 if eps > 0 else steps
+    # The coefficients at the step times (a singular time between construction-grid points).
+    grid = np.linspace(t_min, t_max - eps, n_sde + 1)
+    what = "finite, with a_t, b_t, gamma_t not all zero, at the SDE's step times"
+    given.check_coefficients(fn, "schedule", 1.0 - grid if time == "reversed" else grid, what)
     args = _SDEArgs(velocity, schedule, g, score)
     run = functools.partial(_solve_sde, (solver, levy), brownian, args, x0, key, t_min, t_max - eps)
     sol = run(n_sde, save_trajectory)
@@ -444,8 +453,9 @@ def sde(
         cause = functools.partial(_cause, run, args, x0, x, saved, eps, n_sde, clock)
         _solve.check_result(fn, sol, x, clock(t_min), clock(t_max), steps, None, cause)
     if not save_trajectory:
-        return SDESolution(x, None, None, nfe, num_steps)
-    return SDESolution(x, *_trajectory(sol, x, eps, t_min, t_max, n_sde, time), nfe, num_steps)
+        return SDESolution(_solve.mask_rows(bad, x), None, None, nfe, num_steps)
+    ts, xs = _trajectory(sol, x, eps, t_min, t_max, n_sde, time)
+    return SDESolution(_solve.mask_rows(bad, x), ts, _solve.mask_rows(bad, xs), nfe, num_steps)
 
 
 def _cause(run, args: _SDEArgs, x0, x, saved, eps, n_sde, clock, what) -> tuple[str, str]:
