@@ -1,5 +1,6 @@
 """fmjax: flow matching and stochastic interpolants on Gaussian mixtures, with exact answers."""
 
+from fmjax import conditional as conditional
 from fmjax import convert as convert
 from fmjax import couplings as couplings
 from fmjax import data as data
@@ -13,8 +14,11 @@ from fmjax import sample as sample
 from fmjax import schedules as schedules
 from fmjax import sharding as sharding
 from fmjax import train as train
+from fmjax import typing as typing
 from fmjax.evaluation import EvaluationReport as EvaluationReport
 from fmjax.evaluation import evaluate as evaluate
+from fmjax.guidance import ConditionalReport as ConditionalReport
+from fmjax.guidance import evaluate_conditional as evaluate_conditional
 from fmjax.mixtures import GaussianMixture as GaussianMixture
 from fmjax.mixtures import JointGaussianMixture as JointGaussianMixture
 from fmjax.mixtures import independent_coupling as independent_coupling
@@ -31,6 +35,7 @@ __all__ = [
     "FitResult",
     "GaussianMixture",
     "JointGaussianMixture",
+    "conditional",
     "convert",
     "couplings",
     "data",
@@ -49,7 +54,10 @@ __all__ = [
     "sharding",
     "standard_normal",
     "train",
+    "typing",
     "problems",
     "evaluate",
     "EvaluationReport",
+    "evaluate_conditional",
+    "ConditionalReport",
 ]

@@ -3,6 +3,9 @@
 ``TypeError`` for a value of the wrong type, ``ValueError`` for a value of the right type that is
 out of range. Every check runs on concrete Python / NumPy / JAX values outside any trace; a
 traced value is a ``TypeError`` naming the argument (it must be concrete).
+
+Every error raised here (and by ``named_error``) carries ``.fn`` (the public function) and
+``.arg`` (the argument it blames), so tests classify errors by type and argument, not by message.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "SUPPORTED_FLOATS",
     "fail",
     "is_concrete",
+    "named_error",
     "require",
 ]
 
@@ -63,9 +67,21 @@ def _fmt(fn: str, name: str, what: str, got: Any) -> str:
     return f"{fn}: `{name}` must be {what}, got {got!r}"
 
 
+def named_error(
+    fn: str, name: str | None, message: str, error: type[Exception] = ValueError
+) -> Exception:
+    """``error(message)`` carrying ``.fn = fn`` and ``.arg = name`` (None: no one argument).
+
+    For messages that do not fit ``fail``'s "must be ..., got ..." (``raise named_error(...)``).
+    """
+    e = error(message)
+    e.fn, e.arg = fn, name
+    return e
+
+
 def fail(fn: str, name: str, what: str, got: Any, error: type[Exception] = ValueError):
-    """Raise ``error`` in the common format (returns the exception for ``raise ... from``)."""
-    raise error(_fmt(fn, name, what, got))
+    """Raise ``error`` in the common format, carrying ``.fn`` and ``.arg = name``."""
+    raise named_error(fn, name, _fmt(fn, name, what, got), error)
 
 
 def is_concrete(*xs: Any) -> bool:

@@ -9,6 +9,7 @@ vector-field evaluations, and turns a failed or non-finite eager solve into a ``
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,9 @@ __all__ = [
     "check_result",
     "check_time",
     "check_x",
+    "finite_rows",
+    "mask_rows",
+    "promote_to_clock",
     "nfe",
     "resolve_schedule",
     "resolve_times",
@@ -108,6 +112,41 @@ def check_output(fn: str, name: str, out: Any, x: Array) -> Array:
         got = f"output of shape {shape}" if shape is not None else type(out).__name__
         _checks.fail(fn, name, f"a callable (t, x) -> array of x's shape {x.shape}", got)
     return out
+
+
+def promote_to_clock(x: Array) -> Array:
+    """``x`` in the promoted dtype of itself and the clock (Python float times: float64 under
+    x64, else float32), the dtype every solve computes in."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.result_type(float)))
+
+
+def finite_rows(fn: str, name: str, x: Array, result: str) -> tuple[Array, Array]:
+    """fmjax's NaN policy for points in, one result per point out: ``(x_clean, bad)``.
+
+    ``bad`` (shape x.shape[:-1]) marks the points with a non-finite coordinate; ``x_clean`` has
+    them set to 0, so they cannot poison the shared adaptive steps of the others. The caller
+    sets its results for those points to NaN (``mask_rows``). Eagerly, a ``RuntimeWarning``
+    names ``name`` and the rows (traced inputs are masked the same way, without a warning).
+    """
+    bad = ~jnp.all(jnp.isfinite(x), axis=-1)
+    if _checks.is_concrete(x):
+        rows = np.argwhere(np.asarray(bad))
+        if rows.size:
+            shown = [tuple(r) if r.size > 1 else int(r[0]) for r in rows[:10]]
+            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+            warnings.warn(
+                f"{fn}: `{name}` has {len(rows)} point(s) with non-finite coordinates, at "
+                f"{shown}{more}: their {result} is NaN; the other points are computed as usual",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return jnp.where(bad[..., None], jnp.zeros((), x.dtype), x), bad
+
+
+def mask_rows(bad: Array, y: Array, axis_d: bool = True) -> Array:
+    """``y`` with the points marked by ``bad`` set to NaN (``axis_d``: y has a trailing d)."""
+    b = bad[..., None] if axis_d else bad
+    return jnp.where(b, jnp.asarray(jnp.nan, y.dtype), y)
 
 
 def as_pytree(velocity: Velocity) -> Velocity:
@@ -194,15 +233,25 @@ def check_time(fn: str, name: str, t: Any, schedule: Schedule | None) -> float:
 
 
 def resolve_times(
-    fn: str, t0: float | None, t1: float | None, schedule: Schedule | None
+    fn: str, t0: float | None, t1: float | None, schedule: Schedule | None, dtype: Any = None
 ) -> tuple[float, float]:
-    """``t0``/``t1`` with None replaced by the ends of the schedule's valid interval (0, 1)."""
+    """``t0``/``t1`` with None replaced by the ends of the schedule's valid interval (0, 1);
+    they must differ in ``dtype`` (the states' dtype) when given."""
     lo, hi = _interval(schedule)
     t0 = lo if t0 is None else check_time(fn, "t0", t0, schedule)
     t1 = hi if t1 is None else check_time(fn, "t1", t1, schedule)
-    if t0 == t1:
-        _checks.fail(fn, "t1", f"different from t0={t0:g}", t1)
+    check_distinct_times(fn, "t1", t1, t0, dtype)
     return t0, t1
+
+
+def check_distinct_times(fn: str, name: str, t: float, other: float, dtype: Any = None) -> None:
+    """``t`` must differ from ``other``, also once both are rounded to ``dtype`` (the states'):
+    1e-8 apart are one float32 time, a solve of zero length."""
+    if t == other:
+        _checks.fail(fn, name, f"different from {other:g}", t)
+    if dtype is not None and np.asarray(t, dtype) == np.asarray(other, dtype):
+        what = f"different from {other!r} in {np.dtype(dtype)} (the states' dtype)"
+        _checks.fail(fn, name, what, t)
 
 
 def _resolve_solver(fn: str, solver: Any) -> diffrax.AbstractSolver:
@@ -307,13 +356,16 @@ def check_result(
     max_steps: int,
     schedule,
     cause: Callable[[str], tuple[str, str]] | None = None,
+    where: tuple[float, float] | None = None,
 ) -> None:
     """Eagerly: a failed or non-finite solve becomes a ValueError naming the likely cause.
 
     Call it only on a concrete result (never under a trace). ``cause(what)``, called only for
     non-finite states of a successful solve (``what`` says which solve), may name the argument
     that made them, as ``(name, must_be)`` (``sample.sde`` probes its velocity, score and
-    diffusion); otherwise the end time or the velocity is named.
+    diffusion). ``where = (ta, tb)``: the field turned non-finite between ta and tb, inside the
+    solve (``non_finite_time``): the velocity is named with that time. Otherwise the end time
+    or the velocity is named.
     """
     finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(y1))
     ok = sol.result == diffrax.RESULTS.successful
@@ -330,6 +382,10 @@ def check_result(
     if ok and cause is not None:
         name, must_be = cause(what)
         _checks.fail(fn, name, must_be, "non-finite")
+    if where is not None:
+        ta, tb = where
+        at = f"t = {ta:.6g}" if ta == tb else f"a time between t = {ta:.6g} and {tb:.6g}"
+        _checks.fail(fn, "velocity", f"finite along the solve ({what})", f"non-finite at {at}")
     if schedule is None:
         _checks.fail(
             fn,
@@ -344,6 +400,46 @@ def check_result(
         _checks.fail(fn, "max_steps", f"large enough ({what}; or loosen rtol/atol)", max_steps)
     interval = f"[{schedule.t_min:g}, {schedule.t_max:g}]"
     _checks.fail(fn, "velocity", f"finite on the valid interval {interval} ({what})", "non-finite")
+
+
+def _finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+def non_finite_time(sol, y1, t0: float, t1: float, field, args, run) -> tuple[float, float] | None:
+    """Eagerly, after a failed or non-finite solve: ``(ta, tb)``, the times between which the
+    field ``field(t, y, args)`` turned non-finite inside the solve, or None (the solve is fine,
+    the field stays finite, or it turns non-finite only at the end t1, a singular end).
+
+    A failed adaptive solve stops where its steps kept being rejected (``sol.ts[-1]``, saved
+    there by diffrax): the field is probed just past that state. A fixed-step solve with
+    non-finite states is rerun saving every step (an error path: the cost does not matter)."""
+    if sol.result == diffrax.RESULTS.successful:
+        if _finite(y1):
+            return None
+        steps = run(saveat=diffrax.SaveAt(steps=True))
+        ts = np.asarray(steps.ts, np.float64)
+        bad = np.zeros(ts.shape, bool)
+        for leaf in jax.tree.leaves(steps.ys):
+            leaf = np.asarray(leaf)
+            bad |= ~np.isfinite(leaf.reshape(leaf.shape[0], -1)).all(axis=1)
+        bad &= np.isfinite(ts)  # unused step slots are padded with inf
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        if ts[i] == t1:  # non-finite only on the last step: a singular end
+            return None
+        return (float(ts[i - 1]) if i > 0 else t0, float(ts[i]))
+    t_stop = float(np.asarray(sol.ts)[-1])
+    span = t1 - t_stop
+    if abs(span) <= 1e-3 * max(abs(t1), 1.0):  # stopped at the end: a singular end
+        return None
+    for frac in (0.0, 1e-6, 1e-4, 1e-2):
+        t = t_stop + frac * span
+        dtype = jax.tree.leaves(y1)[0].dtype
+        if not _finite(field(jnp.asarray(t, dtype), y1, args)):
+            return (t, t)
+    return None
 
 
 def solve(
@@ -372,6 +468,9 @@ def solve(
     slv = _resolve_solver(fn, solver)
     rtol = _checks.check_positive(fn, "rtol", rtol)
     atol = _checks.check_positive(fn, "atol", atol)
+    # Times are Python floats, float64 under x64: the states follow them (float32 states on a
+    # float64 clock would miss diffrax's step grid), as diffrax's adaptive solve does anyway.
+    y0 = jax.tree.map(promote_to_clock, y0)
     dtype = jax.tree.leaves(y0)[0].dtype
     controller, cap = _controller(
         fn, slv, stepsize_controller, steps, t0, t1, rtol, atol, max_steps, dtype
@@ -380,7 +479,8 @@ def solve(
         saveat = diffrax.SaveAt(t1=True)
     else:
         saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(_check_save_ts(fn, save_ts, t0, t1), dtype))
-    sol = diffrax.diffeqsolve(
+    run = functools.partial(
+        diffrax.diffeqsolve,
         diffrax.ODETerm(vector_field),
         slv,
         t0=t0,
@@ -388,19 +488,20 @@ def solve(
         dt0=None,
         y0=y0,
         args=args,
-        saveat=saveat,
         stepsize_controller=controller,
         max_steps=cap,
         adjoint=diffrax.RecursiveCheckpointAdjoint() if adjoint is None else adjoint,
         throw=False,
     )
+    sol = run(saveat=saveat)
     y1 = jax.tree.map(lambda a: a[-1], sol.ys)
     # Under jit or vmap (traced result or states): diffrax's runtime error, as with throw=True.
     if sol.result.is_traced() or not _checks.is_concrete(y1):
         sol = sol.result.error_if(sol, sol.result != diffrax.RESULTS.successful)
         y1 = jax.tree.map(lambda a: a[-1], sol.ys)
     else:
-        check_result(fn, sol, y1, t0, t1, cap, schedule)
+        where = non_finite_time(sol, y1, t0, t1, vector_field, args, run)
+        check_result(fn, sol, y1, t0, t1, cap, schedule, where=where)
     num_steps = sol.stats["num_steps"]
     count = nfe(slv, num_steps)
     if save_ts is None:

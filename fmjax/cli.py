@@ -158,6 +158,10 @@ _TRAIN_OPTIONS = {
     "depth": (("--depth",), int, "hidden layers"),
     "learning_rate": (("--lr", "--learning-rate"), float, "peak learning rate, cosine decay"),
     "time_embedding": (("--time-embedding",), str, "raw or fourier"),
+    "problem": (("--problem",), str, "a named problem of fmjax.problems instead of --data "
+                "(e.g. digits_gmm): pairs from its coupling, exact scores reported"),
+    "model": (("--model",), str, "mlp, or unet (problems of images: digits_gmm)"),
+    "channels": (("--channels",), int, "UNet base channels"),
 }  # fmt: skip
 _CHECKPOINT_EVERY = 500
 
@@ -280,12 +284,24 @@ def _subparser(parser, name):
 _LOCKS: list[int | None] = []  # descriptors holding the output folders' locks until main ends
 
 
+def _writable(folder, flag: str = "--out") -> None:
+    """Exit with one line unless ``folder`` can be created and written to (a read-only file
+    system, a folder without write permission or a full disk fail here, in milliseconds)."""
+    from fmjax.train.checkpoint import unwritable
+
+    why = unwritable(folder)
+    if why is not None:
+        raise SystemExit(f"cli: `{flag}` must be a folder that can be created and written to, "
+                         f"got {str(folder)!r} ({why})")  # fmt: skip
+
+
 def _claim(args, keep: tuple[str, ...] = ()) -> Path:
     """Create and lock ``args.out``; refuse it if another run holds it, or if it is not empty
     and neither ``--overwrite`` is given nor everything in it is in ``keep``."""
     from fmjax.train.checkpoint import lock_directory
 
     out = Path(args.out)
+    _writable(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -420,7 +436,7 @@ def _stopped(signum: int, step: int, cfg, ckpt: Path, trained: bool) -> int:
 
 def _train_flags(args) -> dict:
     flags = {f: getattr(args, f) for f in (*_TRAIN_OPTIONS, "seed")}
-    for name in ("steps", "batch_size", "width", "depth"):
+    for name in ("steps", "batch_size", "width", "depth", "channels"):
         if flags[name] is not None:
             _check("check_int", f"--{name.replace('_', '-')}", flags[name])
     if flags["learning_rate"] is not None:
@@ -440,6 +456,8 @@ def _train_error(e: Exception, out: Path) -> str:
             f"differ in {diff}); rerun with those settings to continue it, pass --overwrite to "
             "start over, or another --out"
         )
+    if isinstance(e, RuntimeError) and "cannot write checkpoint" in msg:
+        return msg
     if isinstance(e, RuntimeError) and "checkpoint" in msg:
         return f"{msg} (fmjax train: or pass --overwrite to start over in {out})"
     return msg
@@ -456,9 +474,12 @@ def _cmd_train(args) -> int:
         shutil.rmtree(ckpt, ignore_errors=True)
         for name in MODEL_FILES:
             (out / name).unlink(missing_ok=True)
+    if ckpt.exists():
+        _writable(ckpt, "--out")
     t_start = time.time()
     with _Signals() as signals:
-        print(f"fmjax train: {cfg.data}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
+        what = f"{cfg.problem or cfg.data}, {cfg.model}"
+        print(f"fmjax train: {what}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
               flush=True)  # fmt: skip
         try:
             trained = experiments.train_model(
@@ -494,14 +515,20 @@ def _velocity_and_target(args):
     """(velocity, schedule, target sampler, label, exact target mixture or None) of ``--model``
     or the exact demo field."""
     from fmjax import exact, experiments
-    from fmjax.experiments.train_model import target
+    from fmjax.experiments.train_model import trained_target
 
     if args.model:
         try:
             trained = experiments.load_model(args.model)
         except ValueError as e:
             raise _exit(e) from None
-        sampler, coupling = target(trained.config.data)
+        sampler, coupling, dim = trained_target(trained.config)
+        if dim != 2:
+            raise SystemExit(
+                f"cli: `--model` must be a 2-D model for fmjax sample, got one of problem "
+                f"{trained.config.problem!r} (d = {dim}); score it with fmjax evaluate "
+                f"--model {args.model}"
+            )
         mixture = None if coupling is None else coupling.target()
         return trained.velocity, trained.schedule, sampler, f"model {args.model}", mixture
     coupling, s = experiments.demo_problem()
@@ -542,6 +569,7 @@ def _cmd_sample(args) -> int:
         _check("check_int", "--steps", args.steps)
     if args.diffusion is not None:
         _check("check_positive", "--diffusion", args.diffusion, allow_zero=True)
+    _writable(args.out)  # before any work
     velocity, s, target, label, mixture = _velocity_and_target(args)
     out = _claim(args)
     phase = _Progress(args)
@@ -661,8 +689,29 @@ _COMMANDS = {
     "train": _cmd_train,
     "sample": _cmd_sample,
     "bench": _cmd_bench,
-    "evaluate": lambda args: importlib.import_module("fmjax.leaderboard").run(args),
+    "evaluate": lambda args: (
+        _writable(args.out) or importlib.import_module("fmjax.leaderboard").run(args)
+    ),
 }
+
+
+def _quiet() -> None:
+    """One line per failure: no log records of absl (orbax logs a failed save or restore with
+    its traceback), asyncio or orbax, and no traceback of the "Event loop is closed" errors
+    that tensorstore's read callbacks raise after a failed restore has closed orbax's loop
+    (reported as unraisable exceptions; every other one still reaches the default hook)."""
+    import logging
+
+    for name in ("absl", "asyncio", "orbax"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            default(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -672,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     from fmjax.train.checkpoint import unlock_directory
 
+    _quiet()
     t0 = time.perf_counter()
     try:
         return _COMMANDS[args.command](args)
@@ -679,6 +729,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nfmjax {args.command}: interrupted after {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)  # fmt: skip
         return 130
+    except OSError as e:  # writing an output file failed (full disk, ...): one line
+        where = f" ({e.filename})" if e.filename else ""
+        raise SystemExit(f"fmjax {args.command}: {e.strerror or e}{where}") from None
     finally:
         while _LOCKS:
             unlock_directory(_LOCKS.pop())

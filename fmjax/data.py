@@ -86,6 +86,14 @@ def eight_gaussians_mixture(
 
     The defaults reproduce FFJORD's "8gaussians": centres 4 (cos, sin)(k pi / 4), std 0.5, all
     divided by 1.414.
+
+    Args:
+        radius: radius of the circle of centres.
+        std: standard deviation of each Gaussian.
+        dtype: float dtype of the points (default: JAX's default float).
+
+    Returns:
+        a ``GaussianMixture`` of 8 equal components in 2-D.
     """
     dtype = _dtype(dtype)
     theta = np.arange(8) * np.pi / 4
@@ -100,7 +108,18 @@ def eight_gaussians_mixture(
 def eight_gaussians(
     key: PRNGKeyArray, n: int, *, radius: float = 4 / 1.414, std: float = 0.5 / 1.414, dtype=None
 ) -> Float[Array, "n 2"]:
-    """Samples of ``eight_gaussians_mixture(radius, std)``: (n, 2)."""
+    """Samples of ``eight_gaussians_mixture(radius, std)``: (n, 2).
+
+    Args:
+        key: PRNG key.
+        n: number of points.
+        radius: radius of the circle of centres.
+        std: standard deviation of each Gaussian.
+        dtype: float dtype of the points (default: JAX's default float).
+
+    Returns:
+        ``(n, 2)`` points.
+    """
     _checks.check_key("data.eight_gaussians", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2 = jax.random.split(key)
@@ -117,6 +136,16 @@ def two_moons(
 
     Upper moon (cos a, sin a), lower moon (1 - cos a, 1/2 - sin a), a ~ U[0, pi], each with
     probability 1/2, plus N(0, noise^2) noise; then centred by (1/2, 1/4) and scaled by ``scale``.
+
+    Args:
+        key: PRNG key.
+        n: number of points.
+        noise: standard deviation of the Gaussian noise.
+        scale: factor applied after centring.
+        dtype: float dtype of the points (default: JAX's default float).
+
+    Returns:
+        ``(n, 2)`` points.
     """
     _checks.check_key("data.two_moons", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
@@ -133,7 +162,17 @@ def two_moons(
 
 @functools.partial(jax.jit, static_argnames=("n", "noise", "dtype"))
 def swiss_roll(key: PRNGKeyArray, n: int, *, noise: float = 1.0, dtype=None) -> Float[Array, "n 2"]:
-    """FFJORD's 2-D swiss roll: s (cos s, sin s) / 5 + N(0, noise^2) / 5, s ~ 1.5 pi (1 + 2 U)."""
+    """FFJORD's 2-D swiss roll: s (cos s, sin s) / 5 + N(0, noise^2) / 5, s ~ 1.5 pi (1 + 2 U).
+
+    Args:
+        key: PRNG key.
+        n: number of points.
+        noise: standard deviation of the Gaussian noise (before the division by 5).
+        dtype: float dtype of the points (default: JAX's default float).
+
+    Returns:
+        ``(n, 2)`` points.
+    """
     _checks.check_key("data.swiss_roll", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2 = jax.random.split(key)
@@ -151,7 +190,18 @@ def rings(
     noise: float = 0.08,
     dtype=None,
 ) -> Float[Array, "n 2"]:
-    """Concentric circles: a ring chosen uniformly, a uniform angle, radial N(0, noise^2) noise."""
+    """Concentric circles: a ring chosen uniformly, a uniform angle, radial N(0, noise^2) noise.
+
+    Args:
+        key: PRNG key.
+        n: number of points.
+        radii: radii of the rings.
+        noise: standard deviation of the radial noise.
+        dtype: float dtype of the points (default: JAX's default float).
+
+    Returns:
+        ``(n, 2)`` points.
+    """
     _checks.check_key("data.rings", "key", key)  # dtype and shape: fine under trace
     dtype = _dtype(dtype)
     k1, k2, k3 = jax.random.split(key, 3)
@@ -162,13 +212,26 @@ def rings(
 
 
 def from_mixture(gmm: GaussianMixture) -> Sampler:
-    """A jitted sampler ``(key, n) -> (n, d)`` drawing from a GaussianMixture."""
+    """A jitted sampler ``(key, n) -> (n, d)`` drawing from a GaussianMixture.
+
+    Args:
+        gmm: the mixture to draw from.
+
+    Returns:
+        a sampler ``(key, n) -> (n, d)``.
+    """
     _checks.check_instance("data.from_mixture", "gmm", gmm, GaussianMixture, "a GaussianMixture")
     return jax.jit(lambda key, n: gmm.sample(key, n), static_argnums=1)
 
 
 def from_array(data: Float[ArrayLike, "N d"]) -> Sampler:
     """A jitted sampler ``(key, n) -> (n, d)`` drawing rows of ``data`` uniformly with replacement.
+
+    Args:
+        data: ``(N, d)`` points, drawn with replacement.
+
+    Returns:
+        a sampler ``(key, n) -> (n, d)``.
 
     Raises:
         ValueError: if ``data`` is not a non-empty finite 2-D float array.
@@ -186,7 +249,16 @@ def from_array(data: Float[ArrayLike, "N d"]) -> Sampler:
 
 
 def gaussian_source(dim: int, *, std: float = 1.0, dtype=None) -> Sampler:
-    """A jitted sampler ``(key, n) -> (n, dim)`` of N(0, std^2 I)."""
+    """A jitted sampler ``(key, n) -> (n, dim)`` of N(0, std^2 I).
+
+    Args:
+        dim: dimension d.
+        std: standard deviation of each coordinate.
+        dtype: float dtype of the points (default: JAX's default float).
+
+    Returns:
+        a sampler ``(key, n) -> (n, dim)``.
+    """
     dim = _checks.check_int("data.gaussian_source", "dim", dim, 1)
     std = _checks.check_positive("data.gaussian_source", "std", std)
     dtype = _dtype(dtype)
@@ -194,7 +266,16 @@ def gaussian_source(dim: int, *, std: float = 1.0, dtype=None) -> Sampler:
 
 
 def independent_pairs(sample0: Sampler, sample1: Sampler) -> PairSampler:
-    """Pairs (x0, x1) from independent draws: ``sample_pairs(key, n) -> ((n, d), (n, d))``."""
+    """Pairs (x0, x1) from independent draws: ``sample_pairs(key, n) -> ((n, d), (n, d))``.
+
+    Args:
+        sample0: sampler ``(key, n) -> (n, d)`` of x0.
+        sample1: sampler ``(key, n) -> (n, d)`` of x1.
+
+    Returns:
+        a pair sampler ``(key, n) -> (x0 (n, d), x1 (n, d))`` drawing x0 and x1 with independent
+            keys.
+    """
     _checks.check_callable("data.independent_pairs", "sample0", sample0, "a callable (key, n)")
     _checks.check_callable("data.independent_pairs", "sample1", sample1, "a callable (key, n)")
 
@@ -206,7 +287,14 @@ def independent_pairs(sample0: Sampler, sample1: Sampler) -> PairSampler:
 
 
 def coupling_pairs(coupling: JointGaussianMixture) -> PairSampler:
-    """Pairs (x0, x1) from a JointGaussianMixture coupling (its ``.sample``)."""
+    """Pairs (x0, x1) from a JointGaussianMixture coupling (its ``.sample``).
+
+    Args:
+        coupling: the joint mixture of (X0, X1).
+
+    Returns:
+        a pair sampler ``(key, n) -> (x0 (n, d), x1 (n, d))``.
+    """
     _checks.check_instance(
         "data.coupling_pairs", "coupling", coupling, JointGaussianMixture, "a JointGaussianMixture"
     )
@@ -370,6 +458,9 @@ def digits(*, flat: bool = False, dtype=None) -> Array:
 
 def digits_labels() -> Int[Array, " 1797"]:
     """The classes 0-9 (int32) of ``digits()``'s images, in the same order.
+
+    Returns:
+        ``(1797,)`` int32 classes 0-9.
 
     Raises:
         ImportError: naming ``fmjax[images]`` when scikit-learn is not installed.

@@ -389,6 +389,10 @@ def evaluate(
     ts = jnp.asarray(np.linspace(s.t_min, s.t_max, n_times), dtype)
     static, leaves = _split(velocity)
     err, scale = _velocity_errors(static, leaves, c, prepared, s, ts, n, keys[0])
+    finite = np.isfinite(np.asarray(err))
+    if not finite.all():  # before the solves, which would only fail on it later
+        at = f"non-finite at t = {float(ts[int(np.argmin(finite))]):.4g}"
+        _checks.fail(_FN, "velocity", "finite on the path's samples", at)
     lv, lu = _loss_terms(static, leaves, c, prepared, s, n, keys[1])
     lv, lu = np.asarray(lv, np.float64), np.asarray(lu, np.float64)
     excess_terms = lv - lu

@@ -66,6 +66,17 @@ def leaderboard(
 
     Returns:
         the rows; with ``out``, also written as ``leaderboard.json`` and ``leaderboard.md``.
+
+    Args:
+        names: problems of ``fmjax.problems`` to run.
+        steps: training steps per model.
+        batch_size: pairs per step.
+        width: hidden width of the MLP.
+        channels: base channels of the UNet.
+        n: samples per estimate of ``evaluate``.
+        seed: random seed.
+        out: folder for ``leaderboard.json`` and ``leaderboard.md``, or None.
+        progress: progress bars.
     """
     from fmjax import losses, models
     from fmjax._report import format_table
@@ -119,7 +130,11 @@ _DEFAULT_PROBLEM = {"gmm": "demo_2d", "eight_gaussians": "eight_gaussians"}
 
 
 def add_parser(sub) -> None:
-    """Register ``fmjax evaluate`` on an argparse subparsers object."""
+    """Register ``fmjax evaluate`` on an argparse subparsers object.
+
+    Args:
+        sub: the subparsers object of the ``fmjax`` parser.
+    """
     p = sub.add_parser(
         "evaluate",
         help="score a trained model (or the exact field) against a problem's exact answers",
@@ -140,11 +155,16 @@ def add_parser(sub) -> None:
         "trained on every problem (or --problem A,B), scored with the exact field",
     )
     p.add_argument("--steps", type=int, default=3000, help="--all: training steps")
-    p.add_argument("--quick", action="store_true", help="--all: 300 steps, n = 300, width 64, "
-                   "no 256-D problem (CI settings)")  # fmt: skip
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the leaderboard's CI settings: n = 300 and no sliced W2; with --all also 300 "
+        "steps, width 64, no 256-D problem",
+    )
     p.add_argument("--problem", default=None, help="a name of fmjax.problems (default: the "
                    "model's training target: gmm -> demo_2d, eight_gaussians)")  # fmt: skip
-    p.add_argument("--n", type=int, default=1000, help="samples per estimate (default 1000)")
+    p.add_argument("--n", type=int, default=None, help="samples per estimate (default 1000, "
+                   "--quick 300)")  # fmt: skip
     p.add_argument("--tol", type=float, default=0.01, help="NFE accuracy (default 0.01)")
     p.add_argument("--out", default="outputs/evaluate", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -154,12 +174,21 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    """The ``fmjax evaluate`` command; prints the summary, returns 0."""
+    """The ``fmjax evaluate`` command; prints the summary, returns 0.
+
+    Args:
+        args: the parsed arguments of ``fmjax evaluate``.
+
+    Returns:
+        the exit status, 0.
+    """
     import json
 
     from fmjax import exact
 
     name = args.problem
+    if args.n is None:  # --quick: the leaderboard's quick sample size, for every source
+        args.n = _QUICK["n"] if args.quick else 1000
     if args.all:
         return _run_all(args)
     try:
@@ -167,14 +196,20 @@ def run(args) -> int:
             from fmjax.experiments.train_model import load_model
 
             trained = load_model(args.model)
-            name = name or _DEFAULT_PROBLEM.get(trained.config.data)
+            cfg = trained.config
+            name = name or cfg.problem or _DEFAULT_PROBLEM.get(cfg.data)
             if name is None:
-                raise ValueError(f"cli: `--problem` must be given for a model trained on "
-                                 f"{trained.config.data!r} (no exact answers)")  # fmt: skip
+                raise ValueError(
+                    f"cli: `--problem` must be given for a model trained on {cfg.data!r} "
+                    "(no exact answers)"
+                )
             problem = problems.get(name)
-            if problem.dim != 2:
-                raise ValueError(f"cli: `--problem` must be 2-D for a `fmjax train` model, "
-                                 f"got {name!r} (d = {problem.dim})")  # fmt: skip
+            dim = 2 if cfg.problem is None else problems.get(cfg.problem).dim
+            if problem.dim != dim:
+                raise ValueError(
+                    f"cli: `--problem` must be {dim}-D for this model, got {name!r} "
+                    f"(d = {problem.dim})"
+                )
             velocity, label = trained.velocity, f"model {args.model}"
         else:
             problem = problems.get(name or "demo_2d")
@@ -183,8 +218,9 @@ def run(args) -> int:
         _checks.check_int("cli", "--n", args.n, 2)
         _checks.check_positive("cli", "--tol", args.tol)
         print(f"fmjax evaluate: {label} on {problem.name} ({problem.description}) ...")
+        w2 = not (args.no_w2 or args.quick)  # quick: no sliced W2, as the quick leaderboard
         report = evaluate(velocity, problem, key=jax.random.key(args.seed), n=args.n,
-                          nfe_tol=args.tol, w2=not args.no_w2, sde=args.sde,
+                          nfe_tol=args.tol, w2=w2, sde=args.sde,
                           out=args.out)  # fmt: skip
     except (TypeError, ValueError) as e:
         raise SystemExit(str(e)) from None
@@ -198,7 +234,7 @@ def _run_all(args) -> int:
     kw = dict(steps=args.steps, n=args.n, seed=args.seed, out=args.out)
     if args.quick:
         names = names if args.problem else LEADERBOARD_PROBLEMS[:-1]
-        kw.update(_QUICK)
+        kw.update(_QUICK, n=args.n)
     try:
         for name in names:
             _checks.check_choice("cli", "--problem", name, problems.names())

@@ -63,7 +63,14 @@ class LikelihoodResult(NamedTuple):
 
 
 def standard_normal_log_prob(x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
-    """log N(x; 0, I) for x (..., d), in closed form."""
+    """log N(x; 0, I) for x (..., d), in closed form.
+
+    Args:
+        x: points, (..., d).
+
+    Returns:
+        log N(x; 0, I), (...).
+    """
     x = _checks.check_real_array("likelihood.standard_normal_log_prob", "x", x)
     if x.ndim < 1:
         _checks.fail("likelihood.standard_normal_log_prob", "x", "of shape (..., d)", "a scalar")
@@ -193,13 +200,14 @@ def _augmented_solve(fn, velocity, x, t_from, t_to, schedule, probe_kw, solve_kw
 
 def _prepare(fn, velocity, x, name, t, schedule, source_log_prob):
     """Checked inputs: (x, schedule, t_min, t, log p_{t_min})."""
-    x = _solve.check_x(fn, x, name)
+    x = _solve.promote_to_clock(_solve.check_x(fn, x, name))
     _solve.check_field(fn, "velocity", velocity, x)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
     t_min, t_max = (0.0, 1.0) if schedule is None else schedule.interval
     t = t_max if t is None else _solve.check_time(fn, "t", t, schedule)
     if t == t_min:
         _checks.fail(fn, "t", f"after the start of the valid interval, {t_min:g}", t)
+    _solve.check_distinct_times(fn, "t", t, t_min, x.dtype)
     return x, schedule, t_min, t, _source_log_prob(fn, source_log_prob, x)
 
 
@@ -261,9 +269,11 @@ def log_likelihood(
         max_steps=max_steps,
         adjoint=adjoint,
     )
-    x0, l0, out = _augmented_solve(fn, velocity, x, t, t_min, schedule, probe_kw, solve_kw)
+    clean, bad = _solve.finite_rows(fn, "x", x, "log_prob")
+    x0, l0, out = _augmented_solve(fn, velocity, clean, t, t_min, schedule, probe_kw, solve_kw)
     # l(t_min) = int_t^{t_min} div = -int_{t_min}^t div, so log p_t(x) = log p(x0) + l(t_min).
-    return LikelihoodResult(x, log_p0(x0) + l0, x0, out.nfe, out.num_steps)
+    log_prob = _solve.mask_rows(bad, log_p0(x0) + l0, axis_d=False)
+    return LikelihoodResult(x, log_prob, _solve.mask_rows(bad, x0), out.nfe, out.num_steps)
 
 
 def sample_and_log_prob(
@@ -308,6 +318,8 @@ def sample_and_log_prob(
         max_steps=max_steps,
         adjoint=adjoint,
     )
-    x1, l1, out = _augmented_solve(fn, velocity, x0, t_min, t, schedule, probe_kw, solve_kw)
+    clean, bad = _solve.finite_rows(fn, "x0", x0, "sample and log_prob")
+    x1, l1, out = _augmented_solve(fn, velocity, clean, t_min, t, schedule, probe_kw, solve_kw)
     # l(t) = int_{t_min}^t div, so log p_t(x_t) = log p(x0) - l(t).
-    return LikelihoodResult(x1, log_p0(x0) - l1, x0, out.nfe, out.num_steps)
+    log_prob = _solve.mask_rows(bad, log_p0(clean) - l1, axis_d=False)
+    return LikelihoodResult(_solve.mask_rows(bad, x1), log_prob, x0, out.nfe, out.num_steps)

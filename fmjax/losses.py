@@ -22,6 +22,12 @@ Times: a time sampler draws on [0, 1] and the losses map its draws onto the sche
 interval ``[t_min, t_max]`` (the identity for schedules valid on all of [0, 1]), so a schedule
 singular at an end (``vp``) is never trained where its target is infinite.
 
+Run identity: the loss functions of ``cfm`` and ``marginal_fm`` carry ``loss_fn.structure``, a
+dict of what defines them (the model's apply function, the pair sampler or coupling, schedule,
+batch size, time sampler, target, reduction, divergence); ``fmjax.fit(checkpoint_dir=...)``
+stores it, described by content (array hashes, closure values), in the run's fingerprint and
+refuses to resume a checkpoint whose loss differs in any part.
+
 Keys: every loss draws its points with ``fmjax.data.sample_path`` (pairs from ``split(key)[0]``,
 times from ``split(key)[1]``, the latent noise z from ``fold_in(key, 0x5EED1)``), so ``cfm``,
 ``marginal_fm`` and ``loss_floor`` called with one key see the same (t, x0, x1, z, x_t), and so
@@ -145,11 +151,18 @@ class Bregman:
     ) -> Float[Array, "..."]:
         """D_F(y, y_hat) over the last axis, broadcast over the leading ones."""
         y, y_hat = jnp.asarray(y), jnp.asarray(y_hat)
+        d = y.shape[-1]
+        if self.closed_form is _maha and self.params[0].shape != (d, d):  # shapes: also traced
+            what = f"a (d, d) matrix for the data's d = {d}"
+            _checks.fail("losses.mahalanobis", "matrix", what, f"shape {self.params[0].shape}")
         if self.closed_form is not None:
             return self.closed_form(y, y_hat, *self.params)
         shape = jnp.broadcast_shapes(y.shape, y_hat.shape)
         y, y_hat = jnp.broadcast_to(y, shape), jnp.broadcast_to(y_hat, shape)
-        d = shape[-1]
+        out = jax.eval_shape(self.potential, jax.ShapeDtypeStruct((d,), y.dtype), *self.params)
+        if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+            got = f"output {getattr(out, 'shape', type(out).__name__)} {getattr(out, 'dtype', '')}"
+            _checks.fail("losses.bregman", "potential", "a callable (d,) -> float scalar", got)
 
         def one(a, b):
             fb, gb = jax.value_and_grad(self.potential)(b, *self.params)
@@ -187,7 +200,11 @@ _SQUARED = Bregman("squared", _sq_potential, (), _sq)
 
 
 def squared() -> Bregman:
-    """|y - y_hat|^2 (F = |y|^2): the default loss of ``cfm`` and ``marginal_fm``."""
+    """|y - y_hat|^2 (F = |y|^2): the default loss of ``cfm`` and ``marginal_fm``.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
+    """
     return _SQUARED
 
 
@@ -202,6 +219,12 @@ def _maha_potential(y, m):
 
 def mahalanobis(matrix: Float[ArrayLike, "d d"]) -> Bregman:
     """(y - y_hat)^T M (y - y_hat) (F = y^T M y) for a symmetric positive definite M.
+
+    Args:
+        matrix: M, (d, d), symmetric positive definite.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
 
     Raises:
         ValueError: if M is not square, symmetric (to 1e-8 relative) and positive definite.
@@ -231,6 +254,12 @@ def exponential(scale: float = 1.0) -> Bregman:
     D = sum_i [exp(s y_i) - exp(s yh_i) - s exp(s yh_i)(y_i - yh_i)] / s^2; tends to the
     squared loss / 2 as scale -> 0 and weighs errors by exp(scale * y_hat): keep |scale y|
     moderate (overflow in float32 beyond scale |y| ~ 80).
+
+    Args:
+        scale: s, > 0.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
     """
     scale = _checks.check_positive("losses.exponential", "scale", scale)
     return Bregman(f"exponential({scale:g})", _exp_potential, (jnp.asarray(scale),))
@@ -241,7 +270,14 @@ def _lse_potential(y, ridge):
 
 
 def logsumexp(ridge: float = 0.1) -> Bregman:
-    """F(y) = log sum_i exp(y_i) + ridge |y|^2 / 2 (strictly convex for ridge > 0)."""
+    """F(y) = log sum_i exp(y_i) + ridge |y|^2 / 2 (strictly convex for ridge > 0).
+
+    Args:
+        ridge: weight of the quadratic term, > 0.
+
+    Returns:
+        the ``Bregman`` divergence, for ``bregman=``.
+    """
     ridge = _checks.check_positive("losses.logsumexp", "ridge", ridge)
     return Bregman(f"logsumexp({ridge:g})", _lse_potential, (jnp.asarray(ridge),))
 
@@ -282,12 +318,23 @@ class _Call:
 
 
 def uniform_time() -> TimeSampler:
-    """t ~ U[0, 1]."""
+    """t ~ U[0, 1].
+
+    Returns:
+        a time sampler ``(key, n) -> t (n,)``.
+    """
     return lambda key, n: jax.random.uniform(key, (n,))
 
 
 def uniform_eps_time(eps: float = 1e-3) -> TimeSampler:
-    """t ~ U[eps, 1 - eps], keeping away from singular ends (e.g. VP at t = 1)."""
+    """t ~ U[eps, 1 - eps], keeping away from singular ends (e.g. VP at t = 1).
+
+    Args:
+        eps: distance kept from each end, in (0, 1/2).
+
+    Returns:
+        a time sampler ``(key, n) -> t (n,)``.
+    """
     eps = _checks.as_float("losses.uniform_eps_time", "eps", eps)
     if not 0.0 <= eps < 0.5:
         _checks.fail("losses.uniform_eps_time", "eps", "in [0, 0.5)", eps)
@@ -295,7 +342,15 @@ def uniform_eps_time(eps: float = 1e-3) -> TimeSampler:
 
 
 def logit_normal_time(mean: float = 0.0, std: float = 1.0) -> TimeSampler:
-    """t = sigmoid(mean + std * N(0, 1)) (Esser et al., 2024): mass in the middle of [0, 1]."""
+    """t = sigmoid(mean + std * N(0, 1)) (Esser et al., 2024): mass in the middle of [0, 1].
+
+    Args:
+        mean: mean of the normal before the sigmoid.
+        std: its standard deviation, > 0.
+
+    Returns:
+        a time sampler ``(key, n) -> t (n,)``.
+    """
     fn = "losses.logit_normal_time"
     mean = _checks.as_float(fn, "mean", mean)
     if not math.isfinite(mean):
@@ -452,6 +507,8 @@ def cfm(
     sigma_min: float | None = None,
     reduction: str = "sum",
     bregman: Bregman | None = None,
+    num_classes: int | None = None,
+    p_uncond: float = 0.0,
 ) -> LossFn:
     """Conditional flow matching loss ``loss_fn(params, key) -> scalar`` (jit- and grad-able).
 
@@ -476,11 +533,21 @@ def cfm(
         reduction: "sum" (over d, mean over batch) or "mean" (over all elements, i.e. / d).
         bregman: the divergence D(y, y_hat) (``squared()`` if None; ``bregman(F)``,
             ``mahalanobis(M)``, ``exponential()``, ``logsumexp()``, or a callable).
+        num_classes: class-conditional training (classifier-free guidance): ``sample_pairs``
+            returns ``(x0, x1, y)`` with labels y (n,) in 0..C-1 (e.g.
+            ``conditional.labelled_pairs(coupling)``) and the model is called
+            ``apply_fn(params, t, x_t, y)`` (``model(t, x_t, y)``), y replaced by the null
+            class C = ``num_classes`` with probability ``p_uncond`` (dropout drawn from
+            ``fold_in(key, 0xC1A55)``, independent of the points).
+        p_uncond: label-dropout probability in [0, 1] (with ``num_classes``).
 
     Returns:
         ``loss_fn(params, key) -> scalar`` (``loss_fn(model, key)`` for a module).
     """
     div = _check_common("cfm", "batch_size", batch_size, target, reduction, bregman)
+    if num_classes is not None:
+        args = (apply_fn, sample_pairs, schedule, batch_size, time_sampler, target, sigma_min)
+        return _cfm_conditional(*args, reduction, div, num_classes, p_uncond)
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
     _check_target_noise("cfm", schedule, target, conditional=True)
     times = _time_sampler("cfm", time_sampler)
@@ -494,6 +561,82 @@ def cfm(
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
+    loss_fn.structure = dict(
+        loss="cfm",
+        apply_fn=apply_fn,
+        sample_pairs=sample_pairs,
+        schedule=schedule,
+        batch_size=batch_size,
+        time_sampler=times,
+        target=target,
+        reduction=reduction,
+        bregman=div,
+    )
+    return loss_fn
+
+
+_DROPOUT_SALT = 0xC1A55
+
+
+def _cfm_conditional(
+    apply_fn,
+    sample_pairs,
+    schedule,
+    batch_size,
+    time_sampler,
+    target,
+    sigma_min,
+    reduction,
+    div,
+    num_classes,
+    p_uncond,
+) -> LossFn:
+    """``cfm`` with labels from the pair sampler and label dropout to the null class."""
+    fn = "losses.cfm"
+    num_classes = _checks.check_int(fn, "num_classes", num_classes, 1)
+    p_uncond = _checks.as_float(fn, "p_uncond", p_uncond)
+    if not 0.0 <= p_uncond <= 1.0:
+        _checks.fail(fn, "p_uncond", "in [0, 1]", p_uncond)
+    schedule = _resolve_schedule("cfm", schedule, sigma_min)
+    _check_target_noise("cfm", schedule, target, conditional=True)
+    times = _time_sampler("cfm", time_sampler)
+    module = is_module(apply_fn)
+    _apply("cfm", apply_fn)
+    _checks.check_callable(fn, "sample_pairs", sample_pairs)
+
+    def loss_fn(params, key):
+        drawn = {}
+
+        def pairs(k, n):  # the labels ride along the pairs' own key (sample_path's convention)
+            out = sample_pairs(k, n)
+            if not isinstance(out, tuple | list) or len(out) != 3:
+                what = "a callable (key, n) -> (x0, x1, y) with `num_classes`"
+                _checks.fail(fn, "sample_pairs", what, type(out).__name__, TypeError)
+            drawn["y"] = jnp.asarray(out[2], jnp.int32)
+            return out[0], out[1]
+
+        path = _draw("cfm", pairs, times, schedule, key, batch_size)
+        drop = jax.random.bernoulli(jax.random.fold_in(key, _DROPOUT_SALT), p_uncond, (batch_size,))
+        labels = jnp.where(drop, num_classes, drawn["y"])
+        t, xt = path.t, path.xt
+        y = _conditional_target(schedule, target, path)
+        out = params(t, xt, labels) if module else apply_fn(params, t, xt, labels)
+        pred = _prediction(schedule, target, t, out)
+        return jnp.mean(_per_sample(div, y, pred, reduction))
+
+    loss_fn.structure = dict(
+        loss="cfm",
+        apply_fn=apply_fn,
+        sample_pairs=sample_pairs,
+        schedule=schedule,
+        batch_size=batch_size,
+        time_sampler=times,
+        target=target,
+        reduction=reduction,
+        bregman=div,
+        num_classes=num_classes,
+        p_uncond=p_uncond,
+    )
     return loss_fn
 
 
@@ -583,6 +726,23 @@ def marginal_fm(
     cross-covariance, no time-free form), where one t per point costs K Cholesky factorisations
     per point; couplings with a time-free form (independent, OT maps, ``exact.prepare``d) gain
     nothing from it.
+
+    Args:
+        apply_fn: ``apply(params, t (n,), x (n, d)) -> (n, d)``, or a Flax NNX / Equinox module
+            called as ``model(t, x)``.
+        coupling: the Gaussian-mixture coupling (or an ``exact.prepare``d one) whose exact target is
+            regressed on.
+        schedule: the schedule of the path (None: the coupling's own, for a Schrodinger bridge).
+        batch_size: points per loss evaluation.
+        time_sampler: as in ``cfm``.
+        target: "velocity", "x1", "x0", "drift" or "denoiser", as in ``cfm``.
+        sigma_min: as in ``cfm``.
+        reduction: as in ``cfm``.
+        bregman: as in ``cfm``.
+        time_groups: G times per batch (a divisor of ``batch_size``), or None for one per point.
+
+    Returns:
+        ``loss_fn(params, key) -> scalar`` (``loss_fn(model, key)`` for a module).
     """
     div = _check_common("marginal_fm", "batch_size", batch_size, target, reduction, bregman)
     sample_pairs = _check_coupling("marginal_fm", coupling)
@@ -606,6 +766,18 @@ def marginal_fm(
         pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
+    loss_fn.structure = dict(
+        loss="marginal_fm",
+        apply_fn=apply_fn,
+        coupling=coupling,
+        schedule=schedule,
+        batch_size=batch_size,
+        time_sampler=times,
+        target=target,
+        reduction=reduction,
+        bregman=div,
+        time_groups=time_groups,
+    )
     return loss_fn
 
 

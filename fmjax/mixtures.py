@@ -51,33 +51,49 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d", joint: bool
     be singular, as for a deterministic optimal-transport coupling); see ``_validate_joint_covs``.
     """
     if weights.ndim != 1:
-        raise ValueError(f"{owner}: `weights` must have shape (K,), got {weights.shape}")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: `weights` must have shape (K,), got {weights.shape}"
+        )
     k = weights.shape[0]
     if k < 1:
-        raise ValueError(f"{owner}: need at least one component, got `weights` of shape (0,)")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: need at least one component, got `weights` of shape (0,)"
+        )
     if means.ndim != 2 or means.shape[0] != k:
-        raise ValueError(f"{owner}: `means` must have shape (K={k}, {dim_name}), got {means.shape}")
+        raise _checks.named_error(
+            owner,
+            "means",
+            f"{owner}: `means` must have shape (K={k}, {dim_name}), got {means.shape}",
+        )
     n = means.shape[1]
     if n < 1:
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "means",
             f"{owner}: `means` must have shape (K={k}, {dim_name}) with {dim_name} >= 1, "
-            f"got {means.shape}"
+            f"got {means.shape}",
         )
     if covs.shape != (k, n, n):
-        raise ValueError(
-            f"{owner}: `covs` must have shape (K={k}, {n}, {n}) to match `means`, got {covs.shape}"
+        raise _checks.named_error(
+            owner,
+            "covs",
+            f"{owner}: `covs` must have shape (K={k}, {n}, {n}) to match `means`, got {covs.shape}",
         )
     if not _is_concrete(weights, means, covs):
         return
     w, m = np.asarray(weights, np.float64), np.asarray(means, np.float64)
     for name, a in (("weights", w), ("means", m)):
         if not np.all(np.isfinite(a)):
-            raise ValueError(f"{owner}: `{name}` contains NaN or inf")
+            raise _checks.named_error(owner, name, f"{owner}: `{name}` contains NaN or inf")
     if np.any(w < 0):
-        raise ValueError(f"{owner}: `weights` must be >= 0, got min {w.min():.3g}")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: `weights` must be >= 0, got min {w.min():.3g}"
+        )
     # float32 sums of K weights carry ~K * 6e-8 error; 1e-5 admits that and rejects real mistakes.
     if abs(w.sum() - 1.0) > 1e-5:
-        raise ValueError(f"{owner}: `weights` must sum to 1 (within 1e-5), got {w.sum():.8g}")
+        raise _checks.named_error(
+            owner, "weights", f"{owner}: `weights` must sum to 1 (within 1e-5), got {w.sum():.8g}"
+        )
     dtype = np.dtype(jnp.result_type(weights, means, covs))
     tol_sym = 1e-5 if dtype == np.float32 else 1e-10
     # Covariances are checked in chunks of components so a large K x n x n array is never
@@ -99,6 +115,24 @@ def _validate(owner: str, weights, means, covs, dim_name: str = "d", joint: bool
         )
 
 
+def _check_labels(owner: str, labels, k: int) -> tuple[int, ...] | None:
+    """Labels as a tuple of K ints >= 0 (static metadata), or ``None``; checked eagerly."""
+    if labels is None:
+        return None
+    if isinstance(labels, jax.core.Tracer):
+        _checks.fail(owner, "labels", "concrete (static metadata)", "a traced array", TypeError)
+    lab = np.asarray(labels)
+    if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
+        _checks.fail(
+            owner, "labels", "an integer array of shape (K,)", f"dtype {lab.dtype}", TypeError
+        )
+    if lab.shape != (k,):
+        _checks.fail(owner, "labels", f"of shape (K={k},)", f"shape {lab.shape}")
+    if np.any(lab < 0):
+        _checks.fail(owner, "labels", ">= 0", f"min {lab.min()}")
+    return tuple(int(v) for v in lab)
+
+
 class IllConditionedWarning(UserWarning):
     """A covariance is valid but so ill-conditioned that results in its dtype lose accuracy."""
 
@@ -109,20 +143,28 @@ def cond_warn(dtype) -> float:
     Relative errors of the factorisation-based quantities grow like cond * eps, so beyond this
     they can exceed 1%. At 1 / eps (8.4e6 in float32) the covariance is numerically singular in
     that dtype and is refused.
+
+    Args:
+        dtype: a float dtype.
+
+    Returns:
+        the condition-number threshold, a float.
     """
     return 0.01 / float(np.finfo(dtype).eps)
 
 
 def _check_finite_symmetric(owner: str, c: np.ndarray, offset: int, tol_sym: float) -> None:
     if not np.all(np.isfinite(c)):
-        raise ValueError(f"{owner}: `covs` contains NaN or inf")
+        raise _checks.named_error(owner, "covs", f"{owner}: `covs` contains NaN or inf")
     scale = np.maximum(np.abs(c).max(axis=(1, 2)), np.finfo(np.float64).tiny)
     asym = np.abs(c - np.swapaxes(c, 1, 2)).max(axis=(1, 2)) / scale
     if np.any(asym > tol_sym):
         j = int(np.argmax(asym))
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` is not symmetric "
-            f"(relative asymmetry {asym[j]:.2g} > {tol_sym:g})"
+            f"(relative asymmetry {asym[j]:.2g} > {tol_sym:g})",
         )
 
 
@@ -153,10 +195,12 @@ def _validate_joint_covs(
     tol = 1e3 * float(np.finfo(dtype).eps) * cond00 * np.abs(s11).max(axis=(1, 2))
     if np.any(eig_min < -tol):
         j = int(np.argmin(eig_min + tol))
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` must be positive semi-definite (the Schur complement "
             f"S11 - S10 S00^-1 S01 has eigenvalue {eig_min[j]:.3g} < -{tol[j]:.3g}): no pair "
-            "(X0, X1) has these covariances"
+            "(X0, X1) has these covariances",
         )
     return max((cond0, j0), (cond1, j1))
 
@@ -175,11 +219,23 @@ def _validate_covs(
     except np.linalg.LinAlgError:
         eig_min = np.linalg.eigvalsh(c).min(axis=1)
         j = int(np.argmin(eig_min))
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` is not positive definite{where} "
-            f"(smallest eigenvalue {eig_min[j]:.3g})"
+            f"(smallest eigenvalue {eig_min[j]:.3g})",
         ) from None
     eig = np.linalg.eigvalsh(c)  # ascending, all > 0 here up to rounding
+    tiny = float(np.finfo(dtype).tiny)
+    if np.any(eig[:, 0] < tiny):  # subnormal variances: their factors and solves under/overflow
+        j = int(np.argmin(eig[:, 0]))
+        raise _checks.named_error(
+            owner,
+            "covs",
+            f"{owner}: `covs[{offset + j}]` must have its eigenvalues in {np.dtype(dtype)}'s "
+            f"normal range (>= {tiny:.3g}){where}, got smallest eigenvalue {eig[j, 0]:.3g} (use "
+            "float64 or rescale the data)",
+        )
     cond = eig[:, -1] / np.maximum(eig[:, 0], np.finfo(np.float64).tiny)
     cond = np.where(eig[:, 0] > 0, cond, np.inf)
     j = int(np.argmax(cond))
@@ -198,10 +254,13 @@ def _validate_covs(
         except np.linalg.LinAlgError:
             chol_ok = False
     if not chol_ok or cond[j] * eps >= 1:
-        raise ValueError(
+        raise _checks.named_error(
+            owner,
+            "covs",
             f"{owner}: `covs[{offset + j}]` must be positive definite in {np.dtype(dtype)}{where} "
             f"(condition number < 1 / eps = {1 / eps:.3g}, Cholesky factorisable in that "
-            f"dtype), got condition number {cond[j]:.3g} (use float64 or regularise the covariance)"
+            f"dtype), got condition number {cond[j]:.3g} (use float64 or regularise the "
+            "covariance)",
         )
     return float(cond[j]), offset + j
 
@@ -214,10 +273,11 @@ class _MixtureBase:
     ``sample`` factors in-graph, which keeps gradients with respect to ``covs`` exact.
     """
 
-    __slots__ = ("weights", "means", "covs", "_factor")
+    __slots__ = ("weights", "means", "covs", "_factor", "labels")
     weights: Float[Array, " K"]
     means: Float[Array, "K n"]
     covs: Float[Array, "K n n"]
+    labels: tuple[int, ...] | None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -235,12 +295,13 @@ class _MixtureBase:
         )
 
     @classmethod
-    def _from_leaves(cls, weights, means, covs):
+    def _from_leaves(cls, weights, means, covs, labels: tuple[int, ...] | None = None):
         obj = object.__new__(cls)
         object.__setattr__(obj, "weights", weights)
         object.__setattr__(obj, "means", means)
         object.__setattr__(obj, "covs", covs)
         object.__setattr__(obj, "_factor", None)
+        object.__setattr__(obj, "labels", labels)
         return obj
 
     def __setattr__(self, name, value):
@@ -249,17 +310,32 @@ class _MixtureBase:
     def _aux(self) -> tuple:
         """Static pytree metadata, ``((name, value), ...)`` (hashable): what survives flatten /
         unflatten, jit and vmap."""
-        return ()
+        return () if self.labels is None else (("labels", self.labels),)
+
+    @property
+    def n_classes(self) -> int | None:
+        """Number of classes C = max(labels) + 1 of a labelled mixture, else ``None``."""
+        return None if self.labels is None else max(self.labels) + 1
 
     @property
     def n_components(self) -> int:
-        """Number of components K."""
-        return self.weights.shape[0]
+        """Number of components K (the last axis of ``weights``)."""
+        return self.weights.shape[-1]
 
     def __repr__(self) -> str:
+        """Shapes as they are: a stacked batch (``jax.vmap`` of a constructor) shows its
+        ``batch_shape``, and leaves that are not arrays (``jax.tree.map(jnp.shape, m)``) show
+        as themselves."""
+        name, leaves = type(self).__name__, (self.weights, self.means, self.covs)
+        aux = "".join(f", {k}={v!r}" for k, v in self._aux())
+        if not all(hasattr(v, "shape") and hasattr(v, "dtype") for v in leaves):
+            w, m, c = leaves
+            return f"{name}(weights={w!r}, means={m!r}, covs={c!r}{aux})"
+        batch = tuple(self.weights.shape[:-1])
+        head = f"batch_shape={batch}, " if batch else ""
         return (
-            f"{type(self).__name__}(n_components={self.n_components}, "
-            f"dim={self.means.shape[-1]}, dtype={self.means.dtype})"
+            f"{name}({head}n_components={self.weights.shape[-1]}, "
+            f"dim={self.means.shape[-1]}, dtype={self.means.dtype}{aux})"
         )
 
     def _sample_full(self, key: PRNGKeyArray, n: int, joint: bool = False) -> Float[Array, "n D"]:
@@ -380,6 +456,10 @@ class GaussianMixture(_MixtureBase):
         weights: (K,) mixture weights, >= 0, summing to 1.
         means: (K, d) component means.
         covs: (K, d, d) symmetric positive-definite component covariances.
+        labels: optional (K,) integer class of each component, >= 0 (keyword-only). Stored as
+            static pytree metadata (a tuple of ints: it survives flatten / unflatten, ``jit``,
+            ``vmap`` and stacking of equally labelled mixtures); the classes are 0..C-1 with
+            C = ``n_classes`` = max + 1. Class-conditional quantities: ``fmjax.conditional``.
 
     Raises:
         TypeError: naming the argument, for complex arrays or a dtype other than float32 /
@@ -394,7 +474,9 @@ class GaussianMixture(_MixtureBase):
             = 0.01 / eps (8.4e4 in float32, 4.5e13 in float64).
     """
 
-    def __init__(self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike):
+    def __init__(
+        self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike, *, labels: ArrayLike = None
+    ):
         w = _as_float("mixtures.GaussianMixture", weights, "weights")
         m = _as_float("mixtures.GaussianMixture", means, "means")
         c = _as_float("mixtures.GaussianMixture", covs, "covs")
@@ -404,6 +486,8 @@ class GaussianMixture(_MixtureBase):
         object.__setattr__(self, "means", m.astype(dtype))
         object.__setattr__(self, "covs", c.astype(dtype))
         object.__setattr__(self, "_factor", None)
+        lab = _check_labels("mixtures.GaussianMixture", labels, w.shape[0])
+        object.__setattr__(self, "labels", lab)
 
     @property
     def dim(self) -> int:
@@ -464,6 +548,8 @@ class JointGaussianMixture(_MixtureBase):
             is positive definite; ``couplings.check_path`` checks that on a schedule's interval.
         structure: ``"general"`` (default), ``"independent"`` or ``"map"`` (see above); a
             declared structure is verified on the covariances here, once.
+        labels: optional (K,) integer class of each component (pair), >= 0, as for
+            ``GaussianMixture``; ``source()`` and ``target()`` keep them.
 
     Raises:
         TypeError, ValueError: as for ``GaussianMixture``, where the SPD and dtype checks apply
@@ -480,7 +566,13 @@ class JointGaussianMixture(_MixtureBase):
     __slots__ = ("structure",)
 
     def __init__(
-        self, weights: ArrayLike, means: ArrayLike, covs: ArrayLike, *, structure: str = "general"
+        self,
+        weights: ArrayLike,
+        means: ArrayLike,
+        covs: ArrayLike,
+        *,
+        structure: str = "general",
+        labels: ArrayLike = None,
     ):
         fn = "mixtures.JointGaussianMixture"
         _checks.check_choice(fn, "structure", structure, STRUCTURES)
@@ -489,8 +581,10 @@ class JointGaussianMixture(_MixtureBase):
         c = _as_float(fn, covs, "covs")
         _validate(fn, w, m, c, dim_name="2d", joint=True)
         if m.shape[1] % 2:
-            raise ValueError(
-                f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}"
+            raise _checks.named_error(
+                fn,
+                "means",
+                f"JointGaussianMixture: `means` must have an even last dimension 2d, got {m.shape}",
             )
         if structure != "general" and _is_concrete(c):
             found = structure_of(np.asarray(c), m.shape[1] // 2)
@@ -502,15 +596,16 @@ class JointGaussianMixture(_MixtureBase):
         object.__setattr__(self, "covs", c.astype(dtype))
         object.__setattr__(self, "_factor", None)
         object.__setattr__(self, "structure", structure)
+        object.__setattr__(self, "labels", _check_labels(fn, labels, w.shape[0]))
 
     @classmethod
-    def _from_leaves(cls, weights, means, covs, structure: str = "general"):
-        obj = super()._from_leaves(weights, means, covs)
+    def _from_leaves(cls, weights, means, covs, structure: str = "general", labels=None):
+        obj = super()._from_leaves(weights, means, covs, labels)
         object.__setattr__(obj, "structure", structure)
         return obj
 
     def _aux(self) -> tuple:
-        return (("structure", self.structure),)
+        return (("structure", self.structure),) + super()._aux()
 
     def is_standard_normal(self, end: int = 0) -> bool:
         """Whether X_end (``end`` 0: the source, 1: the target) is an N(0, I) independent of the
@@ -527,9 +622,6 @@ class JointGaussianMixture(_MixtureBase):
             and np.allclose(covs[:, side, side], np.eye(d))
             and not np.any(covs[:, :d, d:])
         )
-
-    def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", structure={self.structure!r})"
 
     @property
     def dim(self) -> int:
@@ -557,12 +649,12 @@ class JointGaussianMixture(_MixtureBase):
     def source(self) -> GaussianMixture:
         """Marginal law of X0 (K components, some possibly equal)."""
         m0, _, s00, _, _, _ = self.blocks()
-        return GaussianMixture._from_leaves(self.weights, m0, s00)
+        return GaussianMixture._from_leaves(self.weights, m0, s00, self.labels)
 
     def target(self) -> GaussianMixture:
         """Marginal law of X1 (K components, some possibly equal)."""
         _, m1, _, _, _, s11 = self.blocks()
-        return GaussianMixture._from_leaves(self.weights, m1, s11)
+        return GaussianMixture._from_leaves(self.weights, m1, s11, self.labels)
 
 
 def structure_of(covs: np.ndarray, dim: int) -> str:
@@ -595,9 +687,22 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
 
     Component k = i * K1 + j pairs source component i with target component j; its covariance is
     block-diagonal (no cross-covariance).
+    A labelled target (``p1.labels``) labels component k with the class of target component j.
+
+    Args:
+        p0: the source mixture, dimension d.
+        p1: the target mixture, dimension d.
+
+    Returns:
+        the ``JointGaussianMixture`` on R^{2d}, structure "independent".
 
     Raises:
         ValueError: if ``p0`` and ``p1`` are not GaussianMixtures of the same dimension.
+
+    Example:
+        >>> p1 = GaussianMixture([0.5, 0.5], [[-2.0], [2.0]], [[[0.25]], [[0.25]]])
+        >>> independent_coupling(standard_normal(1), p1)
+        JointGaussianMixture(n_components=2, dim=2, dtype=float32, structure='independent')
     """
     fn = "mixtures.independent_coupling"
     for name, p in (("p0", p0), ("p1", p1)):
@@ -618,7 +723,8 @@ def independent_coupling(p0: GaussianMixture, p1: GaussianMixture) -> JointGauss
     )
     # Products of valid weights and block-diagonal SPD matrices are valid: skip re-validation
     # (it would also fail under a trace-free but expensive eigen-decomposition for large K).
-    out = JointGaussianMixture._from_leaves(w, m, c, structure="independent")
+    labels = None if p1.labels is None else p1.labels * k0  # component i * K1 + j: class of j
+    out = JointGaussianMixture._from_leaves(w, m, c, structure="independent", labels=labels)
     if _is_concrete(p0.covs, p1.covs):
         # The sampling factor is block-diagonal in the two marginal factors: K0 + K1 Cholesky
         # factorisations of d x d instead of K0 K1 of 2d x 2d.
@@ -639,6 +745,9 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
     Args:
         dim: dimension d >= 1.
         dtype: float dtype (default: JAX's default float, float64 under ``jax_enable_x64``).
+
+    Returns:
+        a one-component ``GaussianMixture``.
     """
     dim = _checks.check_int("mixtures.standard_normal", "dim", dim, 1)
     dtype = _checks.check_float_dtype(
@@ -652,7 +761,18 @@ def standard_normal(dim: int, dtype=None) -> GaussianMixture:
 def random_spd(
     key: PRNGKeyArray, n: int, dim: int, eps: float = 0.1, dtype=None
 ) -> Float[Array, "n dim dim"]:
-    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim)."""
+    """``n`` random SPD matrices C C^T / dim + eps I, with C standard normal (dim, dim).
+
+    Args:
+        key: PRNG key.
+        n: number of matrices.
+        dim: their size.
+        eps: added to the diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        ``(n, dim, dim)`` symmetric positive-definite matrices.
+    """
     dtype = _checks.check_float_dtype(
         "mixtures.random_spd", "dtype", dtype or jnp.result_type(float)
     )
@@ -687,7 +807,19 @@ def random_gaussian_mixture(
     eps: float = 0.1,
     dtype=None,
 ) -> GaussianMixture:
-    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs."""
+    """A random GMM: softmax-normal weights, N(0, mean_scale^2) means, C C^T / d + eps I covs.
+
+    Args:
+        key: PRNG key.
+        n_components: K.
+        dim: dimension d.
+        mean_scale: standard deviation of the means.
+        eps: added to every covariance's diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        a ``GaussianMixture`` of K components in R^dim.
+    """
     _check_random("random_gaussian_mixture", key, n_components, dim)
     return GaussianMixture(*_random_parts(key, n_components, dim, mean_scale, eps, dtype))
 
@@ -700,6 +832,18 @@ def random_joint_mixture(
     eps: float = 0.1,
     dtype=None,
 ) -> JointGaussianMixture:
-    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances."""
+    """A random joint GMM on R^{2 dim} with full (cross-correlated) 2d x 2d covariances.
+
+    Args:
+        key: PRNG key.
+        n_components: K.
+        dim: dimension d.
+        mean_scale: standard deviation of the means.
+        eps: added to every covariance's diagonal, > 0.
+        dtype: float dtype (default: JAX's default float).
+
+    Returns:
+        a ``JointGaussianMixture`` of K components on R^{2 dim} (structure "general").
+    """
     _check_random("random_joint_mixture", key, n_components, dim)
     return JointGaussianMixture(*_random_parts(key, n_components, 2 * dim, mean_scale, eps, dtype))

@@ -95,9 +95,13 @@ class MLP(nn.Module):
         param_dtype: dtype of the parameters (computation promotes to the input dtype).
         precision: matmul precision of the Dense layers (None: JAX's default, TF32 for float32
             on NVIDIA GPUs; "highest": full float32).
+        num_classes: None (unconditional) or the number of classes C: a learned class
+            embedding (width ``width``) joins the input, ``y`` in 0..C-1, and ``y=None`` or
+            ``y = C`` is the null class of classifier-free guidance (as ``UNet``).
 
-    Call: ``model.apply(params, t, x)`` with x (..., d) and t a scalar or an array broadcastable
-    against x.shape[:-1]; returns (..., d). Invalid settings raise ValueError at init/apply.
+    Call: ``model.apply(params, t, x)`` (``model.apply(params, t, x, y)`` with ``num_classes``)
+    with x (..., d) and t a scalar or an array broadcastable against x.shape[:-1]; returns
+    (..., d). Invalid settings raise ValueError at init/apply.
     """
 
     dim: int
@@ -110,8 +114,11 @@ class MLP(nn.Module):
     learned_frequencies: bool = False
     param_dtype: jnp.dtype = jnp.float32
     precision: str | None = None
+    num_classes: int | None = None
 
     def _check(self) -> None:
+        if self.num_classes is not None:
+            _checks.check_int("models.MLP", "num_classes", self.num_classes, 1)
         _checks.check_choice("models.MLP", "activation", self.activation, sorted(ACTIVATIONS))
         _checks.check_choice("models.MLP", "time_embedding", self.time_embedding, TIME_EMBEDDINGS)
         for name in ("dim", "width", "depth", "n_frequencies"):
@@ -121,10 +128,13 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(
-        self, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"]
+        self,
+        t: Float[ArrayLike, "..."],
+        x: Float[ArrayLike, "... d"],
+        y: ArrayLike | None = None,
     ) -> Float[Array, "... d"]:
         self._check()
-        t, x, _ = _batch("models.MLP", t, x, self.dim)
+        t, x, batch = _batch("models.MLP", t, x, self.dim)
         emb = TimeEmbedding(
             self.time_embedding,
             self.n_frequencies,
@@ -133,6 +143,13 @@ class MLP(nn.Module):
             name="time",
         )(t)
         h = jnp.concatenate([x, emb.astype(x.dtype)], axis=-1)
+        if self.num_classes is not None:
+            null = self.num_classes
+            labels = jnp.full(batch, null, jnp.int32) if y is None else jnp.asarray(y, jnp.int32)
+            table = nn.Embed(null + 1, self.width, param_dtype=self.param_dtype, name="classes")
+            h = jnp.concatenate([h, table(jnp.broadcast_to(labels, batch)).astype(x.dtype)], -1)
+        elif y is not None:
+            _checks.fail("models.MLP", "y", "None for a model without num_classes", "labels")
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
             h = act(self._dense(self.width, f"hidden_{i}")(h))

@@ -153,6 +153,41 @@ class Schedule:
                 f"in [{self.t_min:g}, {self.t_max:g}], the valid interval of {self.name}",
                 got,
             )
+        self.check_coefficients(fn, name, t)
+
+    def check_coefficients(self, fn: str, name: str, t: ArrayLike, what: str | None = None) -> None:
+        """Raise ``ValueError`` naming ``name`` where, at the concrete times ``t``, a
+        coefficient (a, b, their derivatives, gamma, gamma * dgamma) is not finite, or
+        a_t = b_t = gamma_t = 0 (x_t collapses to a point).
+
+        The grids that ``custom``, ``custom_noise`` and ``trig`` check at construction can miss a
+        singular time between their points; this catches it where it is used (one evaluation of
+        the coefficients at the times of an eager call). Traced times are not checked. ``what``
+        replaces the "must be ..." text.
+        """
+        if not _checks.is_concrete(t):
+            return
+        t = np.asarray(t)
+        t = t.astype(np.result_type(t.dtype, np.float32)) if t.dtype.kind != "f" else t
+        coeffs, noise = self(t), self.gamma(t)
+        if not _checks.is_concrete(coeffs, noise):  # concrete t inside an outer jit: staged
+            return
+        a, b, da, db = (np.asarray(v, np.float64) for v in coeffs)
+        g, _, g_dg = (np.asarray(v, np.float64) for v in noise)
+        finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(da) & np.isfinite(db)
+        finite &= np.isfinite(g) & np.isfinite(g_dg)
+        collapsed = np.maximum(np.maximum(np.abs(a), np.abs(b)), np.abs(g)) <= _DEGENERATE
+        bad = ~finite | collapsed
+        if np.any(bad):
+            flat = np.broadcast_to(t, bad.shape).ravel()
+            at = float(flat[int(np.argmax(bad.ravel()))])
+            why = "a non-finite coefficient" if not np.all(finite) else "a_t = b_t = gamma_t = 0"
+            if what is None:
+                what = (
+                    f"a time where the coefficients of {self.name} are finite and a_t, b_t, "
+                    "gamma_t not all zero"
+                )
+            _checks.fail(fn, name, what, f"t = {at:.9g} ({why} there)")
 
     def __call__(self, t: Float[ArrayLike, "..."]) -> _Coeffs:
         """Coefficients at time ``t`` (any shape): ``(a, b, da, db)``, each shaped like ``t``."""
@@ -196,6 +231,12 @@ def brownian(sigma: float = 1.0) -> Noise:
     """Brownian-bridge noise gamma_t = sigma sqrt(t (1 - t)) (the Schrodinger-bridge interpolant).
 
     dgamma is infinite at t = 0 and 1; gamma * dgamma = sigma^2 (1 - 2t) / 2 is finite.
+
+    Args:
+        sigma: noise scale, > 0.
+
+    Returns:
+        the ``Noise``, for ``schedule.with_noise(...)`` or ``trig(...)``.
     """
     sigma = _checks.check_positive("schedules.brownian", "sigma", sigma)
     return Noise(f"brownian({sigma:g})", _brownian, (sigma,))
@@ -208,7 +249,14 @@ def _bsquared(t, scale):
 
 
 def bsquared(scale: float = 1.0) -> Noise:
-    """Noise gamma_t = scale * t (1 - t) (smooth at the ends)."""
+    """Noise gamma_t = scale * t (1 - t) (smooth at the ends).
+
+    Args:
+        scale: noise scale, > 0.
+
+    Returns:
+        the ``Noise``, for ``schedule.with_noise(...)`` or ``trig(...)``.
+    """
     scale = _checks.check_positive("schedules.bsquared", "scale", scale)
     return Noise(f"bsquared({scale:g})", _bsquared, (scale,))
 
@@ -220,7 +268,14 @@ def _sinesquared(t, scale):
 
 
 def sinesquared(scale: float = 1.0) -> Noise:
-    """Noise gamma_t = scale * sin^2(pi t)."""
+    """Noise gamma_t = scale * sin^2(pi t).
+
+    Args:
+        scale: noise scale, > 0.
+
+    Returns:
+        the ``Noise``, for ``schedule.with_noise(...)`` or ``trig(...)``.
+    """
     scale = _checks.check_positive("schedules.sinesquared", "scale", scale)
     return Noise(f"sinesquared({scale:g})", _sinesquared, (scale,))
 
@@ -236,6 +291,13 @@ def custom_noise(gamma: Callable[[Array], Array], name: str = "custom_noise") ->
     Checked now on a grid of [0, 1]: gamma_0 = gamma_1 = 0 (to 1e-6), gamma >= 0, and gamma and
     its derivative finite. (For a derivative infinite at the ends, as Brownian noise has, write
     a ``Noise`` whose function returns the finite product gamma * dgamma.)
+
+    Args:
+        gamma: ``t -> gamma_t``, elementwise and differentiable (jnp operations).
+        name: label used in reprs and tables.
+
+    Returns:
+        the ``Noise``, for ``schedule.with_noise(...)`` or ``trig(...)``.
 
     Raises:
         TypeError: if ``gamma`` is not callable.
@@ -277,6 +339,9 @@ def trig(noise: Noise) -> Schedule:
     Args:
         noise: the latent noise gamma_t, with gamma_t < 1 on [0, 1] (checked on a grid).
 
+    Returns:
+        the ``Schedule`` with ``noise``, valid on [0, 1].
+
     Raises:
         TypeError: if ``noise`` is not a ``schedules.Noise``.
         ValueError: if gamma_t >= 1 somewhere on [0, 1].
@@ -296,7 +361,18 @@ def _linear(t):
 
 
 def linear() -> Schedule:
-    """Conditional-OT path: a_t = t, b_t = 1 - t."""
+    """Conditional-OT path: a_t = t, b_t = 1 - t.
+
+    Returns:
+        the ``Schedule``, valid on [0, 1].
+
+    Example:
+        >>> s = linear()
+        >>> [float(v) for v in s(0.25)]  # a_t, b_t, da_t, db_t
+        [0.25, 0.75, 1.0, -1.0]
+        >>> s.interval
+        (0.0, 1.0)
+    """
     return Schedule("linear", _linear)
 
 
@@ -306,7 +382,11 @@ def _cosine(t):
 
 
 def cosine() -> Schedule:
-    """Trigonometric path: a_t = sin(pi t / 2), b_t = cos(pi t / 2)."""
+    """Trigonometric path: a_t = sin(pi t / 2), b_t = cos(pi t / 2).
+
+    Returns:
+        the ``Schedule``, valid on [0, 1].
+    """
     return Schedule("cosine", _cosine)
 
 
@@ -323,6 +403,9 @@ def polynomial(n: float, *, eps: float = 1e-3) -> Schedule:
         n: exponent, > 0. For n < 1 the derivative is infinite at t = 0, so the valid interval
             starts at ``eps``.
         eps: start of the valid interval when n < 1 (ignored for n >= 1), in (0, 1).
+
+    Returns:
+        the ``Schedule``, valid on [0, 1] (n >= 1) or [eps, 1] (n < 1).
     """
     n = _checks.check_positive("schedules.polynomial", "n", n)
     eps = _checks.check_positive("schedules.polynomial", "eps", eps)
@@ -357,6 +440,9 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0, *, eps: float = 1e-3) -> S
         beta_min: noise rate at the data end, > 0.
         beta_max: noise rate at the source end, >= beta_min.
         eps: distance of the interval's end from the singular t = 1, in (0, 1).
+
+    Returns:
+        the ``Schedule``, valid on [0, 1 - eps].
     """
     beta_min = _checks.check_positive("schedules.vp", "beta_min", beta_min)
     beta_max = _checks.check_positive("schedules.vp", "beta_max", beta_max)
@@ -397,6 +483,9 @@ def custom(
         interval: ``(t_min, t_max)`` where a, b and their derivatives are finite (a schedule
             singular at an end stops short of it); checked on a grid now.
         check_endpoints: verify a_0 = b_1 = 0 and a_1 = b_0 = 1 (to 1e-6) now.
+
+    Returns:
+        the ``Schedule`` named ``name``, valid on ``interval``.
 
     Raises:
         TypeError: if ``a`` or ``b`` is not callable.
@@ -458,6 +547,12 @@ def sigma_min_schedule(sigma_min: float) -> Schedule:
 
     The conditional velocity is x1 - (1 - sigma_min) x0. With a Gaussian source this is the
     path N(t x1, (1 - (1 - sigma_min) t)^2 I) of the paper; sigma_min = 0 is ``linear()``.
+
+    Args:
+        sigma_min: b_1, in [0, 1).
+
+    Returns:
+        the ``Schedule``, valid on [0, 1].
     """
     sigma_min = _checks.as_float("schedules.sigma_min_schedule", "sigma_min", sigma_min)
     if not 0.0 <= sigma_min < 1.0:

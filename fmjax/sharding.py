@@ -82,13 +82,27 @@ def _check_mesh(fn: str, mesh) -> Mesh:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading axis split over all axes of ``mesh``, other axes whole: ``P(mesh.axis_names)``."""
+    """Leading axis split over all axes of ``mesh``, other axes whole: ``P(mesh.axis_names)``.
+
+    Args:
+        mesh: a device mesh.
+
+    Returns:
+        the ``NamedSharding``.
+    """
     _check_mesh("sharding.batch_sharding", mesh)
     return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    """A full copy on every device of ``mesh``: ``NamedSharding(mesh, P())``."""
+    """A full copy on every device of ``mesh``: ``NamedSharding(mesh, P())``.
+
+    Args:
+        mesh: a device mesh.
+
+    Returns:
+        the ``NamedSharding``.
+    """
     _check_mesh("sharding.replicated", mesh)
     return NamedSharding(mesh, PartitionSpec())
 
@@ -97,7 +111,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Copy every array leaf of ``tree`` to all devices of ``mesh`` (parameters, opt state)."""
+    """Copy every array leaf of ``tree`` to all devices of ``mesh`` (parameters, opt state).
+
+    Args:
+        tree: a pytree of arrays.
+        mesh: a device mesh.
+
+    Returns:
+        the same tree, each array replicated on the mesh.
+    """
     return jax.device_put(tree, replicated(_check_mesh("sharding.replicate", mesh)))
 
 
@@ -141,6 +163,13 @@ def constrain_batch(x: PyTree, mesh: Mesh) -> PyTree:
     (and what it propagates to) shard by shard. Outside ``jit`` it places ``x`` like
     :func:`shard_batch`. Leading sizes must be multiples of the device count (checked on shapes,
     so also while tracing).
+
+    Args:
+        x: a pytree of arrays with a leading batch axis.
+        mesh: a device mesh.
+
+    Returns:
+        the same tree, constrained (inside ``jit``) or placed (outside).
     """
     _check_mesh("sharding.constrain_batch", mesh)
     _check_divisible("sharding.constrain_batch", "x", x, mesh.size)

@@ -3,8 +3,9 @@
     python notebooks/_build.py          # rewrite notebooks/*.ipynb
     python notebooks/_build.py --check  # exit 1 if a committed notebook differs
 
-Each notebook calls one function of ``fmjax.experiments``; the heavy lifting, the numbers and the
-figures live there, so the notebooks stay short and in sync with the CLI. ``FMJAX_QUICK=1`` in the
+``00_quickstart`` teaches the API step by step; each other notebook calls one function of
+``fmjax.experiments`` (the heavy lifting, the numbers and the figures live there, so the notebooks
+stay short and in sync with the CLI) and shows the key API calls behind it. ``FMJAX_QUICK=1`` in the
 environment selects the small CI configuration.
 """
 
@@ -17,33 +18,59 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).parent
-REPO_URL = "https://github.com/<org>/fmjax"  # placeholder: the repository's GitHub address
 
-SETUP = f"""\
-# Setup. In Colab this installs fmjax from GitHub (replace <org> in the URL with the owner);
-# elsewhere install it first: `pip install -e .` in a checkout.
+# The install cell: fmjax from a source the user sets (no package index has it yet).
+INSTALL = """\
+# Setup: fmjax must be importable. Where it is not installed (e.g. in Colab), set FMJAX_SOURCE to
+# where pip should get it: a wheel you built with `make wheel` in a checkout and uploaded to this
+# session (found automatically as fmjax-*.whl in the working folder), a wheel's URL, or a
+# repository URL such as "git+https://github.com/OWNER/fmjax". Locally: `pip install -e .`.
+import glob
 import importlib.util
+import os
 import subprocess
 import sys
 
-if "google.colab" in sys.modules and importlib.util.find_spec("fmjax") is None:
-    pip = [sys.executable, "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "git+{REPO_URL}"], check=True)
+FMJAX_SOURCE = ""
 
-import jax
-from IPython.display import Image, display
+if importlib.util.find_spec("fmjax") is None:
+    source = FMJAX_SOURCE or os.environ.get("FMJAX_SOURCE", "")
+    source = source or next(iter(sorted(glob.glob("fmjax-*.whl"))), "")
+    if not source:
+        raise SystemExit(
+            "fmjax is not installed: set FMJAX_SOURCE in the first cell to an uploaded wheel "
+            "(make wheel; upload dist/fmjax-*.whl) or to a repository URL "
+            "(git+https://github.com/OWNER/fmjax), then run it again."
+        )
+    local = os.path.exists(source)
+    requirement = f"{source}[all]" if local else f"fmjax[all] @ {source}"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement], check=True)"""
 
-from fmjax import experiments
-
+DEVICES = """\
 print("JAX", jax.__version__, "| backend:", jax.default_backend(), "| devices:", jax.devices())
 if jax.default_backend() == "cpu":
-    print("No GPU/TPU found: running on the CPU (in Colab: Runtime > Change runtime type).")
-QUICK = experiments.quick_from_env()  # FMJAX_QUICK=1: small CI settings
-print("QUICK =", QUICK)"""
+    print("No GPU/TPU found: running on the CPU (in Colab: Runtime > Change runtime type).")"""
+
+# The experiment notebooks' setup: the install cell, then imports and the device report.
+SETUP = (
+    INSTALL,
+    "import jax\n"
+    "from IPython.display import Image, display\n\n"
+    "from fmjax import experiments\n\n" + DEVICES + "\n"
+    "QUICK = experiments.quick_from_env()  # FMJAX_QUICK=1: small CI settings\n"
+    'print("QUICK =", QUICK)',
+)
 
 
 class _Md(str):
     """A markdown cell's source (plain ``str`` items are code cells)."""
+
+
+def _api(module: str, *calls: str) -> _Md:
+    """A markdown cell listing the key API calls of the experiment in ``module``."""
+    items = "\n".join(f"- {c}" for c in calls)
+    head = f"**The API calls behind this experiment** (`fmjax/experiments/{module}.py`):"
+    return _Md(f"{head}\n\n{items}")
 
 
 def _show(*names: str) -> str:
@@ -51,6 +78,121 @@ def _show(*names: str) -> str:
 
 
 NOTEBOOKS = {
+    "00_quickstart.ipynb": [
+        _Md(
+            "# 0. Quick start: the API step by step\n\n"
+            "A 2-D problem whose answers are known exactly: N(0, I) to a mixture of eight "
+            "Gaussians on the linear path x_t = (1 - t) x0 + t x1. We compute the exact "
+            "velocity field, train a small network by conditional flow matching, sample from "
+            "it, compute log-likelihoods, and score it against the exact answers with "
+            "`fmjax.evaluate`. With `FMJAX_QUICK=1` (CI) the training is short."
+        ),
+        INSTALL,
+        "%matplotlib inline\n"
+        "import functools\n\n"
+        "import jax\n"
+        "import jax.numpy as jnp\n\n"
+        "import fmjax\n"
+        "import fmjax.experiments\n"
+        "import fmjax.plot\n"
+        "from fmjax import data, exact, likelihood, losses, metrics, models, problems, sample\n\n"
+        "QUICK = fmjax.experiments.quick_from_env()  # FMJAX_QUICK=1: small CI settings\n"
+        "STEPS = 300 if QUICK else 3000\n" + DEVICES,
+        _Md(
+            "## 1. A problem with exact answers\n\n"
+            "A coupling is a `JointGaussianMixture` of (X0, X1); `independent_coupling` "
+            "builds p0 x p1. A schedule gives (a_t, b_t) and their derivatives."
+        ),
+        "p0 = fmjax.standard_normal(2)\n"
+        "p1 = data.eight_gaussians_mixture()\n"
+        "coupling = fmjax.independent_coupling(p0, p1)\n"
+        "s = fmjax.schedules.linear()\n"
+        "print(p1)\n"
+        "print(coupling)",
+        _Md(
+            "## 2. The exact field\n\n"
+            "`exact.velocity(coupling, s, t, x)` is u_t(x) in closed form; `log_prob`, "
+            "`score` and `divergence` likewise. `velocity_field` wraps it as a field "
+            "`(t, x)` that every sampler takes."
+        ),
+        "x = p0.sample(jax.random.key(0), 1000)\n"
+        "u = exact.velocity(coupling, s, 0.5, x)  # (1000, 2)\n"
+        "logp = exact.log_prob(coupling, s, 0.5, x)  # (1000,)\n"
+        'print("u:", u.shape, "log p:", logp.shape)\n'
+        "exact_field = exact.velocity_field(coupling, s)\n"
+        "fmjax.plot.density_and_velocity(coupling, s, [0.25, 0.5, 0.75, 1.0])",
+        _Md(
+            "## 3. Train a network by conditional flow matching\n\n"
+            "`losses.cfm` regresses a network onto x1 - x0 at random times; its minimum is "
+            "not zero but the loss floor, known exactly here. `fmjax.fit` runs many optax "
+            "steps per compiled call."
+        ),
+        "model = models.MLP(dim=2, width=64, depth=3)\n"
+        "params = models.init(model, key=jax.random.key(1))\n"
+        "loss_fn = losses.cfm(model.apply, data.coupling_pairs(coupling), s, batch_size=256)\n"
+        "floor = losses.loss_floor(coupling, s, 4096, key=jax.random.key(2))\n"
+        "result = fmjax.fit(\n"
+        "    loss_fn, params, key=jax.random.key(3), steps=STEPS, learning_rate=3e-3, "
+        "progress=False\n"
+        ")\n"
+        "learned = functools.partial(model.apply, result.params)  # a field (t, x)\n"
+        "final = float(result.losses[-50:].mean())\n"
+        'print(f"final loss {final:.3f}, floor {float(floor.mean):.3f} '
+        '+- {float(floor.stderr):.3f}")',
+        _Md(
+            "## 4. Compare with the exact velocity\n\n"
+            "E|v_t(X_t) - u_t(X_t)|^2 over X_t ~ p_t, for the learned field and the zero "
+            "field (the scale of u_t)."
+        ),
+        "ts = jnp.linspace(0.0, 1.0, 11)\n"
+        "err = metrics.velocity_error(learned, coupling, s, ts, 512, key=jax.random.key(4))\n"
+        "zero_field = lambda t, x: jnp.zeros_like(x)  # noqa: E731\n"
+        "zero = metrics.velocity_error(zero_field, coupling, s, ts, 512, key=jax.random.key(4))\n"
+        'fmjax.plot.error_curve(ts, {"learned": err, "zero field": zero}, ylabel="E|v - u|^2")',
+        _Md(
+            "## 5. Sample\n\n"
+            "`sample.ode` integrates a field with diffrax (here 20 midpoint steps, 40 "
+            "evaluations); `sample.sde` adds noise and a score and keeps the same marginals. "
+            "After the 300 steps of the quick (CI) settings the eight modes are still blurred into "
+            "a ring; the 3000 steps of the full settings separate them, and step 7 measures it."
+        ),
+        "x0 = sample.draw_source(jax.random.key(5), 2000, 2)\n"
+        'ode = sample.ode(learned, x0, solver="midpoint", steps=20)\n'
+        "sde = sample.sde(learned, s, x0, key=jax.random.key(6), steps=50)\n"
+        'print("NFE: ODE", int(ode.nfe), "| SDE", int(sde.nfe))\n'
+        "fmjax.plot.samples_grid(\n"
+        '    {"target": p1.sample(jax.random.key(7), 2000), "ODE": ode.x, "SDE": sde.x}, '
+        "lim=(-5, 5)\n"
+        ")",
+        _Md(
+            "## 6. Likelihood\n\n"
+            "The log-likelihood of a point under a flow comes from the augmented ODE "
+            "(the divergence integrated along the path). For the exact field it equals the "
+            "exact log-density."
+        ),
+        "x1 = p1.sample(jax.random.key(8), 200)\n"
+        "want = exact.log_prob(coupling, s, 1.0, x1)\n"
+        "lp_exact = likelihood.log_likelihood(exact_field, x1).log_prob\n"
+        "lp_learned = likelihood.log_likelihood(learned, x1).log_prob\n"
+        'print(f"exact -log p1: {-float(want.mean()):.3f}")\n'
+        'print(f"exact field:   {-float(lp_exact.mean()):.3f}")\n'
+        'print(f"learned field: {-float(lp_learned.mean()):.3f}")',
+        _Md(
+            "## 7. Score the model against the exact answers\n\n"
+            "`fmjax.evaluate` runs all of the above on a named problem (here the same "
+            "`eight_gaussians`) and returns one `EvaluationReport`: velocity error, excess "
+            "loss over the floor, NLL gap, sample distances, the two-sided sample checks and "
+            "the NFE a fixed-step solver needs."
+        ),
+        'problem = problems.get("eight_gaussians")\n'
+        "# quick: fewer points, times and step counts, a fixed-step likelihood (CI settings)\n"
+        "quick = dict(n=200, n_times=5, nfe_step_counts=(8, 32), likelihood_steps=8, w2=False)\n"
+        "settings = quick if QUICK else {}\n"
+        "report = fmjax.evaluate(learned, problem, key=jax.random.key(9), **settings)\n"
+        'names = ("relative_velocity_error", "excess_loss", "nll_gap", "cross_entropy_z")\n'
+        'for name in (*names, "worst_spread_ratio", "nfe_to_accuracy"):\n'
+        '    print(f"{name:>24s}: {getattr(report, name)}")',
+    ],
     "01_gmm_to_gmm.ipynb": [
         _Md(
             "# 1. Gaussian mixture to Gaussian mixture\n\n"
@@ -65,6 +207,17 @@ NOTEBOOKS = {
             "problem, 2 modes (+-3) -> 3 modes (-6, 0, 6)."
         ),
         SETUP,
+        _api(
+            "gmm_to_gmm",
+            "`fmjax.exact.velocity_field(coupling, schedule)` and `exact.responsibilities`, "
+            "`exact.marginal`: the exact field on each coupling and schedule",
+            '`fmjax.sample.ode(field, x0, solver="tsit5", rtol=1e-5, atol=1e-5)`: trajectories '
+            "and NFE",
+            "`fmjax.losses.cfm(model.apply, coupling.sample, schedule, batch_size)` and "
+            "`fmjax.fit`: the learned field",
+            "`fmjax.metrics.velocity_error(learned, coupling, schedule, ts, n, key=...)`: "
+            "learned against exact over t",
+        ),
         'result = experiments.gmm_to_gmm(quick=QUICK, out="outputs/01_gmm_to_gmm")\n'
         'print(f"{result.wall_time_s:.1f} s")',
         _Md(
@@ -122,6 +275,16 @@ NOTEBOOKS = {
             "integration stop."
         ),
         SETUP,
+        _api(
+            "ot_vs_vp",
+            "`fmjax.schedules.linear()` and `fmjax.schedules.vp()`: the two paths (each with its "
+            "valid interval)",
+            "`fmjax.data.independent_pairs(data.gaussian_source(2), data.checkerboard)`: "
+            "training pairs",
+            "`fmjax.losses.cfm(...)` and `fmjax.fit(...)`: one MLP per path",
+            '`fmjax.sample.ode(learned, x0, schedule=s, solver="tsit5")`: samples over t and the '
+            "NFE",
+        ),
         'result = experiments.ot_vs_vp(quick=QUICK, out="outputs/02_ot_vs_vp")\n'
         'print(f"{result.wall_time_s:.1f} s")',
         _Md(
@@ -149,6 +312,16 @@ NOTEBOOKS = {
             "x_hat_1 = E[X1 | x_t] = x_t + (1 - t) u_t(x_t) (`fmjax.convert.velocity_to_x1`)."
         ),
         SETUP,
+        _api(
+            "flows_and_scores",
+            "`fmjax.losses.cfm(...)` and `fmjax.fit(...)`: a velocity MLP with Fourier time "
+            "features",
+            '`fmjax.sample.ode(learned, x0, solver="rk4", steps=...)`: the ODE sampler',
+            "`fmjax.sample.sde(learned, schedule, x0, key=..., diffusion=...)`: the SDE with the "
+            "score derived from the velocity",
+            "`fmjax.convert.velocity_to_x1(schedule, t, x, u)`: the predicted target along the "
+            "path",
+        ),
         'result = experiments.flows_and_scores(quick=QUICK, out="outputs/03_flows_and_scores")\n'
         'print(f"{result.wall_time_s:.1f} s")',
         _Md(
@@ -181,6 +354,13 @@ NOTEBOOKS = {
             "target has no conditional noise."
         ),
         SETUP,
+        _api(
+            "cfm_equals_fm",
+            "`fmjax.losses.cfm(model.apply, pairs, schedule, batch_size)`: the conditional loss",
+            "`fmjax.losses.marginal_fm(model.apply, coupling, schedule, batch_size)`: the "
+            "marginal loss with the exact target",
+            "`jax.grad` of each at `fmjax.models.init(model, key=...)`: the gradients compared",
+        ),
         'result = experiments.cfm_equals_fm(quick=QUICK, out="outputs/04_cfm_equals_fm")\n'
         'print(f"{result.wall_time_s:.1f} s")',
         _show("gradient_cosine"),
@@ -204,6 +384,15 @@ NOTEBOOKS = {
             "regression and combined as u = v - gamma dgamma s, finite at t = 0 and 1."
         ),
         SETUP,
+        _api(
+            "stochastic_interpolants",
+            "`fmjax.schedules.linear().with_noise(fmjax.schedules.brownian())` and "
+            "`schedules.trig(...)`: interpolants with latent noise",
+            '`fmjax.losses.cfm(..., target="drift")` and `target="score"`: the two learned fields',
+            "`fmjax.convert.drift_to_velocity(schedule, t, x, v, score=s)`: u = v - gamma dgamma s",
+            "`fmjax.sample.sde(u, schedule, x0, key=..., diffusion=..., score=score)`: SDE from "
+            "any source",
+        ),
         "result = experiments.stochastic_interpolants("
         'quick=QUICK, out="outputs/06_stochastic_interpolants")\n'
         'print(f"{result.wall_time_s:.1f} s")',
@@ -243,6 +432,16 @@ NOTEBOOKS = {
             "is trained at several batch sizes and compared with the exact `mixture_ot` field."
         ),
         SETUP,
+        _api(
+            "couplings",
+            "`fmjax.couplings.mixture_ot(p0, p1)` and `couplings.schrodinger_bridge(p0, p1, "
+            "sigma)`: the couplings in closed form",
+            "`fmjax.couplings.transport_cost(coupling)` and `fmjax.exact.velocity(...)`: cost "
+            "and kinetic energy",
+            "`fmjax.losses.ot_pairs(...)` with `losses.cfm(...)`: minibatch OT-CFM",
+            "`fmjax.exact.velocity_field(coupling, schedule)` and `fmjax.sample.ode`: "
+            "trajectories and NFE",
+        ),
         'result = experiments.EXPERIMENTS["couplings"](quick=QUICK, out="outputs/07_couplings")\n'
         'print(f"{result.wall_time_s:.1f} s")',
         _Md(
@@ -293,6 +492,16 @@ NOTEBOOKS = {
             "known exactly, and scored by `fmjax.evaluate`."
         ),
         SETUP,
+        _api(
+            "digits",
+            "`fmjax.data.digits(flat=True)`, `data.from_array`, `data.independent_pairs`: the data",
+            "`fmjax.models.UNet(image_shape=(8, 8, 1), channels=...)` and `models.MLP`: the "
+            "networks",
+            "`fmjax.losses.cfm(...)`, `fmjax.fit(...)`, `fmjax.sample.ode(...)`, "
+            "`fmjax.likelihood.log_likelihood(...)`: train, sample, bits/dim",
+            '`fmjax.problems.get("digits_gmm")` and `fmjax.evaluate(learned, problem, key=...)`: '
+            "the 64-D exact ground truth",
+        ),
         'result = experiments.digits(quick=QUICK, out="outputs/05_digits")\n'
         'print(f"{result.wall_time_s:.1f} s", result.metrics["time_s"])',
         _Md(
@@ -343,8 +552,11 @@ NOTEBOOKS = {
 def build(name: str) -> nbformat.NotebookNode:
     """The notebook ``name`` (no outputs, Python 3 kernel metadata)."""
     cells = []
-    for src in NOTEBOOKS[name]:
-        cells.append(new_markdown_cell(str(src)) if isinstance(src, _Md) else new_code_cell(src))
+    for item in NOTEBOOKS[name]:
+        for src in item if isinstance(item, tuple) else (item,):  # SETUP is two cells
+            cells.append(
+                new_markdown_cell(str(src)) if isinstance(src, _Md) else new_code_cell(src)
+            )
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {
         "name": "python3",

@@ -14,10 +14,12 @@ import fmjax
 PACKAGE = pathlib.Path(fmjax.__file__).parent
 PUBLIC_MODULES = [
     "fmjax",
+    "fmjax.conditional",
     "fmjax.convert",
     "fmjax.couplings",
     "fmjax.data",
     "fmjax.exact",
+    "fmjax.guidance",
     "fmjax.experiments",
     "fmjax.leaderboard",
     "fmjax.likelihood",
@@ -31,6 +33,7 @@ PUBLIC_MODULES = [
     "fmjax.schedules",
     "fmjax.sharding",
     "fmjax.train",
+    "fmjax.typing",
 ]
 SUBPACKAGES = ["sample", "train", "metrics", "plot"]
 SHARED_ALIASES = {

@@ -167,14 +167,26 @@ def test_cli_evaluate_exact(tmp_path, capsys):
     from fmjax import cli
 
     out = tmp_path / "ev"
-    args = ["evaluate", "--exact", "--problem", "gmm_1d", "--n", "100", "--no-w2",
-            "--out", str(out)]  # fmt: skip
+    # --quick: the quick leaderboard's settings (no sliced W2; n = 300 unless --n is given); it
+    # was ignored
+    args = [
+        "evaluate",
+        "--exact",
+        "--problem",
+        "gmm_1d",
+        "--quick",
+        "--n",
+        "100",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     fields = ("excess_loss", "sample_cross_entropy", "target_entropy", "worst_spread_ratio")
     assert "gmm_1d" in printed and all(f'"{f}"' in printed for f in fields)
     saved = json.loads((out / "report.json").read_text())
     assert saved["mean_velocity_error"] < 1e-8 and saved["n"] == 100
+    assert saved["sliced_w2"] is None
     assert len(saved["component_spread_ratio"]) == 3 and saved["sde_cross_entropy"] is None
     with pytest.raises(SystemExit, match="problems.get: `name` must be one of"):
         cli.main(["evaluate", "--exact", "--problem", "nope"])

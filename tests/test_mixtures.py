@@ -349,3 +349,18 @@ def test_is_standard_normal_reads_each_end():
     assert not ot.is_standard_normal(0)  # N(0, I) marginal, but coupled to x1
     with pytest.raises(ValueError, match="is_standard_normal: `end`"):
         c.is_standard_normal(2)
+
+
+def test_repr_shows_shapes_truthfully():
+    """A mixture prints its shapes; ``jax.tree.map(jnp.shape, m)`` prints (it raised
+    AttributeError); a stacked batch of 8 shows ``batch_shape=(8,)``, not 8 components."""
+    mixtures = fmjax.mixtures
+    m = mixtures.random_gaussian_mixture(jax.random.key(0), n_components=3, dim=2)
+    assert repr(m) == "GaussianMixture(n_components=3, dim=2, dtype=float32)"
+    shapes = jax.tree.map(jnp.shape, m)
+    assert repr(shapes) == "GaussianMixture(weights=(3,), means=(3, 2), covs=(3, 2, 2))"
+    batch = jax.tree.map(lambda a: jnp.stack([a] * 8), m)  # as jax.vmap of a constructor
+    assert repr(batch) == "GaussianMixture(batch_shape=(8,), n_components=3, dim=2, dtype=float32)"
+    assert batch.n_components == 3
+    c = mixtures.independent_coupling(mixtures.standard_normal(2), m)
+    assert repr(jax.tree.map(jnp.shape, c)).endswith("covs=(3, 4, 4), structure='independent')")

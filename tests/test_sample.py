@@ -338,6 +338,21 @@ def test_sde_validation():
         sample.sde(v, "linear", x0, key=k)
     with pytest.raises(TypeError, match="`key`"):
         sample.sde(v, s, x0, key=0)
+    with pytest.raises(TypeError, match="`solver`.*Tsit5"):  # an ODE solver is not an SDE one
+        sample.sde(v, s, x0, key=k, solver=diffrax.Tsit5())
+
+
+def test_sde_takes_diffrax_solver_objects():
+    """``diffrax.ShARK()`` gives the samples of ``"shark"`` (same Levy-area path, same key) and
+    reports its 2 drift evaluations per step; control: Euler's samples differ from ShARK's."""
+    v = lambda t, x: -x  # noqa: E731
+    s, x0, k = schedules.linear(), jnp.ones((3, D)), jax.random.key(0)
+    by_name = sample.sde(v, s, x0, key=k, solver="shark", diffusion=1.0, steps=4)
+    by_object = sample.sde(v, s, x0, key=k, solver=diffrax.ShARK(), diffusion=1.0, steps=4)
+    np.testing.assert_array_equal(by_object.x, by_name.x)
+    assert by_object.nfe == by_name.nfe == 2 * 3 + 1  # 3 SDE steps, 1 denoising step
+    euler = sample.sde(v, s, x0, key=k, solver=diffrax.Euler(), diffusion=1.0, steps=4)
+    assert euler.nfe == 4 and not np.allclose(euler.x, by_name.x)
 
 
 def _nan_from(t0, t, x):

@@ -9,9 +9,11 @@ equal to separate runs, and argument validation in the one error format."""
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sys
+import time
 
 import chex
 import flax.linen as nn
@@ -289,7 +291,7 @@ def test_checkpoint_of_other_model_raises(tmp_path):
     )
     x4, y4 = _problem(d=4)
     kw = dict(key=jax.random.key(0), steps=10, checkpoint_dir=ckpt, progress=False)
-    with pytest.raises(ValueError, match=f"`checkpoint_dir`.*{ckpt / '5'}.*differs in params"):
+    with pytest.raises(ValueError, match=f"`checkpoint_dir`.*{ckpt / '5'}.*differs in .*params"):
         train.fit(_minibatch_loss(x4, y4), _zeros(4), **kw)
     with pytest.warns(UserWarning, match="resume='force'"):
         with pytest.raises(RuntimeError, match=str(ckpt / "5")):
@@ -445,6 +447,132 @@ def test_changed_fingerprint_is_refused_unless_forced(tmp_path):
     assert train.fit(loss, _zeros(), optimizer=optax.sgd(0.1), steps=8, **kw).resumed_from == 5
     with pytest.raises(ValueError, match="differs in optimizer"):
         train.fit(loss, _zeros(), optimizer=optax.sgd(0.2), steps=10, **kw)
+
+
+def test_fingerprint_covers_the_loss_structure(tmp_path):
+    """A resume compares a loss of ``fmjax.losses`` part by part, by content: another schedule,
+    data array or coupling (same shapes, other arrays), target, time sampler, reduction,
+    divergence, batch size or model activation is refused with "saved X, now Y" (they all
+    resumed silently when the loss was known by its function's name); a wrapper of the loss
+    is compared by the loss it holds. Control: the same fit rebuilt from equal new objects
+    resumes."""
+    import fmjax
+    from fmjax import data, losses, models, schedules
+
+    def joint(shift):  # one Gaussian on R^4 = (x0, x1), x1 shifted
+        return fmjax.JointGaussianMixture(
+            np.ones(1), np.array([[0, 0, shift, 0.0]]), np.eye(4)[None]
+        )
+
+    rows = jax.random.normal(jax.random.key(2), (64, 2))
+
+    def from_rows(x):
+        return data.independent_pairs(data.gaussian_source(2), data.from_array(x))
+
+    def mlp(activation="swish"):
+        return models.MLP(dim=2, width=8, depth=1, activation=activation, time_embedding="raw")
+
+    def loss(apply=None, pairs=None, schedule=None, batch=8, **kw):
+        apply = apply or mlp().apply
+        pairs = pairs or from_rows(rows)
+        return losses.cfm(apply, pairs, schedule or schedules.linear(), batch, **kw)
+
+    params = models.init(mlp(), key=jax.random.key(3))
+    ckpt = tmp_path / "ckpt"
+    kw = dict(key=jax.random.key(0), steps=2, checkpoint_dir=ckpt, progress=False)
+    train.fit(loss(), params, **kw)
+    before = _digest(ckpt)
+
+    changes = {
+        "schedule": (dict(schedule=schedules.cosine()), "linear.*now.*cosine"),
+        "sample_pairs": (dict(pairs=from_rows(rows.at[5, 1].add(1))), "arr=.*now.*arr="),
+        "target": (dict(target="x1"), "'velocity'.*now.*'x1'"),
+        "time_sampler": (dict(time_sampler="logit_normal"), "uniform_time.*now.*logit"),
+        "reduction": (dict(reduction="mean"), "'sum'.*now.*'mean'"),
+        "bregman": (dict(bregman=losses.exponential()), "squared.*now.*exponential"),
+        "batch_size": (dict(batch=16), "8.*now.*16"),
+        "apply_fn": (dict(apply=mlp("gelu").apply), "swish.*now.*gelu"),
+    }
+    for part, (change, match) in changes.items():
+        with pytest.raises(ValueError, match=rf"differs in .*loss\.{part}: saved .*{match}"):
+            train.fit(loss(**change), params, **kw)
+    moons = data.independent_pairs(data.gaussian_source(2), data.two_moons)
+    with pytest.raises(ValueError, match=r"loss\.sample_pairs: saved .*from_array.*now .*moons"):
+        train.fit(loss(pairs=moons), params, **kw)
+    inner = loss(schedule=schedules.cosine())
+    with pytest.raises(ValueError, match=r"loss: saved .\{apply_fn: .*now .*<lambda>\[inner="):
+        train.fit(lambda p, k: inner(p, k), params, **kw)
+    assert _digest(ckpt) == before  # nothing written by the refused runs
+    # Control: the same fit from new, equal objects (rows copied to NumPy) resumes, with
+    # nothing left to train.
+    assert train.fit(loss(pairs=from_rows(np.array(rows))), params, **kw).resumed_from == 2
+    # Couplings by content: equal arrays describe equal, another mean does not.
+    from fmjax.train.fingerprint import describe
+
+    assert describe(joint(1.0).sample) == describe(joint(1.0).sample)
+    assert describe(joint(1.0).sample) != describe(joint(1.5).sample)
+
+
+def _in_namespace(*mounts: str) -> list[str] | None:
+    """A command prefix that runs its command in a new user and mount namespace after
+    ``mounts`` (shell ``mount`` arguments), or None where namespaces cannot be made here."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    script = " && ".join(f"mount {m}" for m in mounts)
+    for flags in ("-rm", "-m"):  # a user namespace (any user), else root's own mount namespace
+        probe = subprocess.run(["unshare", flags, "sh", "-c", f"{script} && true"],
+                               capture_output=True)  # fmt: skip
+        if probe.returncode == 0:
+            return ["unshare", flags, "sh", "-c", f'{script} && exec "$@"', "sh"]
+    return None
+
+
+def test_unwritable_folders_fail_fast(tmp_path):
+    """A read-only checkpoint_dir or --out (a read-only bind mount: chmod does not stop root) and
+    a full disk (a 16 KiB tmpfs) fail in seconds with one line, and the process then exits at
+    once: a failed orbax save used to leave threads waiting 300 s at exit, and the fit raised a
+    raw OSError after 4 s, the CLI 380 traceback lines. Control: a writable folder trains."""
+    import subprocess
+
+    ro, full, rw = tmp_path / "ro", tmp_path / "full", tmp_path / "rw"
+    for d in (ro, full, rw):
+        d.mkdir()
+    prefix = _in_namespace(f"--bind -o ro {ro} {ro}", f"-t tmpfs -o size=16k tmpfs {full}")
+    if prefix is None:
+        pytest.skip("no read-only bind mount possible here (unshare -rm and unshare -m fail)")
+    script = os.path.join(os.path.dirname(__file__), "_unwritable_check.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    proc = subprocess.run([*prefix, sys.executable, script, str(ro), str(full), str(rw)],
+                          capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+    total = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    unwritable = "must be a folder that can be created and written to, got '{}' (Read-only file "
+    expect = {
+        "cli_train": ("SystemExit", "cli: `--out` " + unwritable.format(ro)),
+        "cli_train_new": ("SystemExit", "cli: `--out` " + unwritable.format(ro / "n")),
+        "cli_sample": ("SystemExit", "cli: `--out` " + unwritable.format(ro / "s")),
+        "fit": ("ValueError", "train.fit: `checkpoint_dir` " + unwritable.format(ro)),
+        "fit_new": ("ValueError", "train.fit: `checkpoint_dir` " + unwritable.format(ro / "ck")),
+        "fit_full": ("RuntimeError", f"train.fit: cannot write checkpoint {full / 'ck' / '2'} "
+                     "(No space left on device); no checkpoint was completed"),
+        "fit_save_fails": ("RuntimeError", f"train.fit: cannot write checkpoint {ro / '2'} "
+                           "(Read-only file system)"),
+        "fit_control": ("ok", ""),
+    }  # fmt: skip
+    for case, (kind, start) in expect.items():
+        got_kind, msg, seconds = res[case]
+        assert (got_kind, msg[: len(start)]) == (kind, start), (case, msg)
+        assert "\n" not in msg and seconds < 30, (case, seconds)
+    # No traceback or log record around the lines, and no wait at exit (the process ends in
+    # about the time of its import and one small fit; it waited 300 s before).
+    assert "Traceback" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr[-3000:]
+    assert total < 60 + sum(r[2] for r in res.values()), total
 
 
 def test_second_writer_is_refused(tmp_path):

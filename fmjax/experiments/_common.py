@@ -20,7 +20,14 @@ from fmjax.mixtures import GaussianMixture, JointGaussianMixture
 
 
 def quick_from_env(default: bool = False) -> bool:
-    """True when the environment variable ``FMJAX_QUICK`` is 1 / true / yes (CI settings)."""
+    """True when the environment variable ``FMJAX_QUICK`` is 1 / true / yes (CI settings).
+
+    Args:
+        default: the value when ``FMJAX_QUICK`` is not set.
+
+    Returns:
+        whether to run the quick settings.
+    """
     value = os.environ.get("FMJAX_QUICK")
     if value is None:
         return default

@@ -156,6 +156,17 @@ def cfm_equals_fm(
     compared with it by cosine similarity: both converge to 1 (same
     expectation), FM faster (no conditional noise). ``cosine_large_batch`` compares the CFM and
     FM gradients on ``n_reference`` points directly.
+
+    Args:
+        config: the settings (a ``CFMConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``CFMConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve(_FN, CFMConfig, config, quick)
     _check_sizes(cfg.batch_sizes)

@@ -69,6 +69,10 @@ def demo_problem() -> tuple[JointGaussianMixture, schedules.Schedule]:
 
     The source is standard normal (a 1-component mixture) so that the SDE sampler can take the
     score from the velocity (``fmjax.sample.sde``).
+
+    Returns:
+        ``(coupling, schedule)``: the independent ``JointGaussianMixture`` and
+            ``schedules.linear()``.
     """
     target = GaussianMixture(*problems._demo_2d_parts())
     return independent_coupling(standard_normal(2), target), schedules.linear()
@@ -79,7 +83,14 @@ COLUMNS = ("loss", "loss_floor", "velocity_error", "energy_ode", "energy_sde", "
 
 
 def demo_table(result: ExperimentResult) -> str:
-    """The demo's table: rows "learned" and "exact", columns ``COLUMNS``."""
+    """The demo's table: rows "learned" and "exact", columns ``COLUMNS``.
+
+    Args:
+        result: what ``demo`` returned.
+
+    Returns:
+        the table as text.
+    """
     rows = [{"model": name, **row} for name, row in result.metrics["rows"].items()]
     return format_table(rows, ("model", *COLUMNS))
 
@@ -184,6 +195,17 @@ def demo(
     other phase. ``reference`` holds the energy distance between two exact target samples
     (the noise level) and the exact target entropy estimate -E log p1(X1). ``demo_table``
     formats the rows.
+
+    Args:
+        config: the settings (a ``DemoConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``DemoConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve("experiments.demo", DemoConfig, config, quick)
     t0 = time.perf_counter()

@@ -328,6 +328,17 @@ def digits(
     classifier's own numbers on real test digits (the best a model can hope for).
     ``gmm64[field]`` for "exact" (with ``gmm_exact``), "MLP", "UNet": the ``fmjax.evaluate``
     summary on "digits_gmm". ``time_s``: seconds per part.
+
+    Args:
+        config: the settings (a ``DigitsConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``DigitsConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve(_FN, DigitsConfig, config, quick)
     _checks.require("sklearn", _FN)

@@ -50,7 +50,11 @@ class FlowsScoresConfig(_Config):
 
 
 def flows_scores_target() -> GaussianMixture:
-    """The 2-mode target in R^3: means (-1, -0.5, 1.5), (1, 1.5, 0.25), std (0.25, 0.25, 0.15)."""
+    """The 2-mode target in R^3: means (-1, -0.5, 1.5), (1, 1.5, 0.25), std (0.25, 0.25, 0.15).
+
+    Returns:
+        the ``GaussianMixture`` (2 components in R^3).
+    """
     return _diag_gmm([0.5, 0.5], [[-1.0, -0.5, 1.5], [1.0, 1.5, 0.25]], [0.25, 0.25, 0.15])
 
 
@@ -154,6 +158,17 @@ def flows_and_scores(
     the first t at which more than ``settle_fraction`` of x_hat_1 lie within 3 std (every axis)
     of a mode, for the learned model and the exact field ("exact ODE", "exact SDE").
     ``energy[name]``: energy distance of the final samples to exact target samples.
+
+    Args:
+        config: the settings (a ``FlowsScoresConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``FlowsScoresConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve("experiments.flows_and_scores", FlowsScoresConfig, config, quick)
     t0 = time.perf_counter()

@@ -64,13 +64,20 @@ def gmm_problems() -> dict[str, JointGaussianMixture]:
     "joint": component k pairs source N(m0_k, 0.4^2 I) with target N(m1_k, S1_k), correlation
     0.9 per axis between x0 and x1 (cross-covariance); the sources on the left go to the
     targets on the right in reversed vertical order. "independent": p0 x p1 of its marginals.
+
+    Returns:
+        ``{"independent": coupling, "joint": coupling}``, ``JointGaussianMixture``s on R^4.
     """
     joint = JointGaussianMixture(*problems._gmm_2d_parts())
     return {"independent": independent_coupling(joint.source(), joint.target()), "joint": joint}
 
 
 def gmm_1d_problem() -> tuple[GaussianMixture, GaussianMixture]:
-    """1-D: p0 = 2 modes at +-3 (std 0.5), p1 = 3 modes at -6, 0, 6 (std 0.5); returns (p0, p1)."""
+    """1-D: p0 = 2 modes at +-3 (std 0.5), p1 = 3 modes at -6, 0, 6 (std 0.5); returns (p0, p1).
+
+    Returns:
+        ``(p0, p1)``, two 1-D ``GaussianMixture``s.
+    """
     p0 = _diag_gmm([0.5, 0.5], [[-3.0], [3.0]], 0.5)
     p1 = _diag_gmm([0.3, 0.4, 0.3], [[-6.0], [0.0], [6.0]], 0.5)
     return p0, p1
@@ -213,6 +220,17 @@ def gmm_to_gmm(
     schedule) and ``zero_field_error[coupling]`` (the same for v = 0), and for the 1-D problem
     ``mode_fractions_1d[schedule]`` (fraction of exact-ODE paths ending nearest each target
     mode; the weights are 0.3, 0.4, 0.3) and ``energy_1d[schedule]``.
+
+    Args:
+        config: the settings (a ``GMMConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``GMMConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve(_FN, GMMConfig, config, quick)
     problems = gmm_problems()

@@ -148,6 +148,17 @@ def ot_vs_vp(
 
     The MLP takes [x, t] (``time_embedding="raw"``, as Meta's 2-D example): high Fourier
     time frequencies make a briefly trained field wiggly in t and inflate the NFE of both paths.
+
+    Args:
+        config: the settings (a ``OTvsVPConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``OTvsVPConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve(_FN, OTvsVPConfig, config, quick)
     for name in cfg.datasets:

@@ -84,6 +84,9 @@ def si_problems() -> dict[str, JointGaussianMixture]:
 
     "2d": N(0, I) -> three components N(m_k, 0.5^2 I) at radius 4 (weights 0.3, 0.4, 0.3).
     "1d": modes at +-3 -> modes at -6, 0, 6 (``gmm_1d_problem``, std 0.5).
+
+    Returns:
+        ``{"2d": coupling, "1d": coupling}``, independent ``JointGaussianMixture``s.
     """
     ang = np.pi / 2 + 2 * np.pi * np.arange(3) / 3
     p1 = _diag_gmm([0.3, 0.4, 0.3], 4.0 * np.stack([np.cos(ang), np.sin(ang)], 1), 0.5)
@@ -255,6 +258,17 @@ def stochastic_interpolants(
     source samples: no transport at all), the learned models' velocity
     and score errors over t, and the final training losses. Figures: the exact 1-D density
     p_t(x) over (t, x) for each interpolant, samples per problem, error curves.
+
+    Args:
+        config: the settings (a ``SIConfig``); default: the quick or the full preset.
+        quick: None: ``FMJAX_QUICK`` from the environment (``quick_from_env``); True:
+            ``SIConfig.quick()``; ignored when ``config`` is given.
+        out: folder for ``results.json`` and the figures (PNG).
+        progress: show a progress bar for each training and a status line per phase (stderr).
+
+    Returns:
+        an ``ExperimentResult(experiment, config, metrics, figures, wall_time_s)``; the same JSON
+            values are written to ``out``/results.json.
     """
     cfg = _resolve(_FN, SIConfig, config, quick)
     _check(cfg)
@@ -318,7 +332,14 @@ def stochastic_interpolants(
 
 
 def si_table(result: ExperimentResult) -> str:
-    """The energy-distance table of a result as Markdown (one row per problem and interpolant)."""
+    """The energy-distance table of a result as Markdown (one row per problem and interpolant).
+
+    Args:
+        result: what ``stochastic_interpolants`` returned.
+
+    Returns:
+        the Markdown table.
+    """
     table = result.metrics["table"]
     cols = sorted({r["sampler"] for r in table}, key=_sampler_order)
     keys = list(dict.fromkeys((r["problem"], r["interpolant"]) for r in table))

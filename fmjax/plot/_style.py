@@ -57,6 +57,12 @@ def styled(fn: Callable[P, R]) -> Callable[P, R]:
     ``matplotlib.rc_context``, entered once by the outermost styled call: a styled function that
     calls other styled functions (``figure``, ``trajectories(ax=...)``, ``save``) draws them all
     in the one context. Every public figure function of ``fmjax.plot`` is decorated with it.
+
+    Args:
+        fn: a function that builds a figure.
+
+    Returns:
+        the decorated function, same signature.
     """
 
     @functools.wraps(fn)
@@ -98,7 +104,15 @@ def figure(
 
 @styled
 def save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as an image (PNG for a ``.png`` path) in the fmjax style; returns the path."""
+    """Write ``fig`` as an image (PNG for a ``.png`` path) in the fmjax style; returns the path.
+
+    Args:
+        fig: the figure.
+        path: where to write it (the format from the suffix).
+
+    Returns:
+        the path written, a ``Path``.
+    """
     _checks.check_instance("plot.save", "fig", fig, Figure, "a matplotlib Figure")
     fig.savefig(path)
     return Path(path)

@@ -6,6 +6,8 @@ and ``x`` the whole batch, so one solve moves all samples together.
 
 from fmjax._solve import ODE_SOLVERS as ODE_SOLVERS
 from fmjax._solve import RK4 as RK4
+from fmjax.sample._guided import GuidedVelocity as GuidedVelocity
+from fmjax.sample._guided import guided as guided
 from fmjax.sample._ode import ODESolution as ODESolution
 from fmjax.sample._ode import ode as ode
 from fmjax.sample._sde import SDE_SOLVERS as SDE_SOLVERS
@@ -14,12 +16,14 @@ from fmjax.sample._sde import sde as sde
 from fmjax.sample._source import draw_source as draw_source
 
 __all__ = [
+    "GuidedVelocity",
     "ODE_SOLVERS",
     "RK4",
     "ODESolution",
     "SDESolution",
     "SDE_SOLVERS",
     "draw_source",
+    "guided",
     "ode",
     "sde",
 ]

@@ -93,11 +93,12 @@ def ode(
     x0 = _solve.check_x(fn, x0)
     _solve.check_field(fn, "velocity", velocity, x0)
     schedule = _solve.resolve_schedule(fn, schedule, velocity)
-    t0, t1 = _solve.resolve_times(fn, t0, t1, schedule)
+    t0, t1 = _solve.resolve_times(fn, t0, t1, schedule, x0.dtype)
+    clean, bad = _solve.finite_rows(fn, "x0", x0, "sample")
     out = _solve.solve(
         fn,
         _velocity_field,
-        x0,
+        clean,
         _solve.as_pytree(velocity),
         solver=solver,
         stepsize_controller=stepsize_controller,
@@ -111,4 +112,5 @@ def ode(
         adjoint=adjoint,
         schedule=schedule,
     )
-    return ODESolution(out.y1, out.ts, out.ys, out.nfe, out.num_steps)
+    xs = None if out.ys is None else _solve.mask_rows(bad, out.ys)
+    return ODESolution(_solve.mask_rows(bad, out.y1), out.ts, xs, out.nfe, out.num_steps)

@@ -70,8 +70,28 @@ SDE_SOLVERS: dict[str, Callable[[], diffrax.AbstractSolver]] = {
     "heun": diffrax.Heun,
     "shark": diffrax.ShARK,
 }
-_SDE_DRIFT_EVALS = {"euler": 1, "heun": 2, "shark": 2}
-_LEVY = {"shark": diffrax.SpaceTimeLevyArea}
+_SOLVER_TYPES = "one of 'euler', 'heun', 'shark', or a diffrax Euler, Heun or stochastic RK solver"
+
+
+def _sde_solver(fn: str, solver) -> tuple[diffrax.AbstractSolver, type, int]:
+    """``(solver object, Levy area its Brownian path must carry, drift evaluations per step)``
+    for a name of ``SDE_SOLVERS`` or a diffrax solver object (Euler, Heun, or a stochastic
+    Runge-Kutta solver such as ``diffrax.ShARK()``: one drift evaluation per stage)."""
+    if isinstance(solver, str):
+        name = _checks.check_choice(fn, "solver", solver, tuple(SDE_SOLVERS))
+        solver = SDE_SOLVERS[name]()
+    if isinstance(solver, diffrax.Euler | diffrax.Heun):
+        return solver, diffrax.BrownianIncrement, 1 if isinstance(solver, diffrax.Euler) else 2
+    if isinstance(solver, diffrax.AbstractSRK):
+        levy = solver.minimal_levy_area
+        if issubclass(levy, diffrax.AbstractSpaceTimeTimeLevyArea):
+            levy = diffrax.SpaceTimeTimeLevyArea
+        elif issubclass(levy, diffrax.AbstractSpaceTimeLevyArea):
+            levy = diffrax.SpaceTimeLevyArea
+        else:
+            levy = diffrax.BrownianIncrement
+        return solver, levy, len(solver.tableau.c) + 1
+    _checks.fail(fn, "solver", _SOLVER_TYPES, type(solver).__name__, TypeError)
 
 
 class SDESolution(NamedTuple):
@@ -256,24 +276,25 @@ def _sde_diffusion(t, x, args: _SDEArgs):
     return lineax.DiagonalLinearOperator(jnp.broadcast_to(args.diffusion(t), x.shape))
 
 
-def _brownian(name: str, brownian: str, t0: float, t1: float, n: int, x0: Array, key):
+def _brownian(levy: type, brownian: str, t0: float, t1: float, n: int, x0: Array, key):
     shape = jax.ShapeDtypeStruct(x0.shape, x0.dtype)
-    levy = _LEVY.get(name, diffrax.BrownianIncrement)
     if brownian == "virtual":
         tol = 0.25 * (t1 - t0) / n
         return diffrax.VirtualBrownianTree(t0, t1, tol=tol, shape=shape, key=key, levy_area=levy)
     return diffrax.UnsafeBrownianPath(shape=shape, key=key, levy_area=levy)
 
 
-def _solve_sde(name, brownian, args: _SDEArgs, x0, key, t0, t1, n, save_trajectory: bool):
-    """Euler-Maruyama / Heun / ShARK on n equal steps from t0 to t1."""
+def _solve_sde(solver, brownian, args: _SDEArgs, x0, key, t0, t1, n, save_trajectory: bool):
+    """``solver = (diffrax solver, Levy area)`` (Euler-Maruyama, Heun, ShARK, ...) on n equal
+    steps from t0 to t1."""
+    solver, levy = solver
     grid = jnp.linspace(t0, t1, n + 1, dtype=x0.dtype)
-    bm = _brownian(name, brownian, t0, t1, n, x0, key)
+    bm = _brownian(levy, brownian, t0, t1, n, x0, key)
     terms = diffrax.MultiTerm(diffrax.ODETerm(_sde_drift), diffrax.ControlTerm(_sde_diffusion, bm))
     saveat = diffrax.SaveAt(t0=True, steps=True) if save_trajectory else diffrax.SaveAt(t1=True)
     return diffrax.diffeqsolve(
         terms,
-        SDE_SOLVERS[name](),
+        solver,
         t0=t0,
         t1=t1,
         dt0=None,
@@ -316,7 +337,7 @@ def sde(
     key: PRNGKeyArray,
     diffusion: float | Callable[[Array], Array] | None = None,
     steps: int = 100,
-    solver: str = "euler",
+    solver: str | diffrax.AbstractSolver = "euler",
     eps: float | None = None,
     brownian: str = "virtual",
     time: str = "forward",
@@ -327,8 +348,9 @@ def sde(
 
     With ``score=`` any source and any (stochastic) interpolant works: eps(t) = g(t)^2 / 2 in
     the notation dX = [u + eps s] dt + sqrt(2 eps) dW. Without it the score comes from the
-    velocity (module docstring), valid only for Gaussian x0 ~ N(0, I), no latent noise, and the
-    affine ``schedule`` the velocity was built with; a schedule with noise, or an exact field
+    velocity, s = (a_t u - da_t x) / (b_t (da_t b_t - a_t db_t)), valid only for Gaussian
+    x0 ~ N(0, I), no latent noise, and the affine ``schedule`` the velocity was built with; a
+    schedule with noise, or an exact field
     (``exact.velocity_field`` or ``partial(exact.velocity, coupling, ...)``) whose coupling's
     source is not an independent N(0, I), raises. ``diffusion = 0`` gives the ODE. Works under
     an outer ``jax.jit`` and ``jax.vmap`` (over ``x0`` and ``key``); the diffusion is checked only
@@ -350,7 +372,10 @@ def sde(
             collapses the modes of a learned field; any g keeps the marginals of the exact
             one); with ``score=`` the constant 1.
         steps: total number of equal steps, including the final denoising ODE step.
-        solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise).
+        solver: "euler" (Euler-Maruyama), "heun" or "shark" (higher order for additive noise),
+            or a diffrax solver object: ``diffrax.Euler()``, ``diffrax.Heun()`` or a stochastic
+            Runge-Kutta solver such as ``diffrax.ShARK()`` or ``diffrax.SRA1()`` (the Brownian
+            path then carries the Levy area the solver needs; one drift evaluation per stage).
         eps: the SDE runs on [t_min, t_max - eps], then one Euler ODE step covers the rest.
             Default (t_max - t_min) / steps (the last step of the grid); 0 requires g(t_max) = 0
             (no denoising step), or the default diffusion.
@@ -379,8 +404,12 @@ def sde(
     _checks.check_instance(fn, "schedule", schedule, Schedule, "an fmjax Schedule")
     x0 = _solve.check_x(fn, x0)
     _solve.check_field(fn, "velocity", velocity, x0)
+    # Times are Python floats, float64 under x64: the states follow them (as in sample.ode,
+    # whose diffrax solve promotes), else diffrax's float64 t0 misses the float32 step grid.
+    x0 = _solve.promote_to_clock(x0)
+    x0, bad = _solve.finite_rows(fn, "x0", x0, "sample")
     key = _checks.check_key(fn, "key", key)
-    name = _checks.check_choice(fn, "solver", solver, tuple(SDE_SOLVERS))
+    solver, levy, drift_evals = _sde_solver(fn, solver)
     steps = _checks.check_int(fn, "steps", steps)
     _checks.check_choice(fn, "brownian", brownian, ("virtual", "unsafe"))
     _checks.check_choice(fn, "time", time, ("forward", "reversed"))
@@ -393,6 +422,7 @@ def sde(
         diffusion = _GIVEN_SCORE_DIFFUSION
     g = None if diffusion is None else _solve.as_pytree(_as_diffusion(fn, diffusion))
     velocity = _solve.as_pytree(velocity)
+    given = schedule
     if time == "reversed":
         velocity, schedule = _Flipped(velocity), _flip_schedule(schedule)
         g = None if g is None else _FlipG(g)
@@ -405,22 +435,27 @@ def sde(
 
     t_min, t_max = schedule.interval
     n_sde = steps - 1 if eps > 0 else steps
+    # The coefficients at the step times (a singular time between construction-grid points).
+    grid = np.linspace(t_min, t_max - eps, n_sde + 1)
+    what = "finite, with a_t, b_t, gamma_t not all zero, at the SDE's step times"
+    given.check_coefficients(fn, "schedule", 1.0 - grid if time == "reversed" else grid, what)
     args = _SDEArgs(velocity, schedule, g, score)
-    sol = _solve_sde(name, brownian, args, x0, key, t_min, t_max - eps, n_sde, save_trajectory)
+    run = functools.partial(_solve_sde, (solver, levy), brownian, args, x0, key, t_min, t_max - eps)
+    sol = run(n_sde, save_trajectory)
     x, num_steps = sol.ys[-1], sol.stats["num_steps"]
-    nfe = _SDE_DRIFT_EVALS[name] * num_steps
+    nfe = drift_evals * num_steps
     if eps > 0:  # denoising step: Euler step of the probability-flow ODE to t_max
         x = x + eps * velocity(jnp.asarray(t_max - eps, x0.dtype), x)
         nfe, num_steps = nfe + 1, num_steps + 1
     if _checks.is_concrete(x):  # eagerly, like sample.ode: non-finite samples raise
         clock = (lambda t: 1.0 - t) if time == "reversed" else (lambda t: t)
-        run = functools.partial(_solve_sde, name, brownian, args, x0, key, t_min, t_max - eps)
         saved = sol.ys if save_trajectory else None
         cause = functools.partial(_cause, run, args, x0, x, saved, eps, n_sde, clock)
         _solve.check_result(fn, sol, x, clock(t_min), clock(t_max), steps, None, cause)
     if not save_trajectory:
-        return SDESolution(x, None, None, nfe, num_steps)
-    return SDESolution(x, *_trajectory(sol, x, eps, t_min, t_max, n_sde, time), nfe, num_steps)
+        return SDESolution(_solve.mask_rows(bad, x), None, None, nfe, num_steps)
+    ts, xs = _trajectory(sol, x, eps, t_min, t_max, n_sde, time)
+    return SDESolution(_solve.mask_rows(bad, x), ts, _solve.mask_rows(bad, xs), nfe, num_steps)
 
 
 def _cause(run, args: _SDEArgs, x0, x, saved, eps, n_sde, clock, what) -> tuple[str, str]:

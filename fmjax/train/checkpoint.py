@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import tempfile
 import warnings
 from collections.abc import Callable
 
@@ -21,7 +23,15 @@ try:  # POSIX; elsewhere the directory is not locked
 except ImportError:  # pragma: no cover
     fcntl = None
 
-__all__ = ["Checkpointer", "checksum", "lock_directory", "restore", "unlock_directory"]
+__all__ = [
+    "Checkpointer",
+    "check_writable",
+    "checksum",
+    "lock_directory",
+    "restore",
+    "unlock_directory",
+    "unwritable",
+]
 
 _FORMAT = 1  # version of the "meta" item
 
@@ -29,6 +39,17 @@ _FORMAT = 1  # version of the "meta" item
 def _short(e: Exception, limit: int = 400) -> str:
     msg = str(e)
     return msg if len(msg) <= limit else msg[:limit] + " ..."
+
+
+def _cause(e: Exception) -> str:
+    """The operating system's reason for a failed write ("No space left on device", ...), from
+    an ``OSError`` or the error code tensorstore puts in its message; else the message."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(e))
+    if code:
+        return os.strerror(int(code.group(1)))
+    return f"{type(e).__name__}: {_short(e, 200)}"
 
 
 def checksum(tree: PyTree) -> str:
@@ -39,6 +60,38 @@ def checksum(tree: PyTree) -> str:
         h.update(f"{arr.dtype.str}{arr.shape};".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why the folder ``path`` cannot be written to, or ``None`` when it can: it is created
+    if missing (with its parents), then a probe file is written, flushed and removed in it.
+    A read-only file system, a folder without write permission or a full disk fail here in
+    milliseconds, before a run does any work (orbax would fail only at its first save)."""
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".fmjax-write-probe-", dir=path)
+        try:
+            os.write(fd, b"fmjax")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def check_writable(fn: str, name: str, path: str | os.PathLike) -> str:
+    """``path`` as an absolute path if it is a folder that can be written to (created if
+    missing); else ``ValueError`` naming ``fn``, the argument ``name``, the path and the reason
+    (e.g. "Read-only file system", "No space left on device")."""
+    path = os.path.abspath(os.fspath(path))
+    why = unwritable(path)
+    if why is not None:
+        what = "a folder that can be created and written to"
+        raise ValueError(f"{fn}: `{name}` must be {what}, got {path!r} ({why})")
+    return path
 
 
 def lock_directory(path: str | os.PathLike, message: str) -> int | None:
@@ -88,7 +141,14 @@ class Checkpointer:
         try:
             self.manager = ocp.CheckpointManager(
                 self.path,
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=max_to_keep,
+                    create=True,
+                    # Step directories are made before save() returns, so that an unwritable
+                    # folder fails there; made in the background, their failure left orbax's
+                    # writer threads waiting 300 s for a signal, keeping the process alive.
+                    async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+                ),
             )
         except Exception as e:  # noqa: BLE001 - re-raised with the path
             self._release()
@@ -185,25 +245,52 @@ class Checkpointer:
         state, hist = jax.device_get((state, hist))
         meta = {"format": _FORMAT, "checksum": checksum((state, hist)),
                 "fingerprint": fingerprint or {}}  # fmt: skip
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                history=ocp.args.StandardSave(hist),
-                meta=ocp.args.JsonSave(meta),
-            ),
+        try:  # the previous save, still writing in the background, fails here
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported with its step
+            raise self._unwritten(getattr(self, "_saving", step), e) from e
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    history=ocp.args.StandardSave(hist),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - this save or the pending one failed to write
+            raise self._unwritten(step, e) from e
+
+    def _unwritten(self, step: int, e: Exception) -> RuntimeError:
+        last = self.manager.latest_step()
+        if last is None:
+            kept = "no checkpoint was completed"
+        else:
+            kept = f"the last complete checkpoint is step {last}"
+        return RuntimeError(
+            f"{self.fn}: cannot write checkpoint {self._where(step)} ({_cause(e)}); {kept} "
+            f"in {self.path}. Free space or make the folder writable, then run again to resume."
         )
 
-    def close(self) -> None:
-        """Wait for pending writes, release the manager and the directory's lock."""
+    def close(self, check: bool = True) -> None:
+        """Wait for pending writes, release the manager and the directory's lock. A write that
+        failed raises ``RuntimeError`` (``check=False``: ignored, for a run that is already
+        failing with another error)."""
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        error = None
         try:
-            self.manager.wait_until_finished()
-            self.manager.close()
+            for end in (self.manager.wait_until_finished, self.manager.close):
+                try:
+                    end()
+                except Exception as e:  # noqa: BLE001 - reported below with the path
+                    error = error or e
         finally:
             self._release()
+        if error is not None and check:
+            raise self._unwritten(getattr(self, "_saving", 0), error) from error
 
 
 def restore(
@@ -262,7 +349,9 @@ def restore(
         if diff and resume != "force":
             raise ValueError(
                 f"{fn}: `checkpoint_dir` must hold checkpoints of the same run to resume it "
-                "(same loss_fn, batch size, optimizer, ema_decay, has_aux, params and key; pass "
+                "(same loss: its model, pairs or coupling, schedule, time sampler, target, "
+                "reduction, divergence and batch size, or a function holding the same values; "
+                "same optimizer, ema_decay, has_aux, params and key; pass "
                 "`resume='force'` to continue it with the new settings, or another directory to "
                 f"start over), got {where}, which differs in " + "; ".join(diff)
             )

@@ -1,13 +1,19 @@
-"""What a run is, as JSON-able strings stored in its checkpoints: the loss function and the batch
-size it draws, the optimizer configuration, EMA, aux, the parameters' structure, shapes and
-dtypes, a module's kind, class and carried state (Flax NNX / Equinox), and the keys. A resume
-compares the stored fingerprint with the new run's (:func:`differences`)."""
+"""What a run is, as JSON-able strings stored in its checkpoints: the loss by its content (for a
+loss of ``fmjax.losses`` each part of its ``structure``: model, pair sampler or coupling,
+schedule, time sampler, target, reduction, divergence, batch size; for another function its name
+and the values its closure holds), the optimizer configuration, EMA, aux, the parameters'
+structure, shapes and dtypes, a module's kind, class and carried state (Flax NNX / Equinox), the
+instances of ``fit_many`` and the keys. A resume compares the stored fingerprint with the new
+run's (:func:`differences`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import inspect
 import numbers
+import re
 
 import jax
 import numpy as np
@@ -15,9 +21,11 @@ import numpy as np
 from fmjax._typing import PyTree
 from fmjax.train.config import FitConfig, OptimizerSpec
 
-__all__ = ["differences", "fingerprint"]
+__all__ = ["describe", "differences", "fingerprint"]
 
-_DEPTH = 8  # how deep the closures of a user's optax transformation are described
+_DEPTH = 8  # how deep closures and containers are described
+_LONG = 4000  # longer descriptions are cut and hashed
+_SHOWN = 160  # characters of a description shown around its first difference
 
 
 def _name(f) -> str:
@@ -32,40 +40,136 @@ def _name(f) -> str:
     return f"{module}.{f.__qualname__}"
 
 
-def _describe(obj, depth: int = 0) -> str:
-    """A stable description of ``obj``: numbers and strings by value, small arrays by value,
-    functions by name and (recursively) the values their closures hold; no memory addresses."""
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}")
+
+
+def _array(obj) -> str:
+    try:
+        arr = np.asarray(obj)
+    except Exception:  # noqa: BLE001 - e.g. typed keys: their data, else the shape only
+        try:
+            arr = np.asarray(jax.random.key_data(obj))
+        except Exception:  # noqa: BLE001
+            return f"array({obj.dtype}, {tuple(obj.shape)})"
+    if arr.size <= 16 and arr.dtype.kind in "biuf":
+        return f"array({arr.dtype}, {arr.tolist()})"
+    digest = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:16]
+    return f"array({arr.dtype}, {arr.shape}, sha256={digest})"
+
+
+def _is_array(obj) -> bool:
+    return isinstance(obj, np.ndarray | np.generic | jax.Array)
+
+
+def _structure(obj):
+    try:
+        return getattr(obj, "structure", None)
+    except Exception:  # noqa: BLE001 - a property that fails
+        return None
+
+
+def _digest(leaves) -> str:
+    """dtypes and shapes of arrays, and one sha256 over their bytes."""
+    h = hashlib.sha256()
+    shapes = []
+    for leaf in leaves:
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{arr.dtype.str}{arr.shape};".encode())
+        h.update(arr.tobytes())
+        shapes.append(f"{arr.dtype}{list(arr.shape)}")
+    return f"[{', '.join(shapes)}] sha256={h.hexdigest()[:16]}"
+
+
+def _is_linen(obj) -> bool:
+    return any(c.__module__.startswith("flax.linen") for c in type(obj).__mro__[1:])
+
+
+def _function(f, depth: int) -> str:
+    """A plain function: its name, the values its closure holds (by name), its default
+    arguments and the arrays it reads from its module's globals."""
+    parts = []
+    code = getattr(f, "__code__", None)
+    names = code.co_freevars if code is not None else ()
+    for name, cell in zip(names, f.__closure__ or (), strict=False):
+        try:
+            parts.append(f"{name}={describe(cell.cell_contents, depth + 1)}")
+        except ValueError:  # an empty cell
+            parts.append(f"{name}=<empty>")
+    if f.__defaults__ or f.__kwdefaults__:
+        parts.append(f"defaults={describe((f.__defaults__, f.__kwdefaults__), depth + 1)}")
+    glob = getattr(f, "__globals__", {})
+    for name in code.co_names if code is not None else ():
+        value = glob.get(name)
+        if _is_array(value) or (callable(value) and isinstance(_structure(value), dict)):
+            parts.append(f"{name}={describe(value, depth + 1)}")
+    return f"{_name(f)}[{', '.join(parts)}]" if parts else _name(f)
+
+
+def describe(obj, depth: int = 0) -> str:
+    """A stable description of ``obj`` by content, for a run's fingerprint: numbers, strings
+    and small arrays by value, other arrays by dtype, shape and sha256 of their bytes;
+    functions by name and the values their closures hold (recursively; ``jax.jit`` wrappers
+    unwrapped, bound methods with their object); dataclasses (schedules, Bregman divergences,
+    Flax linen modules, ...) by their fields; other pytrees (mixtures, couplings) by structure
+    and leaves; a loss of ``fmjax.losses`` by its ``structure``. No memory addresses."""
     if depth > _DEPTH:
         return "..."
     if obj is None or isinstance(obj, bool | str | numbers.Number):
         return repr(obj)
+    if isinstance(obj, np.dtype):
+        return f"dtype({obj})"
+    if isinstance(obj, type):
+        return _name(obj)
+    if inspect.ismodule(obj):
+        return f"module {obj.__name__}"
+    if _is_array(obj) or (
+        hasattr(obj, "shape") and hasattr(obj, "dtype") and not inspect.ismodule(obj)
+    ):
+        return _array(obj)
     if isinstance(obj, tuple | list):
-        inner = ", ".join(_describe(o, depth + 1) for o in obj)
+        inner = ", ".join(describe(o, depth + 1) for o in obj)
         return f"{type(obj).__name__}({inner})"
     if isinstance(obj, dict):
-        inner = ", ".join(f"{k!r}: {_describe(v, depth + 1)}" for k, v in sorted(obj.items()))
-        return "{" + inner + "}"
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        try:
-            arr = np.asarray(obj)
-        except Exception:  # noqa: BLE001 - e.g. typed keys: describe by shape only
-            return f"array({obj.dtype}, {tuple(obj.shape)})"
-        if arr.size <= 16:
-            return f"array({arr.dtype}, {arr.tolist()})"
-        digest = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
-        return f"array({arr.dtype}, {arr.shape}, sha256={digest})"
+        items = sorted(obj.items(), key=lambda kv: repr(kv[0]))
+        return "{" + ", ".join(f"{k!r}: {describe(v, depth + 1)}" for k, v in items) + "}"
+    out = _ADDRESS.sub("", _describe_object(obj, depth))
+    if len(out) > _LONG:  # kept short in the checkpoint's metadata
+        digest = hashlib.sha256(out.encode()).hexdigest()[:16]
+        out = f"{out[: _LONG // 2]}... ({len(out)} characters, sha256={digest})"
+    return out
+
+
+def _describe_object(obj, depth: int) -> str:
+    structure = _structure(obj)
+    if callable(obj) and isinstance(structure, dict):  # a loss of fmjax.losses
+        return f"{_name(obj)}{describe(structure, depth + 1)}"
     if isinstance(obj, functools.partial):
-        args = _describe((obj.args, obj.keywords), depth + 1)
-        return f"partial({_name(obj.func)}, {args})"
-    if callable(obj):
-        cells = getattr(obj, "__closure__", None) or ()
-        values = []
-        for c in cells:
-            try:
-                values.append(_describe(c.cell_contents, depth + 1))
-            except ValueError:  # an empty cell
-                values.append("<empty>")
-        return f"{_name(obj)}[{', '.join(values)}]" if values else _name(obj)
+        args = describe((obj.args, obj.keywords), depth + 1)
+        return f"partial({describe(obj.func, depth + 1)}, {args})"
+    if inspect.ismethod(obj):
+        return f"{describe(obj.__self__, depth + 1)}.{obj.__func__.__name__}"
+    wrapped = getattr(obj, "__wrapped__", None)
+    if wrapped is not None and wrapped is not obj:  # jax.jit, functools.wraps
+        return describe(wrapped, depth)
+    if inspect.isfunction(obj):
+        return _function(obj, depth)
+    if dataclasses.is_dataclass(obj):
+        skip = ("parent", "name") if _is_linen(obj) else ()
+        fields = [f.name for f in dataclasses.fields(obj) if f.name not in skip]
+        inner = ", ".join(f"{n}={describe(getattr(obj, n, None), depth + 1)}" for n in fields)
+        return f"{type(obj).__qualname__}({inner})"
+    leaves, treedef = jax.tree.flatten(obj)
+    if not (len(leaves) == 1 and leaves[0] is obj):  # a registered pytree (mixtures, ...)
+        if all(_is_array(leaf) for leaf in leaves):
+            content = _digest(leaves)
+        else:
+            content = describe(leaves, depth + 1)
+        return f"{type(obj).__qualname__}({treedef}, {content})"
+    if callable(obj) and not hasattr(obj, "__dict__"):  # a builtin or C function
+        return _name(obj)
+    attrs = getattr(obj, "__dict__", None)
+    if isinstance(attrs, dict) and attrs:
+        return f"{type(obj).__qualname__}{describe(attrs, depth + 1)}"
     return type(obj).__qualname__
 
 
@@ -107,12 +211,12 @@ def _optimizer(config: FitConfig) -> str:
     opt = config.optimizer
     if isinstance(opt, OptimizerSpec):
         sched = opt.lr_schedule
-        sched = sched if sched is None or isinstance(sched, str) else _describe(sched)
+        sched = sched if sched is None or isinstance(sched, str) else describe(sched)
         return (
             f"make_optimizer(learning_rate={opt.learning_rate!r}, lr_schedule={sched!r}, "
             f"clip_norm={opt.clip_norm!r}, horizon={opt.horizon!r})"
         )
-    return f"optax[{_describe(opt.init)}, {_describe(opt.update)}]"
+    return f"optax[{describe(opt.init)}, {describe(opt.update)}]"
 
 
 def _keys(keys) -> str:
@@ -143,13 +247,23 @@ def _model(config: FitConfig, model_state: PyTree) -> str:
     return f"nnx {spec.name}, state {_tree(model_state)}, rngs [{', '.join(rngs)}]"
 
 
+def _loss(loss_fn) -> dict[str, str]:
+    """``loss.<part>`` for each part of the ``structure`` of a loss made by ``fmjax.losses``,
+    else one ``loss`` entry describing the function by content."""
+    structure = getattr(loss_fn, "structure", None)
+    if isinstance(structure, dict):
+        return {f"loss.{k}": describe(v) for k, v in structure.items()}
+    return {"loss": describe(loss_fn)}
+
+
 def fingerprint(
-    config: FitConfig, params: PyTree, keys, model_state: PyTree = None
+    config: FitConfig, params: PyTree, keys, model_state: PyTree = None, instances: PyTree = None
 ) -> dict[str, str]:
     """The run's fingerprint: name -> description (strings, stored as JSON). For a module,
     ``params`` are its trained arrays and ``model_state`` its carried state."""
-    return {
+    out = {
         "loss_fn": _name(config.loss_fn),
+        **_loss(config.loss_fn),
         "batch_size": repr(_batch_size(config.loss_fn)),
         "optimizer": _optimizer(config),
         "ema_decay": repr(config.ema_decay),
@@ -160,14 +274,50 @@ def fingerprint(
         "model": _model(config, model_state),
         "key": _keys(keys),
     }
+    if instances is not None:
+        out["instances"] = describe(instances)
+    return out
+
+
+def _shown(saved, now) -> tuple[str, str]:
+    """Both descriptions, or for long ones the part from a little before their first
+    difference (``...`` marks what is cut)."""
+    if not (isinstance(saved, str) and isinstance(now, str)) or max(len(saved), len(now)) <= _SHOWN:
+        return repr(saved), repr(now)
+    pairs = enumerate(zip(saved, now, strict=False))
+    first = next((i for i, (a, b) in pairs if a != b), min(len(saved), len(now)))
+    begin = max(0, first - 40)
+
+    def cut(s: str) -> str:
+        part = s[begin : begin + _SHOWN]
+        return ("..." if begin else "") + repr(part) + ("..." if begin + _SHOWN < len(s) else "")
+
+    return cut(saved), cut(now)
+
+
+def _structured(fp: dict) -> bool:
+    return any(k.startswith("loss.") for k in fp)
+
+
+def _joined(fp: dict) -> dict:
+    """``fp`` with its ``loss.<part>`` entries joined into one ``loss`` entry."""
+    parts = sorted((k, v) for k, v in fp.items() if k.startswith("loss."))
+    if not parts:
+        return fp
+    out = {k: v for k, v in fp.items() if not k.startswith("loss.")}
+    out["loss"] = "{" + ", ".join(f"{k[5:]}: {v}" for k, v in parts) + "}"
+    return out
 
 
 def differences(saved: dict, now: dict) -> list[str]:
     """``"name: saved X, now Y"`` for every entry that differs; an entry the saved fingerprint
     lacks (written by an older fmjax, e.g. before ``batch_size`` was recorded) is not
     compared."""
+    if _structured(saved) != _structured(now):  # a loss of fmjax.losses against another
+        saved, now = _joined(saved), _joined(now)
     out = []
     for k in sorted(saved):
         if saved.get(k) != now.get(k):
-            out.append(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}")
+            was, now_ = _shown(saved.get(k), now.get(k))
+            out.append(f"{k}: saved {was}, now {now_}")
     return out

@@ -27,7 +27,7 @@ from fmjax._typing import LossFn, PyTree
 from fmjax.sharding import batch_sharding, replicated
 from fmjax.train import modules
 from fmjax.train.cache import LRU, signature, trace_config
-from fmjax.train.checkpoint import Checkpointer, restore
+from fmjax.train.checkpoint import Checkpointer, check_writable, restore
 from fmjax.train.config import FitConfig, RunOptions
 from fmjax.train.fingerprint import fingerprint
 from fmjax.train.host import History, Progress, chunk_bounds
@@ -377,6 +377,9 @@ def _assemble(config: FitConfig, state: State, history: History, *, t_start: flo
 def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instances) -> FitResult:
     """prepare (check, initial state, history) -> restore / run chunks -> assemble."""
     t_start = time.perf_counter()
+    if options.checkpoint_dir is not None:  # before any work: fail in milliseconds
+        _checks.require("orbax.checkpoint", fn)
+        check_writable(fn, "checkpoint_dir", options.checkpoint_dir)
     config, params, model_state, rngs = _module(fn, config, params)
     m = _models(fn, config, params, instances)
     keys = _check_keys(fn, keys, m)
@@ -385,15 +388,17 @@ def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instance
     history = History(*structs, config.has_aux)
     ckpt, run_fingerprint = None, None
     if options.checkpoint_dir is not None:
-        run_fingerprint = fingerprint(config, params, keys, model_state)
+        run_fingerprint = fingerprint(config, params, keys, model_state, instances)
         ckpt = Checkpointer(options.checkpoint_dir, options.max_checkpoints, fn)
+    done = False
     try:
         state, compile_time, run_steps, run_time, start = _train(
             fn, config, options, state, keys, instances, history, ckpt, m, run_fingerprint
         )
+        done = True
     finally:
-        if ckpt is not None:
-            ckpt.close()
+        if ckpt is not None:  # after another error, a failed write does not hide it
+            ckpt.close(check=done)
     return _assemble(config, state, history, t_start=t_start, compile_time=compile_time,
                      run_steps=run_steps, run_time=run_time, start=start, rngs=rngs)  # fmt: skip
 
@@ -477,12 +482,17 @@ def fit(
         has_aux: ``loss_fn`` returns ``(loss, aux)``; aux of every step is kept in the result.
         steps_per_call: maximum number of steps fused in one compiled call.
         checkpoint_dir: directory for orbax checkpoints (created if missing; needs
-            ``fmjax[checkpoint]``); ``None``: none. Each checkpoint stores a sha256 checksum of
-            its arrays and the run's fingerprint (the loss function's name and the batch size it
-            draws where known: a ``batch_size`` attribute or closure variable, the optimizer's
-            configuration, ``ema_decay``, ``has_aux``, the params' structure, shapes and dtypes,
-            a module's class and carried state, the key). The directory is locked while the fit
-            runs: a second fit on it raises ``RuntimeError``.
+            ``fmjax[checkpoint]``); ``None``: none. It must be writable: a probe file is
+            written before any work, so a read-only or full folder fails at once
+            (``ValueError``). Each checkpoint stores a sha256 checksum of its arrays and the
+            run's fingerprint: the loss by content (for a loss of ``fmjax.losses``, each part
+            of its ``structure``: model, pair sampler or coupling with a hash of its arrays,
+            schedule, time sampler, target, reduction, divergence, batch size; for another
+            function, its name and the values its closure holds, arrays by hash), the
+            optimizer's configuration, ``ema_decay``, ``has_aux``, the params' structure,
+            shapes and dtypes, a module's class and carried state, ``fit_many``'s instances,
+            the key. The directory is locked while the fit runs: a second fit on it raises
+            ``RuntimeError``.
         checkpoint_every: save every that many steps (and always at the end). A state whose
             losses since the last save or whose params / optimizer state are not finite is
             never saved (the last finite checkpoint is kept): see ``FloatingPointError``.
@@ -515,10 +525,14 @@ def fit(
 
     Raises:
         TypeError: an argument of the wrong type.
-        ValueError: a bad value, a ``loss_fn`` that does not return a scalar, or a checkpoint
-            of another run (different fingerprint) without ``resume="force"``.
+        ValueError: a bad value, a ``loss_fn`` that does not return a scalar, a
+            ``checkpoint_dir`` that cannot be created or written to, or a checkpoint of another
+            run (different fingerprint; the message lists "name: saved X, now Y" for each
+            difference) without ``resume="force"``.
         RuntimeError: a checkpoint that cannot be restored or fails its checksum (the message
-            names its path), or a ``checkpoint_dir`` locked by another fit.
+            names its path), a ``checkpoint_dir`` locked by another fit, or a checkpoint that
+            cannot be written (e.g. the disk filled up; the message names the step and the
+            cause; the earlier checkpoints are kept).
         FloatingPointError: a non-finite loss or state, with or without ``checkpoint_dir``;
             the message names the step where the loss became non-finite. The losses of every
             chunk are checked as they are read (the fit stops at most one chunk of

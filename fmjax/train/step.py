@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fmjax import _checks
 from fmjax._typing import PyTree
 from fmjax.train import modules
 from fmjax.train.config import FitConfig
@@ -91,7 +92,9 @@ def output_structs(fn: str, config: FitConfig, params, keys, instances, m: int |
             first(params), first(keys), first(instances), model_state,
         )  # fmt: skip
     except Exception as e:
-        raise ValueError(f"{fn}: `loss_fn` must run on {what}, got {type(e).__name__}: {e}") from e
+        raise _checks.named_error(
+            fn, "loss_fn", f"{fn}: `loss_fn` must run on {what}, got {type(e).__name__}: {e}"
+        ) from e
     if config.model is not None:
 
         def avals(tree):
@@ -99,20 +102,33 @@ def output_structs(fn: str, config: FitConfig, params, keys, instances, m: int |
             return treedef, [(a.shape, jnp.dtype(a.dtype)) for a in leaves]
 
         if avals(model_state) != avals(new_state):
-            raise ValueError(
+            raise _checks.named_error(
+                fn,
+                "loss_fn",
                 f"{fn}: `loss_fn` must leave the module's variables other than nnx.Param with "
                 "the structure, shapes and dtypes they had (they are carried from step to "
                 f"step), got {jax.tree.structure(model_state)} before a call and "
-                f"{jax.tree.structure(new_state)} after it"
+                f"{jax.tree.structure(new_state)} after it",
             )
     loss, aux = out, None
     if config.has_aux:
         if not (isinstance(out, tuple) and len(out) == 2):
-            raise ValueError(f"{fn}: with `has_aux=True`, `loss_fn` must return (loss, aux)")
+            raise _checks.named_error(
+                fn, "loss_fn", f"{fn}: with `has_aux=True`, `loss_fn` must return (loss, aux)"
+            )
         loss, aux = out
+    if hasattr(loss, "dtype") and not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise _checks.named_error(
+            fn,
+            "loss_fn",
+            f"{fn}: `loss_fn` must return a floating-point loss, got {loss}",
+            TypeError,
+        )
     if not (hasattr(loss, "shape") and loss.shape == ()):
         hint = "" if config.has_aux else " (or set `has_aux=True` if it returns (loss, aux))"
-        raise ValueError(f"{fn}: `loss_fn` must return a scalar loss{hint}, got {loss}")
+        raise _checks.named_error(
+            fn, "loss_fn", f"{fn}: `loss_fn` must return a scalar loss{hint}, got {loss}"
+        )
     if m is not None:
         loss, aux = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct((m, *s.shape), s.dtype), (loss, aux)

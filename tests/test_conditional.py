@@ -1,0 +1,271 @@
+"""Labelled mixtures and class-conditional exact quantities (fmjax.conditional), schedule change
+(convert.change_schedule), guided sampling and the conditional report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import conditional as cond
+from fmjax import exact, schedules
+
+LABELS = np.array([0, 1, 0, 2, 1])
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    """A 2-D labelled target (5 components, 3 classes) from N(0, I), in float64 (built once)."""
+    prev = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        p1 = fmjax.random_gaussian_mixture(jax.random.PRNGKey(0), 5, 2, dtype=jnp.float64)
+        p1 = fmjax.GaussianMixture(p1.weights, p1.means, p1.covs, labels=LABELS)
+        return p1, fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), p1)
+    finally:
+        jax.config.update("jax_enable_x64", prev)
+
+
+@pytest.fixture
+def problem(x64, labelled):
+    return labelled
+
+
+def _sub(p1, y):
+    """Class y's sub-coupling built by hand: its components only, weights renormalised."""
+    m = LABELS == y
+    w = p1.weights[m]
+    target = fmjax.GaussianMixture(w / w.sum(), p1.means[m], p1.covs[m])
+    return fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), target)
+
+
+def test_labels_validated_and_static(x64, problem):
+    p1, c = problem
+    w, m, s = p1.weights, p1.means, p1.covs
+    for bad, err in (
+        ([0, 1], ValueError),
+        ([0, -1, 0, 1, 1], ValueError),
+        (np.zeros(5), TypeError),
+        (np.ones(5, bool), TypeError),
+    ):
+        with pytest.raises(err, match="`labels` must be"):
+            fmjax.GaussianMixture(w, m, s, labels=bad)
+    assert p1.labels == tuple(LABELS) and p1.n_classes == 3
+    assert c.labels == tuple(LABELS) and c.target().labels == tuple(LABELS)
+    assert jax.tree.unflatten(*reversed(jax.tree.flatten(c))).labels == c.labels
+    assert jax.jit(lambda q: q)(c).labels == c.labels
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), p1, p1)
+    assert stacked.labels == p1.labels
+    assert jax.vmap(lambda q: q.n_classes + q.weights.sum())(stacked).shape == (2,)
+    assert fmjax.GaussianMixture(w, m, s).labels is None  # unlabelled: as before
+
+
+def test_conditional_quantities_equal_sub_mixture(problem):
+    """u_t(x|y), log p_t(x|y), score(x|y) with one label per point (one t per point; one shared
+    t) equal the engine on a sub-mixture built by hand, to 1e-12 (float64 rounding of two
+    evaluation orders), also through exact.prepare; a wrong label and unnormalised weights (the
+    controls) are far off."""
+    p1, c = problem
+    s = schedules.cosine()
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (8, 2))
+    y = jnp.array([0, 1, 2, 0, 1, 2, 3, 3])  # 3 = the null class: unconditional
+    ts = jnp.linspace(0.1, 0.9, 8)
+    q = ("velocity", "log_prob", "score")
+    ev = cond.evaluate(c, s, ts, x, y, q)
+    for cls in range(4):
+        sel = np.asarray(y) == cls
+        ref = exact.evaluate(_sub(p1, cls) if cls < 3 else c, s, ts, x, q)
+        for name in q:
+            np.testing.assert_allclose(getattr(ev, name)[sel], getattr(ref, name)[sel], atol=1e-12)
+    prepared = exact.prepare(c)
+    np.testing.assert_allclose(cond.velocity(prepared, s, ts, x, y), ev.velocity, atol=1e-12)
+    shared = cond.velocity(c, s, 0.3, x, y)  # one t for all points: the shared-t vmap
+    zero = np.asarray(y) == 0
+    np.testing.assert_allclose(
+        shared[zero], exact.velocity(_sub(p1, 0), s, 0.3, x[zero]), atol=1e-12
+    )
+    scalar = cond.velocity(c, s, ts, x, 1)  # one label for all points
+    np.testing.assert_allclose(scalar, exact.velocity(_sub(p1, 1), s, ts, x), atol=1e-12)
+    # Controls: another class's field, and the log-density without renormalisation.
+    assert jnp.max(jnp.abs(cond.velocity(c, s, ts, x, 0) - scalar)) > 0.1
+    m = LABELS == 1
+    raw = fmjax.independent_coupling(
+        fmjax.standard_normal(2, jnp.float64),
+        fmjax.GaussianMixture._from_leaves(p1.weights[m], p1.means[m], p1.covs[m]),
+    )
+    gap = exact.log_prob(raw, s, ts, x) - cond.log_prob(c, s, ts, x, 1)
+    np.testing.assert_allclose(gap, jnp.log(p1.weights[m].sum()), atol=1e-12)
+
+
+def test_class_posterior_is_bayes(problem):
+    """P(y | X_t = x) = pi_y p_t(x|y) / p_t(x) (Bayes, with the densities of p_t's components
+    grouped by label by hand, mixtures code) to 1e-12; sums to 1; the control without the
+    prior pi_y fails. Under jit."""
+    _, c = problem
+    s = schedules.linear()
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(2), (6, 2))
+    post = jax.jit(cond.class_posterior, static_argnums=1)(c, s, 0.7, x)
+    pt = exact.marginal(c, s, 0.7)
+    pi = np.array([pt.weights[LABELS == y].sum() for y in range(3)])
+    logp_y = np.stack(
+        [
+            fmjax.GaussianMixture(
+                pt.weights[m] / pt.weights[m].sum(), pt.means[m], pt.covs[m]
+            ).log_prob(x)
+            for m in (LABELS == y for y in range(3))
+        ],
+        -1,
+    )
+    bayes = np.exp(np.log(pi)[None] + logp_y - np.asarray(pt.log_prob(x))[:, None])
+    np.testing.assert_allclose(post, bayes, atol=1e-12)
+    np.testing.assert_allclose(post.sum(-1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(cond.class_weights(c), pi, atol=1e-15)
+    assert np.max(np.abs(jax.nn.softmax(logp_y, -1) - post)) > 1e-2  # control: no prior
+
+
+def test_change_schedule_exact_for_every_pair(x64):
+    """The exact field of each built-in noise-free schedule, changed to any other, equals the
+    exact field of that other to 1e-10 (relative to 1 + |u|; float64, bisection to 2^-64) on
+    64 times spanning the overlap of their ratio ranges, ends included (VP's a_0 > 0 and its
+    interval's end 1 - eps narrow the overlap; it is the field's `schedule.interval`). Control:
+    a wrong inverse of the ratio (linear's, for cosine) is off by > 1e-2; cosine's own closed
+    form agrees."""
+    p1 = fmjax.random_gaussian_mixture(jax.random.PRNGKey(0), 3, 2, dtype=jnp.float64)
+    c = exact.prepare(fmjax.independent_coupling(fmjax.standard_normal(2, jnp.float64), p1))
+    scheds = [
+        schedules.linear(),
+        schedules.cosine(),
+        schedules.polynomial(2.0),
+        schedules.polynomial(0.5),
+        schedules.vp(),
+    ]
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(1), (64, 2))
+
+    def err(field, target):
+        r = jnp.linspace(*field.schedule.interval, 64)
+        ref = exact.velocity(c, target, r, x)
+        return float(jnp.max(jnp.abs(field(r, x) - ref) / (1.0 + jnp.abs(ref))))
+
+    for source in scheds:
+        for target in scheds:
+            changed = fmjax.convert.change_schedule(exact.velocity_field(c, source), source, target)
+            assert err(changed, target) < 1e-10, (source.name, target.name)
+    lo, hi = fmjax.convert.change_schedule(lambda t, x: x, scheds[4], scheds[0]).schedule.interval
+    assert 6e-3 < lo < 7e-3 and 0.98 < hi < 0.995  # VP's ends: a_0 = 6.6e-3, t_max = 1 - 1e-3
+    cos, lin = scheds[1], scheds[0]
+    right = fmjax.convert.change_schedule(
+        exact.velocity_field(c, cos), cos, lin, snr_inverse=lambda r: jnp.arctan(r) / (0.5 * jnp.pi)
+    )
+    wrong = fmjax.convert.change_schedule(
+        exact.velocity_field(c, cos), cos, lin, snr_inverse=lambda r: 1.0 - 1.0 / (1.0 + r)
+    )
+    assert err(right, lin) < 1e-10 and err(wrong, lin) > 1e-2
+
+
+def test_guided_report_exact_at_w1_and_guidance_sharpens(problem):
+    """The exact conditional field at w = 1: velocity error 0 (to 1e-20: w(v_y - v_0) + v_0 in
+    float64), Bayes accuracy and cross-entropy of the ODE samples at the exact values within
+    4 standard errors (Monte Carlo noise of n = 200 samples per class). Controls: w = 3 moves the
+    rare, overlapping class 1's accuracy and cross-entropy beyond 4 standard errors, and w = 0
+    (the unconditional field) loses the classes."""
+    _, c = problem
+    s = schedules.linear()
+    field = cond.velocity_field(exact.prepare(c), s)
+    key = jax.random.PRNGKey(3)
+
+    def report(f, w):
+        return fmjax.evaluate_conditional(f, c, s, key=key, weight=w, n=200, null=3)
+
+    def off(a, b, sa, sb):
+        return np.abs(a - b) / np.sqrt(sa**2 + sb**2)
+
+    r1 = report(field, 1.0)
+    assert np.all(r1.velocity_error < 1e-20) and np.all(r1.velocity_scale > 1.0)
+    acc_z = off(r1.accuracy, r1.bayes_accuracy, r1.accuracy_stderr, r1.bayes_accuracy_stderr)
+    ce_z = off(r1.cross_entropy, r1.entropy, r1.cross_entropy_stderr, r1.entropy_stderr)
+    assert np.all(acc_z < 4) and np.all(ce_z < 4), (acc_z, ce_z)
+    r3 = report(field, 3.0)
+    assert np.all(r3.velocity_error > 1.0)
+    acc_z = off(r3.accuracy, r3.bayes_accuracy, r3.accuracy_stderr, r3.bayes_accuracy_stderr)
+    ce_z = off(r3.cross_entropy, r3.entropy, r3.cross_entropy_stderr, r3.entropy_stderr)
+    assert acc_z[1] > 4 and ce_z[1] > 4 and r3.accuracy[1] > r1.accuracy[1]
+    r0 = report(field, 0.0)  # unconditional: the classes are lost
+    assert r0.mean_accuracy < r1.mean_accuracy - 0.3 and r0.mean_cross_entropy_gap > 1.0
+
+
+def test_guided_sampler_and_conditional_cfm(problem):
+    """sample.guided at w = 0 / 1 is the unconditional / conditional exact field (to 1e-12);
+    losses.cfm with labels: the labels arrive aligned with their pairs (a predictor of the class
+    mean E[X1 | y] scores lower at the true labels than at shifted ones, the control), label
+    dropout with p_uncond = 1 feeds only the null class; the conditional MLP responds to y."""
+    _, c = problem
+    s = schedules.linear()
+    field = cond.velocity_field(c, s)
+    x = jax.random.normal(jax.random.PRNGKey(4), (6, 2))
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    both = field(0.4, jnp.concatenate([x, x]), jnp.concatenate([y, jnp.full(6, 3)]))
+    np.testing.assert_allclose(both[6:], exact.velocity(c, s, 0.4, x), atol=1e-12)  # null class
+    for w, ref in ((0.0, both[6:]), (1.0, both[:6])):
+        np.testing.assert_allclose(fmjax.sample.guided(field, y, w)(0.4, x), ref, atol=1e-12)
+    seen = []
+    target = c.target()
+    means = jnp.stack([cond.given(c, k).target().mean() for k in range(3)] + [target.mean()])
+
+    def apply(params, t, xt, labels):  # predicts E[X1 | y] of the label it is given (+ params)
+        return means[jnp.where(labels < 3, (labels + params) % 3, labels)]
+
+    pairs = cond.labelled_pairs(c)
+    loss = jax.jit(fmjax.losses.cfm(apply, pairs, s, 256, target="x1", num_classes=3))
+    k = jax.random.PRNGKey(5)
+    assert float(loss(0, k)) < float(loss(1, k)) - 1.0
+    dropped = fmjax.losses.cfm(
+        lambda p, t, xt, labels: seen.append(labels) or xt, pairs, s, 8, num_classes=3, p_uncond=1.0
+    )
+    dropped(0, k)
+    assert np.all(np.asarray(seen[-1]) == 3)
+    mlp = fmjax.models.MLP(dim=2, width=16, depth=2, num_classes=3)
+
+    @jax.jit
+    def responses(k):
+        params = mlp.init(k, 0.5, x)
+        return jnp.stack([mlp.apply(params, 0.5, x, jnp.full(6, label)) for label in range(4)])
+
+    outs = responses(k)  # (4 labels: 3 classes and the null, 6, 2)
+    gaps = jnp.max(jnp.abs(outs[:, None] - outs[None]), axis=(2, 3)) + jnp.eye(4)
+    assert float(jnp.min(gaps)) > 1e-3
+
+
+def test_digits_gmm_labelled():
+    """One Gaussian per digit (the cheap setting): labels 0-9, weights = class frequencies, and
+    the exact Bayes classifier of the labelled mixture classifies the real digits (> 0.9;
+    control: the same mixture with its labels rolled by one scores < 0.2)."""
+    pytest.importorskip("sklearn")
+    g = fmjax.problems.digits_gmm_labelled(1, dtype=jnp.float32)
+    assert g.labels == tuple(range(10)) and g.dim == 64
+    y = np.asarray(fmjax.data.digits_labels())
+    np.testing.assert_allclose(g.weights, np.bincount(y) / y.size, atol=1e-6)
+    post = np.asarray(g.responsibilities(fmjax.data.digits(flat=True)))  # component k = class k
+    assert np.mean(post.argmax(-1) == y) > 0.9
+    assert np.mean(np.roll(post, 1, axis=-1).argmax(-1) == y) < 0.2
+
+
+def test_bad_inputs_are_named(problem):
+    _, c = problem
+    s = schedules.linear()
+    x = jnp.zeros((2, 2))
+    plain = fmjax.independent_coupling(fmjax.standard_normal(2), fmjax.standard_normal(2))
+    with pytest.raises(ValueError, match="conditional.velocity: `coupling` must be labelled"):
+        cond.velocity(plain, s, 0.5, x, 0)
+    with pytest.raises(ValueError, match=r"conditional.velocity: `y` must be in 0..3"):
+        cond.velocity(c, s, 0.5, x, 4)
+    with pytest.raises(TypeError, match="conditional.velocity: `y` must be an integer"):
+        cond.velocity(c, s, 0.5, x, 1.0)
+    with pytest.raises(ValueError, match="sample.guided: `null` must be given"):
+        fmjax.sample.guided(lambda t, x, y: x, jnp.zeros(2, int))
+    noisy = s.with_noise(schedules.brownian())
+    with pytest.raises(ValueError, match="convert.change_schedule: `target` must be a schedule"):
+        fmjax.convert.change_schedule(lambda t, x: x, s, noisy)
+    with pytest.raises(ValueError, match="losses.cfm: `p_uncond` must be in"):
+        fmjax.losses.cfm(
+            lambda p, t, x, y: x, cond.labelled_pairs(c), s, 8, num_classes=3, p_uncond=1.5
+        )
