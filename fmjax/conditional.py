@@ -107,10 +107,7 @@ def _reweight(c, log_scale: Array):
     """``c`` with weights w_k exp(log_scale_k): same type, prepared factors kept (their log
     weights shifted by the same amounts, so nothing is refactored)."""
     if isinstance(c, exact.PreparedCoupling):
-        f = c.factors
-        if f is not None:
-            f = f._replace(log_w=f.log_w + log_scale)
-        return dataclasses.replace(c, coupling=_reweight(c.coupling, log_scale), factors=f)
+        return c.reweighted(log_scale)
     w = jnp.where(jnp.isfinite(log_scale), c.weights * jnp.exp(log_scale), 0.0)
     return JointGaussianMixture._from_leaves(
         w, c.means, c.covs, structure=c.structure, labels=c.labels

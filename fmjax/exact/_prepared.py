@@ -101,6 +101,18 @@ class PreparedCoupling:
         """Number of components K."""
         return self.coupling.n_components
 
+    def reweighted(self, log_scale) -> PreparedCoupling:
+        """The same components with weights w_k exp(log_scale_k) (0 where log_scale_k = -inf):
+        the coupling's weights and the factors' log-weights shifted together, nothing refactored
+        (e.g. a class sub-coupling, ``conditional.given``)."""
+        (w, *rest), treedef = jax.tree.flatten(self.coupling)
+        w = jnp.where(jnp.isfinite(log_scale), w * jnp.exp(log_scale), 0.0)
+        f = self.factors
+        if f is not None:
+            f = f._replace(log_w=f.log_w + log_scale)
+        leaves = (jax.tree.unflatten(treedef, [w, *rest]), f)
+        return _unflatten(tuple(getattr(self, m) for m in _META), leaves)
+
     def astype(self, dtype) -> PreparedCoupling:
         """This prepared coupling in ``dtype``: the coupling cast, the factors recomputed in it
         (the same object when nothing changes)."""
