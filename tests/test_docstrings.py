@@ -11,16 +11,8 @@ import pytest
 from tests.test_api import PUBLIC_MODULES
 
 # Names still without the sections (remove a name when its docstring gains them):
-# - fmjax.exact.*: the engine is being moved into the fmjax/exact/ subpackage; document there.
 # - the experiment configs, sample.RK4 and sharding.DistributedConfig: fields listed in prose.
 KNOWN_GAPS = {
-    "fmjax.exact.velocity",
-    "fmjax.exact.velocity_field",
-    "fmjax.exact.log_prob",
-    "fmjax.exact.score",
-    "fmjax.exact.responsibilities",
-    "fmjax.exact.divergence",
-    "fmjax.exact.marginal",
     "fmjax.experiments.CFMConfig",
     "fmjax.experiments.DemoConfig",
     "fmjax.experiments.FlowsScoresConfig",

@@ -165,7 +165,19 @@ def velocity(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "... d"]:
-    """Marginal velocity u_t(x) = E[dX_t/dt | X_t = x]: x (..., d) -> (..., d). See ``evaluate``."""
+    """Marginal velocity u_t(x) = E[dX_t/dt | X_t = x]; several quantities at once: ``evaluate``.
+
+    Args:
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: time(s) in ``schedule.interval``, scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, shape (..., d).
+        precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
+
+    Returns:
+        (..., d): u_t(x).
+    """
     return _one("velocity", coupling, schedule, t, x, precision)
 
 
@@ -177,7 +189,19 @@ def log_prob(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "..."]:
-    """Log-density log p_t(x): x (..., d) -> (...). See ``evaluate``."""
+    """Log-density log p_t(x) of X_t; several quantities at once: ``evaluate``.
+
+    Args:
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: time(s) in ``schedule.interval``, scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, shape (..., d).
+        precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
+
+    Returns:
+        (...): log p_t(x).
+    """
     return _one("log_prob", coupling, schedule, t, x, precision)
 
 
@@ -189,7 +213,19 @@ def score(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "... d"]:
-    """Score grad_x log p_t(x): x (..., d) -> (..., d). See ``evaluate``."""
+    """Score grad_x log p_t(x); several quantities at once: ``evaluate``.
+
+    Args:
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: time(s) in ``schedule.interval``, scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, shape (..., d).
+        precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
+
+    Returns:
+        (..., d): the score.
+    """
     return _one("score", coupling, schedule, t, x, precision)
 
 
@@ -201,7 +237,19 @@ def divergence(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "..."]:
-    """Divergence of the marginal velocity, div u_t(x): x (..., d) -> (...). See ``evaluate``."""
+    """Divergence of the marginal velocity, div u_t(x); several quantities at once: ``evaluate``.
+
+    Args:
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: time(s) in ``schedule.interval``, scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, shape (..., d).
+        precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
+
+    Returns:
+        (...): div u_t(x), the trace of ``velocity_jacobian``.
+    """
     return _one("divergence", coupling, schedule, t, x, precision)
 
 
@@ -218,6 +266,16 @@ def velocity_jacobian(
 
     In closed form, grad u = sum_k alpha_k grad v_k + sum_k alpha_k (v_k - u) (s_k - s)^T
     (grad v_k = C_k S_k^{-1}; folded centred, as the divergence).
+    Args:
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: time(s) in ``schedule.interval``, scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, shape (..., d).
+        precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
+
+    Returns:
+        (..., d, d): the Jacobian, entry [..., i, j] = d u_i / d x_j.
     """
     want = frozenset({"jacobian"})
     return _run("velocity_jacobian", want, coupling, schedule, t, x, precision)["jacobian"]
@@ -231,7 +289,19 @@ def responsibilities(
     *,
     precision: Precision = "highest",
 ) -> Float[Array, "... K"]:
-    """Posterior component probabilities P(K = k | X_t = x): x (..., d) -> (..., K)."""
+    """Posterior component probabilities P(K = k | X_t = x) (the responsibilities).
+
+    Args:
+        coupling: the joint mixture of (X0, X1), K components on R^{2d}, or its
+            ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: time(s) in ``schedule.interval``, scalar or broadcastable against ``x.shape[:-1]``.
+        x: points, shape (..., d).
+        precision: matmul precision (static); "highest" keeps float32 exact on GPUs (no TF32).
+
+    Returns:
+        (..., K): rows summing to 1.
+    """
     want = frozenset({"responsibilities"})
     return _run("responsibilities", want, coupling, schedule, t, x, precision)["responsibilities"]
 
@@ -276,6 +346,14 @@ def velocity_field(
 
     ``coupling`` may be an ``exact.prepare(...)``: the field then factors nothing per call.
 
+    Args:
+        coupling: the joint mixture of (X0, X1) or its ``prepare(coupling)``.
+        schedule: affine schedule (static in the field).
+        precision: matmul precision of the engine (static).
+
+    Returns:
+        a ``VelocityField`` (a pytree), callable as ``field(t, x)``.
+
     Raises:
         TypeError: for a coupling or schedule of the wrong type.
     """
@@ -289,7 +367,16 @@ def velocity_field(
 def marginal(
     coupling: JointGaussianMixture, schedule: Schedule, t: Float[ArrayLike, ""]
 ) -> GaussianMixture:
-    """The law p_t of X_t at one scalar time t, as a K-component GaussianMixture on R^d."""
+    """The law p_t of X_t at one scalar time t, as a K-component GaussianMixture on R^d.
+
+    Args:
+        coupling: the joint mixture of (X0, X1) or its ``prepare(coupling)``.
+        schedule: affine schedule (a_t, b_t).
+        t: one scalar time in ``schedule.interval``.
+
+    Returns:
+        the ``GaussianMixture`` of X_t (weights (K,), means (K, d), covariances (K, d, d)).
+    """
     coupling = _unwrap("marginal", coupling)
     t = _checks.check_real_array("exact.marginal", "t", t, coupling.means.dtype)
     if t.ndim != 0:
