@@ -53,7 +53,16 @@ _rk4_tableau = diffrax.ButcherTableau(
 
 
 class RK4(diffrax.AbstractERK):
-    """Classical 4th-order Runge-Kutta (4 stages), as a diffrax Butcher tableau. Fixed steps."""
+    """Classical 4th-order Runge-Kutta (4 stages), as a diffrax Butcher tableau. Fixed steps.
+
+    Attributes:
+        scan_kind: the one constructor argument (from ``diffrax.AbstractRungeKutta``): how the
+            stages of a step are looped over, None (diffrax's default, "checkpointed"), "lax",
+            "checkpointed" or "bounded"; leave it None unless tuning diffrax.
+        tableau: the Butcher tableau: the classical RK4 weights, with an error estimate of RK4
+            minus Euler (first order, too crude for adaptive step-size control).
+        interpolation_cls: dense output between steps (third-order Hermite), for ``save_ts``.
+    """
 
     tableau = _rk4_tableau
     interpolation_cls = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k

@@ -11,16 +11,8 @@ import pytest
 from tests.test_api import PUBLIC_MODULES
 
 # Names still without the sections (remove a name when its docstring gains them):
-# - the experiment configs, sample.RK4 and sharding.DistributedConfig: fields listed in prose.
+# - sharding.DistributedConfig: fields listed in prose.
 KNOWN_GAPS = {
-    "fmjax.experiments.CFMConfig",
-    "fmjax.experiments.DemoConfig",
-    "fmjax.experiments.FlowsScoresConfig",
-    "fmjax.experiments.GMMConfig",
-    "fmjax.experiments.OTvsVPConfig",
-    "fmjax.experiments.SIConfig",
-    "fmjax.experiments.DigitsConfig",
-    "fmjax.sample.RK4",
     "fmjax.sharding.DistributedConfig",
 }
 

@@ -30,7 +30,22 @@ _FN = "experiments.cfm_equals_fm"
 
 @dataclasses.dataclass(frozen=True)
 class CFMConfig(_Config):
-    """Settings of :func:`cfm_equals_fm`."""
+    """Settings of :func:`cfm_equals_fm`.
+
+    Attributes:
+        batch_sizes: the batch sizes B compared, increasing multiples of the first (the larger
+            batches are nested unions of chunks of the first size).
+        repeats: independent CFM and FM gradients per batch size (the mean and std of their
+            cosines).
+        n_reference: points of the reference marginal-FM gradient (and of the CFM gradient
+            behind ``cosine_large_batch``).
+        width: hidden layer size of the MLP.
+        depth: number of hidden layers of the MLP.
+        pretrain_steps: CFM training steps (batch 256) before the gradients are taken; 0: a
+            fresh initialisation.
+        learning_rate: peak Adam learning rate of the pretraining (cosine decay).
+        seed: seed of the run's PRNG key.
+    """
 
     batch_sizes: tuple[int, ...] = (8, 32, 128, 512, 2048, 8192)
     repeats: int = 32

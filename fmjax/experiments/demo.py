@@ -46,7 +46,22 @@ from fmjax.mixtures import (
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig(_Config):
-    """Settings of :func:`demo` (defaults: the ``fmjax demo`` run, ~25-35 s on 2 CPU cores)."""
+    """Settings of :func:`demo` (defaults: the ``fmjax demo`` run, ~25-35 s on 2 CPU cores).
+
+    Attributes:
+        steps: CFM training steps.
+        batch_size: pairs per training step.
+        width: hidden layer size of the MLP.
+        depth: number of hidden layers of the MLP.
+        learning_rate: peak Adam learning rate (cosine decay).
+        n_eval: points of the held-out loss, the loss floor, the ODE/SDE samples, the exact
+            target samples and the NLL.
+        n_paths: exact ODE trajectories drawn in the trajectory figure.
+        sde_steps: Euler-Maruyama steps of the SDE sampler.
+        diffusion: constant SDE diffusion g, or None for ``sample.sde``'s default (g^2 -> 0 at
+            the data end, for a score derived from the velocity).
+        seed: seed of the run's PRNG key.
+    """
 
     steps: int = 3000
     batch_size: int = 256

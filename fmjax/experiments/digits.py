@@ -58,7 +58,37 @@ _LEVEL = 1.0 / 8.0  # one grey level in [-1, 1]
 class DigitsConfig(_Config):
     """Settings of :func:`digits`. The defaults are meant for a GPU (on 2 CPU cores a run had not
     finished after 40 min); ``quick()`` takes ~70 s on 2 CPU cores. For a longer GPU run try
-    ``steps=20000, unet_channels=64, batch_size=256``."""
+    ``steps=20000, unet_channels=64, batch_size=256``.
+
+    Attributes:
+        steps: CFM training steps of each network on the digit images (part 1).
+        batch_size: pairs per training step (both parts).
+        learning_rate: peak Adam learning rate (cosine decay; both parts).
+        mlp_width: hidden layer size of the MLP.
+        mlp_depth: number of hidden layers of the MLP.
+        unet_channels: UNet channels at the first level.
+        unet_channel_mults: UNet channel multiplier per level (8x8 images: at most 4 levels).
+        unet_embedding: UNet sinusoidal time features (even).
+        n_train: the first ``n_train`` of the 1797 digits train the networks and the classifier;
+            the rest are the test digits.
+        n_samples: generated images per sampler (part 1).
+        nfe_steps: fixed midpoint step counts of the part-1 samplers (NFE = 2 per step); with
+            ``adaptive`` False the last one also gives the samples over t.
+        adaptive: also sample by adaptive Tsit5 (at ``tol``), which gives the samples over t.
+        n_likelihood: test digits whose bits per dimension are estimated.
+        likelihood_steps: fixed midpoint steps of the (Hutchinson) likelihood behind bits/dim.
+        gmm_steps: CFM training steps of each network on the 64-D digits GMM (part 2).
+        n_eval: points per estimate of ``fmjax.evaluate`` on the digits GMM (part 2).
+        gmm_nfe_steps: step counts tried by ``fmjax.evaluate``'s NFE measurement (part 2).
+        gmm_likelihood_steps: fixed midpoint steps of the part-2 likelihood, or None for
+            adaptive Tsit5 at ``tol``.
+        gmm_pool: 0: each part-2 training step draws fresh exact pairs; n > 0: the targets come
+            from a pool of n exact target draws (faster to compile; the source stays fresh).
+        gmm_exact: also evaluate the exact velocity field in part 2.
+        n_times: points of the part-2 velocity-error curves.
+        tol: rtol = atol of every adaptive solve.
+        seed: seed of the run's PRNG key.
+    """
 
     steps: int = 3000
     batch_size: int = 128

@@ -31,7 +31,24 @@ from fmjax.mixtures import GaussianMixture, independent_coupling, standard_norma
 
 @dataclasses.dataclass(frozen=True)
 class FlowsScoresConfig(_Config):
-    """Settings of :func:`flows_and_scores`."""
+    """Settings of :func:`flows_and_scores`.
+
+    Attributes:
+        steps: CFM training steps.
+        batch_size: pairs per training step.
+        width: hidden layer size of the MLP.
+        depth: number of hidden layers of the MLP.
+        n_frequencies: Fourier time frequencies of the MLP's time embedding.
+        max_frequency: largest initial Fourier time frequency, cycles per unit time.
+        learning_rate: peak Adam learning rate (cosine decay).
+        n_samples: source points sampled by each ODE and SDE (and exact target samples for the
+            energy distances).
+        n_steps: steps of the fixed-step RK4 ODE and of the Euler-Maruyama SDE.
+        diffusion: constant SDE diffusion g (the score is derived from the velocity).
+        settle_fraction: fraction of x_hat_1 within 3 std of a mode that defines
+            ``settle_time``.
+        seed: seed of the run's PRNG key.
+    """
 
     steps: int = 4000
     batch_size: int = 512

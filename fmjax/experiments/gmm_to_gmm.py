@@ -38,7 +38,22 @@ _FN = "experiments.gmm_to_gmm"
 
 @dataclasses.dataclass(frozen=True)
 class GMMConfig(_Config):
-    """Settings of :func:`gmm_to_gmm`."""
+    """Settings of :func:`gmm_to_gmm`.
+
+    Attributes:
+        steps: CFM training steps of each learned model.
+        batch_size: pairs per training step.
+        width: hidden layer size of the MLP.
+        depth: number of hidden layers of the MLP.
+        learning_rate: peak Adam learning rate (cosine decay).
+        n_paths: exact ODE trajectories drawn per panel (at most 80 in the 1-D figure).
+        n_eval: points per exact ODE solve and per exact target sample of the energy distances.
+        n_grid: grid points per axis of the density / velocity and responsibility figures.
+        schedules: schedules of the exact paths and the 1-D problem: "linear", "cosine", "vp".
+        trained: couplings ("independent", "joint") on which an MLP is trained (linear
+            schedule) and its velocity error measured.
+        seed: seed of the run's PRNG key.
+    """
 
     steps: int = 4000
     batch_size: int = 256

@@ -32,7 +32,21 @@ _FN = "experiments.ot_vs_vp"
 
 @dataclasses.dataclass(frozen=True)
 class OTvsVPConfig(_Config):
-    """Settings of :func:`ot_vs_vp`. ``datasets`` from ``fmjax.data`` ("checkerboard", "moons")."""
+    """Settings of :func:`ot_vs_vp`.
+
+    Attributes:
+        datasets: 2-D toy datasets of ``fmjax.data`` (names of ``DATASETS``: "checkerboard",
+            "moons", "eight_gaussians", "rings", "swiss_roll").
+        steps: CFM training steps of each MLP (one per dataset and path).
+        batch_size: pairs per training step.
+        width: hidden layer size of the MLP.
+        depth: number of hidden layers of the MLP.
+        learning_rate: peak Adam learning rate (cosine decay).
+        n_samples: source points of each ODE solve (and data samples for the energy distance).
+        n_paths: trajectories drawn in each trajectory figure.
+        tol: rtol = atol of the adaptive Tsit5 solves behind the NFE counts.
+        seed: seed of the run's PRNG key.
+    """
 
     datasets: tuple[str, ...] = ("checkerboard", "moons")
     steps: int = 5000

@@ -44,8 +44,23 @@ INTERPOLANTS = {
 class SIConfig(_Config):
     """Settings of :func:`stochastic_interpolants`.
 
-    ``sde_eps`` are the eps of dX = [u + eps s] dt + sqrt(2 eps) dW (diffusion g = sqrt(2 eps));
-    ``learned`` the interpolants (with noise) for which a drift and a score MLP are trained.
+    Attributes:
+        interpolants: names of ``INTERPOLANTS`` sampled with the exact velocity and score.
+        learned: interpolants (with noise) for which a drift and a score MLP are trained; only
+            those also in ``interpolants`` run.
+        sde_eps: the eps of dX = [u + eps s] dt + sqrt(2 eps) dW (diffusion g = sqrt(2 eps)),
+            one SDE sampler each.
+        n_samples: source points per sampler (and the size of each exact target sample).
+        ode_steps: fixed RK4 steps of the ODE sampler.
+        sde_steps: steps of each SDE sampler.
+        train_steps: training steps of each drift + score pair (trained together).
+        batch_size: pairs per training step.
+        width: hidden layer size of the MLPs.
+        depth: number of hidden layers of the MLPs.
+        learning_rate: peak Adam learning rate (cosine decay).
+        n_error: points per time of the learned velocity and score errors.
+        n_error_times: times in [0.01, 0.99] of the error curves.
+        seed: seed of the run's PRNG key.
     """
 
     interpolants: tuple[str, ...] = ("linear", "linear+brownian", "trig", "trig+brownian")
