@@ -505,11 +505,11 @@ def _claim_once(args, keep: tuple[str, ...], prepare) -> Path:
 def _cmd_train(args) -> int:
     import jax
 
+    mesh = _distributed()  # started by main() already, before the parser made arrays
     from fmjax import experiments
     from fmjax.experiments.train_model import MODEL_FILES
 
     cfg = _dataclass_config(experiments.TrainConfig, args, _train_flags(args))
-    mesh = _distributed()  # before any other JAX call
     first = jax.process_index() == 0  # prints and writes; every process trains
 
     def prepare(out: Path) -> None:
@@ -774,6 +774,9 @@ def _quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fmjax`` console script; returns the exit status (130 after Ctrl-C,
     143 after SIGTERM for ``train``, which checkpoints first)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # jax.distributed first: the parser's imports compute arrays
+        _distributed()
     parser = _parser()
     args = _parse(parser, argv)
     from fmjax.train.checkpoint import unlock_directory

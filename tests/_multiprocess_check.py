@@ -270,16 +270,16 @@ def main(argv: list[str]) -> int:
     role, out = argv[0], Path(argv[1])
     writes = _record_writes(out)
     t0 = time.perf_counter()
-    sharding.initialize_distributed(heartbeat_timeout_seconds=10)
-    pid = jax.process_index()
-    res, info = {}, {"role": role, "process": pid}
     status = 0
-    if role == "cli":
+    res, info = {}, {"role": role}
+    if role == "cli":  # `fmjax train` starts jax.distributed itself, from FMJAX_*
         from fmjax import cli
 
         status = cli.main(argv[2:])
     else:
+        sharding.initialize_distributed(heartbeat_timeout_seconds=10)
         run_checks(role, out, res, info)
+    pid = info["process"] = jax.process_index()
     info["seconds"] = time.perf_counter() - t0
     info["cpu_seconds"] = time.process_time()
     info["writes"] = sorted(set(writes))

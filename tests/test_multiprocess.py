@@ -355,6 +355,8 @@ def test_report(runs):
     print(f"\nmulti-process fixture: {runs.seconds:.1f} s wall")
     for label, info in sorted(runs.info.items()):
         print(label, {k: round(v, 1) for k, v in info.items() if k.endswith(("_s", "seconds"))})
+    f0, f1 = runs.finished["multi process 0"], runs.finished["multi process 1"]
+    print(f"fault: process 0 ended {f0.ended - f1.ended:.1f} s after process 1 was killed")
     m0, s = runs.arrays["multi.0"], runs.arrays["single.0"]
     for name in ("full", "many", "evaluate", "sample"):
         print(f"{name}: max relative difference 2 processes vs 1: {_max_rel(s, m0, name):.3g}")
