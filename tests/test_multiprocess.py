@@ -12,8 +12,10 @@ After its checks, process 1 of ``multi`` kills itself mid-fit (SIGKILL): process
 with an error within a bounded time and leave its last checkpoint intact.
 
 The harness gives every process one deadline; a process still running then fails the test with
-its name and the end of its stderr. Measured ~60-80 s in all on 2 busy CPU cores (compilation
-dominates: 5 processes compile the same tiny programs).
+its name and the end of its stderr. Cost: about 65 s of CPU in the 5 subprocesses (each ~2.5 s
+of imports, the rest compilation of tiny programs, with XLA's optimisations off) plus ~15 s in
+the pytest process; measured 186 s wall for the fixture on this 2-core machine at a load
+average of 16 (other jobs), i.e. ~40 s wall on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def test_fit_with_sharded_pairs_across_processes(runs):
     # float64, 24 Adam steps, batch 16 = 4 rows per device on both layouts: the same draws and
     # the same per-device sums; only the all-reduce (gloo across processes vs XLA's in-process
     # one) may add the 4 partial gradients in another order. Round-off, growing over the steps:
-    # bound 1e-12 (measured 0); another key (other batches) moves the parameters by ~1e-1.
+    # bound 1e-12 (measured 3.5e-16); another key (other batches) moves them by 0.4.
     assert _max_rel(s, m0, "full") < 1e-12
     other = {k.replace("otherkey", "full"): v for k, v in s.items() if k.startswith("otherkey/")}
     assert _max_rel(s, other, "full") > 1e-3
@@ -334,20 +336,21 @@ def test_cli_across_processes_writes_one_folder(runs):
     assert said == []  # (gloo's connection messages aside, C++ writes them to stdout)
     a, b = experiments.load_model(single), experiments.load_model(multi)
     # float32, 40 Adam steps, batch 16: 1 device vs 4 devices on 2 processes sum the batch
-    # mean in another order; round-off of ~1e-7 grows through Adam's normalised steps
-    # (measured ~1e-5 relative). Bound 1e-3; training moved them from their start by far more.
+    # mean in another order. Round-off (measured 7e-8 relative) can grow through Adam's
+    # normalised steps, where a gradient component near 0 changes sign; bound 1e-4. Training
+    # moved the parameters from their start by far more (checked: > 1e-2).
     start = models.init(a.model, key=jax.random.fold_in(jax.random.key(3), 0))  # --seed 3
     moved = 0.0
     for x, y, x0 in zip(*map(jax.tree.leaves, (a.params, b.params, start)), strict=True):
         x, y, x0 = np.asarray(x), np.asarray(y), np.asarray(x0)
         print(f"cli: max relative difference {np.max(np.abs(x - y)) / np.max(np.abs(x)):.3g}")
-        assert np.max(np.abs(x - y)) <= 1e-3 * np.max(np.abs(x))
+        assert np.max(np.abs(x - y)) <= 1e-4 * np.max(np.abs(x))
         moved = max(moved, float(np.max(np.abs(x - x0)) / np.max(np.abs(x))))
     assert moved > 1e-2
     ra = json.loads((single / "results.json").read_text())
     rb = json.loads((multi / "results.json").read_text())
     assert ra["config"] == rb["config"]
-    assert abs(ra["final_loss"] - rb["final_loss"]) <= 1e-3 * abs(ra["final_loss"])
+    assert abs(ra["final_loss"] - rb["final_loss"]) <= 1e-4 * abs(ra["final_loss"])
 
 
 def test_report(runs):
