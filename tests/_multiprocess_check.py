@@ -143,6 +143,28 @@ def check_fit(role: str, out: Path, mesh, res: dict, info: dict) -> None:
         cross = train.fit(loss, params, resume="force", **kw)
     res.update(_result("cross", cross))
     info["cross_resumed_from"] = cross.resumed_from
+    if role == "multi":
+        # stop() true on process 1 alone (a signal only it received), after its 2nd chunk: both
+        # processes stop at that step, with one checkpoint.
+        calls = []
+
+        def stop():
+            calls.append(1)
+            return jax.process_index() == 1 and len(calls) >= 2
+
+        ck = out / "ck_stop.multi"
+        stopped = train.fit(
+            loss,
+            params,
+            steps=STEPS,
+            mesh=mesh,
+            progress=False,
+            stop=stop,
+            checkpoint_dir=ck,
+            **FIT,
+        )
+        info["stop_step"] = stopped.step
+        info["stop_checkpoints"] = sorted(p.name for p in ck.iterdir() if p.name.isdigit())
     if role == "single":
         # Control: another key (other batches); a mesh of 2 of the 4 devices is refused.
         other_key = dict(FIT, key=jax.random.key(3))

@@ -271,6 +271,13 @@ def test_checkpoints_resume_within_and_across_layouts(runs):
     assert "saved '1 process(es), 4 device(s)', now '1 process(es), 2 device(s)'" in msg, msg
 
 
+def test_a_stop_on_one_process_stops_all_at_the_same_step(runs):
+    # process 1's stop() turns true after its 2nd chunk of 6 steps; process 0's never does.
+    for p in (0, 1):
+        assert runs.info[f"multi.{p}"]["stop_step"] == 2 * 6
+        assert runs.info[f"multi.{p}"]["stop_checkpoints"] == ["12"]
+
+
 def test_only_process_zero_prints_and_writes(runs):
     bar = re.compile(r"fit: +\d+%")
     assert bar.search(runs.finished["multi process 0"].stderr)
