@@ -14,8 +14,8 @@ with an error within a bounded time and leave its last checkpoint intact.
 The harness gives every process one deadline; a process still running then fails the test with
 its name and the end of its stderr. Cost: about 65 s of CPU in the 5 subprocesses (each ~2.5 s
 of imports, the rest compilation of tiny programs, with XLA's optimisations off) plus ~15 s in
-the pytest process; measured 186 s wall for the fixture on this 2-core machine at a load
-average of 16 (other jobs), i.e. ~40 s wall on 2 idle cores.
+the pytest process; the fixture measured 118 s and 186 s wall on this 2-core machine at load
+averages of ~8 and ~16 (other jobs), i.e. about 40 s on 2 idle cores.
 """
 
 from __future__ import annotations
