@@ -232,7 +232,12 @@ def train_model(
     fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress, **ckpt)
     params = sharding.to_host(fit.params) if many else fit.params  # not on other processes' devices
     trained = TrainedModel(cfg, model, params, s, fit)
-    if fit.step < cfg.steps or (stop is not None and stop()):  # stopped (maybe at the end)
+    stopped = stop is not None and bool(stop())
+    if many:  # a signal to one process stops them all (else the others would wait for it)
+        from jax.experimental import multihost_utils
+
+        stopped = bool(np.any(multihost_utils.process_allgather(np.asarray(stopped))))
+    if fit.step < cfg.steps or stopped:  # stopped (maybe at the end)
         return trained
     if coupling is not None:
         with _phase("exact loss floor and velocity error (20000 + 21 x 1000 points)", progress):

@@ -351,6 +351,13 @@ def restore(
         from fmjax.train.fingerprint import differences
 
         diff = differences(meta.get("fingerprint", {}), fingerprint)
+        if jax.process_count() > 1:  # one decision for all processes (else the others wait)
+            from jax.experimental import multihost_utils
+
+            differ = np.asarray(multihost_utils.process_allgather(np.asarray(bool(diff))))
+            if differ.any() and not diff:
+                where_ = np.flatnonzero(differ).tolist()
+                diff = [f"the run of process(es) {where_} (every process must run the same)"]
         if diff and resume != "force":
             raise ValueError(
                 f"{fn}: `checkpoint_dir` must hold checkpoints of the same run to resume it "

@@ -122,6 +122,8 @@ def describe(obj, depth: int = 0) -> str:
         return _name(obj)
     if inspect.ismodule(obj):
         return f"module {obj.__name__}"
+    if isinstance(obj, jax.sharding.Mesh):  # (its device array holds objects: no bytes to hash)
+        return f"Mesh({dict(obj.shape)})"
     if _is_array(obj) or (
         hasattr(obj, "shape") and hasattr(obj, "dtype") and not inspect.ismodule(obj)
     ):

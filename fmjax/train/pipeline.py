@@ -263,6 +263,27 @@ def _check_finite(
     )
 
 
+def _writable_once(fn: str, path) -> None:
+    """``check_writable`` of ``checkpoint_dir``, by process 0 alone across processes (it makes
+    the directory and writes its probe); the others learn its answer, so all raise or none."""
+    if jax.process_count() == 1:
+        check_writable(fn, "checkpoint_dir", path)
+        return
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            check_writable(fn, "checkpoint_dir", path)
+        except ValueError as e:
+            error = e
+    if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
+        raise error or ValueError(
+            f"{fn}: `checkpoint_dir` must be a folder that can be created and written to, got "
+            f"{os.path.abspath(os.fspath(path))!r} (process 0 could not write to it)"
+        )
+
+
 def _any_process(flag: bool) -> bool:
     """Whether ``flag`` is true on any process (every process must ask; one process: ``flag``).
     A stop seen by one process (a signal it alone received) stops them all at the same step."""
@@ -389,7 +410,7 @@ def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instance
     t_start = time.perf_counter()
     if options.checkpoint_dir is not None:  # before any work: fail in milliseconds
         _checks.require("orbax.checkpoint", fn)
-        check_writable(fn, "checkpoint_dir", options.checkpoint_dir)
+        _writable_once(fn, options.checkpoint_dir)
     config, params, model_state, rngs = _module(fn, config, params)
     m = _models(fn, config, params, instances)
     keys = _check_keys(fn, keys, m)
