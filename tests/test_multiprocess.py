@@ -14,9 +14,9 @@ with an error within a bounded time and leave its last checkpoint intact.
 The harness gives every process one deadline; a process still running then fails the test with
 its name and the end of its stderr. Cost: 55-65 s of CPU in the 5 subprocesses (each ~2.5 s
 of imports, the rest compilation of tiny programs, with XLA's optimisations off) plus ~15 s in
-the pytest process; the fixture measured 100 s, 118 s and 186 s wall on this 2-core machine at
-load averages of ~9, ~8 and ~16 (other jobs); from the CPU time, ~40 s on 2 idle cores
-(an estimate, not measured).
+the pytest process; the fixture measured 84, 100, 118 and 186 s wall on this 2-core machine
+at load averages of ~9, ~9, ~8 and ~16 (other jobs); from the CPU time, ~40 s on 2 idle
+cores (an estimate, not measured).
 """
 
 from __future__ import annotations
