@@ -463,28 +463,81 @@ def _train_error(e: Exception, out: Path) -> str:
     return msg
 
 
+def _distributed():
+    """Start ``jax.distributed`` when ``FMJAX_COORDINATOR`` / ``FMJAX_NUM_PROCESSES`` /
+    ``FMJAX_PROCESS_ID`` or a SLURM job step with several tasks say so (nothing for one
+    process); returns the data mesh over all devices, or None with one device."""
+    import jax
+
+    from fmjax import sharding
+
+    if not jax.distributed.is_initialized():
+        try:
+            sharding.initialize_distributed()
+        except ValueError as e:
+            raise _exit(e) from None
+    return sharding.data_mesh() if jax.device_count() > 1 else None
+
+
+def _claim_once(args, keep: tuple[str, ...], prepare) -> Path:
+    """:func:`_claim` and ``prepare(out)`` by process 0 alone (it locks the shared folder); the
+    others learn whether it refused, so that every process exits, or none does."""
+    import jax
+
+    if jax.process_count() == 1:
+        out = _claim(args, keep)
+        prepare(out)
+        return out
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            prepare(_claim(args, keep))
+        except SystemExit as e:
+            refused = e
+    if int(multihost_utils.broadcast_one_to_all(np.int32(refused is not None))):
+        raise refused or SystemExit(f"cli: process 0 refused `--out` {args.out!r} (see its error)")
+    return Path(args.out)
+
+
 def _cmd_train(args) -> int:
+    import jax
+
+    mesh = _distributed()  # started by main() already, before the parser made arrays
     from fmjax import experiments
     from fmjax.experiments.train_model import MODEL_FILES
 
     cfg = _dataclass_config(experiments.TrainConfig, args, _train_flags(args))
-    out = _claim(args, keep=("checkpoints", *MODEL_FILES) if not args.overwrite else ())
+    first = jax.process_index() == 0  # prints and writes; every process trains
+
+    def prepare(out: Path) -> None:
+        ckpt = out / "checkpoints"
+        if args.overwrite:  # start over: only this command's own files are removed
+            shutil.rmtree(ckpt, ignore_errors=True)
+            for name in MODEL_FILES:
+                (out / name).unlink(missing_ok=True)
+        if ckpt.exists():
+            _writable(ckpt, "--out")
+
+    keep = ("checkpoints", *MODEL_FILES) if not args.overwrite else ()
+    out = _claim_once(args, keep, prepare)
     ckpt = out / "checkpoints"
-    if args.overwrite:  # start over: only this command's own files are removed
-        shutil.rmtree(ckpt, ignore_errors=True)
-        for name in MODEL_FILES:
-            (out / name).unlink(missing_ok=True)
-    if ckpt.exists():
-        _writable(ckpt, "--out")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fmjax train: --out ready")
     t_start = time.time()
     with _Signals() as signals:
-        what = f"{cfg.problem or cfg.data}, {cfg.model}"
-        print(f"fmjax train: {what}, {cfg.schedule} schedule, {cfg.steps} steps -> {out}",
-              flush=True)  # fmt: skip
+        where = f" on {mesh.size} devices, {jax.process_count()} process(es)" if mesh else ""
+        if first:
+            what = f"{cfg.problem or cfg.data}, {cfg.model}, {cfg.schedule} schedule"
+            print(f"fmjax train: {what}, {cfg.steps} steps -> {out}{where}", flush=True)
         try:
             trained = experiments.train_model(
                 cfg, out=out, progress=not args.no_progress, checkpoint_dir=ckpt,
-                checkpoint_every=args.checkpoint_every, stop=signals,
+                checkpoint_every=args.checkpoint_every, stop=signals, mesh=mesh,
             )  # fmt: skip
         except KeyboardInterrupt:
             step = _latest_checkpoint(ckpt)
@@ -499,7 +552,11 @@ def _cmd_train(args) -> int:
     saved = results_path.is_file() and results_path.stat().st_mtime >= t_start
     if signals.received is not None and not saved:
         # Stopped before the model was written (a signal after that changes nothing).
+        if not first:
+            return 128 + signals.received
         return _stopped(signals.received, fit.step, cfg, ckpt, fit.step == cfg.steps)
+    if not first:
+        return 0
     if fit.resumed_from is not None:
         print(f"resumed from step {fit.resumed_from} of {ckpt}")
     results = json.loads((out / "results.json").read_text())
@@ -717,6 +774,9 @@ def _quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fmjax`` console script; returns the exit status (130 after Ctrl-C,
     143 after SIGTERM for ``train``, which checkpoints first)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # jax.distributed first: the parser's imports compute arrays
+        _distributed()
     parser = _parser()
     args = _parse(parser, argv)
     from fmjax.train.checkpoint import unlock_directory

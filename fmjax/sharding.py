@@ -13,10 +13,12 @@ fmjax uses ``jax.sharding`` (a :class:`~jax.sharding.Mesh`, ``NamedSharding`` an
   device (needs ``jax_threefry_partitionable``, the default since JAX 0.5).
 * :func:`evaluate` runs ``fn(x)`` under ``jit`` with the batch of ``x`` sharded and returns a
   sharded result: exact quantities on 10^6 points, ODE sampling from sharded x0, metrics.
+* Across processes (:func:`initialize_distributed`): :func:`place` puts values every process
+  holds whole onto a mesh spanning all of them, :func:`to_host` gathers global arrays back.
 
 With the same key, sharded training equals single-device training up to the summation order of
-the batch mean. Worked examples, and the multi-host launch (SLURM or environment variables),
-are in the README's "Many devices" section.
+the batch mean. Worked examples, the multi-host launch (SLURM or environment variables) and
+what was verified across processes are in the documentation's "Train at scale" page.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -39,6 +42,8 @@ __all__ = [
     "batch_sharding",
     "replicated",
     "replicate",
+    "place",
+    "to_host",
     "shard_batch",
     "constrain_batch",
     "sharded_pairs",
@@ -110,8 +115,76 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # ----------------------------------------------------------------------------- placement
 
 
+def _put_leaf(x, s: jax.sharding.Sharding):
+    """``x`` placed with sharding ``s``, also when ``s`` spans devices of other processes.
+
+    A global array is resharded by ``jax.device_put``; a value this process holds whole (a
+    host array, or an array on its own devices) is taken to be the same on every process, and
+    each process supplies the pieces of ``s`` on its devices (``device_put`` would refuse a
+    committed array there, and compare a host one across processes, a gather per leaf).
+    """
+    if s.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return jax.device_put(x, s)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        data = _put_leaf(jax.random.key_data(x), s)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x, dtype=jax.dtypes.canonicalize_dtype(jnp.result_type(x)))
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+
+def place(tree: PyTree, shardings: Any) -> PyTree:
+    """``jax.device_put(tree, shardings)`` that also works across processes.
+
+    With several processes (``jax.distributed``), a sharding whose devices belong to other
+    processes too cannot take an array committed to this process's devices; here every leaf
+    that this process holds whole is assumed equal on all processes (same seed, same data),
+    and each process places the rows of its own devices. Global arrays are resharded.
+
+    Args:
+        tree: a pytree of arrays (host or device).
+        shardings: one sharding for every leaf, or a pytree of shardings that is a prefix of
+            ``tree`` (as for ``jax.device_put``).
+
+    Returns:
+        ``tree`` as global arrays with those shardings.
+    """
+
+    def put(s, subtree):
+        return jax.tree.map(lambda x: _put_leaf(x, s), subtree)
+
+    is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)  # noqa: E731
+    return jax.tree.map(put, shardings, tree, is_leaf=is_sharding)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """NumPy copies of the whole value of every leaf of ``tree``, on every process.
+
+    A leaf split across processes (its shards live on devices of several processes) is
+    gathered with ``jax.experimental.multihost_utils.process_allgather``: a collective, so every
+    process must call ``to_host`` on the same structure. Other leaves (host arrays, arrays on
+    this process's devices, replicated arrays) are copied without communication.
+
+    Args:
+        tree: a pytree of arrays (global, device or host).
+
+    Returns:
+        ``tree`` with every leaf a NumPy array of its whole (global) value.
+    """
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(leaf, tree)
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Copy every array leaf of ``tree`` to all devices of ``mesh`` (parameters, opt state).
+
+    Across processes, every process must pass the same values (see :func:`place`).
 
     Args:
         tree: a pytree of arrays.
@@ -120,7 +193,7 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     Returns:
         the same tree, each array replicated on the mesh.
     """
-    return jax.device_put(tree, replicated(_check_mesh("sharding.replicate", mesh)))
+    return place(tree, replicated(_check_mesh("sharding.replicate", mesh)))
 
 
 def _check_divisible(fn: str, name: str, tree: PyTree, n_devices: int) -> None:
@@ -146,14 +219,15 @@ def shard_batch(x: PyTree, mesh: Mesh) -> PyTree:
 
     Returns:
         ``x`` as global arrays with sharding :func:`batch_sharding` (device ``i`` holds rows
-        ``i * n / D ... (i + 1) * n / D``).
+        ``i * n / D ... (i + 1) * n / D``). Across processes, every process passes the whole
+        batch and keeps the rows of its own devices.
 
     Raises:
         ValueError: naming ``x`` (and the leaf) when a batch size does not divide the device count.
     """
     _check_mesh("sharding.shard_batch", mesh)
     _check_divisible("sharding.shard_batch", "x", x, mesh.size)
-    return jax.device_put(x, batch_sharding(mesh))
+    return place(x, batch_sharding(mesh))
 
 
 def constrain_batch(x: PyTree, mesh: Mesh) -> PyTree:
@@ -262,8 +336,8 @@ def evaluate(fn: Callable[..., PyTree], x: PyTree, mesh: Mesh, *args: Any) -> Py
             f"{e} (`fn` must return arrays with the batch axis of `x` first)"
         ) from None
     # device_put (not in_shardings): it also reshards arrays already committed elsewhere.
-    x = jax.device_put(x, batch_sharding(mesh))
-    args = jax.device_put(args, replicated(mesh))
+    x = place(x, batch_sharding(mesh))
+    args = place(args, replicated(mesh))
     return jax.jit(fn, out_shardings=batch_sharding(mesh))(x, *args)
 
 
@@ -370,6 +444,7 @@ def initialize_distributed(
     process_id: int | None = None,
     *,
     local_device_ids: Sequence[int] | None = None,
+    heartbeat_timeout_seconds: int | None = None,
     env: Mapping[str, str] | None = None,
 ) -> DistributedConfig:
     """Start JAX's multi-process runtime (``jax.distributed.initialize``) when there are several.
@@ -385,6 +460,10 @@ def initialize_distributed(
         num_processes: total number of processes.
         process_id: this process's index in ``[0, num_processes)``.
         local_device_ids: restrict this process to these local devices (e.g. one process per GPU).
+        heartbeat_timeout_seconds: after this long without a heartbeat from a process, JAX
+            declares it dead and terminates the others with an error naming it (JAX's default:
+            100 s). A process killed inside a collective is usually noticed sooner, by the
+            collective's broken connection.
         env: environment to read (default ``os.environ``); for tests.
 
     Returns:
@@ -401,6 +480,8 @@ def initialize_distributed(
     if cfg.source == "single process":
         return cfg
     kwargs = {} if local_device_ids is None else {"local_device_ids": list(local_device_ids)}
+    if heartbeat_timeout_seconds is not None:
+        kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_seconds)
     if cfg.source != "slurm":
         kwargs.update(
             coordinator_address=cfg.coordinator_address,

@@ -277,3 +277,20 @@ def test_initialize_distributed_validation(no_distributed, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sharding.initialize_distributed(**kwargs)
     assert no_distributed == []
+
+
+def test_place_and_to_host_in_one_process():
+    """One process: ``place`` is ``jax.device_put`` (prefix shardings, typed keys included) and
+    ``to_host`` a host copy; across processes both are checked by tests/test_multiprocess.py."""
+    mesh = sharding.data_mesh()
+    tree = {"x": jnp.arange(6.0).reshape(3, 2), "k": jax.random.key(0), "none": None}
+    placed = sharding.place(
+        tree, {"x": sharding.batch_sharding(mesh), "k": sharding.replicated(mesh), "none": None}
+    )
+    assert placed["x"].sharding == sharding.batch_sharding(mesh) and placed["none"] is None
+    assert jnp.array_equal(jax.random.key_data(placed["k"]), jax.random.key_data(tree["k"]))
+    host = sharding.to_host({"x": placed["x"], "y": 2.0})
+    assert isinstance(host["x"], np.ndarray) and isinstance(host["y"], np.ndarray)
+    np.testing.assert_array_equal(host["x"], tree["x"])
+    with pytest.raises(ValueError):  # a control: a sharding tree that does not fit the tree
+        sharding.place(tree, {"x": sharding.replicated(mesh)})

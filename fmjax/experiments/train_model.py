@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks, data, losses, metrics, models, plot, problems, schedules, train
+from fmjax import _checks, data, losses, metrics, models, plot, problems, schedules, sharding, train
 from fmjax._report import write_json
 from fmjax._typing import PyTree
 from fmjax.experiments._common import _Config, _mlp, _phase, _times, _train
@@ -174,6 +174,7 @@ def train_model(
     checkpoint_every: int | None = None,
     resume: bool | str = True,
     stop: Callable[[], bool] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainedModel:
     """Train a velocity by CFM; save it to ``out`` if given.
 
@@ -196,6 +197,11 @@ def train_model(
         checkpoint_every: steps between checkpoints.
         resume: as ``fit(resume=...)``: continue from the latest checkpoint.
         stop: a callable polled between chunks of steps: True saves a checkpoint and returns.
+        mesh: a data mesh (``fmjax.sharding.data_mesh()``): the batch is drawn and processed
+            shard by shard (``sharding.sharded_pairs``; ``batch_size`` must divide by
+            ``mesh.size``). Across processes (``jax.distributed``) every process calls
+            ``train_model`` with the same arguments; each returns the model (parameters on its
+            host), process 0 alone writes ``out`` and the others wait until it is written.
 
     Returns:
         the ``TrainedModel``; ``fit.step < config.steps`` if stopped early.
@@ -209,6 +215,8 @@ def train_model(
         pairs = data.coupling_pairs(coupling)
     else:
         pairs = data.independent_pairs(data.gaussian_source(2), sampler)
+    if mesh is not None:
+        pairs = sharding.sharded_pairs(pairs, mesh)
     loss_fn = losses.cfm(model.apply, pairs, s, cfg.batch_size)
     key = jax.random.key(cfg.seed)
     ckpt = {}
@@ -217,16 +225,30 @@ def train_model(
                     resume=resume)  # fmt: skip
     if stop is not None:
         ckpt["stop"] = stop
+    if mesh is not None:
+        ckpt["mesh"] = mesh
+    many = jax.process_count() > 1
+    progress = progress and jax.process_index() == 0  # one bar and one set of status lines
     fit = _train(model, loss_fn, key, cfg.steps, cfg.learning_rate, progress, **ckpt)
-    trained = TrainedModel(cfg, model, fit.params, s, fit)
-    if fit.step < cfg.steps or (stop is not None and stop()):  # stopped (maybe at the end)
+    params = sharding.to_host(fit.params) if many else fit.params  # not on other processes' devices
+    trained = TrainedModel(cfg, model, params, s, fit)
+    stopped = stop is not None and bool(stop())
+    if many:  # a signal to one process stops them all (else the others would wait for it)
+        from jax.experimental import multihost_utils
+
+        stopped = bool(np.any(multihost_utils.process_allgather(np.asarray(stopped))))
+    if fit.step < cfg.steps or stopped:  # stopped (maybe at the end)
         return trained
     if coupling is not None:
         with _phase("exact loss floor and velocity error (20000 + 21 x 1000 points)", progress):
             trained = _exact_scores(trained, coupling, jax.random.fold_in(key, 2))
-    if out is not None:
+    if out is not None and jax.process_index() == 0:
         with _phase(f"writing the model, results.json and training_loss.png to {out}", progress):
             save_model(trained, out)
+    if out is not None and many:  # the others return once the files are there
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("fmjax train_model: model saved")
     return trained
 
 

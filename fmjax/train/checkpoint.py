@@ -134,7 +134,8 @@ class Checkpointer:
         self._ocp, self.fn, self._lock = ocp, fn, None
         self.path = os.path.abspath(os.fspath(directory))
         try:
-            os.makedirs(self.path, exist_ok=True)
+            if jax.process_index() == 0:  # the others see it through the shared file system
+                os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise RuntimeError(f"{fn}: cannot create checkpoint directory {self.path}: {e}") from e
         self._acquire()
@@ -155,6 +156,8 @@ class Checkpointer:
             raise RuntimeError(f"cannot open checkpoint directory {self.path}: {e}") from e
 
     def _acquire(self) -> None:
+        if jax.process_index() != 0:  # one lock per run: the processes share the directory
+            return
         self._lock = lock_directory(
             self.path,
             f"{self.fn}: checkpoint directory {self.path} is in use by another run (it holds "
@@ -242,7 +245,9 @@ class Checkpointer:
         if self.manager.latest_step() == step:
             return
         # Host copies: the device buffers are donated to the next chunk while orbax writes.
-        state, hist = jax.device_get((state, hist))
+        from fmjax.sharding import to_host
+
+        state, hist = to_host((state, hist))
         meta = {"format": _FORMAT, "checksum": checksum((state, hist)),
                 "fingerprint": fingerprint or {}}  # fmt: skip
         try:  # the previous save, still writing in the background, fails here
@@ -346,12 +351,20 @@ def restore(
         from fmjax.train.fingerprint import differences
 
         diff = differences(meta.get("fingerprint", {}), fingerprint)
+        if jax.process_count() > 1:  # one decision for all processes (else the others wait)
+            from jax.experimental import multihost_utils
+
+            differ = np.asarray(multihost_utils.process_allgather(np.asarray(bool(diff))))
+            if differ.any() and not diff:
+                where_ = np.flatnonzero(differ).tolist()
+                diff = [f"the run of process(es) {where_} (every process must run the same)"]
         if diff and resume != "force":
             raise ValueError(
                 f"{fn}: `checkpoint_dir` must hold checkpoints of the same run to resume it "
                 "(same loss: its model, pairs or coupling, schedule, time sampler, target, "
                 "reduction, divergence and batch size, or a function holding the same values; "
-                "same optimizer, ema_decay, has_aux, params and key; pass "
+                "same optimizer, ema_decay, has_aux, params, key, and number of processes and "
+                "devices; pass "
                 "`resume='force'` to continue it with the new settings, or another directory to "
                 f"start over), got {where}, which differs in " + "; ".join(diff)
             )

@@ -3,8 +3,8 @@ loss of ``fmjax.losses`` each part of its ``structure``: model, pair sampler or 
 schedule, time sampler, target, reduction, divergence, batch size; for another function its name
 and the values its closure holds), the optimizer configuration, EMA, aux, the parameters'
 structure, shapes and dtypes, a module's kind, class and carried state (Flax NNX / Equinox), the
-instances of ``fit_many`` and the keys. A resume compares the stored fingerprint with the new
-run's (:func:`differences`)."""
+instances of ``fit_many``, the keys, and the number of processes and devices the run spans. A
+resume compares the stored fingerprint with the new run's (:func:`differences`)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,8 @@ def describe(obj, depth: int = 0) -> str:
         return _name(obj)
     if inspect.ismodule(obj):
         return f"module {obj.__name__}"
+    if isinstance(obj, jax.sharding.Mesh):  # (its device array holds objects: no bytes to hash)
+        return f"Mesh({dict(obj.shape)})"
     if _is_array(obj) or (
         hasattr(obj, "shape") and hasattr(obj, "dtype") and not inspect.ismodule(obj)
     ):
@@ -256,6 +258,14 @@ def _loss(loss_fn) -> dict[str, str]:
     return {"loss": describe(loss_fn)}
 
 
+def _layout(config: FitConfig) -> str:
+    """The processes and devices a run spans: a resume on another layout is refused unless
+    forced (a checkpoint holds whole arrays, so it restores on any layout, but the run's batch
+    is then summed in another order and a model split over other devices)."""
+    devices = 1 if config.mesh is None else config.mesh.size
+    return f"{jax.process_count()} process(es), {devices} device(s)"
+
+
 def fingerprint(
     config: FitConfig, params: PyTree, keys, model_state: PyTree = None, instances: PyTree = None
 ) -> dict[str, str]:
@@ -273,6 +283,7 @@ def fingerprint(
         "params": _tree(params),
         "model": _model(config, model_state),
         "key": _keys(keys),
+        "layout": _layout(config),
     }
     if instances is not None:
         out["instances"] = describe(instances)

@@ -24,7 +24,7 @@ from jaxtyping import Float, PRNGKeyArray
 
 from fmjax import _checks
 from fmjax._typing import LossFn, PyTree
-from fmjax.sharding import batch_sharding, replicated
+from fmjax.sharding import batch_sharding, place, replicated, to_host
 from fmjax.train import modules
 from fmjax.train.cache import LRU, signature, trace_config
 from fmjax.train.checkpoint import Checkpointer, check_writable, restore
@@ -190,7 +190,7 @@ def _placement(config: FitConfig, state: State, instances, m: int | None) -> _Pl
 def _place(placement: _Placement | None, state: State, keys, instances):
     if placement is None:
         return state, keys, instances
-    return jax.device_put((state, keys, instances), placement[:3])
+    return place((state, keys, instances), placement[:3])
 
 
 # ----------------------------------------------------------------------------- run
@@ -263,6 +263,37 @@ def _check_finite(
     )
 
 
+def _writable_once(fn: str, path) -> None:
+    """``check_writable`` of ``checkpoint_dir``, by process 0 alone across processes (it makes
+    the directory and writes its probe); the others learn its answer, so all raise or none."""
+    if jax.process_count() == 1:
+        check_writable(fn, "checkpoint_dir", path)
+        return
+    from jax.experimental import multihost_utils
+
+    error = None
+    if jax.process_index() == 0:
+        try:
+            check_writable(fn, "checkpoint_dir", path)
+        except ValueError as e:
+            error = e
+    if int(multihost_utils.broadcast_one_to_all(np.int32(error is not None))):
+        raise error or ValueError(
+            f"{fn}: `checkpoint_dir` must be a folder that can be created and written to, got "
+            f"{os.path.abspath(os.fspath(path))!r} (process 0 could not write to it)"
+        )
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (every process must ask; one process: ``flag``).
+    A stop seen by one process (a signal it alone received) stops them all at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len: int,
                 options: RunOptions, history: History, report: Progress,
                 ckpt: Checkpointer | None, run_fingerprint: dict | None,
@@ -290,11 +321,11 @@ def _run_chunks(program, state: State, keys, instances, *, start: int, chunk_len
         if pending is not None:
             drain(e)
         pending = (b, e, losses, auxes)
-        stopping = options.stop is not None and bool(options.stop())
+        stopping = options.stop is not None and _any_process(bool(options.stop()))
         if ckpt is not None and (e == steps or (every and e % every == 0) or stopping):
             drain(e)
             pending = None
-            host_state = jax.device_get(state)
+            host_state = to_host(state)
             _check_finite(fn, begin=e, end=e, state_ok=_state_finite(host_state), ckpt=ckpt)
             ckpt.save(e, checkpointed(host_state), history.as_dict(), run_fingerprint)
         if stopping:
@@ -331,9 +362,9 @@ def _train(fn: str, config: FitConfig, options: RunOptions, state: State, keys, 
     )
     del args  # the first chunk donates the state's buffers: keep no reference to them
     desc = f"fit (resumed from step {start} of {ckpt.path})" if start else "fit"
-    report = Progress(
-        options.progress, start, options.steps, options.floor, options.callback, desc=desc
-    )
+    # One bar per run, process 0's; every process calls the callback.
+    bar = options.progress and jax.process_index() == 0
+    report = Progress(bar, start, options.steps, options.floor, options.callback, desc=desc)
     t0 = time.perf_counter()
     try:
         state = _run_chunks(
@@ -379,7 +410,7 @@ def _fit(fn: str, config: FitConfig, options: RunOptions, params, keys, instance
     t_start = time.perf_counter()
     if options.checkpoint_dir is not None:  # before any work: fail in milliseconds
         _checks.require("orbax.checkpoint", fn)
-        check_writable(fn, "checkpoint_dir", options.checkpoint_dir)
+        _writable_once(fn, options.checkpoint_dir)
     config, params, model_state, rngs = _module(fn, config, params)
     m = _models(fn, config, params, instances)
     keys = _check_keys(fn, keys, m)
@@ -491,8 +522,9 @@ def fit(
             function, its name and the values its closure holds, arrays by hash), the
             optimizer's configuration, ``ema_decay``, ``has_aux``, the params' structure,
             shapes and dtypes, a module's class and carried state, ``fit_many``'s instances,
-            the key. The directory is locked while the fit runs: a second fit on it raises
-            ``RuntimeError``.
+            the key, the number of processes and devices. The directory is locked while the fit
+            runs: a second fit on it raises ``RuntimeError``. Across processes it must be on a
+            file system all of them see; process 0 locks it and orbax writes it once.
         checkpoint_every: save every that many steps (and always at the end). A state whose
             losses since the last save or whose params / optimizer state are not finite is
             never saved (the last finite checkpoint is kept): see ``FloatingPointError``.
@@ -518,7 +550,12 @@ def fit(
             pairs come from ``fmjax.sharding.sharded_pairs(sample_pairs, mesh)`` draws and
             processes its batch shard by shard (the batch size must divide by ``mesh.size``);
             XLA all-reduces the gradients. Same result as ``mesh=None`` up to the summation
-            order of the batch mean (bit-identical on a 1-device mesh).
+            order of the batch mean (bit-identical on a 1-device mesh). Across processes
+            (``fmjax.sharding.initialize_distributed``, a mesh over the devices of all of them)
+            every process calls ``fit`` with the same arguments: only process 0 shows the
+            progress bar, ``callback`` runs on every process, ``stop()`` true on any process
+            stops all of them at the same step, and the result's parameters are replicated
+            global arrays.
 
     Returns:
         A :class:`FitResult`; ``losses`` has shape ``(steps,)``.
