@@ -86,25 +86,33 @@ def cholesky_prep(cb: _cholesky.Comps, sched, t, ctr, want: frozenset, precision
     return w_cols, w_mu, back, f.log_w
 
 
-def _terms(logp, back, xc, want: frozenset, precision):
-    d = xc.shape[-1]
-    need_v = "velocity" in want
+def cholesky_lift(d: int, want: frozenset):
+    """``_stream.run``'s ``lift`` for ``cholesky_terms``: the raw sums p @ [vec A, o | -vec P,
+    P mu | 1] (linear in p) are carried across the blocks, and their affine maps in x' applied
+    once at the end."""
+    need_v, need_s = "velocity" in want, "score" in want
+    width = (d * d + d) * (int(need_v) + int(need_s)) + 1
 
-    def sums(p):
-        acc = jnp.matmul(p, back, precision=precision)
+    def fn(acc, xc):
         bv = _affine(acc, xc, 0) if need_v else None
-        bs = _affine(acc, xc, (d * d + d) * int(need_v)) if "score" in want else None
-        return acc[:, -1], bv, bs
+        bs = _affine(acc, xc, (d * d + d) * int(need_v)) if need_s else None
+        return bv, bs
 
-    return _stream.Terms(logp, sums=sums, block_max=_max_last(logp))
+    return width, fn
 
 
 def cholesky_terms(pb, xc, want: frozenset, precision) -> _stream.Terms:
-    """Terms of a block on centred points xc (N, d)."""
+    """Terms of a block on centred points xc (N, d): raw sums (``cholesky_lift``)."""
     w_cols, w_mu, back, log_w = pb
     d, bsz = xc.shape[-1], log_w.shape[0]
     z = jnp.matmul(xc, w_cols, precision=precision) - w_mu
-    return _terms(log_w[None] - 0.5 * _slices(jnp.square(z), d, bsz), back, xc, want, precision)
+    logp = log_w[None] - 0.5 * _slices(jnp.square(z), d, bsz)
+
+    def sums(p):
+        acc = jnp.matmul(p, back, precision=precision)
+        return acc[:, -1], acc, None
+
+    return _stream.Terms(logp, sums=sums, block_max=_max_last(logp))
 
 
 def pencil_prep(fb: _pencil.Pencil, want: frozenset):

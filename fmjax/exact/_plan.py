@@ -136,7 +136,7 @@ def _jit(fn):
     return jax.jit(fn, static_argnames=_STATIC)
 
 
-def _lowd(prep, terms, comps, pts, want, chunked):
+def _lowd(prep, terms, comps, pts, want, chunked, lift=None):
     """The low-d layout's stream: fixed blocks, chunks outside the component scan."""
     n, d = jax.tree.leaves(pts)[0].shape
     k = comps.log_w.shape[0]
@@ -145,7 +145,17 @@ def _lowd(prep, terms, comps, pts, want, chunked):
     )
     dtype = jax.tree.leaves(pts)[0].dtype
     return _stream.run(
-        prep, terms, comps, pts, want, d=d, dtype=dtype, bsz=bsz, n_chunks=n_chunks, outer=True
+        prep,
+        terms,
+        comps,
+        pts,
+        want,
+        d=d,
+        dtype=dtype,
+        bsz=bsz,
+        n_chunks=n_chunks,
+        outer=True,
+        lift=lift,
     )
 
 
@@ -159,6 +169,7 @@ def lowd(c, f, sched, t, x, *, want, precision, chunked):
         x - ctr[None],
         want,
         chunked,
+        _lowdim.cholesky_lift(x.shape[-1], want),
     )
 
 

@@ -74,10 +74,13 @@ def needs(want: frozenset) -> tuple[bool, bool, bool]:
     return co or "velocity" in want, co or "score" in want, co
 
 
-def init(n: int, d: int, dtype, want: frozenset) -> Carry:
-    """Empty running sums for n points."""
+def init(n: int, d: int, dtype, want: frozenset, raw: int | None = None) -> Carry:
+    """Empty running sums for n points; ``raw``: the width of a form's raw sums, carried in
+    ``v`` in place of the velocity and score sums (see ``run``'s ``lift``)."""
     need_v, need_s, _ = needs(want)
     zeros_nd = jnp.zeros((n, d), dtype)
+    if raw is not None:
+        need_v, need_s, zeros_nd = True, False, jnp.zeros((n, raw), dtype)
     return Carry(
         jnp.full((n,), -jnp.inf, dtype),
         jnp.zeros((n,), dtype),
@@ -108,7 +111,7 @@ def _merge(acc, scale, carry: Carry, wb, bv, bs, block, outer: bool):
 
 def fold(carry: Carry, terms: Terms, want: frozenset) -> Carry:
     """Merge one block of components into the running sums: the one fold rule."""
-    need_v, need_s, co = needs(want)
+    _, _, co = needs(want)
     logp = terms.logp
     bmax = jnp.max(logp, axis=1) if terms.block_max is None else terms.block_max
     new_mx = jnp.maximum(carry.mx, bmax)
@@ -121,8 +124,8 @@ def fold(carry: Carry, terms: Terms, want: frozenset) -> Carry:
         wb = jnp.sum(p, axis=1)
         # Weighted sums as multiply-and-reduce (fused), not as tiny dots; from the same v_k, s_k
         # as the co-moments, so a one-hot block centres exactly.
-        bv = jnp.sum(p[:, :, None] * v, axis=1) if need_v else None
-        bs = jnp.sum(p[:, :, None] * s, axis=1) if need_s else None
+        bv = None if carry.v is None else jnp.sum(p[:, :, None] * v, axis=1)
+        bs = None if carry.s is None else jnp.sum(p[:, :, None] * s, axis=1)
     else:
         wb, bv, bs = terms.sums(p)
     div, jac = carry.div, carry.jac
@@ -138,8 +141,8 @@ def fold(carry: Carry, terms: Terms, want: frozenset) -> Carry:
     return Carry(
         new_mx,
         carry.tot * scale + wb,
-        carry.v * scale[:, None] + bv if need_v else None,
-        carry.s * scale[:, None] + bs if need_s else None,
+        None if carry.v is None else carry.v * scale[:, None] + bv,
+        None if carry.s is None else carry.s * scale[:, None] + bs,
         div,
         jac,
     )
@@ -230,15 +233,23 @@ def split(a, n_chunks: int):
     return a.reshape((n_chunks, per) + a.shape[1:])
 
 
-def run(prep, terms, comps, pts, want: frozenset, *, d, dtype, bsz, n_chunks, outer=False):
+def run(
+    prep, terms, comps, pts, want: frozenset, *, d, dtype, bsz, n_chunks, outer=False, lift=None
+):
     """Stream the component blocks over the points with the online log-sum-exp; the quantities.
 
     ``prep(block)`` makes a block's factors (once per block; once per block and chunk with
     ``outer``, for layouts whose carry should stay in cache across the blocks);
     ``terms(prepared, chunk)`` gives the block's ``Terms`` on a chunk of the points ``pts`` (a
     pytree of (N, ...) arrays). Memory: O(N d + B d^2) besides the chunk's terms.
+
+    ``lift = (width, fn)``: the form's ``sums`` return raw sums (N, width) in place of the
+    velocity and score sums, linear in the weights, and ``fn(raw, pts) -> (v sums, s sums)``
+    maps them once at the end (the low-d layout's affine maps: once, not once per block).
     """
     n = jax.tree.leaves(pts)[0].shape[0]
+    raw = None if lift is None else lift[0]
+    whole = pts
     blocks = to_blocks(comps, bsz)
     per = -(-n // n_chunks)
     if n_chunks > 1:
@@ -251,9 +262,9 @@ def run(prep, terms, comps, pts, want: frozenset, *, d, dtype, bsz, n_chunks, ou
         return jax.lax.scan(step, carry, blocks)[0]
 
     if n_chunks == 1:
-        carry = scan(init(n, d, dtype, want), pts)
+        carry = scan(init(n, d, dtype, want, raw), pts)
     elif outer:
-        carry = jax.lax.map(lambda c: scan(init(per, d, dtype, want), c), pts)
+        carry = jax.lax.map(lambda c: scan(init(per, d, dtype, want, raw), c), pts)
     else:
 
         def step(carry, cb):
@@ -261,10 +272,13 @@ def run(prep, terms, comps, pts, want: frozenset, *, d, dtype, bsz, n_chunks, ou
             new = jax.lax.map(lambda a: fold(a[0], terms(pb, a[1]), want), (carry, pts))
             return new, None
 
-        start = jax.tree.map(lambda a: split(a, n_chunks), init(n, d, dtype, want))
+        start = jax.tree.map(lambda a: split(a, n_chunks), init(n, d, dtype, want, raw))
         carry = jax.lax.scan(step, start, blocks)[0]
     if n_chunks > 1:
         carry = jax.tree.map(lambda a: a.reshape((n_chunks * per,) + a.shape[2:])[:n], carry)
+    if lift is not None:
+        bv, bs = lift[1](carry.v, whole)
+        carry = carry._replace(v=bv, s=bs)
     return finish(carry, want)
 
 
