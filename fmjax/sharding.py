@@ -347,13 +347,19 @@ def evaluate(fn: Callable[..., PyTree], x: PyTree, mesh: Mesh, *args: Any) -> Py
 class DistributedConfig(NamedTuple):
     """How :func:`initialize_distributed` started (or would start) ``jax.distributed``.
 
-    ``coordinator_address`` is None when JAX detects the cluster itself (SLURM, Open MPI, ...).
+    Attributes:
+        coordinator_address: "host:port" of process 0's coordinator; None when JAX detects the
+            cluster itself (SLURM, Open MPI, ...).
+        num_processes: how many processes take part (None: detected by JAX).
+        process_id: this process's index in 0..num_processes-1 (None: detected by JAX).
+        source: where the settings came from: "arguments", "environment" (``FMJAX_*``),
+            "slurm" or "single process".
     """
 
     coordinator_address: str | None
     num_processes: int | None
     process_id: int | None
-    source: str  # "arguments", "environment", "slurm" or "single process"
+    source: str
 
 
 _ENV = ("FMJAX_COORDINATOR", "FMJAX_NUM_PROCESSES", "FMJAX_PROCESS_ID")
