@@ -1,6 +1,8 @@
 """Labelled mixtures and class-conditional exact quantities (fmjax.conditional), schedule change
 (convert.change_schedule), guided sampling and the conditional report."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,9 +165,12 @@ def test_change_schedule_exact_for_every_pair(x64):
 
 
 def test_guided_report_exact_at_w1_and_guidance_sharpens(problem):
-    """The exact conditional field at w = 1: velocity error 0 (to 1e-20: w(v_y - v_0) + v_0 in
-    float64), Bayes accuracy and cross-entropy of the ODE samples at the exact values within
-    4 standard errors (Monte Carlo noise of n = 200 samples per class). Controls: w = 3 moves the
+    """The exact conditional field at w = 1, scored by ``fmjax.evaluate(..., guidance=1)``: the
+    unconditional part (the null-label field) has velocity error 0 and excess loss 0; the
+    conditional part has velocity error 0 (to 1e-20: w(v_y - v_0) + v_0 in float64), Bayes
+    accuracy and cross-entropy of the ODE samples at the exact values within 4 standard errors
+    (Monte Carlo noise of n = 200 samples per class), and is in the JSON report and its
+    summary. Controls (``evaluate_conditional``, the same compiled programs): w = 3 moves the
     rare, overlapping class 1's accuracy and cross-entropy beyond 4 standard errors, and w = 0
     (the unconditional field) loses the classes."""
     _, c = problem
@@ -179,7 +184,15 @@ def test_guided_report_exact_at_w1_and_guidance_sharpens(problem):
     def off(a, b, sa, sb):
         return np.abs(a - b) / np.sqrt(sa**2 + sb**2)
 
-    r1 = report(field, 1.0)
+    labelled = fmjax.problems.Problem("labelled", c, s, "5 components, 3 classes")
+    cheap = dict(n_times=2, w2=False, nfe_step_counts=(4,), likelihood_steps=4)
+    full = fmjax.evaluate(field, labelled, key=key, n=200, guidance=1.0, **cheap)
+    assert full.mean_velocity_error < 1e-20 and abs(full.excess_loss) < 1e-12
+    r1 = full.conditional
+    assert r1.weight == 1.0 and r1.n == 200 and r1.accuracy.shape == (3,)
+    summary = full.summary()["conditional"]
+    assert summary["mean_accuracy"] == r1.mean_accuracy and "accuracy" not in summary
+    assert json.loads(json.dumps(full.to_dict()))["conditional"]["accuracy"] == list(r1.accuracy)
     assert np.all(r1.velocity_error < 1e-20) and np.all(r1.velocity_scale > 1.0)
     acc_z = off(r1.accuracy, r1.bayes_accuracy, r1.accuracy_stderr, r1.bayes_accuracy_stderr)
     ce_z = off(r1.cross_entropy, r1.entropy, r1.cross_entropy_stderr, r1.entropy_stderr)
@@ -265,6 +278,13 @@ def test_bad_inputs_are_named(problem):
     noisy = s.with_noise(schedules.brownian())
     with pytest.raises(ValueError, match="convert.change_schedule: `target` must be a schedule"):
         fmjax.convert.change_schedule(lambda t, x: x, s, noisy)
+    labelled = fmjax.problems.Problem("labelled", c, s, "")
+    with pytest.raises(ValueError, match="evaluation.evaluate: `guidance` must be None for"):
+        fmjax.evaluate(cond.velocity_field(c, s), "gmm_2d", key=jax.random.key(0), guidance=1.0)
+    with pytest.raises(TypeError, match="`velocity` must be a conditional field"):
+        fmjax.evaluate(lambda t, x: x, labelled, key=jax.random.key(0), guidance=1.0)
+    with pytest.raises(ValueError, match="evaluation.evaluate: `null` must be None without"):
+        fmjax.evaluate(lambda t, x: x, labelled, key=jax.random.key(0), null=3)
     with pytest.raises(ValueError, match="losses.cfm: `p_uncond` must be in"):
         fmjax.losses.cfm(
             lambda p, t, x, y: x, cond.labelled_pairs(c), s, 8, num_classes=3, p_uncond=1.5
