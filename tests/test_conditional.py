@@ -298,6 +298,46 @@ def test_conditional_marginal_fm_floor_and_ot_pairs(problem):
     assert np.any(np.asarray(y)[free] != np.asarray(y))  # mixes classes
 
 
+def test_ot_couplings_carry_labels(problem):
+    """mixture_ot (and the Schrodinger bridges, Gaussian OT) from a labelled target label each
+    pair (i, j) with target component j's class: the class-y target marginal, log p_1(x | y) by
+    fmjax.conditional, equals the log-density of the target's class-y sub-mixture to 1e-10
+    (float64), the class posterior at t = 1 is Bayes' pi_y p_1(x | y) / p_1(x), and the null
+    class gives the unconditional velocity. Control: the same coupling with its labels rolled by
+    one class is far off."""
+    p1, _ = problem
+    covs = np.stack([0.5 * np.eye(2), 0.8 * np.eye(2)])
+    p0 = fmjax.GaussianMixture(np.array([0.4, 0.6]), np.array([[-1.0, 0.0], [1.0, 0.5]]), covs)
+    ot = fmjax.couplings.mixture_ot(p0, p1).coupling
+    assert ot.n_components > p1.n_components and ot.n_classes == 3  # the plan splits mass
+    assert fmjax.couplings.schrodinger_bridge(p0, p1, 0.5).coupling.labels == ot.labels
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(8), (16, 2))
+    lin = schedules.linear()
+    logp = []
+    for y in range(3):
+        m = LABELS == y
+        sub = fmjax.GaussianMixture(p1.weights[m] / p1.weights[m].sum(), p1.means[m], p1.covs[m])
+        logp.append(cond.log_prob(ot, lin, 1.0, x, y))
+        np.testing.assert_allclose(logp[-1], sub.log_prob(x), rtol=0, atol=1e-10)
+        if y == 0:
+            sub0 = sub
+    joint = np.log(np.asarray(cond.class_weights(ot)))[:, None] + np.stack(logp)  # (C, n)
+    post = cond.class_posterior(ot, lin, 1.0, x)
+    np.testing.assert_allclose(post, jax.nn.softmax(joint, axis=0).T, atol=1e-10)
+    np.testing.assert_allclose(
+        cond.velocity(ot, lin, 0.5, x, 3), exact.velocity(ot, lin, 0.5, x), atol=1e-12
+    )
+    g0 = fmjax.GaussianMixture(jnp.ones(1), p0.means[:1], p0.covs[:1])
+    g1 = fmjax.GaussianMixture(jnp.ones(1), p1.means[3:4], p1.covs[3:4], labels=[2])
+    assert fmjax.couplings.gaussian_ot(g0, g1).coupling.labels == (2,)
+    assert fmjax.couplings.gaussian_entropic_ot(g0, g1, 0.5).coupling.labels == (2,)
+    assert fmjax.couplings.schrodinger_bridge(g0, g1, 0.5).coupling.labels == (2,)
+    rolled = fmjax.JointGaussianMixture._from_leaves(
+        ot.weights, ot.means, ot.covs, ot.structure, tuple((v + 1) % 3 for v in ot.labels)
+    )
+    assert np.max(np.abs(cond.log_prob(rolled, lin, 1.0, x, 0) - sub0.log_prob(x))) > 0.1
+
+
 def test_digits_gmm_labelled():
     """One Gaussian per digit (the cheap setting): labels 0-9, weights = class frequencies, and
     the exact Bayes classifier of the labelled mixture classifies the real digits (> 0.9;
