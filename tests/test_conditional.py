@@ -375,6 +375,10 @@ def test_bad_inputs_are_named(problem):
         fmjax.evaluate(lambda t, x: x, labelled, key=jax.random.key(0), guidance=1.0)
     with pytest.raises(ValueError, match="evaluation.evaluate: `null` must be None without"):
         fmjax.evaluate(lambda t, x: x, labelled, key=jax.random.key(0), null=3)
+    with pytest.raises(ValueError, match="losses.marginal_fm: `coupling` must be labelled"):
+        fmjax.losses.marginal_fm(lambda p, t, x, y: x, plain, s, 8, num_classes=1)
+    with pytest.raises(ValueError, match="losses.loss_floor: `num_classes` must be the coupl"):
+        fmjax.losses.loss_floor(c, s, 8, key=jax.random.key(0), num_classes=4)
     with pytest.raises(ValueError, match="losses.cfm: `p_uncond` must be in"):
         fmjax.losses.cfm(
             lambda p, t, x, y: x, cond.labelled_pairs(c), s, 8, num_classes=3, p_uncond=1.5
