@@ -11,6 +11,8 @@ parameters and state; the module given to the loss only says which convention to
   with ``ot_pairs(sample_pairs)`` as the pair sampler, OT-CFM (Tong et al., Pooladian et al.).
 * ``marginal_fm``: the exact marginal target u_t(x_t) (or E[X1 | x_t], E[X0 | x_t]) of a
   Gaussian-mixture coupling, from ``fmjax.exact``: the same gradients in expectation, less noise.
+  With ``num_classes`` (as ``cfm``'s, for a labelled coupling) the exact class-conditional
+  target u_t(x_t | y) of ``fmjax.conditional``.
 * ``loss_floor``: the irreducible part of the CFM loss, E|target - E[target | X_t]|^2, by Monte
   Carlo with the exact conditional expectation; excess loss = loss - floor.
 
@@ -862,9 +864,9 @@ def marginal_fm(
         reduction=reduction,
         bregman=div,
         time_groups=time_groups,
-        num_classes=num_classes,
-        p_uncond=p_uncond,
     )
+    if num_classes is not None:  # unconditional losses keep their fingerprint
+        loss_fn.structure.update(num_classes=num_classes, p_uncond=p_uncond)
     return loss_fn
 
 
