@@ -6,6 +6,11 @@ knows: the plan between components, the cost), so every quantity of ``fmjax.exac
 score, log p_t, divergence) is available for it. Deterministic couplings x1 = T(x0) have a
 singular (rank d) joint covariance; ``JointGaussianMixture`` accepts them, and ``check_path``
 tells whether the path covariance S_t stays positive definite on a schedule's interval.
+
+Labels: built from a labelled target (``p1.labels``), a coupling is labelled too: each of its
+components pairs a source component with a target component j and carries j's class, as
+``independent_coupling`` does, so ``fmjax.conditional`` applies to every coupling here (the
+class-y target marginal is the target's class-y sub-mixture).
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class OTCoupling(NamedTuple):
 
     Attributes:
         coupling: the joint mixture; component k pairs source component i_k with target
-            component j_k, the nonzero entries of ``plan`` in row-major order.
+            component j_k, the nonzero entries of ``plan`` in row-major order (labelled with
+            the class of j_k when the target is labelled).
         plan: (K0, K1) mass moved from source component i to target component j (rows sum to
             the source weights, columns to the target weights).
         cost: E|X1 - X0|^2 under the coupling (for optimal transport: W2^2, resp. MW2^2).
@@ -138,6 +144,17 @@ def _joint(weights, m0, s0, m1, s1, cross, exact_ot: bool) -> JointGaussianMixtu
     return JointGaussianMixture._from_leaves(weights, means, covs, structure=structure)
 
 
+def _labelled(c: JointGaussianMixture, p1: GaussianMixture, target_index) -> JointGaussianMixture:
+    """``c`` labelled with the classes of its target components ``target_index`` (K,) in ``p1``
+    (static metadata; ``c`` as is when ``p1`` is unlabelled)."""
+    if p1.labels is None:
+        return c
+    labels = tuple(int(v) for v in np.asarray(p1.labels)[np.asarray(target_index)])
+    return JointGaussianMixture._from_leaves(
+        c.weights, c.means, c.covs, structure=c.structure, labels=labels
+    )
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -202,7 +219,7 @@ def gaussian_ot(p0: GaussianMixture, p1: GaussianMixture) -> OTCoupling:
     m1, s1 = p1.means.astype(dtype), p1.covs.astype(dtype)
     w2, cross = _bures(m0, s0, m1, s1)
     c = _joint(jnp.ones((1,), dtype), m0, s0, m1, s1, cross, exact_ot=True)
-    return OTCoupling(c, jnp.ones((1, 1), dtype), w2[0])
+    return OTCoupling(_labelled(c, p1, [0]), jnp.ones((1, 1), dtype), w2[0])
 
 
 def _discrete_ot(cost: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -270,6 +287,7 @@ def mixture_ot(p0: GaussianMixture, p1: GaussianMixture) -> OTCoupling:
     keep = np.flatnonzero(plan.ravel() > 0)
     w = jnp.asarray(plan.ravel()[keep] / plan.sum(), dtype)
     c = _joint(w, m0[keep], s0[keep], m1[keep], s1[keep], cross[keep], exact_ot=True)
+    c = _labelled(c, p1, keep % k1)  # component (i, j) carries target component j's class
     return OTCoupling(c, jnp.asarray(plan, dtype), jnp.asarray(np.sum(plan * cost), dtype))
 
 
@@ -297,7 +315,7 @@ def gaussian_entropic_ot(p0: GaussianMixture, p1: GaussianMixture, sigma: float)
     dtype = _check_pair(fn, p0, p1, single=True)
     sigma = _check_sigma(fn, sigma)
     c = _entropic_pairs(jnp.ones((1,), dtype), p0.means, p0.covs, p1.means, p1.covs, sigma, dtype)
-    return OTCoupling(c, jnp.ones((1, 1), dtype), transport_cost(c))
+    return OTCoupling(_labelled(c, p1, [0]), jnp.ones((1, 1), dtype), transport_cost(c))
 
 
 def _entropic_pairs(w, m0, s0, m1, s1, sigma, dtype) -> JointGaussianMixture:
@@ -335,10 +353,17 @@ def schrodinger_bridge(p0: GaussianMixture, p1: GaussianMixture, sigma: float) -
     schedule = _schedules.linear().with_noise(_schedules.brownian(sigma))
     if p0.n_components == 1 and p1.n_components == 1:
         w, m0, s0, m1, s1 = jnp.ones((1,), dtype), p0.means, p0.covs, p1.means, p1.covs
+        labels = p1.labels
     else:
         mw = mixture_ot(p0, p1).coupling
         w, (m0, m1, s0, _, _, s1) = mw.weights, mw.blocks()
-    return SchrodingerBridge(_entropic_pairs(w, m0, s0, m1, s1, sigma, dtype), schedule)
+        labels = mw.labels  # each pair keeps its target component's class
+    c = _entropic_pairs(w, m0, s0, m1, s1, sigma, dtype)
+    if labels is not None:
+        c = JointGaussianMixture._from_leaves(
+            c.weights, c.means, c.covs, structure=c.structure, labels=labels
+        )
+    return SchrodingerBridge(c, schedule)
 
 
 def transport_cost(coupling: JointGaussianMixture) -> Float[Array, ""]:

@@ -24,6 +24,13 @@ problem (or a ``Problem`` built by hand), and measures
   RMSE against the adaptive solve from the same source points, relative to the target's RMS
   spread sqrt(tr Cov p1), must be below ``tol``.
 
+With ``guidance=w`` on a labelled problem (its coupling carries class labels) ``velocity`` is a
+conditional field ``(t, x, y)``: the unconditional part scores the null-label field
+v(t, x, ∅) against the unconditional exact answers, and ``report.conditional`` holds the
+conditional report of the guided field at weight w (``fmjax.evaluate_conditional``: per class,
+the velocity error against u_t(x | y), the accuracy of the samples under the exact Bayes
+classifier, their cross-entropy under p1(x | y) against the class entropy).
+
 ``fmjax evaluate --model DIR --problem NAME`` runs it on a model written by ``fmjax train``,
 ``--exact`` on the exact field, and ``fmjax evaluate --all`` the leaderboard of the built-in
 models (the command and the leaderboard live in ``fmjax.leaderboard``).
@@ -39,14 +46,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from fmjax import _checks, _solve, data, exact, likelihood, metrics, problems, sample
 from fmjax._report import to_json, write_json
 from fmjax._typing import Velocity
+from fmjax.guidance import ConditionalReport, evaluate_conditional
 from fmjax.mixtures import GaussianMixture
 
 __all__ = ["EvaluationReport", "evaluate", "write_report"]
@@ -115,6 +124,9 @@ class EvaluationReport(NamedTuple):
         nfe_step_counts: step counts tried.
         nfe_errors: relative endpoint RMSE of each.
         wall_time_s: seconds the evaluation took.
+        conditional: with ``guidance=w``, the ``ConditionalReport`` of the guided field at
+            weight w (per-class (C,) arrays and class means, ``fmjax.evaluate_conditional``);
+            None without ``guidance``.
     """
 
     problem: str
@@ -167,19 +179,77 @@ class EvaluationReport(NamedTuple):
     nfe_step_counts: tuple[int, ...]
     nfe_errors: tuple[float, ...]
     wall_time_s: float
+    conditional: ConditionalReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON values."""
         return to_json(self)
 
     def summary(self) -> dict[str, Any]:
-        """The scalar entries (no curves, no per-component arrays), as plain JSON values."""
+        """The scalar entries (no curves, no per-component arrays), as plain JSON values.
+
+        With a conditional report, ``"conditional"`` holds its weight and class means (the
+        per-class arrays are in ``to_dict``); without one the key is absent.
+        """
         skip = ("ts", "velocity_error", "velocity_scale", "nfe_step_counts", "nfe_errors")
-        return {
+        out = {
             k: v
             for k, v in self.to_dict().items()
             if k not in skip and not k.startswith(("component_", "sde_component_"))
         }
+        cond = out.pop("conditional")
+        if cond is not None:
+            out["conditional"] = {k: cond[k] for k in _CONDITIONAL_SUMMARY}
+        return out
+
+
+_CONDITIONAL_SUMMARY = (
+    "weight",
+    "n",
+    "mean_velocity_error",
+    "relative_velocity_error",
+    "mean_accuracy",
+    "mean_bayes_accuracy",
+    "mean_cross_entropy_gap",
+    "nfe",
+)
+
+
+class _NullLabel(eqx.Module):
+    """A conditional field ``(t, x, y)`` called with the null label: the velocity v(t, x, ∅)."""
+
+    field: Any
+    null: int = eqx.field(static=True)
+
+    def __call__(self, t: Float[ArrayLike, "..."], x: Float[ArrayLike, "... d"]) -> Array:
+        """v(t, x, ∅), x (..., d), t a scalar or of shape x.shape[:-1]."""
+        x = jnp.asarray(x)
+        return self.field(t, x, jnp.full(x.shape[:-1], self.null, jnp.int32))
+
+
+def _conditional_field(velocity, problem: problems.Problem, guidance, null, shape, dtype):
+    """(the null-label field, the null label) of a conditional ``velocity`` for ``guidance``."""
+    w = _checks.as_float(_FN, "guidance", guidance)
+    if not math.isfinite(w):
+        _checks.fail(_FN, "guidance", "a finite number", guidance)
+    labels = problem.coupling.labels
+    if labels is None:
+        why = "its coupling has no class labels; build it with `labels=`"
+        _checks.fail(_FN, "guidance", f"None for problem {problem.name!r} ({why})", guidance)
+    n_classes = max(labels) + 1
+    if null is None:
+        null = getattr(velocity, "null", n_classes)
+    null = _checks.check_int(_FN, "null", null, 0)
+    uncond = _NullLabel(_solve.as_pytree(velocity), null)
+    try:
+        _solve.check_field(_FN, "velocity", uncond, jax.ShapeDtypeStruct(shape, dtype))
+    except (TypeError, ValueError) as e:
+        what = "a conditional field (t, x, y) -> (..., d) when `guidance` is given"
+        raise _checks.named_error(
+            _FN, "velocity", f"{_FN}: `velocity` must be {what} (called with y = {null}, the "
+            f"null label): {str(e).split('got ', 1)[-1]}", type(e),
+        ) from None  # fmt: skip
+    return uncond, w, null
 
 
 def _check_fields(checks: metrics.SampleChecks, reference: metrics.SampleChecks) -> dict:
@@ -320,6 +390,8 @@ def evaluate(
     likelihood_steps: int | None = None,
     sde: bool = False,
     sde_steps: int | None = None,
+    guidance: float | None = None,
+    null: int | None = None,
     out: str | os.PathLike | None = None,
 ) -> EvaluationReport:
     """Score ``velocity`` against the exact answers of ``problem`` (see the module docstring).
@@ -350,6 +422,15 @@ def evaluate(
             independent N(0, I) and a schedule without latent noise (not ``gmm_1d`` or
             ``gmm_2d_joint``).
         sde_steps: steps of the SDE solve, or None for ``sample.sde``'s default.
+        guidance: None (an unconditional field), or the guidance weight w for a conditional
+            field ``velocity(t, x, y)`` on a labelled problem (``problem.coupling.labels``;
+            a ``Problem`` built by hand around a labelled coupling). The unconditional fields of
+            the report then score the null-label field v(t, x, ∅) against the unconditional
+            exact answers, and ``report.conditional`` is ``fmjax.evaluate_conditional`` of the
+            field at weight w with n points and samples per class (4 n exact samples per class
+            for the Bayes accuracy and the entropy), its draws from ``fold_in(key, 0xC0D)``.
+        null: the null label with ``guidance`` (default ``velocity.null`` if it has one, else
+            the problem's number of classes C, as the conditional models' null class).
         out: folder for ``report.json`` and the figures ``velocity_error.png``,
             ``nfe.png`` and ``samples.png``, or None for none.
 
@@ -382,6 +463,14 @@ def evaluate(
         divergence = "exact" if problem.dim <= 16 else "hutchinson"
     c, s = problem.coupling, problem.schedule
     dtype = c.means.dtype
+    field = None
+    if guidance is not None:  # score the null-label field here, the guided one below
+        field = velocity
+        velocity, guidance, null = _conditional_field(
+            field, problem, guidance, null, (n, c.dim), dtype
+        )
+    elif null is not None:
+        _checks.fail(_FN, "null", "None without `guidance`", null)
     _solve.check_field(_FN, "velocity", velocity, jax.ShapeDtypeStruct((n, c.dim), dtype))
     keys = jax.random.split(key, 8)
 
@@ -465,6 +554,12 @@ def evaluate(
         nfe_errors=nfe.errors,
         wall_time_s=0.0,
     )
+    if field is not None:
+        cond = evaluate_conditional(
+            field, c, s, key=jax.random.fold_in(key, 0xC0D), weight=guidance, n=n, null=null,
+            rtol=rtol, atol=atol,
+        )  # fmt: skip
+        report = report._replace(conditional=cond)
     report = report._replace(wall_time_s=round(time.perf_counter() - t_start, 2))
     if out is not None:
         write_report(report, problem, out, samples=np.asarray(sol.x), reference=np.asarray(x1))

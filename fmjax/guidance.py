@@ -128,8 +128,9 @@ def evaluate_conditional(
     n = _checks.check_int(_FN, "n", n, 2)
     n_ref = 4 * n if n_reference is None else _checks.check_int(_FN, "n_reference", n_reference, 2)
     n_classes = c.n_classes
-    null = n_classes if null is None else null
-    null = getattr(field, "null", null)
+    if null is None:  # an explicit null wins over the field's own
+        null = getattr(field, "null", n_classes)
+    null = _checks.check_int(_FN, "null", null, 0)
     k_vel, k_gen, k_ref = jax.random.split(key, 3)
     prior = np.asarray(conditional.class_weights(c), np.float64)
 

@@ -11,6 +11,8 @@ parameters and state; the module given to the loss only says which convention to
   with ``ot_pairs(sample_pairs)`` as the pair sampler, OT-CFM (Tong et al., Pooladian et al.).
 * ``marginal_fm``: the exact marginal target u_t(x_t) (or E[X1 | x_t], E[X0 | x_t]) of a
   Gaussian-mixture coupling, from ``fmjax.exact``: the same gradients in expectation, less noise.
+  With ``num_classes`` (as ``cfm``'s, for a labelled coupling) the exact class-conditional
+  target u_t(x_t | y) of ``fmjax.conditional``.
 * ``loss_floor``: the irreducible part of the CFM loss, E|target - E[target | X_t]|^2, by Monte
   Carlo with the exact conditional expectation; excess loss = loss - floor.
 
@@ -67,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from fmjax import _checks, convert, data, exact
+from fmjax import _checks, conditional, convert, data, exact
 from fmjax._typing import ApplyFn, LossFn, Module, PairSampler, TimeSampler
 from fmjax.exact import PreparedCoupling
 from fmjax.mixtures import JointGaussianMixture
@@ -467,24 +469,34 @@ def _prediction(schedule, target, t, out):
     return out
 
 
-def _exact_target(coupling, schedule, target, t, xt):
-    """E[conditional target | X_t = x_t] from the exact engine ((n, d), one t per point)."""
+def _exact_target(coupling, schedule, target, t, xt, y=None):
+    """E[conditional target | X_t = x_t (, Y = y)] from the exact engine ((n, d), one t per
+    point); with labels ``y`` (n,) the class-conditional engine (``fmjax.conditional``, y = C
+    the null class: unconditional)."""
+    if y is None:
+        ev = functools.partial(exact.evaluate, coupling, schedule, t, xt)
+        velocity = functools.partial(exact.velocity, coupling, schedule, t, xt)
+        score = functools.partial(exact.score, coupling, schedule, t, xt)
+    else:
+        ev = functools.partial(conditional.evaluate, coupling, schedule, t, xt, y)
+        velocity = functools.partial(conditional.velocity, coupling, schedule, t, xt, y)
+        score = functools.partial(conditional.score, coupling, schedule, t, xt, y)
     if not schedule.has_noise:
-        u = exact.velocity(coupling, schedule, t, xt)
+        u = velocity()
         if target in ("velocity", "drift"):
             return u
         conv = convert.velocity_to_x1 if target == "x1" else convert.velocity_to_x0
         return conv(schedule, t, xt, u)
     if target == "velocity":
-        return exact.velocity(coupling, schedule, t, xt)
+        return velocity()
     g, _, g_dg = (c[:, None] for c in schedule.gamma(t))
     if target in _NOISE_ONLY:
-        return -g * exact.score(coupling, schedule, t, xt)  # E[z | x] = -gamma s
-    ev = exact.evaluate(coupling, schedule, t, xt, ("velocity", "score"))
+        return -g * score()  # E[z | x] = -gamma s
+    out = ev(("velocity", "score"))
     if target == "drift":
-        return ev.velocity + g_dg * ev.score
+        return out.velocity + g_dg * out.score
     conv = convert.velocity_to_x1 if target == "x1" else convert.velocity_to_x0
-    return conv(schedule, t, xt, ev.velocity, score=ev.score)
+    return conv(schedule, t, xt, out.velocity, score=out.score)
 
 
 def _per_sample(div: Bregman, y, pred, reduction):
@@ -578,6 +590,51 @@ def cfm(
 _DROPOUT_SALT = 0xC1A55
 
 
+def _check_labels(fn: str, num_classes, p_uncond) -> tuple[int, float]:
+    """``num_classes`` >= 1 and ``p_uncond`` in [0, 1], checked eagerly."""
+    num_classes = _checks.check_int(f"losses.{fn}", "num_classes", num_classes, 1)
+    p_uncond = _checks.as_float(f"losses.{fn}", "p_uncond", p_uncond)
+    if not 0.0 <= p_uncond <= 1.0:
+        _checks.fail(f"losses.{fn}", "p_uncond", "in [0, 1]", p_uncond)
+    return num_classes, p_uncond
+
+
+def _draw_labelled(fn, sample_pairs, times, schedule, key, n, num_classes, p_uncond):
+    """(path, labels (n,)) from a labelled pair sampler ``(key, n) -> (x0, x1, y)``: the labels
+    ride along the pairs' own key (``sample_path``'s convention), each replaced by the null class
+    ``num_classes`` with probability ``p_uncond`` (drawn from ``fold_in(key, 0xC1A55)``)."""
+    drawn = {}
+
+    def pairs(k, m):
+        out = sample_pairs(k, m)
+        if not isinstance(out, tuple | list) or len(out) != 3:
+            what = "a callable (key, n) -> (x0, x1, y) with `num_classes`"
+            _checks.fail(f"losses.{fn}", "sample_pairs", what, type(out).__name__, TypeError)
+        drawn["y"] = jnp.asarray(out[2], jnp.int32)
+        return out[0], out[1]
+
+    path = _draw(fn, pairs, times, schedule, key, n)
+    drop = jax.random.bernoulli(jax.random.fold_in(key, _DROPOUT_SALT), p_uncond, (n,))
+    return path, jnp.where(drop, num_classes, drawn["y"])
+
+
+def _labelled_coupling(fn: str, coupling, num_classes: int):
+    """The labelled pair sampler of ``coupling``, whose classes must number ``num_classes``."""
+    inner = coupling.coupling if isinstance(coupling, PreparedCoupling) else coupling
+    if inner.labels is None:
+        _checks.fail(
+            f"losses.{fn}", "coupling",
+            "labelled with `num_classes` (built with `labels=`, or from a labelled target)",
+            "labels=None",
+        )  # fmt: skip
+    if inner.n_classes != num_classes:
+        _checks.fail(
+            f"losses.{fn}", "num_classes",
+            f"the coupling's number of classes {inner.n_classes} (its null class)", num_classes,
+        )  # fmt: skip
+    return conditional.labelled_pairs(coupling)
+
+
 def _cfm_conditional(
     apply_fn,
     sample_pairs,
@@ -593,10 +650,7 @@ def _cfm_conditional(
 ) -> LossFn:
     """``cfm`` with labels from the pair sampler and label dropout to the null class."""
     fn = "losses.cfm"
-    num_classes = _checks.check_int(fn, "num_classes", num_classes, 1)
-    p_uncond = _checks.as_float(fn, "p_uncond", p_uncond)
-    if not 0.0 <= p_uncond <= 1.0:
-        _checks.fail(fn, "p_uncond", "in [0, 1]", p_uncond)
+    num_classes, p_uncond = _check_labels("cfm", num_classes, p_uncond)
     schedule = _resolve_schedule("cfm", schedule, sigma_min)
     _check_target_noise("cfm", schedule, target, conditional=True)
     times = _time_sampler("cfm", time_sampler)
@@ -605,19 +659,8 @@ def _cfm_conditional(
     _checks.check_callable(fn, "sample_pairs", sample_pairs)
 
     def loss_fn(params, key):
-        drawn = {}
-
-        def pairs(k, n):  # the labels ride along the pairs' own key (sample_path's convention)
-            out = sample_pairs(k, n)
-            if not isinstance(out, tuple | list) or len(out) != 3:
-                what = "a callable (key, n) -> (x0, x1, y) with `num_classes`"
-                _checks.fail(fn, "sample_pairs", what, type(out).__name__, TypeError)
-            drawn["y"] = jnp.asarray(out[2], jnp.int32)
-            return out[0], out[1]
-
-        path = _draw("cfm", pairs, times, schedule, key, batch_size)
-        drop = jax.random.bernoulli(jax.random.fold_in(key, _DROPOUT_SALT), p_uncond, (batch_size,))
-        labels = jnp.where(drop, num_classes, drawn["y"])
+        args = (sample_pairs, times, schedule, key, batch_size, num_classes, p_uncond)
+        path, labels = _draw_labelled("cfm", *args)
         t, xt = path.t, path.xt
         y = _conditional_target(schedule, target, path)
         out = params(t, xt, labels) if module else apply_fn(params, t, xt, labels)
@@ -660,37 +703,57 @@ def ot_pairs(
     permutation, but Sinkhorn needs more iterations (ott's defaults: threshold 1e-3, at most
     2000 iterations; an unconverged plan is used as it stands).
 
+    Labelled pairs (``sample_pairs`` returning ``(x0, x1, y)``, e.g.
+    ``conditional.labelled_pairs(coupling)``, for ``cfm(..., num_classes=C)``) are re-paired
+    within their classes only: x0_i keeps its label y_i and is paired with an x1 of the same
+    class (the cost of pairing across classes is raised by n max C_ij + 1, more than any
+    within-class plan costs, so the optimal plan has no cross-class pair), and ``(x0, x1, y)``
+    is returned with y unchanged. Each class then keeps its own source points, so x0 given y
+    keeps its law (for an independent coupling, p0), which a re-pairing across classes would
+    bias toward the class's region.
+
     Args:
-        sample_pairs: ``(key, n) -> (x0, x1)``; called with the same key (independent pairs
-            in OT-CFM, but any pair sampler works).
+        sample_pairs: ``(key, n) -> (x0, x1)`` or ``(key, n) -> (x0, x1, y)`` (labels (n,),
+            ints); called with the same key (independent pairs in OT-CFM, but any pair
+            sampler works).
         epsilon: None for exact OT, else the entropic regularisation (> 0).
         **sinkhorn_kwargs: passed to ott's Sinkhorn (e.g. ``threshold``, ``max_iterations``).
 
     Returns:
-        a jitted pair sampler ``(key, n) -> (x0 (n, d), x1 (n, d))``; x0 is returned unchanged.
+        a jitted pair sampler ``(key, n) -> (x0 (n, d), x1 (n, d))`` (with labels:
+        ``(x0, x1, y (n,))``); x0 (and y) are returned unchanged.
     """
     _checks.check_callable("losses.ot_pairs", "sample_pairs", sample_pairs, "a callable (key, n)")
     if epsilon is not None:
         epsilon = _checks.check_positive("losses.ot_pairs", "epsilon", epsilon)
     # ott (and jaxopt under it) is imported here: a heavy import only OT-CFM needs.
     _checks.require("ott", "losses.ot_pairs")
-    from ott.geometry import pointcloud
+    from ott.geometry import geometry, pointcloud
     from ott.solvers import linear as ott_linear
     from ott.tools import unreg
 
     def sample(key, n):
-        x0, x1 = sample_pairs(key, n)
-        if epsilon is None:
-            _, out = unreg.hungarian(pointcloud.PointCloud(x0, x1))
-            i, j = out.paired_indices
-            return x0, x1[j[jnp.argsort(i)]]
+        out = sample_pairs(key, n)
+        x0, x1 = out[0], out[1]
+        labelled = isinstance(out, tuple | list) and len(out) == 3
         geom = pointcloud.PointCloud(x0, x1, epsilon=epsilon)
-        # ott's Sinkhorn relies on implicit rank promotion; allow it for this call only.
-        with jax.numpy_rank_promotion("allow"):
-            out = ott_linear.solve(geom, **sinkhorn_kwargs)
-        logits = (out.g[None, :] - geom.cost_matrix) / epsilon  # log P_ij - f_i / epsilon
-        j = jax.random.categorical(jax.random.fold_in(key, 1), logits, axis=-1)
-        return x0, x1[j]
+        if labelled:  # pairs across classes cost more than any plan within them
+            y = jnp.asarray(out[2])
+            cost = geom.cost_matrix
+            penalty = n * jnp.max(cost) + 1.0
+            cost = cost + jnp.where(y[:, None] != y[None, :], penalty, 0.0).astype(cost.dtype)
+            geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
+        if epsilon is None:
+            _, res = unreg.hungarian(geom)
+            i, j = res.paired_indices
+            x1 = x1[j[jnp.argsort(i)]]
+        else:
+            # ott's Sinkhorn relies on implicit rank promotion; allow it for this call only.
+            with jax.numpy_rank_promotion("allow"):
+                res = ott_linear.solve(geom, **sinkhorn_kwargs)
+            logits = (res.g[None, :] - geom.cost_matrix) / epsilon  # log P_ij - f_i / epsilon
+            x1 = x1[jax.random.categorical(jax.random.fold_in(key, 1), logits, axis=-1)]
+        return (x0, x1, out[2]) if labelled else (x0, x1)
 
     return jax.jit(sample, static_argnums=1)
 
@@ -707,6 +770,8 @@ def marginal_fm(
     reduction: str = "sum",
     bregman: Bregman | None = None,
     time_groups: int | None = None,
+    num_classes: int | None = None,
+    p_uncond: float = 0.0,
 ) -> LossFn:
     """Flow matching with the exact marginal target of a Gaussian-mixture coupling.
 
@@ -727,9 +792,17 @@ def marginal_fm(
     per point; couplings with a time-free form (independent, OT maps, ``exact.prepare``d) gain
     nothing from it.
 
+    ``num_classes=C`` (a labelled coupling with C classes) trains a class-conditional model
+    ``apply(params, t, x, y)``: pairs are drawn with their labels
+    (``conditional.labelled_pairs``), each label is dropped to the null class C with
+    probability ``p_uncond`` (as in ``cfm``), and the target of a point with label y is the
+    exact class-conditional one (u_t(x | y) by ``fmjax.conditional``; for the null class the
+    unconditional u_t(x)). The exact conditional field ``conditional.velocity_field`` has loss 0.
+
     Args:
         apply_fn: ``apply(params, t (n,), x (n, d)) -> (n, d)``, or a Flax NNX / Equinox module
-            called as ``model(t, x)``.
+            called as ``model(t, x)`` (with ``num_classes``: ``apply(params, t, x, y (n,))``,
+            ``model(t, x, y)``).
         coupling: the Gaussian-mixture coupling (or an ``exact.prepare``d one) whose exact target is
             regressed on.
         schedule: the schedule of the path (None: the coupling's own, for a Schrodinger bridge).
@@ -740,15 +813,21 @@ def marginal_fm(
         reduction: as in ``cfm``.
         bregman: as in ``cfm``.
         time_groups: G times per batch (a divisor of ``batch_size``), or None for one per point.
+        num_classes: class-conditional training with labels (above), or None.
+        p_uncond: label-dropout probability in [0, 1] (with ``num_classes``).
 
     Returns:
         ``loss_fn(params, key) -> scalar`` (``loss_fn(model, key)`` for a module).
     """
     div = _check_common("marginal_fm", "batch_size", batch_size, target, reduction, bregman)
     sample_pairs = _check_coupling("marginal_fm", coupling)
+    if num_classes is not None:
+        num_classes, p_uncond = _check_labels("marginal_fm", num_classes, p_uncond)
+        sample_pairs = _labelled_coupling("marginal_fm", coupling, num_classes)
     schedule = _resolve_schedule("marginal_fm", schedule, sigma_min)
     _check_target_noise("marginal_fm", schedule, target, conditional=False)
     times = _time_sampler("marginal_fm", time_sampler)
+    module = is_module(apply_fn)
     apply_fn = _apply("marginal_fm", apply_fn)
     target_fn = functools.partial(_exact_target, coupling, schedule, target)
     if time_groups is not None:
@@ -760,10 +839,18 @@ def marginal_fm(
         target_fn = _grouped_target(target_fn, groups)
 
     def loss_fn(params, key):
-        path = _draw("marginal_fm", sample_pairs, times, schedule, key, batch_size)
-        t, xt = path.t, path.xt
-        y = jax.lax.stop_gradient(target_fn(t, xt))
-        pred = _prediction(schedule, target, t, apply_fn(params, t, xt))
+        if num_classes is None:
+            path = _draw("marginal_fm", sample_pairs, times, schedule, key, batch_size)
+            t, xt = path.t, path.xt
+            y = jax.lax.stop_gradient(target_fn(t, xt))
+            out = apply_fn(params, t, xt)
+        else:
+            args = (sample_pairs, times, schedule, key, batch_size, num_classes, p_uncond)
+            path, labels = _draw_labelled("marginal_fm", *args)
+            t, xt = path.t, path.xt
+            y = jax.lax.stop_gradient(target_fn(t, xt, labels))
+            out = params(t, xt, labels) if module else apply_fn(params, t, xt, labels)
+        pred = _prediction(schedule, target, t, out)
         return jnp.mean(_per_sample(div, y, pred, reduction))
 
     loss_fn.structure = dict(
@@ -778,6 +865,8 @@ def marginal_fm(
         bregman=div,
         time_groups=time_groups,
     )
+    if num_classes is not None:  # unconditional losses keep their fingerprint
+        loss_fn.structure.update(num_classes=num_classes, p_uncond=p_uncond)
     return loss_fn
 
 
@@ -791,13 +880,14 @@ def _grouped_times(times: TimeSampler, groups: int) -> TimeSampler:
 
 
 def _grouped_target(target_fn, groups: int):
-    """``target_fn(t (n,), x (n, d))`` for times shared within G consecutive groups: one
+    """``target_fn(t (n,), x (n, d)[, y (n,)])`` for times shared within G consecutive groups: one
     shared-t evaluation per group (K factorisations each), vmapped over the groups."""
 
-    def fn(t, x):
+    def fn(t, x, *labels):  # labels: (n,) with num_classes, grouped like the points
         n, d = x.shape
         tg = t.reshape(groups, n // groups)[:, :1]  # (G, 1): one time per group
-        out = jax.vmap(target_fn)(tg, x.reshape(groups, n // groups, d))
+        lg = [y.reshape(groups, n // groups) for y in labels]
+        out = jax.vmap(target_fn)(tg, x.reshape(groups, n // groups, d), *lg)
         return out.reshape(n, d)
 
     return fn
@@ -825,11 +915,18 @@ def loss_floor(
     reduction: str = "sum",
     chunk_size: int = 4096,
     bregman: Bregman | None = None,
+    num_classes: int | None = None,
+    p_uncond: float = 0.0,
 ) -> LossFloor:
     """Irreducible CFM loss E D(y_cond, E[y_cond | X_t]) by Monte Carlo with the exact targets.
 
     ``cfm(...)(params, key)`` is, in expectation, ``marginal_fm(...)(params, key) + floor``;
-    no model can go below the floor. Same arguments and conventions as ``cfm``.
+    no model can go below the floor. Same arguments and conventions as ``cfm``. With
+    ``num_classes`` (a labelled coupling) it is the floor of class-conditional CFM with label
+    dropout ``p_uncond``, E D(y_cond, E[y_cond | X_t, Y]) with Y the label after dropout (the
+    null class C: unconditional), drawn as ``cfm(..., num_classes=C)`` draws them from
+    ``conditional.labelled_pairs(coupling)``: with one key, that loss of the exact conditional
+    field equals this floor's estimate.
 
     Args:
         coupling: the joint mixture of (X0, X1), or an ``exact.prepare``d one.
@@ -838,6 +935,9 @@ def loss_floor(
         key: PRNG key.
         time_sampler, target, sigma_min, reduction, bregman: as in ``cfm``.
         chunk_size: points per exact-velocity evaluation (memory bound; static).
+        num_classes: the coupling's number of classes C for the class-conditional floor, or
+            None (unconditional).
+        p_uncond: label-dropout probability in [0, 1] (with ``num_classes``).
 
     Returns:
         ``LossFloor(mean, stderr)``: the estimate and its Monte Carlo standard error.
@@ -846,26 +946,41 @@ def loss_floor(
     _checks.check_int("losses.loss_floor", "n", n, 2)  # a standard error needs two samples
     _check_coupling("loss_floor", coupling)
     _checks.check_key("losses.loss_floor", "key", key)
+    if num_classes is not None:
+        num_classes, p_uncond = _check_labels("loss_floor", num_classes, p_uncond)
+        _labelled_coupling("loss_floor", coupling, num_classes)
     schedule = _resolve_schedule("loss_floor", schedule, sigma_min)
     _check_target_noise("loss_floor", schedule, target, conditional=True)
     times = _time_sampler("loss_floor", time_sampler)
     chunk_size = _checks.check_int("losses.loss_floor", "chunk_size", chunk_size, 1)
-    terms = _floor_terms(coupling, schedule, key, div, int(n), times, target, reduction, chunk_size)
+    labels = None if num_classes is None else (num_classes, p_uncond)
+    terms = _floor_terms(
+        coupling, schedule, key, div, int(n), times, target, reduction, chunk_size, labels
+    )
     return LossFloor(jnp.mean(terms), jnp.std(terms, ddof=1) / math.sqrt(n))
 
 
-@functools.partial(jax.jit, static_argnames=("n", "times", "target", "reduction", "chunk_size"))
-def _floor_terms(coupling, schedule, key, div, n, times, target, reduction, chunk_size):
-    """Per-sample D(y_cond, E[y_cond | x_t]), shape (n,), exact targets in chunks."""
-    pairs = coupling.coupling.sample if isinstance(coupling, PreparedCoupling) else coupling.sample
-    path = _draw("loss_floor", pairs, times, schedule, key, n)
+@functools.partial(
+    jax.jit, static_argnames=("n", "times", "target", "reduction", "chunk_size", "labels")
+)
+def _floor_terms(coupling, schedule, key, div, n, times, target, reduction, chunk_size, labels):
+    """Per-sample D(y_cond, E[y_cond | x_t (, y)]), shape (n,), exact targets in chunks;
+    ``labels``: None, or (num_classes, p_uncond) for the class-conditional floor."""
+    if labels is None:
+        inner = coupling.coupling if isinstance(coupling, PreparedCoupling) else coupling
+        path = _draw("loss_floor", inner.sample, times, schedule, key, n)
+        classes = jnp.zeros((n,), jnp.int32)  # unused
+    else:
+        pairs = conditional.labelled_pairs(coupling)
+        path, classes = _draw_labelled("loss_floor", pairs, times, schedule, key, n, *labels)
     t, xt = path.t, path.xt
     y = _conditional_target(schedule, target, path)
 
     def one(args):
-        ti, xi, yi = args
-        return _per_sample(div, yi, _exact_target(coupling, schedule, target, ti, xi), reduction)
+        ti, xi, yi, ci = args
+        extra = () if labels is None else (ci,)
+        pred = _exact_target(coupling, schedule, target, ti, xi, *extra)
+        return _per_sample(div, yi, pred, reduction)
 
-    return jax.lax.map(one, (t[:, None], xt[:, None], y[:, None]), batch_size=min(chunk_size, n))[
-        :, 0
-    ]
+    args = (t[:, None], xt[:, None], y[:, None], classes[:, None])
+    return jax.lax.map(one, args, batch_size=min(chunk_size, n))[:, 0]

@@ -1,6 +1,8 @@
 """Labelled mixtures and class-conditional exact quantities (fmjax.conditional), schedule change
 (convert.change_schedule), guided sampling and the conditional report."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,9 +165,12 @@ def test_change_schedule_exact_for_every_pair(x64):
 
 
 def test_guided_report_exact_at_w1_and_guidance_sharpens(problem):
-    """The exact conditional field at w = 1: velocity error 0 (to 1e-20: w(v_y - v_0) + v_0 in
-    float64), Bayes accuracy and cross-entropy of the ODE samples at the exact values within
-    4 standard errors (Monte Carlo noise of n = 200 samples per class). Controls: w = 3 moves the
+    """The exact conditional field at w = 1, scored by ``fmjax.evaluate(..., guidance=1)``: the
+    unconditional part (the null-label field) has velocity error 0 and excess loss 0; the
+    conditional part has velocity error 0 (to 1e-20: w(v_y - v_0) + v_0 in float64), Bayes
+    accuracy and cross-entropy of the ODE samples at the exact values within 4 standard errors
+    (Monte Carlo noise of n = 200 samples per class), and is in the JSON report and its
+    summary. Controls (``evaluate_conditional``, the same compiled programs): w = 3 moves the
     rare, overlapping class 1's accuracy and cross-entropy beyond 4 standard errors, and w = 0
     (the unconditional field) loses the classes."""
     _, c = problem
@@ -179,7 +184,15 @@ def test_guided_report_exact_at_w1_and_guidance_sharpens(problem):
     def off(a, b, sa, sb):
         return np.abs(a - b) / np.sqrt(sa**2 + sb**2)
 
-    r1 = report(field, 1.0)
+    labelled = fmjax.problems.Problem("labelled", c, s, "5 components, 3 classes")
+    cheap = dict(n_times=2, w2=False, nfe_step_counts=(4,), likelihood_steps=4)
+    full = fmjax.evaluate(field, labelled, key=key, n=200, guidance=1.0, **cheap)
+    assert full.mean_velocity_error < 1e-20 and abs(full.excess_loss) < 1e-12
+    r1 = full.conditional
+    assert r1.weight == 1.0 and r1.n == 200 and r1.accuracy.shape == (3,)
+    summary = full.summary()["conditional"]
+    assert summary["mean_accuracy"] == r1.mean_accuracy and "accuracy" not in summary
+    assert json.loads(json.dumps(full.to_dict()))["conditional"]["accuracy"] == list(r1.accuracy)
     assert np.all(r1.velocity_error < 1e-20) and np.all(r1.velocity_scale > 1.0)
     acc_z = off(r1.accuracy, r1.bayes_accuracy, r1.accuracy_stderr, r1.bayes_accuracy_stderr)
     ce_z = off(r1.cross_entropy, r1.entropy, r1.cross_entropy_stderr, r1.entropy_stderr)
@@ -235,6 +248,96 @@ def test_guided_sampler_and_conditional_cfm(problem):
     assert float(jnp.min(gaps)) > 1e-3
 
 
+def test_conditional_marginal_fm_floor_and_ot_pairs(problem):
+    """losses.marginal_fm with labels: the exact conditional field as the model has loss 0
+    (float64 rounding, < 1e-20) with label dropout (the null class: the unconditional target);
+    the unconditional field as the model (control) has a positive loss. The dropout rate is
+    honoured (0.3 within 4 sd of n = 256 draws; none at p_uncond = 0). The conditional floor
+    equals the conditional CFM loss of the exact conditional field on the same key (to 1e-12);
+    the unconditional field's loss is above it (control). ot_pairs (exact OT) re-pairs
+    labelled pairs within their classes only (each x1 keeps its class, a permutation per
+    class); the control, the optimal pairing of the same points without labels (scipy), mixes
+    classes."""
+    _, c = problem
+    s = schedules.linear()
+    field = cond.velocity_field(exact.prepare(c), s)
+    seen = []
+
+    def exact_model(p, t, x, y):
+        seen.append(y)
+        return field(t, x, y)
+
+    k = jax.random.PRNGKey(6)
+    kw = dict(num_classes=3, p_uncond=0.3)
+    assert float(fmjax.losses.marginal_fm(exact_model, c, s, 256, **kw)(None, k)) < 1e-20
+    assert np.mean(np.asarray(seen[-1]) == 3) == pytest.approx(0.3, abs=4 * np.sqrt(0.21 / 256))
+    uncond = fmjax.losses.marginal_fm(
+        lambda p, t, x, y: exact.velocity(c, s, t, x), c, s, 256, **kw
+    )
+    assert float(uncond(None, k)) > 0.1
+    fmjax.losses.marginal_fm(exact_model, c, s, 256, num_classes=3)(None, k)
+    assert not np.any(np.asarray(seen[-1]) == 3)
+    floor = fmjax.losses.loss_floor(c, s, 256, key=k, **kw)
+    pairs = cond.labelled_pairs(c)
+    cfm = fmjax.losses.cfm(lambda p, t, x, y: field(t, x, y), pairs, s, 256, **kw)(None, k)
+    np.testing.assert_allclose(floor.mean, cfm, rtol=1e-12)
+    cfm_uncond = fmjax.losses.cfm(lambda p, t, x, y: field(t, x), pairs, s, 256, **kw)(None, k)
+    assert float(cfm_uncond) > float(floor.mean) + 0.1  # control: the labels inform
+    pytest.importorskip("ott")
+    x0, x1, y = pairs(k, 48)
+    ox0, ox1, oy = fmjax.losses.ot_pairs(pairs)(k, 48)
+    np.testing.assert_array_equal(ox0, x0)
+    np.testing.assert_array_equal(oy, y)
+    for cls in range(3):  # the class's x1 permuted among its own pairs
+        m = np.asarray(y) == cls
+        np.testing.assert_array_equal(np.sort(ox1[m], 0), np.sort(x1[m], 0))
+    from scipy.optimize import linear_sum_assignment
+
+    cost = np.sum((np.asarray(x0)[:, None] - np.asarray(x1)[None]) ** 2, -1)
+    _, free = linear_sum_assignment(cost)  # control: the optimal pairing without labels
+    assert np.any(np.asarray(y)[free] != np.asarray(y))  # mixes classes
+
+
+def test_ot_couplings_carry_labels(problem):
+    """mixture_ot (and the Schrodinger bridges, Gaussian OT) from a labelled target label each
+    pair (i, j) with target component j's class: the class-y target marginal, log p_1(x | y) by
+    fmjax.conditional, equals the log-density of the target's class-y sub-mixture to 1e-10
+    (float64), the class posterior at t = 1 is Bayes' pi_y p_1(x | y) / p_1(x), and the null
+    class gives the unconditional velocity. Control: the same coupling with its labels rolled by
+    one class is far off."""
+    p1, _ = problem
+    covs = np.stack([0.5 * np.eye(2), 0.8 * np.eye(2)])
+    p0 = fmjax.GaussianMixture(np.array([0.4, 0.6]), np.array([[-1.0, 0.0], [1.0, 0.5]]), covs)
+    ot = fmjax.couplings.mixture_ot(p0, p1).coupling
+    assert ot.n_components > p1.n_components and ot.n_classes == 3  # the plan splits mass
+    assert fmjax.couplings.schrodinger_bridge(p0, p1, 0.5).coupling.labels == ot.labels
+    x = 2.0 * jax.random.normal(jax.random.PRNGKey(8), (16, 2))
+    lin = schedules.linear()
+    logp = []
+    for y in range(3):
+        m = LABELS == y
+        sub = fmjax.GaussianMixture(p1.weights[m] / p1.weights[m].sum(), p1.means[m], p1.covs[m])
+        logp.append(cond.log_prob(ot, lin, 1.0, x, y))
+        np.testing.assert_allclose(logp[-1], sub.log_prob(x), rtol=0, atol=1e-10)
+        if y == 0:
+            sub0 = sub
+    joint = np.log(np.asarray(cond.class_weights(ot)))[:, None] + np.stack(logp)  # (C, n)
+    post = cond.class_posterior(ot, lin, 1.0, x)
+    np.testing.assert_allclose(post, jax.nn.softmax(joint, axis=0).T, atol=1e-10)
+    np.testing.assert_allclose(
+        cond.velocity(ot, lin, 0.5, x, 3), exact.velocity(ot, lin, 0.5, x), atol=1e-12
+    )
+    g0 = fmjax.GaussianMixture(jnp.ones(1), p0.means[:1], p0.covs[:1])
+    g1 = fmjax.GaussianMixture(jnp.ones(1), p1.means[3:4], p1.covs[3:4], labels=[2])
+    assert fmjax.couplings.gaussian_ot(g0, g1).coupling.labels == (2,)
+    assert fmjax.couplings.gaussian_entropic_ot(g0, g1, 0.5).coupling.labels == (2,)
+    assert fmjax.couplings.schrodinger_bridge(g0, g1, 0.5).coupling.labels == (2,)
+    rolled = fmjax.JointGaussianMixture._from_leaves(
+        ot.weights, ot.means, ot.covs, ot.structure, tuple((v + 1) % 3 for v in ot.labels)
+    )
+    assert np.max(np.abs(cond.log_prob(rolled, lin, 1.0, x, 0) - sub0.log_prob(x))) > 0.1
+
+
 def test_digits_gmm_labelled():
     """One Gaussian per digit (the cheap setting): labels 0-9, weights = class frequencies, and
     the exact Bayes classifier of the labelled mixture classifies the real digits (> 0.9;
@@ -265,6 +368,17 @@ def test_bad_inputs_are_named(problem):
     noisy = s.with_noise(schedules.brownian())
     with pytest.raises(ValueError, match="convert.change_schedule: `target` must be a schedule"):
         fmjax.convert.change_schedule(lambda t, x: x, s, noisy)
+    labelled = fmjax.problems.Problem("labelled", c, s, "")
+    with pytest.raises(ValueError, match="evaluation.evaluate: `guidance` must be None for"):
+        fmjax.evaluate(cond.velocity_field(c, s), "gmm_2d", key=jax.random.key(0), guidance=1.0)
+    with pytest.raises(TypeError, match="`velocity` must be a conditional field"):
+        fmjax.evaluate(lambda t, x: x, labelled, key=jax.random.key(0), guidance=1.0)
+    with pytest.raises(ValueError, match="evaluation.evaluate: `null` must be None without"):
+        fmjax.evaluate(lambda t, x: x, labelled, key=jax.random.key(0), null=3)
+    with pytest.raises(ValueError, match="losses.marginal_fm: `coupling` must be labelled"):
+        fmjax.losses.marginal_fm(lambda p, t, x, y: x, plain, s, 8, num_classes=1)
+    with pytest.raises(ValueError, match="losses.loss_floor: `num_classes` must be the coupl"):
+        fmjax.losses.loss_floor(c, s, 8, key=jax.random.key(0), num_classes=4)
     with pytest.raises(ValueError, match="losses.cfm: `p_uncond` must be in"):
         fmjax.losses.cfm(
             lambda p, t, x, y: x, cond.labelled_pairs(c), s, 8, num_classes=3, p_uncond=1.5
