@@ -211,7 +211,7 @@ def test_configs_validate(tmp_path):
     assert E.DemoConfig.quick().steps < E.DemoConfig().steps
     # digits, part 3: guidance weights may be 0 (not < 0), label dropout is in (0, 1), and the
     # grid shows only scored weights
-    assert E.DigitsConfig(cond_weights=(0, 1)).cond_weights == (0.0, 1.0)
+    assert E.DigitsConfig(cond_weights=(0, 1, 3)).cond_weights == (0.0, 1.0, 3.0)
     with pytest.raises(ValueError, match=r"`cond_weights\[1\]`"):
         E.DigitsConfig(cond_weights=(0.0, -1.0))
     with pytest.raises(ValueError, match="`cond_p_uncond` must be in"):
