@@ -73,8 +73,8 @@ _COND = "UNet (class-conditional)"  # the part-3 network's label in ``_models``
 @dataclasses.dataclass(frozen=True)
 class DigitsConfig(_Config):
     """Settings of :func:`digits`. The defaults are meant for a GPU (on 2 CPU cores a run had not
-    finished after 40 min); ``quick()`` takes ~70 s on 2 CPU cores. For a longer GPU run try
-    ``steps=20000, unet_channels=64, batch_size=256``.
+    finished after 40 min); ``quick()`` takes ~100 s on 2 CPU cores (part 3: ~30-40 s). For a
+    longer GPU run try ``steps=20000, unet_channels=64, batch_size=256``.
 
     Attributes:
         steps: CFM training steps of each network on the digit images (part 1).
