@@ -8,6 +8,7 @@ so the bounds below are a few times that, far below the distance to a wrong law 
 """
 
 import json
+import math
 import os
 import types
 from pathlib import Path
@@ -208,6 +209,15 @@ def test_configs_validate(tmp_path):
     with pytest.raises(ValueError, match="`data` must be one of"):
         E.TrainConfig(data="nope")
     assert E.DemoConfig.quick().steps < E.DemoConfig().steps
+    # digits, part 3: guidance weights may be 0 (not < 0), label dropout is in (0, 1), and the
+    # grid shows only scored weights
+    assert E.DigitsConfig(cond_weights=(0, 1, 3)).cond_weights == (0.0, 1.0, 3.0)
+    with pytest.raises(ValueError, match=r"`cond_weights\[1\]`"):
+        E.DigitsConfig(cond_weights=(0.0, -1.0))
+    with pytest.raises(ValueError, match="`cond_p_uncond` must be in"):
+        E.DigitsConfig(cond_p_uncond=1.0)
+    with pytest.raises(ValueError, match="`cond_grid_weights` must be among"):
+        E.DigitsConfig(cond_grid_weights=(0.0, 5.0))
 
 
 def test_every_default_and_quick_config_constructs():
@@ -290,6 +300,41 @@ def test_digits_quick(runs):
         g = m["gmm64"][name]
         assert 0 < g["relative_velocity_error"] < 1 and g["excess_loss"] > 0, (name, g)
     assert set(m["gmm64"]) == {"MLP", "UNet"}
+
+
+def test_digits_quick_class_conditional(runs):
+    # Part 3 on the labelled digits GMM (quick: 20 samples per class, 16 midpoint steps, a tiny
+    # UNet trained 200 steps). Tolerances: k standard errors of the class means, plus a floor
+    # where a standard error can be 0 (every sample right).
+    m = runs("digits")["metrics"]["conditional"]
+    ex, lr = m["exact"], m["learned"]
+    assert set(ex) == set(lr) == {f"w={w:g}" for w in m["weights"]}
+    e1 = ex["w=1"]
+    # The exact field at w = 1 samples p(x | y): its velocity error is 0 (float32 round-off),
+    # its accuracy under the Bayes classifier is the Bayes accuracy (within 3 se + 0.05: a miss
+    # or two), its cross-entropy the class entropy (within 3 se + 0.5 nats: 16 midpoint steps
+    # have a bias of ~0.5 nats in 64-D). Controls: w = 0 (unconditional: accuracy near chance,
+    # cross-entropy far above the entropy) fails both.
+    assert e1["relative_velocity_error"] < 1e-3, e1
+    se = math.hypot(e1["accuracy_stderr"], e1["bayes_accuracy_stderr"])
+    assert abs(e1["accuracy"] - e1["bayes_accuracy"]) < 3 * se + 0.05, e1
+    assert abs(e1["cross_entropy_gap"]) < 3 * e1["cross_entropy_gap_stderr"] + 0.5, e1
+    e0 = ex["w=0"]
+    assert e0["accuracy"] < 0.5 * e0["bayes_accuracy"] and e0["cross_entropy_gap"] > 10, e0
+    # The real-digit classifier recognises the exact class samples (~0.98) and not the
+    # unconditional ones (~0.1, chance): the second score is a judge that can fail.
+    assert e1["real_classifier_accuracy"] > 0.8 > 0.3 > e0["real_classifier_accuracy"], ex
+    # The learned UNet after 200 steps is weak (accuracy at w = 1 ~0.12-0.19, chance 0.1: not
+    # asserted), but guidance works: from w = 0 to w = 3 the accuracy rises by > 3 se (measured
+    # ~0.17, ~5 se, seeds 0 and 1) and at w = 3 it is above chance by > 3 se (~0.24-0.29).
+    l0, l3 = lr["w=0"], lr["w=3"]
+    se = math.hypot(l0["accuracy_stderr"], l3["accuracy_stderr"])
+    assert l3["accuracy"] - l0["accuracy"] > 3 * se, (l0, l3)
+    assert l3["accuracy"] - 0.1 > 3 * l3["accuracy_stderr"], l3
+    # ... and it is farther from u_t(x | y) than the exact field at every w
+    for w in ex:
+        assert lr[w]["relative_velocity_error"] > ex[w]["relative_velocity_error"], w
+    assert "| 3 | learned |" in m["table"]
 
 
 # ----------------------------------------------------------------- stochastic interpolants

@@ -52,17 +52,18 @@ class ExperimentResult(NamedTuple):
     wall_time_s: float
 
 
-_MAY_BE_ZERO = ("seed", "pretrain_steps", "gmm_pool")
+_MAY_BE_ZERO = ("seed", "pretrain_steps", "gmm_pool", "cond_weights", "cond_grid_weights")
 
 
 def _check_field(fn: str, name: str, kind: str, v):
     """``v`` checked (and normalised) against the field type ``kind`` (a string annotation)."""
     if kind.endswith(" | None"):  # optional: None (the library's default) or the inner type
         return None if v is None else _check_field(fn, name, kind[: -len(" | None")], v)
+    zero = name.split("[")[0] in _MAY_BE_ZERO  # a tuple's items: "field[i]"
     if kind == "int":
-        return _checks.check_int(fn, name, v, minimum=0 if name in _MAY_BE_ZERO else 1)
+        return _checks.check_int(fn, name, v, minimum=0 if zero else 1)
     if kind == "float":
-        return _checks.check_positive(fn, name, v)
+        return _checks.check_positive(fn, name, v, allow_zero=zero)
     if kind in ("str", "bool"):
         if not isinstance(v, str if kind == "str" else bool):
             _checks.fail(fn, name, f"a {kind}", v, TypeError)
@@ -89,7 +90,7 @@ class _Config:
         """Check every field against its declared type (``int``, ``float``, ``str``, ``bool``,
         ``tuple[X, ...]``, ``X | None``): a value of another type (``steps = 1.5`` in a config
         file) is a ``TypeError`` naming the field; ints are >= 1 (>= 0 for seeds), floats finite
-        > 0.
+        > 0 (>= 0 for guidance weights).
         Ints given for floats become floats, lists given for tuples become tuples."""
         fn = f"experiments.{type(self).__name__}"
         for f in dataclasses.fields(self):
