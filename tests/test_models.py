@@ -4,6 +4,7 @@ UNet; every shipped configuration responds to t, x and y."""
 import functools
 import importlib
 import math
+from pathlib import Path
 
 import chex
 import jax
@@ -13,6 +14,8 @@ import pytest
 from flax import linen as nn
 
 from fmjax import models
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _np_act(name, h):
@@ -326,11 +329,28 @@ def _builtin_models() -> dict[str, nn.Module]:
     }
 
 
+def _tool_models() -> dict[str, nn.Module]:
+    """The networks of the measurement scripts in ``tools/`` behind documented numbers (each
+    script's ``make_model``; loading a script runs nothing else)."""
+    import importlib.util
+
+    out = {}
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"_tool_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "make_model"):
+            out[f"tools/{path.name}"] = module.make_model()
+    assert len(out) >= 2, sorted(out)  # guidance_figure, schedule_change_measure
+    return out
+
+
 SHIPPED = {
     "experiments": _experiment_models,
     "fmjax train": _train_models,
     "leaderboard": _leaderboard_models,
     "built-in": _builtin_models,
+    "tools": _tool_models,
 }
 
 
@@ -350,7 +370,7 @@ def _responses(found: list[nn.Module]) -> list[dict[str, float]]:
         if getattr(model, "num_classes", None) is None:
             inputs.append((ts[:3], xs[:3], None))
         else:  # class 3 in rows 0-2, class 4 in row 3, the null class (num_classes) in row 4
-            inputs.append((ts, xs, jnp.array([3, 3, 3, 4, model.num_classes])[:, None]))
+            inputs.append((ts, xs, jnp.array([0, 0, 0, 1, model.num_classes])[:, None]))
 
     @jax.jit
     def outputs(key):
@@ -398,6 +418,8 @@ def test_shipped_models_include_every_preset():
     unets = [m for m in _experiment_models().values() if isinstance(m, models.UNet)]
     shapes = {(m.channels, m.channel_mults) for m in unets}
     assert {(8, (1,)), (32, (1, 2))} <= shapes
+    conditional = [m for m in unets if m.num_classes == 10]  # digits part 3, both presets
+    assert len(conditional) >= 2, labels
 
 
 class _AdditiveBlock(nn.Module):

@@ -31,6 +31,11 @@ def labelled_problem() -> fmjax.JointGaussianMixture:
     return fmjax.independent_coupling(fmjax.standard_normal(2), target)
 
 
+def make_model() -> models.MLP:
+    """The class-conditional MLP of the figure (label 3: the null class)."""
+    return models.MLP(dim=2, width=128, depth=3, num_classes=3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=4000)
@@ -38,7 +43,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/guidance.png")
     args = parser.parse_args()
     coupling, schedule = labelled_problem(), schedules.linear()
-    model = models.MLP(dim=2, width=128, depth=3, num_classes=3)
+    model = make_model()
     params = models.init(model, key=jax.random.PRNGKey(0), dim=2)
     loss = losses.cfm(
         model.apply,
