@@ -200,7 +200,9 @@ def sizes(n: int, k: int, d: int, *, arrays: int, chunked: bool, block=None, cac
         return bsz, chunk_count(n, cached * d * bsz) if chunked else 1
     if chunked:
         bsz = balanced(k, max(1, CACHE_ELEMS // (cached * MIN_CHUNK * d)))
-        n_chunks = chunk_count(n, cached * bsz * d)
+        # Rounded down: a chunk holds 1x to 2x CACHE_ELEMS, so a batch that only just exceeds
+        # the budget stays whole (cut in two, (16, 16, 5000) measured 1.2x slower on a CPU).
+        n_chunks = (n * cached * bsz * d) // CACHE_ELEMS
         if n_chunks > 1:
             return bsz, n_chunks
     return block_size(n, k, d, arrays), 1
