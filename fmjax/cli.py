@@ -752,21 +752,15 @@ _COMMANDS = {
 }
 
 
-def _quiet():
+def _quiet() -> None:
     """One line per failure: no log records of absl (orbax logs a failed save or restore with
     its traceback), asyncio or orbax, and no traceback of the "Event loop is closed" errors
     that tensorstore's read callbacks raise after a failed restore has closed orbax's loop
-    (reported as unraisable exceptions; every other one still reaches the default hook).
-
-    Returns:
-        a function that restores the loggers' levels and the hook (``main`` calls it on the way
-        out, so an in-process ``main()`` leaves the caller's logging as it found it)."""
+    (reported as unraisable exceptions; every other one still reaches the default hook)."""
     import logging
 
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "orbax")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
+    for name in ("absl", "asyncio", "orbax"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     default = sys.unraisablehook
 
     def hook(unraisable):
@@ -775,13 +769,6 @@ def _quiet():
             default(unraisable)
 
     sys.unraisablehook = hook
-
-    def restore() -> None:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        sys.unraisablehook = default
-
-    return restore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -794,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(parser, argv)
     from fmjax.train.checkpoint import unlock_directory
 
-    restore = _quiet()
+    _quiet()
     t0 = time.perf_counter()
     try:
         return _COMMANDS[args.command](args)
@@ -808,7 +795,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         while _LOCKS:
             unlock_directory(_LOCKS.pop())
-        restore()
 
 
 if __name__ == "__main__":

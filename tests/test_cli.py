@@ -148,29 +148,6 @@ def test_bad_config_and_options_exit(tmp_path):
         main(["sample", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "w")])
 
 
-def test_in_process_main_leaves_logging_as_it_found_it(tmp_path):
-    """``main`` silences absl/asyncio/orbax and filters unraisable errors while it runs (one
-    line per failure), then restores both; the control is the state inside the call."""
-    import logging
-
-    name = "orbax"
-    logging.getLogger(name).setLevel(logging.INFO)
-    hook = sys.unraisablehook
-    seen = {}
-
-    def spy(args):
-        seen["level"] = logging.getLogger(name).level
-        seen["hook"] = sys.unraisablehook
-        raise SystemExit("stop")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(__import__("fmjax.cli").cli._COMMANDS, "sample", spy)
-        with pytest.raises(SystemExit, match="stop"):
-            main(["sample", "--exact", "--out", str(tmp_path / "o")])
-    assert seen["level"] > logging.CRITICAL and seen["hook"] is not hook  # silenced inside
-    assert logging.getLogger(name).level == logging.INFO and sys.unraisablehook is hook
-
-
 def test_experiment_with_json_config(tmp_path, capsys):
     cfg = tmp_path / "cfm.json"
     tiny = {"batch_sizes": [8, 32], "repeats": 2, "n_reference": 512, "pretrain_steps": 0}
