@@ -144,15 +144,22 @@ def _joint(weights, m0, s0, m1, s1, cross, exact_ot: bool) -> JointGaussianMixtu
     return JointGaussianMixture._from_leaves(weights, means, covs, structure=structure)
 
 
-def _labelled(c: JointGaussianMixture, p1: GaussianMixture, target_index) -> JointGaussianMixture:
-    """``c`` labelled with the classes of its target components ``target_index`` (K,) in ``p1``
-    (static metadata; ``c`` as is when ``p1`` is unlabelled)."""
-    if p1.labels is None:
+def _with_labels(c: JointGaussianMixture, labels) -> JointGaussianMixture:
+    """``c`` with the class labels ``labels`` (K,) as static metadata (``c`` as is for None)."""
+    if labels is None:
         return c
-    labels = tuple(int(v) for v in np.asarray(p1.labels)[np.asarray(target_index)])
     return JointGaussianMixture._from_leaves(
         c.weights, c.means, c.covs, structure=c.structure, labels=labels
     )
+
+
+def _labelled(c: JointGaussianMixture, p1: GaussianMixture, target_index) -> JointGaussianMixture:
+    """``c`` labelled with the classes of its target components ``target_index`` (K,) in ``p1``
+    (``c`` as is when ``p1`` is unlabelled)."""
+    if p1.labels is None:
+        return c
+    labels = tuple(int(v) for v in np.asarray(p1.labels)[np.asarray(target_index)])
+    return _with_labels(c, labels)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -358,11 +365,7 @@ def schrodinger_bridge(p0: GaussianMixture, p1: GaussianMixture, sigma: float) -
         mw = mixture_ot(p0, p1).coupling
         w, (m0, m1, s0, _, _, s1) = mw.weights, mw.blocks()
         labels = mw.labels  # each pair keeps its target component's class
-    c = _entropic_pairs(w, m0, s0, m1, s1, sigma, dtype)
-    if labels is not None:
-        c = JointGaussianMixture._from_leaves(
-            c.weights, c.means, c.covs, structure=c.structure, labels=labels
-        )
+    c = _with_labels(_entropic_pairs(w, m0, s0, m1, s1, sigma, dtype), labels)
     return SchrodingerBridge(c, schedule)
 
 
